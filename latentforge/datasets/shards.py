@@ -1,0 +1,147 @@
+"""Latent shards: WebDataset tars whose members are npy / txt / json only (never pickle).
+
+Per sample `KEY.latent.npy`, `KEY.text.npy`, `KEY.text_mask.npy`, `KEY.caption.txt`, `KEY.meta.json`.
+WebDataset splits a member name at the first dot, so keys must not contain one.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MEMBERS = ("latent.npy", "text.npy", "text_mask.npy", "caption.txt", "meta.json")
+
+
+class ShardFormatError(ValueError):
+    """A shard member that is missing, unsafe or not what the format says."""
+
+
+@dataclass
+class LatentSample:
+    key: str
+    latent: np.ndarray  # float32 (C, T, H, W)
+    text: np.ndarray  # float32 (L, D) token embeddings, padded
+    text_mask: np.ndarray  # bool (L,)
+    caption: str
+    meta: dict
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def check_key(key: str) -> str:
+    if not key or "." in key or "/" in key:
+        raise ShardFormatError(f"sample key {key!r} must be non-empty without '.' or '/'")
+    return key
+
+
+class LatentShardWriter:
+    """Writes one tar of latent samples; a context manager. Member bytes are given already encoded."""
+
+    def __init__(self, path: str | Path):
+        import webdataset as wds
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_suffix(".tar.partial")
+        self._stream = open(self._tmp, "wb")
+        # encoder=False: members are written as the bytes we give, so webdataset never picks a pickling encoder.
+        self._tar = wds.TarWriter(self._stream, encoder=False, mtime=0.0)
+        self.count = 0
+
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        missing = set(MEMBERS) - set(members)
+        if missing:
+            raise ShardFormatError(f"sample {key}: missing members {sorted(missing)}")
+        self._tar.write({"__key__": check_key(key), **{name: members[name] for name in MEMBERS}})
+        self.count += 1
+
+    def write_sample(self, sample: LatentSample) -> None:
+        self.write(sample.key, encode_members(sample))
+
+    def close(self) -> None:
+        self._tar.close()
+        self._stream.close() if not self._stream.closed else None
+        self._tmp.replace(self.path)  # a shard appears under its name only when complete
+
+    def __enter__(self) -> LatentShardWriter:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._tar.close()
+            self._tmp.unlink(missing_ok=True)
+
+
+def encode_members(sample: LatentSample) -> dict[str, bytes]:
+    return {
+        "latent.npy": npy_bytes(sample.latent.astype(np.float32)),
+        "text.npy": npy_bytes(sample.text.astype(np.float32)),
+        "text_mask.npy": npy_bytes(sample.text_mask.astype(bool)),
+        "caption.txt": sample.caption.encode("utf-8"),
+        "meta.json": json.dumps(sample.meta, sort_keys=True).encode("utf-8"),
+    }
+
+
+def decode_sample(raw: dict) -> LatentSample:
+    """Decode one raw WebDataset sample dict by member name; unknown members are refused, not guessed at."""
+    key = raw["__key__"]
+    names = {k for k in raw if not k.startswith("__")}
+    unknown = names - set(MEMBERS)
+    if unknown:
+        raise ShardFormatError(f"sample {key}: unexpected members {sorted(unknown)} (only {MEMBERS} allowed)")
+    missing = set(MEMBERS) - names
+    if missing:
+        raise ShardFormatError(f"sample {key}: missing members {sorted(missing)}")
+    try:
+        return LatentSample(
+            key=key,
+            latent=load_npy(raw["latent.npy"]),
+            text=load_npy(raw["text.npy"]),
+            text_mask=load_npy(raw["text_mask.npy"]).astype(bool),
+            caption=raw["caption.txt"].decode("utf-8"),
+            meta=json.loads(raw["meta.json"]),
+        )
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ShardFormatError(f"sample {key}: {e}") from e
+
+
+def iter_shards(paths: Iterable[str | Path]) -> Iterator[LatentSample]:
+    """Read samples in order from local shard tars with webdataset's tar expansion (no .decode(): no pickle)."""
+    import webdataset as wds
+
+    urls = [str(p) for p in paths]
+    if not urls:
+        return
+    # Splitting across ranks is done by the caller on sample keys, so webdataset must hand every shard over.
+    dataset = wds.WebDataset(
+        urls, shardshuffle=False, nodesplitter=_all_shards, workersplitter=_all_shards, empty_check=False
+    )
+    for raw in dataset:
+        yield decode_sample(raw)
+
+
+def _all_shards(src):
+    yield from src
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

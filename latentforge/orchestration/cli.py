@@ -1,0 +1,137 @@
+"""`latentforge` command line: typed values resolved here, then handed down."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Curate media into latent shards and train DiT curricula on Ray, tracked in MLflow.",
+                  no_args_is_help=True, pretty_exceptions_show_locals=False)
+console = Console()
+
+ConfigArg = Annotated[Path, typer.Argument(help="YAML config (see configs/)", exists=True, dir_okay=False)]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a key: --set training.stages.0.steps=50")]
+
+
+def _load(config: Path | None, overrides: list[str] | None):
+    from latentforge.orchestration.config import ConfigError, load_config, resolve_paths
+
+    try:
+        return resolve_paths(load_config(config, overrides or []), Path.cwd())
+    except ConfigError as e:
+        console.print(f"[red]config error[/] {e}")
+        raise typer.Exit(2)
+
+
+@app.command("demo-corpus")
+def demo_corpus(directory: Annotated[Path, typer.Argument(help="where to write the corpus")],
+                seed: int = 0, broken: Annotated[bool, typer.Option(help="include broken files")] = True) -> None:
+    """Generate the demo corpus: images, videos and audio with ground-truth captions, plus broken files."""
+    from latentforge.datasets.demo_corpus import DemoCorpusSpec, generate_demo_corpus
+
+    index = generate_demo_corpus(directory, DemoCorpusSpec(seed=seed, include_broken=broken))
+    console.print(f"wrote {len(index['files'])} files to {directory} (index: {directory / 'corpus.json'})")
+
+
+@app.command()
+def validate(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Check a config without running anything; errors name each bad key by its path."""
+    cfg = _load(config, set_)
+    stages = [s.name for s in cfg.training.stages] if cfg.training else []
+    console.print(f"[green]ok[/] {config}: run {cfg.name!r}, workdir {cfg.workdir}, training stages {stages}")
+
+
+@app.command()
+def curate(config: ConfigArg, set_: SetOpt = None,
+           dry_run: Annotated[bool, typer.Option(help="print the stage graph and stop")] = False) -> None:
+    """Run the curation job only (its own MLflow run)."""
+    cfg = _load(config, set_)
+    if dry_run:
+        _print_stage_graph(cfg.curation)
+        return
+    _execute(cfg, do_curate=True, do_train=False)
+
+
+@app.command()
+def train(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Run the training plan on an already curated dataset."""
+    cfg = _load(config, set_)
+    if cfg.training is None:
+        console.print("[red]config has no `training` section[/]")
+        raise typer.Exit(2)
+    _execute(cfg, do_curate=False, do_train=True)
+
+
+@app.command()
+def run(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Curation then the whole training plan, under one MLflow parent run."""
+    _execute(_load(config, set_), do_curate=True, do_train=True)
+
+
+@app.command()
+def ui(workdir: Annotated[Path, typer.Option(help="workdir whose MLflow store to serve")] = Path("lf-work"),
+       port: int = 5000, host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1") -> None:
+    """Start a real `mlflow server` on the workdir's store and print its URL."""
+    from latentforge.orchestration.tracking import artifact_root, default_tracking_uri
+
+    workdir = workdir.resolve()
+    if not (workdir / "mlflow.db").exists():
+        console.print(f"[red]no MLflow store at {workdir / 'mlflow.db'}[/]: run `latentforge run CONFIG` first")
+        raise typer.Exit(2)
+    mlflow = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or "mlflow"
+    cmd = [mlflow, "server", "--backend-store-uri", default_tracking_uri(workdir),
+           "--artifacts-destination", artifact_root(workdir), "--host", host, "--port", str(port)]
+    console.print(f"MLflow UI at [bold]http://{host}:{port}[/]  (Ctrl-C to stop)")
+    raise typer.Exit(subprocess.call(cmd))
+
+
+def _print_stage_graph(cur) -> None:
+    from latentforge.pipelines.curate import stage_graph
+
+    table = Table(title=f"curation {cur.name}: {cur.input_dir} -> {cur.output_dir}")
+    for column in ("stage", "num_cpus", "num_gpus", "batch_size", "pool"):
+        table.add_column(column)
+    for row in stage_graph(cur):
+        table.add_row(*(str(row[c]) for c in ("stage", "num_cpus", "num_gpus", "batch_size", "pool")))
+    console.print(table)
+
+
+def _execute(cfg, *, do_curate: bool, do_train: bool) -> None:
+    from latentforge.orchestration.cluster import configure_ray_data, connect_ray
+    from latentforge.orchestration.run import run_all
+
+    info = connect_ray(cfg.ray)
+    configure_ray_data()
+    console.print(f"Ray: {info['address']} ({info['cpus']:.0f} CPUs)")
+    summary = run_all(cfg, do_curate=do_curate, do_train=do_train)
+    _print_summary(cfg, summary)
+
+
+def _print_summary(cfg, summary) -> None:
+    from latentforge.orchestration.tracking import resolve_tracking_uri
+
+    table = Table(title="latentforge: where things are", show_header=False)
+    table.add_row("dataset", str(summary.dataset_dir))
+    for name, path in summary.exports.items():
+        table.add_row(f"weights ({name})", str(path))
+    for name, path in summary.checkpoints.items():
+        table.add_row(f"checkpoint ({name})", str(path))
+    table.add_row("MLflow store", resolve_tracking_uri(cfg.tracking.uri, cfg.workdir))
+    table.add_row("MLflow parent run", str(summary.parent_run_id))
+    table.add_row("open the UI", f"latentforge ui --workdir {cfg.workdir}  then browse http://127.0.0.1:5000")
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

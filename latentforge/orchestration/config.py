@@ -1,0 +1,137 @@
+"""The root config: one YAML file composing each component's config; unknown keys fail with their path."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from latentforge.pipelines.config import CurationConfig
+from latentforge.training.config import PlanConfig
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RayConfig(Strict):
+    """How to reach Ray: an existing cluster (`address` or RAY_ADDRESS), else a local one sized here."""
+
+    address: str | None = Field(None, description="cluster address; default: RAY_ADDRESS, else start locally")
+    num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray; default 2x the cores, >= 4")
+    object_store_mb: int = Field(1024, ge=64, description="object store of a local Ray (MiB)")
+
+
+class TrackingConfig(Strict):
+    """MLflow: a URI (or MLFLOW_TRACKING_URI), else a SQLite store in the workdir with artifacts beside it."""
+
+    uri: str | None = Field(None, description="tracking URI; default MLFLOW_TRACKING_URI, else WORKDIR/mlflow.db")
+    experiment: str = "latentforge"
+
+
+class LatentforgeConfig(Strict):
+    """A whole run: curation, then the training plan, tracked under one MLflow parent run."""
+
+    name: str = Field("latentforge", pattern=r"^[A-Za-z0-9_-]+$", description="run name (resume key)")
+    workdir: Path = Field(Path("lf-work"), description="datasets, checkpoints and the MLflow store go here")
+    ray: RayConfig = RayConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    curation: CurationConfig = CurationConfig()
+    training: PlanConfig | None = None
+
+    def dataset_dir(self) -> Path:
+        return self.training.dataset if self.training and self.training.dataset else (
+            self.curation.output_dir or self.workdir / "datasets" / self.curation.name)
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names each offending key by its dotted path."""
+
+
+def _path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(root)"
+
+
+def format_errors(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: {error.error_count()} problem(s)"]
+    for e in error.errors():
+        msg = "unknown key (not a field of this section)" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {_path(e['loc'])}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a","b","c"], value parsed as a YAML scalar/list)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r} has an empty key segment")
+    return parts, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_override(data: dict, parts: list[str], value: Any) -> None:
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[_index(parts, i, len(node))]
+            continue
+        node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"override {'.'.join(parts)}: {'.'.join(parts[:i + 1])} is not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_index(parts, len(parts) - 1, len(node))] = value
+    else:
+        node[last] = value
+
+
+def _index(parts: list[str], i: int, length: int) -> int:
+    if not parts[i].isdigit() or int(parts[i]) >= length:
+        raise ConfigError(f"override {'.'.join(parts)}: {parts[i]!r} is not an index below {length}")
+    return int(parts[i])
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> LatentforgeConfig:
+    """Read YAML with safe_load, apply `--set` overrides, validate; raise ConfigError naming bad keys."""
+    data: dict = {}
+    source = str(path) if path else "(defaults)"
+    if path:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML: {e}") from e
+        except OSError as e:
+            raise ConfigError(f"{source}: cannot read: {e.strerror}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping")
+    for text in overrides:
+        apply_override(data, *parse_override(text))
+    try:
+        return LatentforgeConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_errors(e, source)) from None
+
+
+def resolve_paths(cfg: LatentforgeConfig, base: Path) -> LatentforgeConfig:
+    """Make relative paths absolute against `base` (the current directory), so Ray workers agree on them."""
+    workdir = (base / cfg.workdir).resolve()
+    cur = cfg.curation
+    curation = cur.model_copy(update={
+        "input_dir": (base / cur.input_dir).resolve(),
+        "output_dir": (base / cur.output_dir).resolve() if cur.output_dir else workdir / "datasets" / cur.name,
+    })
+    training = cfg.training
+    if training is not None:
+        dataset = (base / training.dataset).resolve() if training.dataset else curation.output_dir
+        training = training.model_copy(update={"dataset": dataset})
+    return cfg.model_copy(update={"workdir": workdir, "curation": curation, "training": training})

@@ -1,0 +1,140 @@
+"""Curation and the training plan as MLflow runs: one parent per `run`, nested runs per job and stage."""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from latentforge.orchestration.config import LatentforgeConfig
+from latentforge.orchestration.tracking import Tracker, artifact_root, resolve_tracking_uri
+from latentforge.pipelines.config import CurationConfig
+from latentforge.training.config import PlanConfig
+
+console = Console(stderr=True)
+
+
+@dataclass
+class RunSummary:
+    parent_run_id: str | None = None
+    curation_run_id: str | None = None
+    dataset_dir: Path | None = None
+    stage_runs: dict[str, str] = field(default_factory=dict)
+    checkpoints: dict[str, Path] = field(default_factory=dict)
+    exports: dict[str, Path] = field(default_factory=dict)
+
+
+def make_tracker(cfg: LatentforgeConfig) -> Tracker:
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    return Tracker(resolve_tracking_uri(cfg.tracking.uri, cfg.workdir), cfg.tracking.experiment,
+                   artifact_root(cfg.workdir))
+
+
+def ensure_corpus(cur: CurationConfig) -> None:
+    from latentforge.datasets.demo_corpus import DemoCorpusSpec, generate_demo_corpus
+
+    if cur.generate_demo_corpus and not cur.input_dir.exists():
+        console.print(f"[bold]generating the demo corpus[/] in {cur.input_dir}")
+        generate_demo_corpus(cur.input_dir, DemoCorpusSpec(seed=cur.demo_seed))
+
+
+def curate(cfg: LatentforgeConfig, tracker: Tracker, parent_id: str | None, summary: RunSummary) -> None:
+    from latentforge.pipelines.curate import run_curation
+
+    cur = cfg.curation
+    ensure_corpus(cur)
+    run_id = tracker.start_run(f"curate-{cur.name}", parent_id, tags={"latentforge.kind": "curation",
+                                                                    "latentforge.config_hash": cfg.config_hash()})
+    summary.curation_run_id = run_id
+    tracker.log_params(run_id, json.loads(cur.model_dump_json()))
+    try:
+        result = run_curation(cur, cur.output_dir)
+    except BaseException:
+        tracker.end_run(run_id, "FAILED")
+        raise
+    tracker.log_metrics(run_id, result.metrics())
+    for name in ("card.json", "manifest.parquet", "rejects.parquet"):
+        tracker.log_artifact(run_id, result.dataset_dir / name, "dataset")
+    log_tables(tracker, run_id, result.dataset_dir)
+    tracker.end_run(run_id)
+    summary.dataset_dir = result.dataset_dir
+    console.print(f"[green]curated[/] {result.kept}/{result.inputs} kept, {result.rejected} rejected, "
+                  f"{result.filtered} filtered -> {result.dataset_dir}")
+
+
+def log_tables(tracker: Tracker, run_id: str, dataset_dir: Path) -> None:
+    """Readable copies for the MLflow UI: rejects and a manifest summary as CSV."""
+    from latentforge.datasets.manifest import Dataset
+
+    ds = Dataset(dataset_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        rejects = Path(tmp) / "rejects.csv"
+        ds.rejects().to_pandas().to_csv(rejects, index=False)
+        summary = Path(tmp) / "manifest_summary.csv"
+        frame = ds.manifest().to_pandas()
+        frame.groupby(["modality", "bucket"]).agg(samples=("id", "count")).reset_index().to_csv(summary, index=False)
+        tracker.log_artifact(run_id, rejects, "dataset")
+        tracker.log_artifact(run_id, summary, "dataset")
+
+
+def train(cfg: LatentforgeConfig, tracker: Tracker, parent_id: str | None, summary: RunSummary) -> None:
+    from latentforge.datasets.manifest import Dataset
+    from latentforge.training.trainer import fit_stage, model_config
+
+    plan: PlanConfig = cfg.training
+    dataset_dir = Path(plan.dataset)
+    storage = cfg.workdir / "checkpoints"
+    previous: Path | None = None
+    for stage in plan.stages:
+        run_id = tracker.start_run(f"train-{stage.name}", parent_id, tags={
+            "latentforge.kind": "training", "latentforge.stage": stage.name,
+            "latentforge.dataset": str(dataset_dir), "latentforge.config_hash": cfg.config_hash()})
+        summary.stage_runs[stage.name] = run_id
+        tracker.log_params(run_id, {"stage": json.loads(stage.model_dump_json()), "model": model_config(plan, Dataset(dataset_dir).card),
+                                    "num_workers": plan.num_workers, "seed": plan.seed,
+                                    "init_from": str(previous) if previous else "none"})
+        console.print(f"[bold]training stage[/] {stage.name}: {stage.steps} steps on {stage.modalities}")
+        try:
+            result = fit_stage(plan, stage, dataset_dir, storage, f"{cfg.name}-{stage.name}", previous,
+                               tracker.sink(run_id))
+        except BaseException:
+            tracker.end_run(run_id, "FAILED")
+            raise
+        export = export_weights(result.checkpoint_dir, cfg.workdir / "exports" / stage.name, dataset_dir)
+        for f in sorted(export.iterdir()):
+            tracker.log_artifact(run_id, f, "model")
+        tracker.end_run(run_id)
+        summary.checkpoints[stage.name] = result.checkpoint_dir
+        summary.exports[stage.name] = export
+        previous = result.checkpoint_dir
+
+
+def export_weights(checkpoint_dir: Path, out: Path, dataset_dir: Path) -> Path:
+    """The stage's final EMA weights as safetensors with the model config and dataset card beside them."""
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(checkpoint_dir / "ema.safetensors", out / "model.safetensors")
+    shutil.copy(checkpoint_dir / "model_config.json", out / "model_config.json")
+    shutil.copy(dataset_dir / "card.json", out / "dataset_card.json")
+    return out
+
+
+def run_all(cfg: LatentforgeConfig, *, do_curate: bool = True, do_train: bool = True) -> RunSummary:
+    """Curation then training under one parent run (either part alone when asked)."""
+    tracker = make_tracker(cfg)
+    summary = RunSummary(dataset_dir=cfg.dataset_dir())
+    parent = tracker.start_run(cfg.name, tags={"latentforge.kind": "plan", "latentforge.config_hash": cfg.config_hash()})
+    summary.parent_run_id = parent
+    tracker.log_params(parent, json.loads(cfg.model_dump_json()))
+    try:
+        if do_curate:
+            curate(cfg, tracker, parent, summary)
+        if do_train and cfg.training is not None:
+            train(cfg, tracker, parent, summary)
+    except BaseException:
+        tracker.end_run(parent, "FAILED")
+        raise
+    tracker.end_run(parent)
+    return summary

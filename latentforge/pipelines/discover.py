@@ -1,0 +1,68 @@
+"""Discovery: every file under the input root becomes one row, so every input can be accounted for."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+CAPTION_EXT = ".txt"
+
+
+def sample_id(relpath: str) -> str:
+    """A stable id from the path under the input root (no dots: WebDataset splits keys at the first dot)."""
+    return "s" + hashlib.sha1(relpath.encode("utf-8")).hexdigest()[:16]
+
+
+def _row(root: Path, path: Path) -> dict:
+    relpath = path.relative_to(root).as_posix()
+    return {
+        "id": sample_id(relpath),
+        "uri": str(path),
+        "relpath": relpath,
+        "caption_path": str(path.with_suffix(CAPTION_EXT)),
+        "status": "ok",
+        "reason": "",
+        "message": "",
+        "stage": "",
+    }
+
+
+def _is_caption(path: Path) -> bool:
+    return path.suffix.lower() == CAPTION_EXT
+
+
+def discover(root: str | Path, samples_per_shard: int) -> list[dict]:
+    """Rows for all non-caption files under `root`, sorted by path, each assigned a shard index.
+
+    Symlinks are not followed into directories, and a linked file that resolves outside the root is
+    rejected here rather than read.
+    """
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"input directory {root} does not exist")
+    rows = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if name.startswith(".") or _is_caption(path):
+                continue
+            row = _row(root, path)
+            if path.is_symlink() and not path.resolve().is_relative_to(root):
+                row.update(status="rejected", reason="outside_root", stage="discover",
+                           message=f"symlink {row['relpath']} points outside the input root")
+            rows.append(row)
+    rows.sort(key=lambda r: r["relpath"])
+    for i, row in enumerate(rows):
+        row["shard"] = i // samples_per_shard
+    return rows
+
+
+def orphan_captions(root: str | Path) -> list[str]:
+    """Caption files with no media file beside them (reported, not inputs)."""
+    root = Path(root).resolve()
+    out = []
+    for path in sorted(root.rglob(f"*{CAPTION_EXT}")):
+        if not any(p.suffix.lower() != CAPTION_EXT for p in path.parent.glob(f"{path.stem}.*")):
+            out.append(path.relative_to(root).as_posix())
+    return out

@@ -1,0 +1,92 @@
+"""The Stage shape: a plain callable over columnar batches that declares its Ray Data resources."""
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+
+from latentforge.pipelines.config import CurationConfig, StageResources
+
+Batch = dict[str, np.ndarray]
+
+
+class Reject(Exception):
+    """Raised for one row: the sample leaves the pipeline with this reason (status `rejected` or `filtered`)."""
+
+    def __init__(self, reason: str, message: str, status: str = "rejected"):
+        super().__init__(message)
+        self.reason, self.message, self.status = reason, message, status
+
+
+class Stage:
+    """A Ray Data step: `__init__` loads what it needs once per actor, `__call__(batch) -> batch`."""
+
+    name: ClassVar[str]
+    resources: ClassVar[StageResources] = StageResources()
+    # New columns and the value they take on rows this stage does not process (so column types stay uniform).
+    outputs: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, cfg: CurationConfig):
+        self.cfg = cfg
+
+    def __call__(self, batch: Batch) -> Batch:
+        return map_ok_rows(batch, self.process_row, self.outputs, self.name)
+
+    def process_row(self, row: dict) -> dict:
+        raise NotImplementedError
+
+
+def rows_of(batch: Batch) -> list[dict]:
+    n = len(next(iter(batch.values()))) if batch else 0
+    return [{k: v[i] for k, v in batch.items()} for i in range(n)]
+
+
+def map_ok_rows(batch: Batch, fn: Callable[[dict], dict], outputs: dict[str, Any], stage: str) -> Batch:
+    """Apply `fn` to each row still `ok`; a `Reject` marks that row and the rest go on."""
+    rows = rows_of(batch)
+    new = {name: [default] * len(rows) for name, default in outputs.items()}
+    status, reason, message, where = (list(batch[c]) for c in ("status", "reason", "message", "stage"))
+    for i, row in enumerate(rows):
+        if row["status"] != "ok":
+            continue
+        try:
+            for name, value in fn(row).items():
+                new[name][i] = value
+        except Reject as r:
+            status[i], reason[i], message[i], where[i] = r.status, r.reason, r.message, stage
+        except Exception as e:  # a bug or an unforeseen file must cost one sample, never the job
+            status[i], reason[i], message[i], where[i] = "rejected", "stage_error", f"{type(e).__name__}: {e}", stage
+    out = dict(batch)
+    out.update({"status": status, "reason": reason, "message": message, "stage": where})
+    out.update(new)
+    return {k: _column(v) for k, v in out.items()}
+
+
+def _column(values) -> np.ndarray:
+    if isinstance(values, np.ndarray):
+        return values
+    if values and isinstance(values[0], (bytes, str, list, dict)):
+        arr = np.empty(len(values), dtype=object)
+        arr[:] = values
+        return arr
+    return np.asarray(values)
+
+
+def stage_resources(stage_cls: type[Stage], cfg: CurationConfig) -> StageResources:
+    return cfg.resources.get(stage_cls.name, stage_cls.resources)
+
+
+def apply_stage(ds, stage_cls: type[Stage], cfg: CurationConfig):
+    """Map a Stage onto a Ray Dataset: declared resources become `map_batches` keywords one-to-one."""
+    from ray.data import ActorPoolStrategy
+
+    res = stage_resources(stage_cls, cfg)
+    return ds.map_batches(
+        stage_cls,
+        fn_constructor_args=(cfg,),
+        compute=ActorPoolStrategy(size=res.pool),
+        num_cpus=res.num_cpus,
+        num_gpus=res.num_gpus or None,
+        batch_size=res.batch_size,
+        batch_format="numpy",
+    )

@@ -1,0 +1,34 @@
+"""Captions from sidecar `.txt` files next to each media file (UTF-8, non-empty)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from latentforge.pipelines.config import StageResources
+from latentforge.pipelines.stage import Reject, Stage
+
+MAX_CAPTION_BYTES = 16_384
+
+
+def read_sidecar_caption(path: str | Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise Reject("missing_caption", f"no caption file {path.name} beside the media file")
+    data = path.read_bytes()[:MAX_CAPTION_BYTES]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Reject("caption_not_utf8", f"caption {path.name} is not valid UTF-8 ({e.reason} at byte {e.start})")
+    text = " ".join(text.split())
+    if not text:
+        raise Reject("empty_caption", f"caption {path.name} is empty")
+    return text
+
+
+class CaptionSidecar(Stage):
+    name = "caption_sidecar"
+    resources = StageResources(num_cpus=0.25, batch_size=32, pool=1)
+    outputs = {"caption": "", "score_caption_words": 0.0}
+
+    def process_row(self, row: dict) -> dict:
+        caption = read_sidecar_caption(row["caption_path"])
+        return {"caption": caption, "score_caption_words": float(len(caption.split()))}

@@ -1,0 +1,23 @@
+"""Probe each file with a real decoder (PIL, decord -> PyAV, soundfile) and record what it is."""
+from __future__ import annotations
+
+from latentforge.datasets import media
+from latentforge.pipelines.config import StageResources
+from latentforge.pipelines.stage import Reject, Stage
+
+
+class ProbeMedia(Stage):
+    name = "probe"
+    resources = StageResources(num_cpus=0.5, batch_size=8, pool=2)
+    outputs = {"modality": "", "width": 0, "height": 0, "num_frames": 0, "fps": 0.0,
+               "duration_s": 0.0, "sample_rate": 0, "decoder": ""}
+
+    def process_row(self, row: dict) -> dict:
+        try:
+            info = media.probe(row["uri"], max_pixels=self.cfg.filters.max_pixels,
+                               timeout_s=self.cfg.decode_timeout_s)
+        except media.MediaError as e:
+            raise Reject(e.reason, str(e)) from e
+        return {"modality": info.modality, "width": info.width, "height": info.height,
+                "num_frames": info.num_frames, "fps": float(info.fps), "duration_s": float(info.duration_s),
+                "sample_rate": info.sample_rate, "decoder": info.decoder}

@@ -1,0 +1,82 @@
+"""Typed configuration of a training plan: model, stages, optimiser; every model forbids unknown keys."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Modality = Literal["image", "video", "audio"]
+MODALITY_IDS = {"image": 0, "video": 1, "audio": 2}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(Strict):
+    """Which DiT: a preset name from `DiT_models` plus field overrides of its `DiTConfig`."""
+
+    preset: str = Field("DiT-T", description="a key of latentforge.training.dit.DiT_models")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="DiTConfig fields to override")
+
+    @model_validator(mode="after")
+    def _known(self) -> ModelConfig:
+        from latentforge.training.dit import DiT_models, DiTConfig
+
+        if self.preset not in DiT_models:
+            raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(DiT_models)}")
+        DiTConfig.from_dict(self.overrides)  # raises naming an unknown field
+        return self
+
+
+class OptimConfig(Strict):
+    """AdamW with linear warm-up then constant learning rate."""
+
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    warmup_steps: int = Field(20, ge=0)
+    grad_clip: float = Field(1.0, gt=0, description="max global grad norm")
+
+
+class TrainStageConfig(Strict):
+    """One stage of the curriculum: its data selection, schedule and what it inherits."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    modalities: list[Modality] = Field(min_length=1, description="manifest modalities this stage trains on")
+    video_frames_as_images: bool = Field(False, description="train on single random frames of the clips")
+    where: str | None = Field(None, description="manifest selection, e.g. \"score_caption_words >= 6\"")
+    steps: int = Field(100, ge=1)
+    batch_size: int = Field(16, ge=1, description="per worker")
+    optim: OptimConfig = OptimConfig()
+    ema_decay: float = Field(0.995, ge=0, lt=1)
+    cond_dropout: float = Field(0.1, ge=0, le=1, description="caption dropout, for classifier-free guidance")
+    inherit: Literal["none", "weights", "weights+ema"] = Field(
+        "weights+ema", description="what this stage takes from the previous stage's final checkpoint")
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+    num_samples: int = Field(4, ge=0, description="captions sampled at the end of the stage")
+    sample_steps: int = Field(20, ge=1)
+    cfg_scale: float = Field(2.0, ge=0)
+
+
+class PlanConfig(Strict):
+    """The stages run in order, each a Ray Train TorchTrainer.fit() starting from the previous one."""
+
+    model: ModelConfig = ModelConfig()
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    seed: int = 0
+    dataset: Path | None = Field(None, description="curated dataset dir; default: the curation output")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts before a stage fails")
+    stages: list[TrainStageConfig] = Field(min_length=1)
+
+    @field_validator("stages")
+    @classmethod
+    def _unique(cls, stages: list[TrainStageConfig]) -> list[TrainStageConfig]:
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        return stages

@@ -1,0 +1,101 @@
+"""Samples at the end of a stage: generate from captions, decode latents back to PNG / GIF / WAV."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from latentforge.datasets.codec import DctAudioCodec, HaarPixelCodec
+from latentforge.training.flow import euler_sample
+from latentforge.training.loader import Batch, LatentNormalizer
+
+MODALITY_NAMES = {0: "image", 1: "video", 2: "audio"}
+
+
+def pick_prompts(batches: list[Batch], count: int) -> list[Batch]:
+    """Up to `count` single-sample prompts with distinct captions, taken from each bucket in turn."""
+    by_bucket: dict[tuple, list[Batch]] = {}
+    for batch in batches:
+        for i, caption in enumerate(batch.captions):
+            one = Batch(batch.latent[i:i + 1], batch.text[i:i + 1], batch.text_mask[i:i + 1],
+                        batch.modality[i:i + 1], [caption])
+            by_bucket.setdefault(tuple(batch.latent.shape[1:]), []).append(one)
+    queues = [by_bucket[k] for k in sorted(by_bucket)]
+    seen, out = set(), []
+    while len(out) < count and any(queues):
+        for queue in queues:
+            while queue and queue[0].captions[0] in seen:
+                queue.pop(0)
+            if queue and len(out) < count:
+                seen.add(queue[0].captions[0])
+                out.append(queue.pop(0))
+    return out
+
+
+def generate(model, prompt: Batch, steps: int, cfg_scale: float, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return euler_sample(model, tuple(prompt.latent.shape), prompt.text, prompt.text_mask, prompt.modality,
+                        steps=steps, cfg_scale=cfg_scale, generator=generator)
+
+
+def _label(image: Image.Image, text: str) -> Image.Image:
+    canvas = Image.new("RGB", (max(image.width, 160), image.height + 24), "white")
+    canvas.paste(image, (0, 24))
+    ImageDraw.Draw(canvas).text((2, 2), text[:40], fill="black")
+    return canvas
+
+
+def _upscale(frame: np.ndarray, factor: int = 4) -> Image.Image:
+    img = Image.fromarray(frame)
+    return img.resize((img.width * factor, img.height * factor), Image.NEAREST)
+
+
+def write_samples(model, prompts: list[Batch], normalizer: LatentNormalizer, audio_codec: DctAudioCodec,
+                  sample_rate: int, out_dir: Path, *, steps: int, cfg_scale: float, seed: int) -> list[Path]:
+    """Generate one sample per prompt; images go in one PNG grid (real above generated), videos to GIFs,
+    audio to WAVs. Returns the written files."""
+    import soundfile as sf
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pixel = HaarPixelCodec()
+    written, grid = [], []
+    for i, prompt in enumerate(prompts):
+        modality = MODALITY_NAMES[int(prompt.modality[0])]
+        fake = generate(model, prompt, steps, cfg_scale, seed + i)[0].numpy()
+        real = prompt.latent[0].numpy()
+        stem = f"{i:02d}_{modality}"
+        if modality == "audio":
+            wave = audio_codec.decode(normalizer.denormalize(fake, "audio"))
+            path = out_dir / f"{stem}.wav"
+            sf.write(path, np.clip(wave, -1, 1), sample_rate)
+            (out_dir / f"{stem}.txt").write_text(prompt.captions[0])
+            written += [path, out_dir / f"{stem}.txt"]
+            continue
+        frames = pixel.decode(normalizer.denormalize(fake, modality))
+        truth = pixel.decode(normalizer.denormalize(real, modality))
+        if frames.shape[0] == 1:
+            grid.append((truth[0], frames[0], prompt.captions[0]))
+        else:
+            path = out_dir / f"{stem}.gif"
+            pics = [_label(_upscale(np.concatenate([t, f], axis=1)), prompt.captions[0])
+                    for t, f in zip(truth, frames)]
+            pics[0].save(path, save_all=True, append_images=pics[1:], duration=250, loop=0)
+            written.append(path)
+    if grid:
+        written.append(_write_grid(grid, out_dir / "images.png"))
+    return written
+
+
+def _write_grid(items: list[tuple[np.ndarray, np.ndarray, str]], path: Path) -> Path:
+    """Columns of (caption, real, generated) for image samples."""
+    tiles = [_label(_upscale(np.concatenate([real, fake], axis=0)), caption) for real, fake, caption in items]
+    width, height = sum(t.width for t in tiles), max(t.height for t in tiles)
+    sheet = Image.new("RGB", (width, height), "white")
+    x = 0
+    for tile in tiles:
+        sheet.paste(tile, (x, 0))
+        x += tile.width
+    sheet.save(path)
+    return path

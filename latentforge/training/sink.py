@@ -1,0 +1,21 @@
+"""Where a training worker sends metrics and files. The loop never knows which tracker is behind it."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+
+class MetricSink(Protocol):
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+
+
+class NullSink:
+    """Drops everything: lets the loop log unconditionally (ranks other than 0, tests without tracking)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass

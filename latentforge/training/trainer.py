@@ -1,0 +1,55 @@
+"""Driver side of one stage: a Ray Train TorchTrainer whose run name makes it resumable."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from latentforge.datasets.manifest import Dataset
+from latentforge.training.config import PlanConfig, TrainStageConfig
+from latentforge.training.dit import DiT_models
+from latentforge.training.loop import StageJob, train_stage
+from latentforge.training.sink import MetricSink, NullSink
+
+
+@dataclass
+class StageResult:
+    name: str
+    checkpoint_dir: Path
+    metrics: dict
+
+
+def model_config(plan: PlanConfig, card: dict) -> dict:
+    """The resolved DiTConfig: the preset, shaped to the dataset's latents and text, then the plan's overrides."""
+    import torch
+
+    enc = card["encoders"]
+    fitted = {"visual_channels": enc["visual"]["channels"], "audio_channels": enc["audio"]["channels"],
+              "text_dim": enc["text"]["dim"], "max_text_len": enc["text"]["max_len"]}
+    with torch.device("meta"):  # only the config is wanted: build no real weights
+        return DiT_models[plan.model.preset](**{**fitted, **plan.model.overrides}).cfg.to_dict()
+
+
+def fit_stage(plan: PlanConfig, stage: TrainStageConfig, dataset_dir: Path, storage_path: Path, run_name: str,
+              init_from: Path | None = None, sink: MetricSink | None = None) -> StageResult:
+    """Run (or resume: same `run_name` and `storage_path`) one stage with `TorchTrainer.fit()`."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    job = StageJob(stage=stage, model=model_config(plan, Dataset(dataset_dir).card), dataset=str(dataset_dir), seed=plan.seed,
+                   init_from=str(init_from) if init_from else None, sink=sink or NullSink())
+    trainer = TorchTrainer(
+        train_stage,
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu,
+                                     resources_per_worker={"CPU": plan.cpus_per_worker}),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(Path(storage_path).resolve()),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=plan.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage {stage.name} finished without a checkpoint")
+    return StageResult(name=stage.name, checkpoint_dir=Path(result.checkpoint.path), metrics=dict(result.metrics))
