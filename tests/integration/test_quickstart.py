@@ -1,0 +1,114 @@
+"""The quickstart, shrunk: demo corpus -> Ray Data curation -> 3 Ray Train stages, tracked by a real MLflow server."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from latentforge.datasets.manifest import Dataset
+from latentforge.orchestration.config import load_config, resolve_paths
+from latentforge.orchestration.run import run_all
+
+pytestmark = pytest.mark.integration
+
+SHRINK = [
+    "curation.samples_per_shard=16",
+    "training.stages.0.steps=80", "training.stages.0.checkpoint_every=40", "training.stages.0.log_every=5",
+    "training.stages.1.steps=20", "training.stages.1.checkpoint_every=20",
+    "training.stages.2.steps=20", "training.stages.2.checkpoint_every=20", "training.stages.2.num_samples=4",
+]
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory, mlflow_server, ray_local):
+    from latentforge.datasets.demo_corpus import DemoCorpusSpec, generate_demo_corpus
+
+    root = tmp_path_factory.mktemp("qs")
+    corpus = root / "corpus"
+    index = generate_demo_corpus(corpus, DemoCorpusSpec(num_images=16, num_videos=8, num_audio=8, seed=3))
+    repo = Path(__file__).resolve().parents[2]
+    cfg = load_config(repo / "configs" / "quickstart.yaml",
+                      SHRINK + [f"workdir={root / 'work'}", f"curation.input_dir={corpus}",
+                                f"tracking.uri={mlflow_server}", "tracking.experiment=quickstart-test"])
+    cfg = resolve_paths(cfg, root)
+    summary = run_all(cfg)
+    return cfg, summary, index, corpus
+
+
+def test_every_input_is_kept_or_rejected_with_a_reason(quickstart):
+    cfg, summary, index, corpus = quickstart
+    ds = Dataset(summary.dataset_dir)
+    kept = set(ds.manifest()["relpath"].to_pylist())
+    rejects = ds.rejects().to_pylist()
+    rejected = {r["relpath"] for r in rejects}
+    inputs = {p.relative_to(corpus).as_posix() for p in corpus.rglob("*") if p.is_file() and p.suffix != ".txt"}
+    assert kept | rejected == inputs and not kept & rejected
+    assert all(r["reason"] and r["stage"] and r["message"] for r in rejects)
+    for f in index["files"]:
+        if f["expect"] == "kept":
+            assert f["path"] in kept, f
+        else:
+            assert f["path"] in rejected, f
+    assert len(ds.card["shards"]) >= 2 and sum(s["count"] for s in ds.card["shards"]) == len(kept)
+
+
+def test_runs_metrics_and_artifacts_in_mlflow(quickstart, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    _, summary, _, _ = quickstart
+    client = MlflowClient(mlflow_server)
+    parent = client.get_run(summary.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{summary.parent_run_id}'")
+    names = {r.info.run_name for r in children}
+    assert names == {"curate-demo", "train-image_pretrain", "train-video_pretrain", "train-finetune"}
+    curation = client.get_run(summary.curation_run_id)
+    assert curation.data.metrics["inputs"] == curation.data.metrics["kept"] + curation.data.metrics["rejected"] \
+        + curation.data.metrics["filtered"]
+    assert {"card.json", "manifest.parquet", "rejects.parquet", "rejects.csv"} <= {
+        Path(a.path).name for a in client.list_artifacts(summary.curation_run_id, "dataset")}
+    for stage, run_id in summary.stage_runs.items():
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert {"loss", "lr", "samples_per_s", "grad_norm"} <= set(run.data.metrics)
+        assert run.data.params["stage.name"] == stage
+        model = {Path(a.path).name for a in client.list_artifacts(run_id, "model")}
+        assert {"model.safetensors", "model_config.json", "dataset_card.json"} <= model
+        assert client.list_artifacts(run_id, "samples"), f"no samples logged for {stage}"
+    image_samples = {Path(a.path).name for a in client.list_artifacts(summary.stage_runs["image_pretrain"], "samples")}
+    assert "images.png" in image_samples
+    video_samples = {Path(a.path).suffix for a in client.list_artifacts(summary.stage_runs["video_pretrain"], "samples")}
+    assert ".gif" in video_samples
+
+
+def test_image_pretrain_loss_falls(quickstart, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    _, summary, _, _ = quickstart
+    history = MlflowClient(mlflow_server).get_metric_history(summary.stage_runs["image_pretrain"], "loss")
+    losses = [m.value for m in sorted(history, key=lambda m: m.step)]
+    assert len(losses) >= 10
+    first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
+    assert last < 0.6 * first, losses
+
+
+def test_stages_chain_checkpoints_and_export_safetensors(quickstart, mlflow_server):
+    from mlflow.tracking import MlflowClient
+    from safetensors.torch import load_file
+
+    cfg, summary, _, _ = quickstart
+    assert list(summary.exports) == ["image_pretrain", "video_pretrain", "finetune"]
+    final = summary.exports["finetune"]
+    weights = load_file(str(final / "model.safetensors"))
+    config = json.loads((final / "model_config.json").read_text())
+    assert config["visual_channels"] == 12 and any(k.startswith("visual.") for k in weights)
+    state = json.loads((summary.checkpoints["finetune"] / "state.json").read_text())
+    assert state["step"] == 20
+    client = MlflowClient(mlflow_server)
+    for stage, previous in (("video_pretrain", "image_pretrain"), ("finetune", "video_pretrain")):
+        params = client.get_run(summary.stage_runs[stage]).data.params
+        assert params["init_from"] == str(summary.checkpoints[previous])
+    first = load_file(str(summary.exports["image_pretrain"] / "model.safetensors"))
+    assert any((weights[k] - first[k]).abs().max() > 0 for k in first)
