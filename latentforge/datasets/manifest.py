@@ -110,6 +110,7 @@ class Dataset:
 # --- selection queries -------------------------------------------------------------------------------------
 # A deliberately small grammar (comparisons joined by `and`) evaluated by pyarrow.compute: a query is data,
 # and eval-style engines would run code from a config file.
+_AND_OUTSIDE_QUOTES = re.compile(r"""\s+and\s+(?=(?:[^'"]|'[^']*'|"[^"]*")*$)""", re.IGNORECASE)
 _CLAUSE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(==|!=|>=|<=|>|<)\s*(.+?)\s*$")
 _OPS = {"==": pc.equal, "!=": pc.not_equal, ">=": pc.greater_equal, "<=": pc.less_equal,
         ">": pc.greater, "<": pc.less}
@@ -118,7 +119,7 @@ _OPS = {"==": pc.equal, "!=": pc.not_equal, ">=": pc.greater_equal, "<=": pc.les
 def parse_where(where: str, schema: pa.Schema) -> pc.Expression:
     """`"score_resolution >= 64 and modality == 'image'"` -> a pyarrow compute expression."""
     expr = None
-    for clause in re.split(r"\s+and\s+", where.strip(), flags=re.IGNORECASE):
+    for clause in _AND_OUTSIDE_QUOTES.split(where.strip()):
         match = _CLAUSE.match(clause)
         if not match:
             raise ValueError(f"cannot parse selection clause {clause!r}: expected 'column OP value'")
@@ -126,6 +127,10 @@ def parse_where(where: str, schema: pa.Schema) -> pc.Expression:
         if column not in schema.names:
             raise ValueError(f"selection names unknown column {column!r}; columns: {', '.join(schema.names)}")
         value = _literal(literal)
+        is_text = pa.types.is_string(schema.field(column).type)
+        if isinstance(value, str) != is_text:
+            raise ValueError(f"column {column!r} holds {schema.field(column).type}: compare it with a "
+                             f"{'quoted string' if is_text else 'number'}, not {literal}")
         term = _OPS[op](pc.field(column), value)
         expr = term if expr is None else (expr & term)
     if expr is None:

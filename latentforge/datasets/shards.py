@@ -82,8 +82,11 @@ class LatentShardWriter:
     def __exit__(self, exc_type, *_) -> None:
         if exc_type is None:
             self.close()
-        else:
+            return
+        try:
             self._tar.close()
+        finally:
+            self._stream.close()
             self._tmp.unlink(missing_ok=True)
 
 

@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(help="Curate media into latent shards and train DiT curricula on Ray, tracked in MLflow.",
@@ -26,7 +27,7 @@ def _load(config: Path | None, overrides: list[str] | None):
     try:
         return resolve_paths(load_config(config, overrides or []), Path.cwd())
     except ConfigError as e:
-        console.print(f"[red]config error[/] {e}")
+        console.print(f"[red]config error[/] {escape(str(e))}")
         raise typer.Exit(2)
 
 

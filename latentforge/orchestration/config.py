@@ -76,16 +76,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"override {text!r} has an empty key segment")
-    return parts, yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return parts, yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from None
 
 
 def apply_override(data: dict, parts: list[str], value: Any) -> None:
     node: Any = data
     for i, part in enumerate(parts[:-1]):
-        if isinstance(node, list):
-            node = node[_index(parts, i, len(node))]
-            continue
-        node = node.setdefault(part, {})
+        node = node[_index(parts, i, len(node))] if isinstance(node, list) else node.setdefault(part, {})
         if not isinstance(node, (dict, list)):
             raise ConfigError(f"override {'.'.join(parts)}: {'.'.join(parts[:i + 1])} is not a section")
     last = parts[-1]

@@ -22,11 +22,14 @@ class ModelConfig(Strict):
 
     @model_validator(mode="after")
     def _known(self) -> ModelConfig:
-        from latentforge.training.dit import DiT_models, DiTConfig
+        from latentforge.training.dit import DiT_archs, DiT_models, DiTConfig
 
         if self.preset not in DiT_models:
             raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(DiT_models)}")
-        DiTConfig.from_dict(self.overrides)  # raises naming an unknown field
+        try:  # the preset's architecture with the overrides on top: exactly what build_dit will construct
+            DiTConfig.from_dict({**DiT_archs[self.preset], **self.overrides})
+        except TypeError as e:
+            raise ValueError(f"model overrides {self.overrides}: {e}") from e
         return self
 
 
@@ -59,6 +62,15 @@ class TrainStageConfig(Strict):
     num_samples: int = Field(4, ge=0, description="captions sampled at the end of the stage")
     sample_steps: int = Field(20, ge=1)
     cfg_scale: float = Field(2.0, ge=0)
+
+    @field_validator("where")
+    @classmethod
+    def _parses(cls, where: str | None) -> str | None:
+        if where is not None:
+            from latentforge.datasets.manifest import MANIFEST_SCHEMA, parse_where
+
+            parse_where(where, MANIFEST_SCHEMA)  # a typo in a column name fails at load, not mid-plan
+        return where
 
 
 class PlanConfig(Strict):

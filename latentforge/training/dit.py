@@ -36,6 +36,10 @@ class DiTConfig:
     max_text_len: int = 32  # longest text sequence forward accepts
 
     def __post_init__(self) -> None:
+        for name in ("hidden", "depth", "heads", "visual_patch", "max_text_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.hidden % self.heads:
             raise ValueError(f"hidden={self.hidden} is not divisible by heads={self.heads}")
 
@@ -286,11 +290,18 @@ def _preset(**arch: Any) -> Callable[..., DiT]:
     return factory
 
 
-DiT_T = _preset(hidden=128, depth=4, heads=4)
-DiT_S = _preset(hidden=384, depth=12, heads=6)
-DiT_B = _preset(hidden=768, depth=12, heads=12)
-DiT_L = _preset(hidden=1024, depth=24, heads=16)
-DiT_XL = _preset(hidden=1152, depth=28, heads=16)
+DiT_archs: dict[str, dict[str, Any]] = {
+    "DiT-T": dict(hidden=128, depth=4, heads=4),
+    "DiT-S": dict(hidden=384, depth=12, heads=6),
+    "DiT-B": dict(hidden=768, depth=12, heads=12),
+    "DiT-L": dict(hidden=1024, depth=24, heads=16),
+    "DiT-XL": dict(hidden=1152, depth=28, heads=16),
+}
+DiT_T = _preset(**DiT_archs["DiT-T"])
+DiT_S = _preset(**DiT_archs["DiT-S"])
+DiT_B = _preset(**DiT_archs["DiT-B"])
+DiT_L = _preset(**DiT_archs["DiT-L"])
+DiT_XL = _preset(**DiT_archs["DiT-XL"])
 
 DiT_models: dict[str, Callable[..., DiT]] = {
     "DiT-T": DiT_T,

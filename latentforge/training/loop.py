@@ -93,8 +93,12 @@ def train_stage(config: dict) -> None:
         seen += batch.latent.shape[0]
         if (step + 1) % stage.log_every == 0 or step + 1 == stage.steps:
             elapsed = time.perf_counter() - t0
-            sink.log_metrics({"loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
-                              "grad_norm": float(grad_norm), "samples_per_s": seen * world / elapsed}, step + 1)
+            metrics = {"loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
+                       "grad_norm": float(grad_norm), "samples_per_s": seen * world / elapsed}
+            sink.log_metrics(metrics, step + 1)
+            if acc.is_main_process:
+                print(f"[{stage.name}] step {step + 1}/{stage.steps} loss {metrics['loss']:.4f} "
+                      f"({metrics['samples_per_s']:.0f} samples/s)", flush=True)
             window, t0, seen = [], time.perf_counter(), 0
         if (step + 1) % stage.checkpoint_every == 0 or step + 1 == stage.steps:
             report(acc, raw, ema, optimizer, scheduler, job, step + 1, loss.item())

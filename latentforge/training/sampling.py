@@ -1,6 +1,7 @@
 """Samples at the end of a stage: generate from captions, decode latents back to PNG / GIF / WAV."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +42,12 @@ def generate(model, prompt: Batch, steps: int, cfg_scale: float, seed: int) -> t
 
 
 def _label(image: Image.Image, text: str) -> Image.Image:
-    canvas = Image.new("RGB", (max(image.width, 160), image.height + 24), "white")
-    canvas.paste(image, (0, 24))
-    ImageDraw.Draw(canvas).text((2, 2), text[:40], fill="black")
+    """The image under its caption, wrapped to the image's width (PIL's default font is ~6 px a character)."""
+    lines = textwrap.wrap(text, width=max(8, image.width // 6))[:4]
+    top = 4 + 11 * len(lines)
+    canvas = Image.new("RGB", (image.width + 8, image.height + top + 4), "white")
+    canvas.paste(image, (4, top))
+    ImageDraw.Draw(canvas).multiline_text((4, 2), "\n".join(lines), fill="black", spacing=1)
     return canvas
 
 

@@ -192,14 +192,12 @@ def test_channel_stats_layout_and_constant_channel() -> None:
     assert merged["std"][2] == pytest.approx(0.5)
 
 
-@pytest.mark.xfail(strict=True, reason="parse_where splits on ' and ' inside quoted strings")
 def test_parse_where_quoted_value_may_contain_and(table: pa.Table) -> None:
     rows = [manifest_row("s1", "image", 32, "salt and pepper"), manifest_row("s2", "image", 32, "salt")]
     t = to_table(rows, mf.MANIFEST_SCHEMA)
     assert ids(t.filter(parse_where("caption == 'salt and pepper'", t.schema))) == ["s1"]
 
 
-@pytest.mark.xfail(strict=True, reason="parse_where does not check literal types; Arrow fails later, not ValueError")
 @pytest.mark.parametrize("where", ["modality == 3", "width >= 'a'"])
 def test_parse_where_refuses_a_literal_of_the_wrong_type(table: pa.Table, where: str) -> None:
     with pytest.raises(ValueError, match="modality|width"):

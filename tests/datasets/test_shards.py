@@ -160,7 +160,6 @@ def _open_fds_to(target: Path) -> list[str]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
-@pytest.mark.xfail(strict=True, reason="LatentShardWriter.__exit__ on error closes the tar but not its file")
 def test_exception_inside_with_leaves_no_open_file(tmp_path: Path) -> None:
     path = tmp_path / "shard.tar"
     with pytest.raises(RuntimeError):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import free_port, wait_http
+from lf_services import free_port, wait_http
 
 pytestmark = pytest.mark.integration
 

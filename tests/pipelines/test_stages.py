@@ -404,7 +404,6 @@ def test_caption_sidecar_normalises_and_rejects(cfg: CurationConfig, tmp_path: P
     assert list(out["reason"]) == ["", "empty_caption", "", "missing_caption"]
 
 
-@pytest.mark.xfail(strict=True, reason="MAX_CAPTION_BYTES cut can split a UTF-8 character -> caption_not_utf8")
 def test_a_long_valid_utf8_caption_is_truncated_not_rejected(tmp_path: Path) -> None:
     path = tmp_path / "long.txt"
     path.write_text("a" + "\u00e9" * 10_000, encoding="utf-8")  # byte 16384 falls inside an 'é'

@@ -1,6 +1,7 @@
 """Captions from sidecar `.txt` files next to each media file (UTF-8, non-empty)."""
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
 
 from latentforge.pipelines.config import StageResources
@@ -13,9 +14,12 @@ def read_sidecar_caption(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise Reject("missing_caption", f"no caption file {path.name} beside the media file")
-    data = path.read_bytes()[:MAX_CAPTION_BYTES]
+    with path.open("rb") as f:
+        data = f.read(MAX_CAPTION_BYTES + 1)
+    truncated, data = len(data) > MAX_CAPTION_BYTES, data[:MAX_CAPTION_BYTES]
     try:
-        text = data.decode("utf-8")
+        # A cut at the byte limit may split a character: drop that partial character rather than reject.
+        text = codecs.getincrementaldecoder("utf-8")().decode(data, final=not truncated)
     except UnicodeDecodeError as e:
         raise Reject("caption_not_utf8", f"caption {path.name} is not valid UTF-8 ({e.reason} at byte {e.start})")
     text = " ".join(text.split())
