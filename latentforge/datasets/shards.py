@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,8 +135,11 @@ def iter_shards(paths: Iterable[str | Path]) -> Iterator[LatentSample]:
     dataset = wds.WebDataset(
         urls, shardshuffle=False, nodesplitter=_all_shards, workersplitter=_all_shards, empty_check=False
     )
-    for raw in dataset:
-        yield decode_sample(raw)
+    try:
+        for raw in dataset:
+            yield decode_sample(raw)
+    except tarfile.TarError as e:  # truncated or corrupt tar: one clear error type for every reader
+        raise ShardFormatError(f"corrupt or truncated shard: {e.args[0] if e.args else e}") from e
 
 
 def _all_shards(src):

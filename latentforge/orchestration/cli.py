@@ -77,6 +77,24 @@ def run(config: ConfigArg, set_: SetOpt = None) -> None:
 
 
 @app.command()
+def verify(dataset: Annotated[Path, typer.Argument(help="a curated dataset directory", exists=True, file_okay=False)],
+           decode: Annotated[bool, typer.Option(help="read every sample, not just checksums and counts")] = True,
+           ) -> None:
+    """Re-check a dataset: card vs manifest vs shards (counts, sha256, schema, sample shapes)."""
+    from latentforge.datasets.verify import verify_dataset
+
+    report = verify_dataset(dataset, decode=decode)
+    checked = ", ".join(f"{n} {what}" for what, n in report.checked.items()) or "nothing"
+    if report.ok:
+        console.print(f"[green]ok[/] {dataset}: checked {checked}")
+        return
+    console.print(f"[red]{len(report.problems)} problem(s)[/] in {dataset} (checked {checked}):")
+    for problem in report.problems:
+        console.print(f"  {escape(problem)}")
+    raise typer.Exit(1)
+
+
+@app.command()
 def ui(workdir: Annotated[Path, typer.Option(help="workdir whose MLflow store to serve")] = Path("lf-work"),
        port: int = 5000, host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1") -> None:
     """Start a real `mlflow server` on the workdir's store and print its URL."""
@@ -119,7 +137,8 @@ def _print_summary(cfg, summary) -> None:
     from latentforge.orchestration.tracking import resolve_tracking_uri
 
     table = Table(title="latentforge: where things are", show_header=False)
-    table.add_row("dataset", str(summary.dataset_dir))
+    for path in summary.dataset_dirs:
+        table.add_row("dataset", str(path))
     for name, path in summary.exports.items():
         table.add_row(f"weights ({name})", str(path))
     for name, path in summary.checkpoints.items():

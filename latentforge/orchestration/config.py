@@ -41,9 +41,10 @@ class LatentforgeConfig(Strict):
     curation: CurationConfig = CurationConfig()
     training: PlanConfig | None = None
 
-    def dataset_dir(self) -> Path:
-        return self.training.dataset if self.training and self.training.dataset else (
-            self.curation.output_dir or self.workdir / "datasets" / self.curation.name)
+    def dataset_dirs(self) -> list[Path]:
+        if self.training and self.training.datasets:
+            return list(self.training.datasets)
+        return [self.curation.output_dir or self.workdir / "datasets" / self.curation.name]
 
     def config_hash(self) -> str:
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
@@ -132,6 +133,6 @@ def resolve_paths(cfg: LatentforgeConfig, base: Path) -> LatentforgeConfig:
     })
     training = cfg.training
     if training is not None:
-        dataset = (base / training.dataset).resolve() if training.dataset else curation.output_dir
-        training = training.model_copy(update={"dataset": dataset})
+        datasets = [(base / d).resolve() for d in training.datasets] or [curation.output_dir]
+        training = training.model_copy(update={"datasets": datasets})
     return cfg.model_copy(update={"workdir": workdir, "curation": curation, "training": training})

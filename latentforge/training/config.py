@@ -81,7 +81,8 @@ class PlanConfig(Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
     seed: int = 0
-    dataset: Path | None = Field(None, description="curated dataset dir; default: the curation output")
+    datasets: list[Path] = Field(default_factory=list, description=(
+        "curated dataset dirs mixed in every stage (their encoders must match); default: the curation output"))
     max_failures: int = Field(2, ge=0, description="worker-group restarts before a stage fails")
     stages: list[TrainStageConfig] = Field(min_length=1)
 

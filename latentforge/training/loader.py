@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from latentforge.datasets.compat import check_compatible, merged_latent_stats
 from latentforge.datasets.manifest import Dataset
 from latentforge.datasets.shards import LatentSample, iter_shards
 from latentforge.training.config import MODALITY_IDS, TrainStageConfig
@@ -28,12 +29,14 @@ class Batch:
 
 
 class LatentNormalizer:
-    """Per-channel standardisation with the dataset card's statistics, per latent family."""
+    """Per-channel standardisation with the dataset cards' statistics, per latent family."""
 
-    def __init__(self, card: dict):
+    def __init__(self, cards: dict | list[dict]):
+        cards = [cards] if isinstance(cards, dict) else cards
+        stats = merged_latent_stats(cards) if len(cards) > 1 else cards[0]["latent_stats"]
         self.stats = {
             family: (np.asarray(s["mean"], np.float32), np.asarray(s["std"], np.float32))
-            for family, s in card["latent_stats"].items()
+            for family, s in stats.items()
         }
 
     @staticmethod
@@ -49,21 +52,41 @@ class LatentNormalizer:
         return latent * std[:, None, None, None] + mean[:, None, None, None]
 
 
-def select_samples(dataset: Dataset, stage: TrainStageConfig) -> tuple[list[Path], list[str]]:
-    """Shard paths and sample ids (sorted) that the stage's selection picks from the manifest."""
-    table = dataset.select(stage.where, list(stage.modalities))
-    ids = sorted(table["id"].to_pylist())
-    shards = sorted({dataset.shard_path(s) for s in table["shard"].to_pylist()})
-    return shards, ids
+def as_list(datasets: Dataset | list[Dataset]) -> list[Dataset]:
+    return [datasets] if isinstance(datasets, Dataset) else list(datasets)
 
 
-def load_rank_samples(dataset: Dataset, stage: TrainStageConfig, rank: int, world: int) -> list[LatentSample]:
-    """This rank's share of the selection (every world-th id), read from the shards that hold it."""
-    shards, ids = select_samples(dataset, stage)
-    if len(ids) < world:
-        raise ValueError(f"stage {stage.name!r} selects {len(ids)} samples, fewer than {world} workers")
-    mine = set(ids[rank::world])
-    return [s for s in iter_shards(shards) if s.key in mine]
+def open_datasets(datasets: Dataset | list[Dataset]) -> list[Dataset]:
+    """The datasets of a stage, refused when their encoders differ."""
+    datasets = as_list(datasets)
+    check_compatible([d.card for d in datasets], [str(d.root) for d in datasets])
+    return datasets
+
+
+def select_samples(datasets: Dataset | list[Dataset], stage: TrainStageConfig) -> tuple[list[Path], list[tuple]]:
+    """Shard paths and (dataset index, sample id) pairs, sorted, that the stage's selection picks."""
+    shards, keys = set(), []
+    for n, dataset in enumerate(as_list(datasets)):
+        table = dataset.select(stage.where, list(stage.modalities))
+        keys += [(n, i) for i in table["id"].to_pylist()]
+        shards |= {(n, dataset.shard_path(s)) for s in table["shard"].to_pylist()}
+    return [p for _, p in sorted(shards)], sorted(keys)
+
+
+def load_rank_samples(datasets: Dataset | list[Dataset], stage: TrainStageConfig, rank: int,
+                      world: int) -> list[LatentSample]:
+    """This rank's share of the selection (every world-th key), read from the shards that hold it."""
+    datasets = open_datasets(datasets)
+    _, keys = select_samples(datasets, stage)
+    if len(keys) < world:
+        raise ValueError(f"stage {stage.name!r} selects {len(keys)} samples, fewer than {world} workers")
+    mine = set(keys[rank::world])
+    out = []
+    for n, dataset in enumerate(datasets):
+        table = dataset.select(stage.where, list(stage.modalities))
+        shards = sorted({dataset.shard_path(s) for s in table["shard"].to_pylist()})
+        out += [s for s in iter_shards(shards) if (n, s.key) in mine]
+    return out
 
 
 class BucketedBatches:

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from latentforge.datasets.codec import DctAudioCodec
+from latentforge.datasets.encoders import decoders_from_card
 from latentforge.datasets.manifest import Dataset
 from latentforge.training import checkpoint as ckpt
 from latentforge.training.config import TrainStageConfig
 from latentforge.training.dit import DiT, DiTConfig
 from latentforge.training.flow import flow_loss
-from latentforge.training.loader import BucketedBatches, LatentNormalizer, load_rank_samples
+from latentforge.training.loader import BucketedBatches, LatentNormalizer, load_rank_samples, open_datasets
 from latentforge.training.sampling import pick_prompts, write_samples
 from latentforge.training.sink import MetricSink, NullSink
 
@@ -26,7 +26,7 @@ class StageJob:
 
     stage: TrainStageConfig
     model: dict
-    dataset: str
+    datasets: list[str]
     seed: int = 0
     init_from: str | None = None
     sink: MetricSink = field(default_factory=NullSink)
@@ -51,7 +51,6 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
 
 def train_stage(config: dict) -> None:
     """Ray Train entry point: `TorchTrainer(train_stage, train_loop_config={"job": StageJob(...)})`."""
-    import ray.train
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
@@ -62,9 +61,9 @@ def train_stage(config: dict) -> None:
                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     rank, world = acc.process_index, acc.num_processes
     torch.manual_seed(job.seed + rank)
-    dataset = Dataset(Path(job.dataset))
-    normalizer = LatentNormalizer(dataset.card)
-    batches = BucketedBatches(load_rank_samples(dataset, stage, rank, world), stage, normalizer, job.seed + rank)
+    datasets = open_datasets([Dataset(Path(d)) for d in job.datasets])
+    normalizer = LatentNormalizer([d.card for d in datasets])
+    batches = BucketedBatches(load_rank_samples(datasets, stage, rank, world), stage, normalizer, job.seed + rank)
 
     raw = DiT(DiTConfig.from_dict(job.model))
     ema = copy.deepcopy(raw).requires_grad_(False)
@@ -103,7 +102,7 @@ def train_stage(config: dict) -> None:
         if (step + 1) % stage.checkpoint_every == 0 or step + 1 == stage.steps:
             report(acc, raw, ema, optimizer, scheduler, job, step + 1, loss.item())
     if acc.is_main_process and stage.num_samples:
-        log_samples(ema, batches, normalizer, dataset, job, sink)
+        log_samples(ema, batches, normalizer, datasets[0].card, job, sink)
 
 
 def restore(raw, ema, optimizer, scheduler, job: StageJob) -> int:
@@ -133,14 +132,13 @@ def report(acc, raw, ema, optimizer, scheduler, job: StageJob, step: int, loss: 
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def log_samples(ema, batches: BucketedBatches, normalizer, dataset: Dataset, job: StageJob, sink) -> None:
+def log_samples(ema, batches: BucketedBatches, normalizer, card: dict, job: StageJob, sink) -> None:
+    """Generate from a few of the stage's captions with the EMA weights; decode with the dataset's encoders."""
     stage = job.stage
-    card = dataset.card
-    audio = card["encoders"]["audio"]
+    visual, audio = decoders_from_card(card)
     prompts = pick_prompts(batches.epoch(0), stage.num_samples)
     with tempfile.TemporaryDirectory() as tmp:
-        files = write_samples(ema.eval(), prompts, normalizer, DctAudioCodec(frame=audio["frame"]),
-                              audio["sample_rate"], Path(tmp), steps=stage.sample_steps, cfg_scale=stage.cfg_scale,
-                              seed=job.seed)
+        files = write_samples(ema.eval(), prompts, normalizer, visual, audio, Path(tmp), steps=stage.sample_steps,
+                              cfg_scale=stage.cfg_scale, seed=job.seed)
         for f in files:
             sink.log_artifact(f, "samples")

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from latentforge.datasets.codec import DctAudioCodec, HaarPixelCodec
+from latentforge.datasets.encoders import AudioEncoder, PixelEncoder
 from latentforge.training.flow import euler_sample
 from latentforge.training.loader import Batch, LatentNormalizer
 
@@ -56,14 +56,13 @@ def _upscale(frame: np.ndarray, factor: int = 4) -> Image.Image:
     return img.resize((img.width * factor, img.height * factor), Image.NEAREST)
 
 
-def write_samples(model, prompts: list[Batch], normalizer: LatentNormalizer, audio_codec: DctAudioCodec,
-                  sample_rate: int, out_dir: Path, *, steps: int, cfg_scale: float, seed: int) -> list[Path]:
+def write_samples(model, prompts: list[Batch], normalizer: LatentNormalizer, visual: PixelEncoder,
+                  audio: AudioEncoder, out_dir: Path, *, steps: int, cfg_scale: float, seed: int) -> list[Path]:
     """Generate one sample per prompt; images go in one PNG grid (real above generated), videos to GIFs,
     audio to WAVs. Returns the written files."""
     import soundfile as sf
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    pixel = HaarPixelCodec()
     written, grid = [], []
     for i, prompt in enumerate(prompts):
         modality = MODALITY_NAMES[int(prompt.modality[0])]
@@ -71,14 +70,14 @@ def write_samples(model, prompts: list[Batch], normalizer: LatentNormalizer, aud
         real = prompt.latent[0].numpy()
         stem = f"{i:02d}_{modality}"
         if modality == "audio":
-            wave = audio_codec.decode(normalizer.denormalize(fake, "audio"))
+            wave = audio.decode(normalizer.denormalize(fake, "audio")[None])[0]
             path = out_dir / f"{stem}.wav"
-            sf.write(path, np.clip(wave, -1, 1), sample_rate)
+            sf.write(path, np.clip(wave, -1, 1), audio.sample_rate)
             (out_dir / f"{stem}.txt").write_text(prompt.captions[0])
             written += [path, out_dir / f"{stem}.txt"]
             continue
-        frames = pixel.decode(normalizer.denormalize(fake, modality))
-        truth = pixel.decode(normalizer.denormalize(real, modality))
+        frames = visual.decode(normalizer.denormalize(fake, modality)[None])[0]
+        truth = visual.decode(normalizer.denormalize(real, modality)[None])[0]
         if frames.shape[0] == 1:
             grid.append((truth[0], frames[0], prompt.captions[0]))
         else:

@@ -7,6 +7,7 @@ from pathlib import Path
 from latentforge.datasets.manifest import Dataset
 from latentforge.training.config import PlanConfig, TrainStageConfig
 from latentforge.training.dit import DiT_models
+from latentforge.training.loader import open_datasets
 from latentforge.training.loop import StageJob, train_stage
 from latentforge.training.sink import MetricSink, NullSink
 
@@ -23,19 +24,22 @@ def model_config(plan: PlanConfig, card: dict) -> dict:
     import torch
 
     enc = card["encoders"]
-    fitted = {"visual_channels": enc["visual"]["channels"], "audio_channels": enc["audio"]["channels"],
-              "text_dim": enc["text"]["dim"], "max_text_len": enc["text"]["max_len"]}
+    fitted = {key: enc[family][field] for key, family, field in (
+        ("visual_channels", "visual", "channels"), ("audio_channels", "audio", "channels"),
+        ("text_dim", "text", "dim"), ("max_text_len", "text", "max_len")) if family in enc}
     with torch.device("meta"):  # only the config is wanted: build no real weights
         return DiT_models[plan.model.preset](**{**fitted, **plan.model.overrides}).cfg.to_dict()
 
 
-def fit_stage(plan: PlanConfig, stage: TrainStageConfig, dataset_dir: Path, storage_path: Path, run_name: str,
+def fit_stage(plan: PlanConfig, stage: TrainStageConfig, dataset_dirs: list[Path], storage_path: Path, run_name: str,
               init_from: Path | None = None, sink: MetricSink | None = None) -> StageResult:
     """Run (or resume: same `run_name` and `storage_path`) one stage with `TorchTrainer.fit()`."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    job = StageJob(stage=stage, model=model_config(plan, Dataset(dataset_dir).card), dataset=str(dataset_dir), seed=plan.seed,
+    datasets = open_datasets([Dataset(d) for d in dataset_dirs])  # refuses mixed encoders before any worker starts
+    job = StageJob(stage=stage, model=model_config(plan, datasets[0].card), datasets=[str(d) for d in dataset_dirs],
+                   seed=plan.seed,
                    init_from=str(init_from) if init_from else None, sink=sink or NullSink())
     trainer = TorchTrainer(
         train_stage,

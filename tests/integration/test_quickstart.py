@@ -38,7 +38,7 @@ def quickstart(tmp_path_factory, mlflow_server, ray_local):
 
 def test_every_input_is_kept_or_rejected_with_a_reason(quickstart):
     cfg, summary, index, corpus = quickstart
-    ds = Dataset(summary.dataset_dir)
+    ds = Dataset(summary.dataset_dirs[0])
     kept = set(ds.manifest()["relpath"].to_pylist())
     rejects = ds.rejects().to_pylist()
     rejected = {r["relpath"] for r in rejects}
@@ -81,6 +81,8 @@ def test_runs_metrics_and_artifacts_in_mlflow(quickstart, mlflow_server):
     assert "images.png" in image_samples
     video_samples = {Path(a.path).suffix for a in client.list_artifacts(summary.stage_runs["video_pretrain"], "samples")}
     assert ".gif" in video_samples
+    finetune_samples = {Path(a.path).suffix for a in client.list_artifacts(summary.stage_runs["finetune"], "samples")}
+    assert {".png", ".gif", ".wav"} <= finetune_samples  # one prompt per bucket: image, video and audio
 
 
 def test_image_pretrain_loss_falls(quickstart, mlflow_server):

@@ -251,20 +251,20 @@ def test_resolve_paths_makes_paths_absolute_with_defaults(tmp_path: Path) -> Non
     assert cfg.workdir == work
     assert cfg.curation.input_dir == work / "corpus"
     assert cfg.curation.output_dir == work / "datasets" / "demo"
-    assert cfg.training.dataset == cfg.curation.output_dir == cfg.dataset_dir()
+    assert cfg.training.datasets == [cfg.curation.output_dir] == cfg.dataset_dirs()
     # Idempotent: resolving an already resolved config changes nothing.
     assert resolve_paths(cfg, tmp_path / "elsewhere") == cfg
 
 
 def test_resolve_paths_keeps_explicit_and_absolute_paths(tmp_path: Path) -> None:
     absolute = tmp_path / "abs" / "data"
-    cfg = load_config(QUICKSTART, [f"curation.output_dir={absolute}", "training.dataset=../shared/ds",
+    cfg = load_config(QUICKSTART, [f"curation.output_dir={absolute}", "training.datasets=[../shared/ds, /data/b]",
                                    "workdir=runs/../w"])
     out = resolve_paths(cfg, tmp_path / "base")
     assert out.curation.output_dir == absolute
-    assert out.training.dataset == (tmp_path / "shared" / "ds").resolve()
+    assert out.training.datasets == [(tmp_path / "shared" / "ds").resolve(), Path("/data/b")]
     assert out.workdir == (tmp_path / "base" / "w").resolve()
-    assert out.dataset_dir() == out.training.dataset
+    assert out.dataset_dirs() == out.training.datasets
 
 
 def test_resolve_paths_without_training(tmp_path: Path) -> None:
@@ -272,7 +272,7 @@ def test_resolve_paths_without_training(tmp_path: Path) -> None:
     assert cfg.training is None
     assert cfg.curation.input_dir == tmp_path.resolve() / "raw"
     assert cfg.curation.output_dir == tmp_path.resolve() / "lf-work" / "datasets" / "mine"
-    assert cfg.dataset_dir() == cfg.curation.output_dir
+    assert cfg.dataset_dirs() == [cfg.curation.output_dir]
 
 
 # ---------------------------------------------------------------- CLI

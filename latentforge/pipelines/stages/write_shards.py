@@ -1,4 +1,8 @@
-"""Write each shard group's kept samples into a WebDataset tar with a stable name; return metadata rows."""
+"""Write each shard group's kept samples into WebDataset tars with stable names; return metadata rows.
+
+A group holds at most `samples_per_shard` samples (assigned at discovery, so names are stable across runs);
+it is split into parts when it would exceed `max_shard_mb`.
+"""
 from __future__ import annotations
 
 import json
@@ -14,35 +18,51 @@ META_KEYS = ("id", "relpath", "modality", "width", "height", "num_frames", "fps"
              "bucket")
 
 
-def shard_name(index: int) -> str:
-    return f"shard-{int(index):06d}.tar"
+def shard_name(group: int, part: int) -> str:
+    return f"shard-{int(group):06d}-{part:02d}.tar"
 
 
 def _meta(row: dict) -> dict:
     return {k: (row[k].item() if isinstance(row[k], np.generic) else row[k]) for k in META_KEYS}
 
 
-def write_shard_group(batch: dict, shard_dir: str) -> dict:
-    """`groupby("shard").map_groups(write_shard_group, ...)`: one tar per group, samples in id order."""
+def _members(row: dict) -> dict[str, bytes]:
+    return {
+        "latent.npy": row["latent"],
+        # fp16 in transit through Ray; stored as float32 like the other members.
+        "text.npy": npy_bytes(load_npy(row["text_emb"]).astype(np.float32)),
+        "text_mask.npy": row["text_mask"],
+        "caption.txt": str(row["caption"]).encode("utf-8"),
+        "meta.json": json.dumps(_meta(row), sort_keys=True).encode("utf-8"),
+    }
+
+
+def write_parts(kept: list[dict], shard_dir: Path, max_bytes: int) -> dict[str, tuple[str, str]]:
+    """Write `kept` (one group, id order) into as many parts as `max_bytes` needs: id -> (shard, sha256)."""
+    placed: dict[str, str] = {}
+    part, size, writer = 0, 0, None
+    for row in kept:
+        members = _members(row)
+        nbytes = sum(len(v) for v in members.values()) + 512 * (len(members) + 1)  # tar headers
+        if writer is not None and size + nbytes > max_bytes:
+            writer.close()
+            part, size, writer = part + 1, 0, None
+        if writer is None:
+            writer = LatentShardWriter(shard_dir / shard_name(row["shard"], part))
+        writer.write(row["id"], members)
+        placed[row["id"]] = writer.path.name
+        size += nbytes
+    if writer is not None:
+        writer.close()
+    digests = {name: sha256_file(shard_dir / name) for name in set(placed.values())}
+    return {key: (name, digests[name]) for key, name in placed.items()}
+
+
+def write_shard_group(batch: dict, shard_dir: str, max_bytes: int = 256 * 2**20) -> dict:
+    """`groupby("shard").map_groups(write_shard_group, ...)`: this group's tars, and its rows minus latents."""
     rows = sorted(rows_of(batch), key=lambda r: r["id"])
-    kept = [r for r in rows if r["status"] == "ok"]
-    name, digest = "", ""
-    if kept:
-        name = shard_name(kept[0]["shard"])
-        path = Path(shard_dir) / name
-        with LatentShardWriter(path) as writer:
-            for row in kept:
-                writer.write(row["id"], {
-                    "latent.npy": row["latent"],
-                    # fp16 in transit through Ray; stored as float32 like the other members.
-                    "text.npy": npy_bytes(load_npy(row["text_emb"]).astype(np.float32)),
-                    "text_mask.npy": row["text_mask"],
-                    "caption.txt": str(row["caption"]).encode("utf-8"),
-                    "meta.json": json.dumps(_meta(row), sort_keys=True).encode("utf-8"),
-                })
-        digest = sha256_file(path)
+    placed = write_parts([r for r in rows if r["status"] == "ok"], Path(shard_dir), max_bytes)
     out = {k: v for k, v in batch.items() if k not in HEAVY}
-    ok = np.asarray(batch["status"]) == "ok"
-    out["shard_name"] = np.where(ok, name, "").astype(object)
-    out["shard_sha256"] = np.where(ok, digest, "").astype(object)
+    out["shard_name"] = np.array([placed.get(i, ("", ""))[0] for i in batch["id"]], dtype=object)
+    out["shard_sha256"] = np.array([placed.get(i, ("", ""))[1] for i in batch["id"]], dtype=object)
     return out

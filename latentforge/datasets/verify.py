@@ -1,0 +1,110 @@
+"""`verify`: re-check a dataset against its own card and manifest (counts, checksums, schema, shapes)."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from latentforge.datasets import manifest as mf
+from latentforge.datasets.shards import ShardFormatError, iter_shards, sha256_file
+
+
+@dataclass
+class VerifyReport:
+    root: Path
+    problems: list[str] = field(default_factory=list)
+    checked: dict[str, int] = field(default_factory=Counter)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _read_parts(root: Path, report: VerifyReport) -> tuple[dict, list[dict]] | None:
+    try:
+        card = json.loads((root / mf.CARD).read_text())
+    except (OSError, ValueError) as e:
+        report.problems.append(f"{mf.CARD}: cannot read ({e})")
+        return None
+    for name, schema in ((mf.MANIFEST, mf.MANIFEST_SCHEMA), (mf.REJECTS, mf.REJECTS_SCHEMA)):
+        try:
+            found = pq.read_schema(root / name)
+        except (OSError, ValueError) as e:
+            report.problems.append(f"{name}: cannot read ({e})")
+            return None
+        missing = set(schema.names) - set(found.names)
+        if missing:
+            report.problems.append(f"{name}: missing columns {sorted(missing)}")
+    return card, pq.read_table(root / mf.MANIFEST).to_pylist()
+
+
+def verify_dataset(root: str | Path, *, decode: bool = True) -> VerifyReport:
+    """Check that the card, manifest and shards agree; with `decode`, read every sample and check its shape."""
+    root = Path(root)
+    report = VerifyReport(root)
+    parts = _read_parts(root, report)
+    if parts is None:
+        return report
+    card, rows = parts
+    ids = Counter(r["id"] for r in rows)
+    report.problems += [f"manifest: id {i} appears {n} times" for i, n in ids.items() if n > 1]
+    if card.get("num_samples") != len(rows):
+        report.problems.append(f"card says {card.get('num_samples')} samples, manifest has {len(rows)}")
+    by_shard: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by_shard.setdefault(r["shard"], {})[r["id"]] = r
+    listed = {s["name"]: s for s in card.get("shards", [])}
+    for name in sorted(set(by_shard) - set(listed)):
+        report.problems.append(f"manifest names shard {name} that the card does not list")
+    for name, entry in sorted(listed.items()):
+        _verify_shard(root, entry, by_shard.get(name, {}), card, report, decode)
+    return report
+
+
+def _verify_shard(root: Path, entry: dict, expected: dict[str, dict], card: dict, report: VerifyReport,
+                  decode: bool) -> None:
+    name = entry["name"]
+    try:
+        path = mf.Dataset(root).shard_path(name)
+    except ValueError as e:
+        report.problems.append(str(e))
+        return
+    if not path.is_file():
+        report.problems.append(f"{name}: missing")
+        return
+    report.checked["shards"] += 1
+    digest = sha256_file(path)
+    if digest != entry.get("sha256"):
+        report.problems.append(f"{name}: sha256 {digest[:12]}... does not match the card's {str(entry.get('sha256'))[:12]}...")
+    if entry.get("count") != len(expected):
+        report.problems.append(f"{name}: card counts {entry.get('count')} samples, manifest {len(expected)}")
+    if decode:
+        _verify_samples(name, path, expected, card, report)
+
+
+def _verify_samples(name: str, path: Path, expected: dict[str, dict], card: dict, report: VerifyReport) -> None:
+    seen = set()
+    text = card.get("encoders", {}).get("text", {})
+    try:
+        for sample in iter_shards([path]):
+            seen.add(sample.key)
+            report.checked["samples"] += 1
+            row = expected.get(sample.key)
+            if row is None:
+                report.problems.append(f"{name}: sample {sample.key} is not in the manifest")
+                continue
+            if list(sample.latent.shape) != list(row["latent_shape"]):
+                report.problems.append(f"{name}/{sample.key}: latent {list(sample.latent.shape)}, "
+                                       f"manifest says {row['latent_shape']}")
+            if text and sample.text.shape != (text.get("max_len"), text.get("dim")):
+                report.problems.append(f"{name}/{sample.key}: text {sample.text.shape}, card says "
+                                       f"({text.get('max_len')}, {text.get('dim')})")
+            if sample.caption != row["caption"]:
+                report.problems.append(f"{name}/{sample.key}: caption differs from the manifest")
+    except (ShardFormatError, OSError, ValueError) as e:  # a truncated or hostile tar ends the read here
+        report.problems.append(f"{name}: unreadable ({type(e).__name__}: {e})")
+    for key in sorted(set(expected) - seen):
+        report.problems.append(f"{name}: manifest sample {key} is missing from the shard")
