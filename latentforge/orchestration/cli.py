@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -108,7 +107,11 @@ def ui(workdir: Annotated[Path, typer.Option(help="workdir whose MLflow store to
     cmd = [mlflow, "server", "--backend-store-uri", default_tracking_uri(workdir),
            "--artifacts-destination", artifact_root(workdir), "--host", host, "--port", str(port)]
     console.print(f"MLflow UI at [bold]http://{host}:{port}[/]  (Ctrl-C to stop)")
-    raise typer.Exit(subprocess.call(cmd))
+    sys.stdout.flush()
+    # MLflow's server-side job runner (GenAI evaluation jobs) starts eight worker processes: not needed to
+    # browse training runs, and heavy on a small machine. An explicit setting in the environment wins.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    os.execve(mlflow, cmd, env)  # become the server: signals (Ctrl-C, SIGTERM) reach it directly
 
 
 def _print_stage_graph(cur) -> None:

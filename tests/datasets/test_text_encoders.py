@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_models import tiny_clip, tiny_t5
 
 from latentforge.datasets.encoders.config import TextEncoderConfig
 from latentforge.datasets.encoders.text import TextEncoder, default_text_model, tokenizer_subfolder
@@ -27,19 +28,13 @@ def minilm() -> TextEncoder:
     return TextEncoder(TextEncoderConfig())
 
 
-def tiny_t5(tokenizer):
-    import torch
-    from transformers import T5Config, T5EncoderModel
-
-    torch.manual_seed(0)
-    cfg = T5Config(vocab_size=len(tokenizer), d_model=TINY, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
-    return T5EncoderModel(cfg)
-
-
 @pytest.fixture(scope="module")
 def t5_dir(tmp_path_factory, tokenizer) -> Path:
     path = tmp_path_factory.mktemp("t5")
-    tiny_t5(tokenizer).save_pretrained(path)
+    import torch
+
+    torch.manual_seed(0)
+    tiny_t5(tokenizer, d_model=TINY).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -47,14 +42,10 @@ def t5_dir(tmp_path_factory, tokenizer) -> Path:
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory, tokenizer) -> Path:
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
-    cfg = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=TINY, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=16, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
     path = tmp_path_factory.mktemp("clip")
-    CLIPTextModel(cfg).save_pretrained(path)
+    tiny_clip(tokenizer, hidden=TINY).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lf_services import free_port, wait_http
+from lf_services import free_port, stop_group, wait_http
 
 
 def mlflow_executable() -> str:
@@ -26,17 +26,14 @@ def mlflow_server(tmp_path_factory):
         [mlflow_executable(), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", (root / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT)
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/health", proc)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_group(proc)
         log.close()
 
 

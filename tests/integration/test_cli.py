@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from lf_services import free_port, wait_http
+from lf_services import free_port, stop_group, wait_http
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +41,7 @@ def test_curate_then_ui_serves_the_runs(tmp_path, ray_local, repo_root):
     port = free_port()
     exe = Path(sys.executable).parent / "latentforge"
     ui = subprocess.Popen([str(exe), "ui", "--workdir", str(workdir), "--port", str(port)], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                          stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
         wait_http(f"{base}/health", ui)
@@ -56,8 +56,7 @@ def test_curate_then_ui_serves_the_runs(tmp_path, ray_local, repo_root):
                                timeout=10).json()
         assert "dataset/card.json" in {f["path"] for f in listing["files"]}
     finally:
-        ui.terminate()
-        ui.wait(timeout=30)
+        stop_group(ui)
 
 
 def _experiment_id(base: str) -> str:

@@ -345,3 +345,10 @@ def test_cli_ui_without_a_store_exits_2(runner: CliRunner, tmp_path: Path) -> No
 def test_cli_prints_a_config_error_verbatim(runner: CliRunner) -> None:
     result = runner.invoke(app, ["validate", str(QUICKSTART), "--set", "training[/b]"])
     assert result.exit_code == 2 and "training[/b]" in result.output
+
+
+def test_pretrained_example_config_validates() -> None:
+    cfg = load_config(QUICKSTART.parent / "pretrained.yaml")
+    enc = cfg.curation.encoders
+    assert (enc.visual.kind, enc.audio.kind, enc.text.kind) == ("ltx_video", "oobleck", "t5")
+    assert all(b.frames % 8 == 1 for b in cfg.curation.buckets)
