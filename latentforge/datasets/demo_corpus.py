@@ -219,10 +219,13 @@ def _fade(signal: np.ndarray, sample_rate: int) -> np.ndarray:
 def synthesize_sound(rng: np.random.Generator, sample_rate: int, seconds: float) -> tuple[np.ndarray, str]:
     """A float32 mono tone, chirp or noise burst, and its caption; each of SOUNDS is equally likely."""
     sound = SOUNDS[rng.integers(len(SOUNDS))]
+    # A random level and phase: two clips of the same kind are alike, as in real data, but not byte-identical.
+    level, phase = rng.uniform(0.5, 1.0), rng.uniform(0, 2 * np.pi)
     count = int(round(sample_rate * seconds))
     t = np.arange(count) / sample_rate
     if sound in PITCHES:
-        signal, caption = np.sin(2 * np.pi * PITCHES[sound] * t), f"a {sound} {PITCHES[sound]:.0f} Hz tone"
+        signal = np.sin(2 * np.pi * PITCHES[sound] * t + phase)
+        caption = f"a {sound} {PITCHES[sound]:.0f} Hz tone"
     elif sound in ("rising", "falling"):
         start, end = (PITCHES["low"], PITCHES["high"]) if sound == "rising" else (PITCHES["high"], PITCHES["low"])
         # Phase is the integral of a linearly swept frequency.
@@ -233,7 +236,7 @@ def synthesize_sound(rng: np.random.Generator, sample_rate: int, seconds: float)
         burst = slice(count // 4, 3 * count // 4)  # silence around the noise is what makes it a burst
         signal[burst] = _fade(rng.uniform(-1.0, 1.0, burst.stop - burst.start), sample_rate)
         caption = "a burst of white noise"
-    return (_AMPLITUDE * _fade(signal, sample_rate)).astype(np.float32), caption
+    return (level * _AMPLITUDE * _fade(signal, sample_rate)).astype(np.float32), caption
 
 
 def _write_audio(root: Path, spec: DemoCorpusSpec, rng: np.random.Generator) -> list[dict]:

@@ -26,9 +26,13 @@ SHARDS = "shards"
 MANIFEST_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
+        ("source_id", pa.string()),
         ("uri", pa.string()),
         ("relpath", pa.string()),
         ("modality", pa.string()),
+        ("clip_index", pa.int32()),
+        ("clip_start_s", pa.float32()),
+        ("clip_end_s", pa.float32()),
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("num_frames", pa.int32()),
@@ -43,6 +47,16 @@ MANIFEST_SCHEMA = pa.schema(
         ("score_duration", pa.float32()),
         ("score_sample_rate", pa.float32()),
         ("score_caption_words", pa.float32()),
+        ("score_sharpness", pa.float32()),
+        ("score_motion", pa.float32()),
+        ("score_motion_jitter", pa.float32()),
+        ("score_text_area", pa.float32()),
+        ("score_loudness", pa.float32()),
+        ("score_silence_ratio", pa.float32()),
+        ("score_clipping_ratio", pa.float32()),
+        ("score_speech_ratio", pa.float32()),
+        ("content_sha256", pa.string()),
+        ("phash", pa.string()),
         ("shard", pa.string()),
         ("status", pa.string()),
     ]
@@ -51,6 +65,7 @@ MANIFEST_SCHEMA = pa.schema(
 REJECTS_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
+        ("source_id", pa.string()),
         ("uri", pa.string()),
         ("relpath", pa.string()),
         ("modality", pa.string()),
@@ -58,6 +73,7 @@ REJECTS_SCHEMA = pa.schema(
         ("stage", pa.string()),
         ("reason", pa.string()),
         ("message", pa.string()),
+        ("duplicate_of", pa.string()),
     ]
 )
 

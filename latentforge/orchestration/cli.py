@@ -94,6 +94,22 @@ def verify(dataset: Annotated[Path, typer.Argument(help="a curated dataset direc
 
 
 @app.command()
+def select(dataset: Annotated[Path, typer.Argument(help="a curated dataset directory", exists=True, file_okay=False)],
+           out: Annotated[Path, typer.Option("--out", help="where to write the child dataset")],
+           where: Annotated[Optional[str], typer.Option(help="e.g. \"score_motion > 0.3 and score_text_area < 0.05\"")] = None,
+           modality: Annotated[Optional[list[str]], typer.Option(help="keep only these modalities")] = None) -> None:
+    """A subset chosen from the manifest alone (no recompute): shards linked, the parent named in the card."""
+    from latentforge.datasets.select import select_dataset
+
+    try:
+        card = select_dataset(dataset, out, where, modality)
+    except (ValueError, FileExistsError) as e:
+        console.print(f"[red]cannot select[/] {escape(str(e))}")
+        raise typer.Exit(2)
+    console.print(f"[green]selected[/] {card['num_samples']} samples {card['modalities']} -> {out} (id {card['id']})")
+
+
+@app.command()
 def ui(workdir: Annotated[Path, typer.Option(help="workdir whose MLflow store to serve")] = Path("lf-work"),
        port: int = 5000, host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1") -> None:
     """Start a real `mlflow server` on the workdir's store and print its URL."""

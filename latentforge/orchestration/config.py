@@ -29,6 +29,8 @@ class TrackingConfig(Strict):
 
     uri: str | None = Field(None, description="tracking URI; default MLFLOW_TRACKING_URI, else WORKDIR/mlflow.db")
     experiment: str = "latentforge"
+    registered_model: str | None = Field(
+        None, description="model registry name for the plan's final stage; default: the run name")
 
 
 class LatentforgeConfig(Strict):

@@ -25,6 +25,7 @@ class RunSummary:
     stage_runs: dict[str, str] = field(default_factory=dict)
     checkpoints: dict[str, Path] = field(default_factory=dict)
     exports: dict[str, Path] = field(default_factory=dict)
+    registered: tuple[str, str] | None = None
 
 
 def make_tracker(cfg: LatentforgeConfig) -> Tracker:
@@ -81,6 +82,7 @@ def log_tables(tracker: Tracker, run_id: str, dataset_dir: Path) -> None:
 
 def train(cfg: LatentforgeConfig, tracker: Tracker, parent_id: str | None, summary: RunSummary) -> None:
     from latentforge.datasets.manifest import Dataset
+    from latentforge.training.loader import stage_lineage
     from latentforge.training.trainer import fit_stage, model_config
 
     plan: PlanConfig = cfg.training
@@ -93,6 +95,9 @@ def train(cfg: LatentforgeConfig, tracker: Tracker, parent_id: str | None, summa
             "latentforge.kind": "training", "latentforge.stage": stage.name,
             "latentforge.datasets": ",".join(map(str, dataset_dirs)), "latentforge.config_hash": cfg.config_hash()})
         summary.stage_runs[stage.name] = run_id
+        lineage = stage_lineage([Dataset(d) for d in dataset_dirs], stage)
+        tracker.client.set_tag(run_id, "latentforge.dataset_ids", ",".join(str(d["id"]) for d in lineage["datasets"]))
+        tracker.log_dict(run_id, lineage, "lineage.json")
         tracker.log_params(run_id, {"stage": json.loads(stage.model_dump_json()), "model": model_config(plan, card),
                                     "num_workers": plan.num_workers, "seed": plan.seed,
                                     "init_from": str(previous) if previous else "none"})
@@ -103,21 +108,35 @@ def train(cfg: LatentforgeConfig, tracker: Tracker, parent_id: str | None, summa
         except BaseException:
             tracker.end_run(run_id, "FAILED")
             raise
-        export = export_weights(result.checkpoint_dir, cfg.workdir / "exports" / stage.name, card)
+        export = export_weights(result.checkpoint_dir, cfg.workdir / "exports" / stage.name, card, lineage)
         for f in sorted(export.iterdir()):
             tracker.log_artifact(run_id, f, "model")
         tracker.end_run(run_id)
         summary.checkpoints[stage.name] = result.checkpoint_dir
         summary.exports[stage.name] = export
         previous = result.checkpoint_dir
+        if stage is plan.stages[-1]:
+            register_final(cfg, tracker, run_id, parent_id, lineage, summary)
 
 
-def export_weights(checkpoint_dir: Path, out: Path, card: dict) -> Path:
-    """The stage's final EMA weights as safetensors with the model config and dataset card beside them."""
+def register_final(cfg: LatentforgeConfig, tracker: Tracker, run_id: str, parent_id: str | None, lineage: dict,
+                   summary: RunSummary) -> None:
+    """The plan's final weights into the model registry, tagged with their data lineage and plan."""
+    name = cfg.tracking.registered_model or cfg.name
+    tags = {"latentforge.dataset_ids": ",".join(str(d["id"]) for d in lineage["datasets"]),
+            "latentforge.plan_run_id": str(parent_id), "latentforge.stage": lineage["stage"],
+            "latentforge.config_hash": cfg.config_hash()}
+    summary.registered = (name, tracker.register_model(name, run_id, "model", tags))
+    console.print(f"[green]registered[/] model {name!r} version {summary.registered[1]}")
+
+
+def export_weights(checkpoint_dir: Path, out: Path, card: dict, lineage: dict) -> Path:
+    """The stage's final EMA weights as safetensors with the model config, dataset card and lineage beside them."""
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(checkpoint_dir / "ema.safetensors", out / "model.safetensors")
     shutil.copy(checkpoint_dir / "model_config.json", out / "model_config.json")
     (out / "dataset_card.json").write_text(json.dumps(card, indent=2, sort_keys=True))
+    (out / "lineage.json").write_text(json.dumps({"checkpoint": str(checkpoint_dir), **lineage}, indent=2))
     return out
 
 

@@ -97,6 +97,19 @@ class Tracker:
             path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
             self.log_artifact(run_id, path)
 
+    def register_model(self, name: str, run_id: str, artifact_path: str, tags: dict[str, str]) -> str:
+        """A new version of registered model `name` pointing at the run's artifact directory; returns it."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name, description="latentforge DiT: safetensors + model config")
+        except MlflowException as e:
+            if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
+                raise
+        version = self.client.create_model_version(name, f"runs:/{run_id}/{artifact_path}", run_id=run_id,
+                                                   tags=tags)
+        return version.version
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
 

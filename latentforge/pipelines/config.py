@@ -3,23 +3,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from latentforge.datasets.buckets import Bucket
 from latentforge.datasets.encoders.config import EncodersConfig
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class StageResources(Strict):
-    """What one stage asks Ray Data for: mapped one-to-one onto `map_batches` keywords."""
-
-    num_cpus: float = Field(0.5, gt=0, description="CPUs per actor (fractional is fine)")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor")
-    batch_size: int = Field(8, ge=1, description="rows per batch handed to the stage")
-    pool: int = Field(1, ge=1, description="actors in the stage's pool")
+from latentforge.pipelines.resources import StageResources, Strict
+from latentforge.pipelines.stages.dedup import DedupConfig
+from latentforge.pipelines.stages.filter_audio import AudioQualityConfig
+from latentforge.pipelines.stages.filter_motion import MotionConfig
+from latentforge.pipelines.stages.filter_sharpness import SharpnessConfig
+from latentforge.pipelines.stages.filter_text_area import TextAreaConfig
+from latentforge.pipelines.stages.split_clips import ClipSplitConfig
 
 
 class FilterConfig(Strict):
@@ -49,6 +43,12 @@ class CurationConfig(Strict):
     max_shard_mb: float = Field(256.0, gt=0, description="a shard is closed once it reaches this size")
     decode_timeout_s: float = Field(30.0, gt=0, description="a decode that takes longer is rejected")
     filters: FilterConfig = FilterConfig()
+    clips: ClipSplitConfig = ClipSplitConfig()
+    dedup: DedupConfig = DedupConfig()
+    sharpness: SharpnessConfig = SharpnessConfig()
+    motion: MotionConfig = MotionConfig()
+    text_area: TextAreaConfig = TextAreaConfig()
+    audio_quality: AudioQualityConfig = AudioQualityConfig()
     encoders: EncodersConfig = EncodersConfig()
     resources: dict[str, StageResources] = Field(
         default_factory=dict, description="per-stage overrides of declared resources, by stage name"

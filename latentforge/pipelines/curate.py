@@ -1,4 +1,5 @@
-"""The curation job: discover -> probe -> filter -> caption -> encode latents / text -> shards + manifest + card."""
+"""The curation job: discover -> probe -> filter -> split clips -> hash + dedup -> score -> caption -> encode ->
+shards + manifest + rejects + card."""
 from __future__ import annotations
 
 import hashlib
@@ -13,15 +14,25 @@ from latentforge.datasets import manifest as mf
 from latentforge.datasets.shards import load_npy
 from latentforge.pipelines.config import CurationConfig
 from latentforge.pipelines.discover import discover, orphan_captions
-from latentforge.pipelines.stage import Stage, apply_stage, stage_resources
+from latentforge.pipelines.stage import Stage, apply_stage, cpu_scale, stage_resources
 from latentforge.pipelines.stages.caption_sidecar import CaptionSidecar
+from latentforge.pipelines.stages.dedup import ContentHash, find_duplicates, mark_duplicates
 from latentforge.pipelines.stages.encode_latents import EncodeLatents
 from latentforge.pipelines.stages.encode_text import EncodeText
+from latentforge.pipelines.stages.filter_audio import FilterAudioQuality
 from latentforge.pipelines.stages.filter_basic import FilterBasic
+from latentforge.pipelines.stages.filter_motion import FilterMotion
+from latentforge.pipelines.stages.filter_sharpness import FilterSharpness
+from latentforge.pipelines.stages.filter_text_area import FilterTextArea
 from latentforge.pipelines.stages.probe_media import ProbeMedia
+from latentforge.pipelines.stages.split_clips import SplitClips
 from latentforge.pipelines.stages.write_shards import write_shard_group
 
-STAGES: tuple[type[Stage], ...] = (ProbeMedia, FilterBasic, CaptionSidecar, EncodeLatents, EncodeText)
+# Before the global dedup pass (the pipeline materialises here), and after it.
+SCAN_STAGES: tuple[type[Stage], ...] = (ProbeMedia, FilterBasic, CaptionSidecar, SplitClips, ContentHash)
+STAGES: tuple[type[Stage], ...] = (FilterSharpness, FilterMotion, FilterTextArea, FilterAudioQuality, EncodeLatents,
+                                   EncodeText)
+HASH_COLUMNS = ["id", "relpath", "status", "modality", "content_sha256", "phash", "score_resolution"]
 FORMAT_VERSION = 1
 
 
@@ -36,8 +47,11 @@ class CurationResult:
     by_modality: dict[str, int]
     card: dict = field(repr=False, default_factory=dict)
 
+    samples: int = 0  # rows out: one per input, or one per clip of a split video
+
     def metrics(self) -> dict[str, float]:
-        base = {"inputs": self.inputs, "kept": self.kept, "rejected": self.rejected, "filtered": self.filtered}
+        base = {"inputs": self.inputs, "samples": self.samples, "kept": self.kept, "rejected": self.rejected,
+                "filtered": self.filtered}
         base.update({f"kept_{m}": n for m, n in self.by_modality.items()})
         base.update({f"reason_{r}": n for r, n in self.reasons.items()})
         return {k: float(v) for k, v in base.items()}
@@ -49,19 +63,62 @@ def config_hash(cfg: CurationConfig) -> str:
 
 def stage_graph(cfg: CurationConfig) -> list[dict]:
     """The stage chain with each stage's resources, as it will be handed to Ray Data."""
-    return [{"stage": s.name, **stage_resources(s, cfg).model_dump()} for s in STAGES]
+    rows = [{"stage": s.name, **stage_resources(s, cfg).model_dump()} for s in SCAN_STAGES]
+    rows.append({"stage": "dedup (global, on the driver)", "num_cpus": 0, "num_gpus": 0, "batch_size": 0, "pool": 0})
+    return rows + [{"stage": s.name, **stage_resources(s, cfg).model_dump()} for s in STAGES]
+
+
+def scan(rows: list[dict], cfg: CurationConfig):
+    """Probe, basic filters, clip splitting and content hashes, materialised for the global dedup pass."""
+    import ray.data
+
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), len(rows) // 8)))
+    factor = fit_to_cluster(SCAN_STAGES, cfg)
+    for stage in SCAN_STAGES:
+        ds = apply_stage(ds, stage, cfg, factor)
+    return ds.materialize()
+
+
+def fit_to_cluster(stages: tuple[type[Stage], ...], cfg: CurationConfig) -> float:
+    import logging
+
+    import ray
+
+    factor = cpu_scale(stages, cfg, ray.cluster_resources().get("CPU", 1.0))
+    if factor < 1.0:
+        logging.getLogger(__name__).warning(
+            "stage actor pools ask for more CPUs than the cluster has; scaling their CPU requests by %.2f "
+            "(set curation.resources to choose yourself)", factor)
+    return factor
+
+
+def dedup(ds, cfg: CurationConfig):
+    """Exact and near duplicates across the whole corpus (needs every hash at once, so it runs here)."""
+    hashes = ds.select_columns(HASH_COLUMNS).take_all()
+    dups = find_duplicates(hashes, cfg.dedup) if cfg.dedup.enabled else {}
+    where = {h["id"]: h["relpath"] for h in hashes}
+    notes = {d: f"{kind} duplicate of {where[rep]} ({rep})" for d, (rep, kind) in dups.items()}
+    return ds.map_batches(mark_and_explain, fn_kwargs={"dups": dups, "notes": notes}, batch_format="numpy",
+                          num_cpus=0.1)
+
+
+def mark_and_explain(batch: dict, dups: dict, notes: dict) -> dict:
+    out = mark_duplicates(batch, dups)
+    for i, row_id in enumerate(out["id"]):
+        if row_id in notes:
+            out["message"][i] = notes[row_id]
+    return out
 
 
 def build_pipeline(rows: list[dict], cfg: CurationConfig, shard_dir: Path):
-    import ray.data
-
-    blocks = max(1, min(len(rows), len(rows) // 8))
-    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    ds = dedup(scan(rows, cfg), cfg)
+    factor = fit_to_cluster(STAGES, cfg)
     for stage in STAGES:
-        ds = apply_stage(ds, stage, cfg)
+        ds = apply_stage(ds, stage, cfg, factor)
     num_shards = rows[-1]["shard"] + 1
-    return ds.groupby("shard", num_partitions=num_shards).map_groups(write_shard_group, fn_kwargs={"shard_dir": str(shard_dir), "max_bytes": int(cfg.max_shard_mb * 2**20)},
-                                          batch_format="numpy")
+    return ds.groupby("shard", num_partitions=num_shards).map_groups(
+        write_shard_group, fn_kwargs={"shard_dir": str(shard_dir), "max_bytes": int(cfg.max_shard_mb * 2**20)},
+        batch_format="numpy", num_cpus=0.25)
 
 
 def run_curation(cfg: CurationConfig, dataset_dir: Path) -> CurationResult:
@@ -77,9 +134,11 @@ def run_curation(cfg: CurationConfig, dataset_dir: Path) -> CurationResult:
 
 
 def write_dataset(meta: list[dict], rows: list[dict], cfg: CurationConfig, dataset_dir: Path) -> CurationResult:
-    missing = {r["id"] for r in rows} - {m["id"] for m in meta}
-    if missing or len(meta) != len(rows):  # every input must come out as a manifest or a rejects row
-        raise RuntimeError(f"curation lost track of {len(missing)} inputs (got {len(meta)} of {len(rows)} rows)")
+    lost = {r["id"] for r in rows} - {m["source_id"] for m in meta}
+    if lost:  # every input must come out as manifest or rejects rows (one per clip when split)
+        raise RuntimeError(f"curation lost track of {len(lost)} inputs, e.g. {sorted(lost)[:3]}")
+    if len({m["id"] for m in meta}) != len(meta):
+        raise RuntimeError("curation produced duplicate sample ids")
     kept = [m for m in meta if m["status"] == "ok"]
     for m in kept:
         m["shard"], m["latent_shape"] = m["shard_name"], [int(s) for s in m["latent_shape"]]
@@ -89,7 +148,7 @@ def write_dataset(meta: list[dict], rows: list[dict], cfg: CurationConfig, datas
     card = build_card(kept, cfg, dataset_dir)
     (dataset_dir / mf.CARD).write_text(json.dumps(card, indent=2, sort_keys=True))
     return CurationResult(
-        dataset_dir=dataset_dir, inputs=len(meta), kept=len(kept),
+        dataset_dir=dataset_dir, inputs=len(rows), samples=len(meta), kept=len(kept),
         rejected=sum(m["status"] == "rejected" for m in others),
         filtered=sum(m["status"] == "filtered" for m in others),
         reasons=dict(Counter(m["reason"] for m in others)), by_modality=dict(Counter(m["modality"] for m in kept)),
@@ -118,14 +177,24 @@ def encoder_descriptions(kept: list[dict]) -> dict:
     return out
 
 
+def dataset_id(cfg: CurationConfig, shards: list[dict]) -> str:
+    """Content-derived: the same config and the same shard bytes give the same id (lineage references it)."""
+    digest = hashlib.sha256(config_hash(cfg).encode())
+    for s in shards:
+        digest.update(f"{s['name']}:{s['sha256']}".encode())
+    return f"{cfg.name}-{digest.hexdigest()[:12]}"
+
+
 def build_card(kept: list[dict], cfg: CurationConfig, dataset_dir: Path) -> dict:
     shards: dict[str, dict] = {}
     for m in kept:
         s = shards.setdefault(m["shard_name"], {"name": m["shard_name"], "sha256": m["shard_sha256"], "count": 0})
         s["count"] += 1
     buckets = Counter(m["bucket"] for m in kept)
+    shard_list = sorted(shards.values(), key=lambda s: s["name"])
     return {
         "format_version": FORMAT_VERSION,
+        "id": dataset_id(cfg, shard_list),
         "name": cfg.name,
         "config_hash": config_hash(cfg),
         "num_samples": len(kept),
@@ -133,7 +202,8 @@ def build_card(kept: list[dict], cfg: CurationConfig, dataset_dir: Path) -> dict
         "encoders": encoder_descriptions(kept),
         "latent_stats": latent_statistics(kept),
         "buckets": dict(sorted(buckets.items())),
-        "shards": sorted(shards.values(), key=lambda s: s["name"]),
+        "shards": shard_list,
+        "bucket_table": [b.model_dump() for b in cfg.bucket_table()],
         "parents": [],
         "orphan_captions": orphan_captions(cfg.input_dir),
         "config": json.loads(cfg.model_dump_json()),

@@ -1,11 +1,14 @@
 """The Stage shape: a plain callable over columnar batches that declares its Ray Data resources."""
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
 
-from latentforge.pipelines.config import CurationConfig, StageResources
+from latentforge.pipelines.resources import StageResources
+
+if TYPE_CHECKING:
+    from latentforge.pipelines.config import CurationConfig
 
 Batch = dict[str, np.ndarray]
 
@@ -77,8 +80,19 @@ def stage_resources(stage_cls: type[Stage], cfg: CurationConfig) -> StageResourc
     return cfg.resources.get(stage_cls.name, stage_cls.resources)
 
 
-def apply_stage(ds, stage_cls: type[Stage], cfg: CurationConfig):
-    """Map a Stage onto a Ray Dataset: declared resources become `map_batches` keywords one-to-one."""
+def cpu_scale(stages: tuple[type[Stage], ...], cfg: CurationConfig, available: float, reserve: float = 0.5) -> float:
+    """1.0 when the stages' actor pools fit in `available` CPUs, else the factor that makes them fit.
+
+    Every actor pool of a streaming pipeline lives at once; pools that ask for more CPUs than the cluster has
+    leave a stage's actors pending forever (a deadlock, not a slowdown). `reserve` keeps room for tasks.
+    """
+    demand = sum(stage_resources(s, cfg).num_cpus * stage_resources(s, cfg).pool for s in stages)
+    return min(1.0, max(available - reserve, 0.1) / demand) if demand else 1.0
+
+
+def apply_stage(ds, stage_cls: type[Stage], cfg: CurationConfig, cpu_factor: float = 1.0):
+    """Map a Stage onto a Ray Dataset: declared resources become `map_batches` keywords one-to-one
+    (CPUs times `cpu_factor`, which is below 1 only when the whole pipeline would not fit the cluster)."""
     from ray.data import ActorPoolStrategy
 
     res = stage_resources(stage_cls, cfg)
@@ -86,7 +100,7 @@ def apply_stage(ds, stage_cls: type[Stage], cfg: CurationConfig):
         stage_cls,
         fn_constructor_args=(cfg,),
         compute=ActorPoolStrategy(size=res.pool),
-        num_cpus=res.num_cpus,
+        num_cpus=res.num_cpus * cpu_factor,
         num_gpus=res.num_gpus or None,
         batch_size=res.batch_size,
         batch_format="numpy",

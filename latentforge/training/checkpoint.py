@@ -39,6 +39,11 @@ def load_weights(directory: Path, model: torch.nn.Module, ema: torch.nn.Module |
         ema.load_state_dict(ema_state)
 
 
+def load_optimizer(directory: Path, optimizer) -> None:
+    """Optimiser moments from another stage's checkpoint (inherit: full); its schedule is not carried over."""
+    optimizer.load_state_dict(torch.load(directory / OPTIMIZER, weights_only=True)["optimizer"])
+
+
 def load_checkpoint(directory: Path, model, ema, optimizer, scheduler) -> dict:
     """Restore everything a resumed stage needs; returns the saved state (step, ...)."""
     load_weights(directory, model, None, use_ema=False)

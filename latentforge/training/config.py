@@ -51,15 +51,25 @@ class TrainStageConfig(Strict):
     video_frames_as_images: bool = Field(False, description="train on single random frames of the clips")
     where: str | None = Field(None, description="manifest selection, e.g. \"score_caption_words >= 6\"")
     steps: int = Field(100, ge=1)
-    batch_size: int = Field(16, ge=1, description="per worker")
+    batch_size: int = Field(16, ge=1, description="per worker (each bucket's, unless tokens_per_batch is set)")
+    tokens_per_batch: int | None = Field(None, ge=1, description=(
+        "per worker: each bucket's batch size is tokens_per_batch // tokens per sample, so small latents batch "
+        "wider and tokens per step stay near constant"))
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (GPU, or CPU for tests)")
+    compile: bool = Field(False, description="torch.compile the model")
+    fail_at_step: int | None = Field(None, ge=1, description=(
+        "chaos testing: the first attempt of this stage raises at this step (resume must make it invisible)"))
     optim: OptimConfig = OptimConfig()
     ema_decay: float = Field(0.995, ge=0, lt=1)
     cond_dropout: float = Field(0.1, ge=0, le=1, description="caption dropout, for classifier-free guidance")
-    inherit: Literal["none", "weights", "weights+ema"] = Field(
-        "weights+ema", description="what this stage takes from the previous stage's final checkpoint")
+    inherit: Literal["none", "weights", "weights+ema", "full"] = Field(
+        "weights+ema", description=(
+            "what this stage takes from the previous stage's final checkpoint; full = weights, EMA and optimiser"))
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
     num_samples: int = Field(4, ge=0, description="captions sampled at the end of the stage")
+    sample_every: int | None = Field(None, ge=1, description="also sample every N steps (None: only at the end)")
     sample_steps: int = Field(20, ge=1)
     cfg_scale: float = Field(2.0, ge=0)
 

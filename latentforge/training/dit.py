@@ -2,20 +2,23 @@
 
 Follows facebookresearch/DiT: adaLN-zero blocks, zero-initialised final layer, presets as a
 name -> factory dict. Additions: cross-attention to text tokens, a learned modality embedding,
-3D sin-cos positions computed per token grid, and one patch-embed/final-layer pair per latent
-family (visual: patch (1, p, p); audio: one token per time step).
+3D rotary (default) or sin-cos positions per token grid, QK-norm, one patch-embed/final-layer pair per
+latent family (visual: patch (1, p, p); audio: one token per time step), deferred token masking behind a
+patch mixer (Sehwag et al. 2024) and a REPA projector (Yu et al. 2024).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from functools import lru_cache
-from typing import Any, Callable
+from typing import Any, Literal, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from latentforge.training.attention import Attention, Rope, rope_split, rope_tables, sincos_3d
 
 IMAGE, VIDEO, AUDIO = 0, 1, 2
 NUM_MODALITIES = 3
@@ -26,7 +29,7 @@ class DiTConfig:
     """Architecture of a DiT; every field is plain data so it round-trips through checkpoints."""
 
     hidden: int = 256  # token width
-    depth: int = 6  # number of DiT blocks
+    depth: int = 6  # number of DiT blocks in the backbone
     heads: int = 4  # attention heads (hidden must divide evenly)
     mlp_ratio: float = 4.0  # MLP width as a multiple of hidden
     visual_channels: int = 12  # latent channels of image/video latents
@@ -34,14 +37,36 @@ class DiTConfig:
     audio_channels: int = 64  # latent channels of audio latents, one token per time step
     text_dim: int = 384  # width of the text encoder's token embeddings
     max_text_len: int = 32  # longest text sequence forward accepts
+    pos_embed: Literal["rope", "sincos"] = "rope"  # rotary q/k in self-attention, or absolute sin-cos on tokens
+    qk_norm: bool = True  # RMSNorm on q and k per head before attention
+    grad_checkpointing: bool = False  # recompute each block in backward while training (saves activations)
+    mixer_depth: int = 0  # patch mixer: DiT blocks run on all tokens before token masking
+    repa_depth: int = 0  # REPA: project the hidden states after this backbone block (0 with repa_dim 0: off)
+    repa_dim: int = 0  # REPA: width of the encoder features the projector maps to
 
     def __post_init__(self) -> None:
-        for name in ("hidden", "depth", "heads", "visual_patch", "max_text_len"):
+        for name, low in [(n, 1) for n in ("hidden", "depth", "heads", "visual_patch", "max_text_len")] + [
+            (n, 0) for n in ("mixer_depth", "repa_depth", "repa_dim")
+        ]:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name in ("qk_norm", "grad_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.hidden % self.heads:
             raise ValueError(f"hidden={self.hidden} is not divisible by heads={self.heads}")
+        if self.pos_embed not in ("rope", "sincos"):
+            raise ValueError(f"pos_embed must be 'rope' or 'sincos', got {self.pos_embed!r}")
+        if self.pos_embed == "rope":
+            try:
+                rope_split(self.hidden // self.heads)
+            except ValueError as e:
+                raise ValueError(f"hidden={self.hidden}, heads={self.heads}: {e}") from None
+        if (self.repa_depth > 0) != (self.repa_dim > 0):
+            raise ValueError(f"set repa_depth and repa_dim together, got {self.repa_depth} and {self.repa_dim}")
+        if self.repa_depth > self.depth:
+            raise ValueError(f"repa_depth={self.repa_depth} exceeds depth={self.depth}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,27 +84,8 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 #################################################################################
-#                      Positional and timestep embeddings                       #
+#                              Timestep embedding                               #
 #################################################################################
-
-
-def sincos_1d(dim: int, pos: Tensor) -> Tensor:
-    """(N,) positions -> (N, dim) sin-cos embedding; dim must be even."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
-    out = pos.double()[:, None] * omega[None]
-    return torch.cat([out.sin(), out.cos()], dim=1)
-
-
-@lru_cache(maxsize=64)
-def sincos_3d(dim: int, grid: tuple[int, int, int], device: torch.device) -> Tensor:
-    """(T*H*W, dim) fixed embedding of a (T, H, W) token grid, flattened T-major like the tokens."""
-    # A quarter of the channels for time, the rest split between height and width;
-    # whatever rounding leaves over stays zero.
-    d_t = 2 * (dim // 8)
-    d_s = 2 * ((dim - d_t) // 4)
-    t, h, w = torch.meshgrid(*(torch.arange(n) for n in grid), indexing="ij")
-    emb = torch.cat([sincos_1d(d_t, t.flatten()), sincos_1d(d_s, h.flatten()), sincos_1d(d_s, w.flatten())], 1)
-    return F.pad(emb, (0, dim - emb.shape[1])).float().to(device)
 
 
 class TimestepEmbedder(nn.Module):
@@ -108,26 +114,6 @@ class TimestepEmbedder(nn.Module):
 #################################################################################
 
 
-class Attention(nn.Module):
-    """Multi-head attention: self-attention when ctx is None, else cross-attention to ctx."""
-
-    def __init__(self, hidden: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.q = nn.Linear(hidden, hidden)
-        self.kv = nn.Linear(hidden, 2 * hidden)
-        self.proj = nn.Linear(hidden, hidden)
-
-    def forward(self, x: Tensor, ctx: Tensor | None = None, ctx_mask: Tensor | None = None) -> Tensor:
-        ctx = x if ctx is None else ctx
-        B, N, D = x.shape
-        q = self.q(x).view(B, N, self.heads, -1).transpose(1, 2)
-        k, v = self.kv(ctx).view(B, ctx.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
-        mask = None if ctx_mask is None else ctx_mask[:, None, None, :]  # broadcasts to (B, heads, N, L)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(out.transpose(1, 2).reshape(B, N, D))
-
-
 class Mlp(nn.Module):
     def __init__(self, hidden: int, mlp_ratio: float) -> None:
         super().__init__()
@@ -141,20 +127,20 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """Self-attention, cross-attention to text, MLP; each gated by adaLN-zero on c."""
 
-    def __init__(self, hidden: int, heads: int, mlp_ratio: float) -> None:
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float, *, qk_norm: bool = False) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden, heads)
+        self.attn = Attention(hidden, heads, qk_norm=qk_norm)
         self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.cross_attn = Attention(hidden, heads)
+        self.cross_attn = Attention(hidden, heads, qk_norm=qk_norm)
         self.norm3 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 9 * hidden))
 
-    def forward(self, x: Tensor, c: Tensor, ctx: Tensor, ctx_mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, ctx: Tensor, ctx_mask: Tensor, rope: Rope | None = None) -> Tensor:
         (shift_sa, scale_sa, gate_sa, shift_ca, scale_ca, gate_ca,
          shift_mlp, scale_mlp, gate_mlp) = self.adaLN_modulation(c).chunk(9, dim=1)  # fmt: skip
-        x = x + gate_sa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_sa, scale_sa))
+        x = x + gate_sa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_sa, scale_sa), rope=rope)
         x = x + gate_ca.unsqueeze(1) * self.cross_attn(modulate(self.norm2(x), shift_ca, scale_ca), ctx, ctx_mask)
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp))
 
@@ -198,8 +184,45 @@ class LatentIO(nn.Module):
         return x.reshape(x.shape[0], C, T, h * p, w * p)
 
 
+def random_keep(
+    batch: int, num_tokens: int, mask_ratio: float, generator: torch.Generator | None, device: torch.device
+) -> Tensor:
+    """(B, n) sorted indices of a random token subset per sample; n = round(N * (1 - mask_ratio)), at least 1."""
+    if not 0 <= mask_ratio < 1:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    keep = max(1, round(num_tokens * (1 - mask_ratio)))
+    # Drawn on the generator's device so a CPU generator drives CUDA training (as in flow._draw).
+    source = generator.device if generator is not None else device
+    scores = torch.rand(batch, num_tokens, generator=generator, device=source)
+    return scores.to(device).argsort(dim=1)[:, :keep].sort(dim=1).values
+
+
+def scatter_tokens(x: Tensor, index: Tensor, num_tokens: int) -> Tensor:
+    """x (B, n, D) placed at rows `index` (B, n) of zeros (B, num_tokens, D): the inverse of gather_tokens."""
+    full = x.new_zeros(x.shape[0], num_tokens, x.shape[2])
+    return full.scatter(1, index[..., None].expand(-1, -1, x.shape[2]), x)
+
+
+def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """Rows `index` (B, n) of x (B, N, D) or of a shared table x (N, D) -> (B, n, D)."""
+    if x.dim() == 2:
+        return x[index]
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+class DiTOutput(NamedTuple):
+    velocity: Tensor  # like x; zero at patches dropped by token masking
+    keep_mask: Tensor | None  # bool like x, True where the patch went through the backbone; None: all did
+    keep_tokens: Tensor | None  # the same per token, bool (B, N); None: all tokens were kept
+    features: Tensor | None  # (B, N, repa_dim) REPA projections when asked for; zero at dropped tokens
+
+
 class DiT(nn.Module):
-    """Text-conditioned diffusion transformer predicting the flow velocity for any modality."""
+    """Text-conditioned diffusion transformer predicting the flow velocity for any modality.
+
+    Tokens pass `mixer` blocks (all tokens), are optionally subsampled (token masking while training),
+    then pass the backbone `blocks`. With no mixer and no masking this is the plain DiT.
+    """
 
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
@@ -212,8 +235,13 @@ class DiT(nn.Module):
             nn.Linear(cfg.text_dim, cfg.hidden), nn.GELU(approximate="tanh"), nn.Linear(cfg.hidden, cfg.hidden)
         )
         self.null_text_embed = nn.Parameter(torch.zeros(1, 1, cfg.text_dim))
-        self.blocks = nn.ModuleList(DiTBlock(cfg.hidden, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.mixer = nn.ModuleList(self._block() for _ in range(cfg.mixer_depth))
+        self.blocks = nn.ModuleList(self._block() for _ in range(cfg.depth))
+        self.repa_projector = repa_projector(cfg.hidden, cfg.repa_dim) if cfg.repa_depth else None
         self.initialize_weights()
+
+    def _block(self) -> DiTBlock:
+        return DiTBlock(self.cfg.hidden, self.cfg.heads, self.cfg.mlp_ratio, qk_norm=self.cfg.qk_norm)
 
     def initialize_weights(self) -> None:
         def _basic_init(module: nn.Module) -> None:
@@ -227,7 +255,7 @@ class DiT(nn.Module):
         nn.init.normal_(self.modality_embed.weight, std=0.02)
         nn.init.normal_(self.null_text_embed, std=0.02)
         # adaLN-zero: every block starts as the identity and the model predicts zero.
-        zero_init = [block.adaLN_modulation[-1] for block in self.blocks]
+        zero_init = [block.adaLN_modulation[-1] for block in (*self.mixer, *self.blocks)]
         for io in (self.visual, self.audio):
             zero_init += [io.final.adaLN_modulation[-1], io.final.linear]
         for layer in zero_init:
@@ -260,18 +288,114 @@ class DiT(nn.Module):
         pooled = torch.where(mask[..., None], tokens, 0).sum(1) / mask.sum(1, keepdim=True)
         return tokens, mask, pooled
 
-    def forward(self, x: Tensor, t: Tensor, text: Tensor, text_mask: Tensor, modality: Tensor) -> Tensor:
-        """x (B, C, T, H, W), t (B,) in [0, 1], text (B, L, D_text), text_mask (B, L), modality (B,) -> v like x."""
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        text: Tensor,
+        text_mask: Tensor,
+        modality: Tensor,
+        *,
+        mask_ratio: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """x (B, C, T, H, W), t (B,) in [0, 1], text (B, L, D_text), text_mask (B, L), modality (B,) -> v like x.
+
+        With mask_ratio > 0 returns forward_masked's (v, keep_mask) instead; going through forward keeps
+        DDP/FSDP wrappers in the loop.
+        """
+        if mask_ratio > 0:
+            return self.forward_masked(x, t, text, text_mask, modality, mask_ratio=mask_ratio, generator=generator)
+        return self.forward_output(x, t, text, text_mask, modality).velocity
+
+    def forward_masked(
+        self,
+        x: Tensor,
+        t: Tensor,
+        text: Tensor,
+        text_mask: Tensor,
+        modality: Tensor,
+        *,
+        mask_ratio: float,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """(v, keep_mask): the backbone sees a random (1 - mask_ratio) share of the tokens (in training only).
+
+        v is zero at dropped patches; keep_mask is bool like x, so the loss is `mse(v[keep], target[keep])`.
+        In eval mode every token is kept.
+        """
+        out = self.forward_output(x, t, text, text_mask, modality, mask_ratio=mask_ratio, generator=generator)
+        keep_mask = torch.ones_like(x, dtype=torch.bool) if out.keep_mask is None else out.keep_mask
+        return out.velocity, keep_mask
+
+    def forward_with_features(
+        self, x: Tensor, t: Tensor, text: Tensor, text_mask: Tensor, modality: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """(v, features): REPA projections (B, N, repa_dim) of the hidden states after block repa_depth."""
+        if self.repa_projector is None:
+            raise ValueError("forward_with_features needs repa_depth > 0 and repa_dim > 0 in DiTConfig")
+        out = self.forward_output(x, t, text, text_mask, modality, features=True)
+        return out.velocity, out.features
+
+    def forward_output(
+        self,
+        x: Tensor,
+        t: Tensor,
+        text: Tensor,
+        text_mask: Tensor,
+        modality: Tensor,
+        *,
+        mask_ratio: float = 0.0,
+        generator: torch.Generator | None = None,
+        features: bool = False,
+    ) -> DiTOutput:
+        """The whole forward pass as a DiTOutput; forward, forward_masked and forward_with_features pick from it."""
         io = self.family(modality)
         grid = io.grid(x)
         ctx, ctx_mask, pooled = self.encode_text(text, text_mask)
         m = self.modality_embed(modality)
         c = self.t_embedder(t) + m + pooled
-        h = io.embed(io.patchify(x))
-        h = h + sincos_3d(self.cfg.hidden, grid, h.device).to(h.dtype) + m.unsqueeze(1)
-        for block in self.blocks:
-            h = block(h, c, ctx, ctx_mask)
-        return io.unpatchify(io.final(h, c), grid)
+        h = io.embed(io.patchify(x)) + m.unsqueeze(1)
+        rope = None
+        if self.cfg.pos_embed == "sincos":
+            h = h + sincos_3d(self.cfg.hidden, grid, h.device).to(h.dtype)
+        else:
+            rope = rope_tables(self.cfg.hidden // self.cfg.heads, grid, h.device)
+        for block in self.mixer:
+            h = self.run_block(block, h, c, ctx, ctx_mask, rope)
+        keep = None
+        if mask_ratio > 0 and self.training:  # deferred masking: the mixer has seen every token
+            keep = random_keep(h.shape[0], h.shape[1], mask_ratio, generator, h.device)
+            h = gather_tokens(h, keep)
+            rope = None if rope is None else (gather_tokens(rope[0], keep), gather_tokens(rope[1], keep))
+        feats = None
+        for i, block in enumerate(self.blocks):
+            h = self.run_block(block, h, c, ctx, ctx_mask, rope)
+            if features and i + 1 == self.cfg.repa_depth:
+                feats = self.repa_projector(h)
+        out = io.final(h, c)
+        if keep is None:
+            return DiTOutput(io.unpatchify(out, grid), None, None, feats)
+        num_tokens = math.prod(grid)
+        kept = scatter_tokens(torch.ones_like(out[..., :1], dtype=torch.bool), keep, num_tokens)
+        feats = None if feats is None else scatter_tokens(feats, keep, num_tokens)
+        velocity = io.unpatchify(scatter_tokens(out, keep, num_tokens), grid)
+        return DiTOutput(velocity, io.unpatchify(kept.expand(-1, -1, out.shape[-1]), grid), kept[..., 0], feats)
+
+    def run_block(
+        self, block: DiTBlock, h: Tensor, c: Tensor, ctx: Tensor, ctx_mask: Tensor, rope: Rope | None
+    ) -> Tensor:
+        if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, h, c, ctx, ctx_mask, rope, use_reentrant=False)
+        return block(h, c, ctx, ctx_mask, rope)
+
+
+def repa_projector(hidden: int, out_dim: int) -> nn.Sequential:
+    """REPA's MLP (Yu et al. 2024) from DiT hidden states to the width of the target encoder's features."""
+    width = 2 * hidden
+    return nn.Sequential(
+        nn.Linear(hidden, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, out_dim)
+    )
 
 
 def count_params(model: nn.Module) -> int:

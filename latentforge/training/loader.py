@@ -73,6 +73,20 @@ def select_samples(datasets: Dataset | list[Dataset], stage: TrainStageConfig) -
     return [p for _, p in sorted(shards)], sorted(keys)
 
 
+def stage_lineage(datasets: Dataset | list[Dataset], stage: TrainStageConfig) -> dict:
+    """Exactly which datasets and shards (with checksums) feed a stage: recorded beside its checkpoints."""
+    datasets = as_list(datasets)
+    out = {"stage": stage.name, "where": stage.where, "modalities": list(stage.modalities), "datasets": []}
+    for dataset in datasets:
+        card = dataset.card
+        table = dataset.select(stage.where, list(stage.modalities))
+        used = set(table["shard"].to_pylist())
+        out["datasets"].append({
+            "id": card.get("id"), "path": str(dataset.root), "samples": table.num_rows,
+            "shards": [s for s in card["shards"] if s["name"] in used]})
+    return out
+
+
 def load_rank_samples(datasets: Dataset | list[Dataset], stage: TrainStageConfig, rank: int,
                       world: int) -> list[LatentSample]:
     """This rank's share of the selection (every world-th key), read from the shards that hold it."""
@@ -89,54 +103,115 @@ def load_rank_samples(datasets: Dataset | list[Dataset], stage: TrainStageConfig
     return out
 
 
+def token_count(shape: tuple[int, ...], patch: int) -> int:
+    """DiT tokens of one latent (C, T, H, W): visual latents are patchified (1, p, p), audio has H = W = 1."""
+    _, t, h, w = shape
+    return t if h == w == 1 else t * (h // patch) * (w // patch)
+
+
 class BucketedBatches:
-    """Endless batches, one latent shape per batch, in an order fixed by (seed, epoch)."""
+    """Endless batches, one latent shape per batch, in an order fixed by (seed, epoch).
+
+    An epoch is first planned as lists of (sample index, frame) and only collated when consumed, so a resumed
+    run can jump to its saved position (`iterate(start=...)`) without building the batches it skips.
+    With `stage.tokens_per_batch`, each bucket's batch size keeps tokens per batch near that number.
+    """
 
     def __init__(self, samples: list[LatentSample], stage: TrainStageConfig, normalizer: LatentNormalizer,
-                 seed: int):
+                 seed: int, patch: int = 2):
         if not samples:
             raise ValueError(f"stage {stage.name!r}: no samples on this worker")
         self.samples = samples
         self.stage = stage
         self.normalizer = normalizer
         self.seed = seed
+        self.patch = patch
 
-    def epoch(self, epoch: int) -> list[Batch]:
+    def batch_size(self, shape: tuple[int, ...]) -> int:
+        if self.stage.tokens_per_batch is None:
+            return self.stage.batch_size
+        return max(1, self.stage.tokens_per_batch // token_count(shape, self.patch))
+
+    def plan(self, epoch: int) -> list[list[tuple[int, int | None]]]:
         rng = random.Random(self.seed * 100_003 + epoch)
-        items = [self._item(s, rng) for s in self.samples]
         buckets: dict[tuple, list] = {}
-        for item in items:
-            buckets.setdefault(item[0].shape, []).append(item)
-        batches = []
+        for i, sample in enumerate(self.samples):
+            frame = None
+            shape = sample.latent.shape
+            if sample.meta["modality"] == "video" and self.stage.video_frames_as_images:
+                frame = rng.randrange(shape[1])
+                shape = (shape[0], 1, *shape[2:])
+            buckets.setdefault(shape, []).append((i, frame))
+        plan = []
         for shape in sorted(buckets):
             group = buckets[shape]
             rng.shuffle(group)
-            step = self.stage.batch_size
-            batches += [self._collate(group[i:i + step]) for i in range(0, len(group), step)]
-        rng.shuffle(batches)
-        return batches
+            size = self.batch_size(shape)
+            plan += [group[i:i + size] for i in range(0, len(group), size)]
+        rng.shuffle(plan)
+        return plan
+
+    def epoch(self, epoch: int) -> list[Batch]:
+        return [self.collate(entry) for entry in self.plan(epoch)]
+
+    def iterate(self, start: int = 0) -> Iterator[Batch]:
+        """Batches from overall position `start` on (every epoch has the same number of batches)."""
+        per_epoch = len(self.plan(0))
+        epoch, offset = divmod(start, per_epoch)
+        while True:
+            for entry in self.plan(epoch)[offset:]:
+                yield self.collate(entry)
+            epoch, offset = epoch + 1, 0
 
     def __iter__(self) -> Iterator[Batch]:
-        epoch = 0
-        while True:
-            yield from self.epoch(epoch)
-            epoch += 1
+        return self.iterate(0)
 
-    def _item(self, sample: LatentSample, rng: random.Random) -> tuple:
-        modality = sample.meta["modality"]
-        latent = self.normalizer.normalize(sample.latent, modality)
-        if modality == "video" and self.stage.video_frames_as_images:
-            t = rng.randrange(latent.shape[1])
-            latent, modality = latent[:, t:t + 1], "image"
-        return latent, sample.text, sample.text_mask, MODALITY_IDS[modality], sample.caption
+    def collate(self, entry: list[tuple[int, int | None]]) -> Batch:
+        latents, texts, masks, modalities, captions = [], [], [], [], []
+        for i, frame in entry:
+            sample = self.samples[i]
+            modality = sample.meta["modality"]
+            latent = self.normalizer.normalize(sample.latent, modality)
+            if frame is not None:
+                latent, modality = latent[:, frame:frame + 1], "image"
+            latents.append(latent)
+            texts.append(sample.text)
+            masks.append(sample.text_mask)
+            modalities.append(MODALITY_IDS[modality])
+            captions.append(sample.caption)
+        return Batch(latent=torch.from_numpy(np.stack(latents)).float(),
+                     text=torch.from_numpy(np.stack(texts)).float(),
+                     text_mask=torch.from_numpy(np.stack(masks)).bool(),
+                     modality=torch.tensor(modalities, dtype=torch.long), captions=captions)
 
-    @staticmethod
-    def _collate(items: list[tuple]) -> Batch:
-        latent, text, mask, modality, captions = zip(*items)
-        return Batch(
-            latent=torch.from_numpy(np.stack(latent)).float(),
-            text=torch.from_numpy(np.stack(text)).float(),
-            text_mask=torch.from_numpy(np.stack(mask)).bool(),
-            modality=torch.tensor(modality, dtype=torch.long),
-            captions=list(captions),
-        )
+
+class Prefetcher:
+    """Collates the next batches in a background thread while the current step runs.
+
+    numpy stacking and torch.from_numpy release the GIL for the copies that matter, so on a worker with a
+    spare core the loader's cost leaves the step's critical path. Order is preserved.
+    """
+
+    def __init__(self, iterator: Iterator[Batch], depth: int = 2):
+        import queue
+        import threading
+
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._fill, args=(iterator,), daemon=True)
+        self._thread.start()
+
+    def _fill(self, iterator: Iterator[Batch]) -> None:
+        try:
+            for item in iterator:
+                self._queue.put(item)
+        except BaseException as e:  # surfaced in the consumer, not lost in the thread
+            self._queue.put(e)
+
+    def __iter__(self) -> Prefetcher:
+        return self
+
+    def __next__(self) -> Batch:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item

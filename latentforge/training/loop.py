@@ -1,6 +1,11 @@
-"""`train_loop_per_worker` of one stage: accelerate inside Ray Train, rectified flow, EMA, checkpoints."""
+"""`train_loop_per_worker` of one stage: accelerate inside Ray Train, rectified flow, EMA, checkpoints.
+
+Resuming is exact: the data order is a function of (seed, epoch), every step draws its noise from a generator
+seeded by (seed, rank, step), and a checkpoint holds model, EMA, optimiser, scheduler and the data position.
+"""
 from __future__ import annotations
 
+import contextlib
 import copy
 import tempfile
 import time
@@ -15,7 +20,13 @@ from latentforge.training import checkpoint as ckpt
 from latentforge.training.config import TrainStageConfig
 from latentforge.training.dit import DiT, DiTConfig
 from latentforge.training.flow import flow_loss
-from latentforge.training.loader import BucketedBatches, LatentNormalizer, load_rank_samples, open_datasets
+from latentforge.training.loader import (
+    BucketedBatches,
+    LatentNormalizer,
+    Prefetcher,
+    load_rank_samples,
+    open_datasets,
+)
 from latentforge.training.sampling import pick_prompts, write_samples
 from latentforge.training.sink import MetricSink, NullSink
 
@@ -30,6 +41,7 @@ class StageJob:
     seed: int = 0
     init_from: str | None = None
     sink: MetricSink = field(default_factory=NullSink)
+    scratch: str | None = None  # a directory shared by the stage's attempts (fault-injection marker)
 
 
 def build_optimizer(model: torch.nn.Module, stage: TrainStageConfig):
@@ -49,72 +61,127 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
         e.lerp_(p.detach(), 1.0 - decay)
 
 
-def train_stage(config: dict) -> None:
-    """Ray Train entry point: `TorchTrainer(train_stage, train_loop_config={"job": StageJob(...)})`."""
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """The step's own random stream: no RNG state to save, the same draws after a resume."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + rank * 7_919 + step)
+
+
+def build_accelerator(stage: TrainStageConfig):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
+    # Modalities a batch does not use leave their parameters without gradients.
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if stage.precision == "bf16" else "no",
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+
+def train_step(acc, model, stream, stage: TrainStageConfig, generator) -> tuple[float, int]:
+    """One optimiser step over `grad_accum` micro-batches (gradients synchronised on the last one)."""
+    total, seen = 0.0, 0
+    for micro in range(stage.grad_accum):
+        batch = next(stream).to(acc.device)
+        sync = micro == stage.grad_accum - 1
+        with contextlib.nullcontext() if sync else acc.no_sync(model), acc.autocast():
+            loss = flow_loss(model, batch.latent, batch.text, batch.text_mask, batch.modality, generator=generator,
+                             cond_dropout=stage.cond_dropout)
+        acc.backward(loss / stage.grad_accum)
+        total += loss.item() / stage.grad_accum
+        seen += batch.latent.shape[0]
+    return total, seen
+
+
+class Meter:
+    """Loss / throughput over a logging window."""
+
+    def __init__(self):
+        self.losses, self.seen, self.t0 = [], 0, time.perf_counter()
+
+    def update(self, loss: float, seen: int) -> None:
+        self.losses.append(loss)
+        self.seen += seen
+
+    def flush(self, world: int) -> dict[str, float]:
+        out = {"loss": sum(self.losses) / len(self.losses),
+               "samples_per_s": self.seen * world / (time.perf_counter() - self.t0)}
+        self.__init__()
+        return out
+
+
+def train_stage(config: dict) -> None:
+    """Ray Train entry point: `TorchTrainer(train_stage, train_loop_config={"job": StageJob(...)})`."""
     job: StageJob = config["job"]
     stage = job.stage
-    # Modalities a batch does not use leave their parameters without gradients.
-    acc = Accelerator(cpu=not torch.cuda.is_available(),
-                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    acc = build_accelerator(stage)
     rank, world = acc.process_index, acc.num_processes
-    torch.manual_seed(job.seed + rank)
+    torch.manual_seed(job.seed)  # the same initial weights on every rank
+    model_cfg = DiTConfig.from_dict(job.model)
     datasets = open_datasets([Dataset(Path(d)) for d in job.datasets])
     normalizer = LatentNormalizer([d.card for d in datasets])
-    batches = BucketedBatches(load_rank_samples(datasets, stage, rank, world), stage, normalizer, job.seed + rank)
-
-    raw = DiT(DiTConfig.from_dict(job.model))
+    batches = BucketedBatches(load_rank_samples(datasets, stage, rank, world), stage, normalizer, job.seed + rank,
+                              patch=model_cfg.visual_patch)
+    raw = DiT(model_cfg)
     ema = copy.deepcopy(raw).requires_grad_(False)
     optimizer, scheduler = build_optimizer(raw, stage)
     start = restore(raw, ema, optimizer, scheduler, job)
     model, optimizer = acc.prepare(raw, optimizer)
+    if stage.compile:
+        model = torch.compile(model)
     sink = job.sink if acc.is_main_process else NullSink()
-    generator = torch.Generator().manual_seed(job.seed * 7919 + rank)
-
-    stream = iter(batches)
-    for _ in range(start):  # the same batches an uninterrupted run would have consumed
-        next(stream)
-    window, t0, seen = [], time.perf_counter(), 0
+    stream = Prefetcher(batches.iterate(start * stage.grad_accum))  # what an uninterrupted run would see next
+    meter = Meter()
     for step in range(start, stage.steps):
-        batch = next(stream)
-        batch = batch.to(acc.device)
-        loss = flow_loss(model, batch.latent, batch.text, batch.text_mask, batch.modality, generator=generator,
-                         cond_dropout=stage.cond_dropout)
-        acc.backward(loss)
+        maybe_fail(job, step + 1, acc.is_main_process)
+        loss, seen = train_step(acc, model, stream, stage, step_generator(job.seed, rank, step))
         grad_norm = acc.clip_grad_norm_(model.parameters(), stage.optim.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         update_ema(ema, raw, stage.ema_decay, step)
-        window.append(loss.item())
-        seen += batch.latent.shape[0]
-        if (step + 1) % stage.log_every == 0 or step + 1 == stage.steps:
-            elapsed = time.perf_counter() - t0
-            metrics = {"loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": float(grad_norm), "samples_per_s": seen * world / elapsed}
-            sink.log_metrics(metrics, step + 1)
-            if acc.is_main_process:
-                print(f"[{stage.name}] step {step + 1}/{stage.steps} loss {metrics['loss']:.4f} "
-                      f"({metrics['samples_per_s']:.0f} samples/s)", flush=True)
-            window, t0, seen = [], time.perf_counter(), 0
-        if (step + 1) % stage.checkpoint_every == 0 or step + 1 == stage.steps:
-            report(acc, raw, ema, optimizer, scheduler, job, step + 1, loss.item())
-    if acc.is_main_process and stage.num_samples:
-        log_samples(ema, batches, normalizer, datasets[0].card, job, sink)
+        meter.update(loss, seen)
+        done = step + 1
+        if done % stage.log_every == 0 or done == stage.steps:
+            log_progress(sink, meter.flush(world), scheduler, grad_norm, stage, done, acc.is_main_process)
+        if done % stage.checkpoint_every == 0 or done == stage.steps:
+            report(acc, raw, ema, optimizer, scheduler, job, done, loss)
+        if acc.is_main_process and stage.num_samples and (
+                done == stage.steps or (stage.sample_every and done % stage.sample_every == 0)):
+            log_samples(ema, batches, normalizer, datasets[0].card, job, sink,
+                        "samples" if done == stage.steps else f"samples/step_{done:06d}")
+
+
+def log_progress(sink, metrics: dict, scheduler, grad_norm, stage: TrainStageConfig, step: int, main: bool) -> None:
+    metrics.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm))
+    sink.log_metrics(metrics, step)
+    if main:
+        print(f"[{stage.name}] step {step}/{stage.steps} loss {metrics['loss']:.4f} "
+              f"({metrics['samples_per_s']:.0f} samples/s)", flush=True)
+
+
+def maybe_fail(job: StageJob, step: int, main: bool) -> None:
+    """Chaos hook (`stage.fail_at_step`): the first attempt dies here; the marker makes retries pass."""
+    if job.stage.fail_at_step != step or not main or not job.scratch:
+        return
+    marker = Path(job.scratch) / f"fault-injected-{job.stage.name}-{step}"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    raise RuntimeError(f"injected failure at step {step} of stage {job.stage.name} (fail_at_step)")
 
 
 def restore(raw, ema, optimizer, scheduler, job: StageJob) -> int:
-    """Resume this stage from its own last checkpoint, else start from the previous stage's weights."""
+    """Resume this stage from its own last checkpoint, else start from the previous stage's final state."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             return int(ckpt.load_checkpoint(Path(d), raw, ema, optimizer, scheduler)["step"])
-    if job.init_from and job.stage.inherit != "none":
-        ckpt.load_weights(Path(job.init_from), raw, ema, use_ema=job.stage.inherit == "weights+ema")
+    inherit = job.stage.inherit
+    if job.init_from and inherit != "none":
+        ckpt.load_weights(Path(job.init_from), raw, ema, use_ema=inherit == "weights+ema")
+        if inherit == "full":
+            ckpt.load_optimizer(Path(job.init_from), optimizer)
     return 0
 
 
@@ -123,16 +190,17 @@ def report(acc, raw, ema, optimizer, scheduler, job: StageJob, step: int, loss: 
     import ray.train
 
     metrics = {"step": step, "loss": loss}
+    state = {"step": step, "stage": job.stage.name, "data_position": step * job.stage.grad_accum}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if acc.is_main_process:
-            ckpt.save_checkpoint(Path(tmp), raw, ema, optimizer, scheduler, {"step": step, "stage": job.stage.name},
-                                 job.model)
+            ckpt.save_checkpoint(Path(tmp), raw, ema, optimizer, scheduler, state, job.model)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def log_samples(ema, batches: BucketedBatches, normalizer, card: dict, job: StageJob, sink) -> None:
+def log_samples(ema, batches: BucketedBatches, normalizer, card: dict, job: StageJob, sink,
+                artifact_path: str = "samples") -> None:
     """Generate from a few of the stage's captions with the EMA weights; decode with the dataset's encoders."""
     stage = job.stage
     visual, audio = decoders_from_card(card)
@@ -141,4 +209,5 @@ def log_samples(ema, batches: BucketedBatches, normalizer, card: dict, job: Stag
         files = write_samples(ema.eval(), prompts, normalizer, visual, audio, Path(tmp), steps=stage.sample_steps,
                               cfg_scale=stage.cfg_scale, seed=job.seed)
         for f in files:
-            sink.log_artifact(f, "samples")
+            sink.log_artifact(f, artifact_path)
+    ema.train()

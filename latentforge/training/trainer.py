@@ -39,8 +39,8 @@ def fit_stage(plan: PlanConfig, stage: TrainStageConfig, dataset_dirs: list[Path
 
     datasets = open_datasets([Dataset(d) for d in dataset_dirs])  # refuses mixed encoders before any worker starts
     job = StageJob(stage=stage, model=model_config(plan, datasets[0].card), datasets=[str(d) for d in dataset_dirs],
-                   seed=plan.seed,
-                   init_from=str(init_from) if init_from else None, sink=sink or NullSink())
+                   seed=plan.seed, init_from=str(init_from) if init_from else None, sink=sink or NullSink(),
+                   scratch=str(Path(storage_path).resolve() / run_name / "scratch"))
     trainer = TorchTrainer(
         train_stage,
         train_loop_config={"job": job},

@@ -131,7 +131,7 @@ def test_audio_matches_captions(corpus: tuple[Path, dict]) -> None:
             assert peak == pytest.approx(hz, abs=3), entry
         elif caption == "a burst of white noise":
             quiet, loud = np.abs(samples[:3000]).max(), np.abs(samples[5000:11000]).std()
-            assert quiet == 0 and loud > 0.1, entry
+            assert quiet == 0 and loud > 0.04, entry  # levels vary from 0.5 to 1.0 of full scale
         else:
             first, last = _dominant_hz(samples[:4000]), _dominant_hz(samples[-4000:])
             assert (last > first) == caption.startswith("a rising"), entry

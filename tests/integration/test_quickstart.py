@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pytest
 
 from latentforge.datasets.manifest import Dataset
@@ -45,11 +46,15 @@ def test_every_input_is_kept_or_rejected_with_a_reason(quickstart):
     inputs = {p.relative_to(corpus).as_posix() for p in corpus.rglob("*") if p.is_file() and p.suffix != ".txt"}
     assert kept | rejected == inputs and not kept & rejected
     assert all(r["reason"] and r["stage"] and r["message"] for r in rejects)
+    by_path = {r["relpath"]: r for r in rejects}
     for f in index["files"]:
-        if f["expect"] == "kept":
-            assert f["path"] in kept, f
-        else:
+        if f["expect"] != "kept":
             assert f["path"] in rejected, f
+        elif f["path"] not in kept:  # the generator can draw the same picture twice: exact duplicates go
+            r = by_path[f["path"]]
+            assert r["reason"] == "duplicate_exact" and r["duplicate_of"], r
+            original = ds.manifest().filter(pc.field("id") == r["duplicate_of"]).to_pylist()[0]["relpath"]
+            assert (corpus / original).read_bytes() == (corpus / f["path"]).read_bytes()
     assert len(ds.card["shards"]) >= 2 and sum(s["count"] for s in ds.card["shards"]) == len(kept)
 
 
@@ -65,7 +70,7 @@ def test_runs_metrics_and_artifacts_in_mlflow(quickstart, mlflow_server):
     names = {r.info.run_name for r in children}
     assert names == {"curate-demo", "train-image_pretrain", "train-video_pretrain", "train-finetune"}
     curation = client.get_run(summary.curation_run_id)
-    assert curation.data.metrics["inputs"] == curation.data.metrics["kept"] + curation.data.metrics["rejected"] \
+    assert curation.data.metrics["samples"] == curation.data.metrics["kept"] + curation.data.metrics["rejected"] \
         + curation.data.metrics["filtered"]
     assert {"card.json", "manifest.parquet", "rejects.parquet", "rejects.csv"} <= {
         Path(a.path).name for a in client.list_artifacts(summary.curation_run_id, "dataset")}
@@ -75,7 +80,8 @@ def test_runs_metrics_and_artifacts_in_mlflow(quickstart, mlflow_server):
         assert {"loss", "lr", "samples_per_s", "grad_norm"} <= set(run.data.metrics)
         assert run.data.params["stage.name"] == stage
         model = {Path(a.path).name for a in client.list_artifacts(run_id, "model")}
-        assert {"model.safetensors", "model_config.json", "dataset_card.json"} <= model
+        assert {"model.safetensors", "model_config.json", "dataset_card.json", "lineage.json"} <= model
+        assert run.data.tags["latentforge.dataset_ids"].startswith("demo-")
         assert client.list_artifacts(run_id, "samples"), f"no samples logged for {stage}"
     image_samples = {Path(a.path).name for a in client.list_artifacts(summary.stage_runs["image_pretrain"], "samples")}
     assert "images.png" in image_samples
@@ -83,6 +89,17 @@ def test_runs_metrics_and_artifacts_in_mlflow(quickstart, mlflow_server):
     assert ".gif" in video_samples
     finetune_samples = {Path(a.path).suffix for a in client.list_artifacts(summary.stage_runs["finetune"], "samples")}
     assert {".png", ".gif", ".wav"} <= finetune_samples  # one prompt per bucket: image, video and audio
+
+
+def test_final_stage_is_registered_with_lineage(quickstart, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    _, summary, _, _ = quickstart
+    name, version = summary.registered
+    mv = MlflowClient(mlflow_server).get_model_version(name, version)
+    assert mv.run_id == summary.stage_runs["finetune"]
+    assert mv.tags["latentforge.plan_run_id"] == summary.parent_run_id
+    assert mv.tags["latentforge.dataset_ids"].startswith("demo-") and mv.tags["latentforge.stage"] == "finetune"
 
 
 def test_image_pretrain_loss_falls(quickstart, mlflow_server):

@@ -20,7 +20,9 @@ from latentforge.datasets.demo_corpus import DemoCorpusSpec, generate_demo_corpu
 from latentforge.datasets.manifest import channel_stats
 from latentforge.datasets.shards import iter_shards, load_npy, sha256_file
 from latentforge.pipelines.config import CurationConfig, FilterConfig
-from latentforge.pipelines.curate import STAGES
+from latentforge.pipelines.curate import SCAN_STAGES, STAGES
+from latentforge.pipelines.stage import rows_of
+from latentforge.pipelines.stages.dedup import find_duplicates, mark_duplicates
 from latentforge.pipelines.discover import discover, orphan_captions, sample_id
 from latentforge.pipelines.stage import Reject, Stage, map_ok_rows
 from latentforge.pipelines.stages.caption_sidecar import CaptionSidecar, read_sidecar_caption
@@ -120,10 +122,12 @@ def snapshots(cfg: CurationConfig, text_stage: EncodeText) -> list[tuple[str, di
     rows = discover(cfg.input_dir, cfg.samples_per_shard)
     batch = to_batch(rows)
     out = [("discover", batch)]
-    for stage_cls in STAGES:
+    for stage_cls in SCAN_STAGES + STAGES:
         stage = text_stage if stage_cls is EncodeText else stage_cls(cfg)
         batch = stage(batch)
         out.append((stage_cls.name, batch))
+        if stage_cls is SCAN_STAGES[-1]:  # the driver's global pass sits between the two halves
+            batch = mark_duplicates(batch, find_duplicates(rows_of(batch), cfg.dedup))
     return out
 
 

@@ -284,3 +284,19 @@ def test_loader_end_to_end_from_disk(dataset) -> None:
     batches = BucketedBatches(samples, st, LatentNormalizer(ds.card), seed=0).epoch(0)
     assert {tuple(b.latent.shape[1:]) for b in batches} == {SHAPES["image"], SHAPES["image_large"]}
     assert sum(len(b.captions) for b in batches) == len(samples)
+
+
+def test_stage_lineage_lists_exactly_the_shards_that_feed_the_stage(dataset) -> None:
+    from latentforge.training.loader import stage_lineage
+
+    ds, _, rows = dataset
+    card = {**ds.card, "id": "demo-abc", "shards": [{"name": f"shard-{i:06d}.tar", "sha256": f"h{i}", "count": 0}
+                                                    for i in range(4)]}
+    (ds.root / mf.CARD).write_text(json.dumps(card))
+    st = stage(modalities=["image", "video"])
+    lineage = stage_lineage(ds, st)
+    used = {r["shard"] for r in rows if r["status"] == "ok" and r["modality"] in {"image", "video"}}
+    entry = lineage["datasets"][0]
+    assert entry["id"] == "demo-abc" and entry["samples"] == len(expected_ids(rows, {"image", "video"}))
+    assert {s["name"] for s in entry["shards"]} == used and "shard-000003.tar" not in used
+    assert all(s["sha256"].startswith("h") for s in entry["shards"])

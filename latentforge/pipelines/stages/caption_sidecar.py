@@ -4,7 +4,7 @@ from __future__ import annotations
 import codecs
 from pathlib import Path
 
-from latentforge.pipelines.config import StageResources
+from latentforge.pipelines.resources import StageResources
 from latentforge.pipelines.stage import Reject, Stage
 
 MAX_CAPTION_BYTES = 16_384

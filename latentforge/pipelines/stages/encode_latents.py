@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -10,8 +11,12 @@ from latentforge.datasets.buckets import Bucket, choose_bucket
 from latentforge.datasets.encoders import build_audio_encoder, build_visual_encoder
 from latentforge.datasets.manifest import channel_stats
 from latentforge.datasets.shards import npy_bytes
-from latentforge.pipelines.config import CurationConfig, StageResources
+from latentforge.pipelines.resources import StageResources
 from latentforge.pipelines.stage import Reject, Stage
+from latentforge.pipelines.stages.split_clips import decode_clip
+
+if TYPE_CHECKING:
+    from latentforge.pipelines.config import CurationConfig
 
 
 def shape_name(shape: tuple[int, ...]) -> str:
@@ -77,11 +82,18 @@ class EncodeLatents(Stage):
         if modality == "audio":
             n = self.audio.valid_samples(int(round(self.audio.sample_rate * self.cfg.audio_seconds)))
             return f"{n}samples@{self.audio.sample_rate}Hz", media.decode_audio(row["uri"], self.audio.sample_rate, n)
-        b: Bucket = choose_bucket(self.buckets, int(row["width"]), int(row["height"]), int(row["num_frames"]),
-                                  modality)
+        clip = int(row.get("clip_index", -1)) >= 0
+        available = int(row["num_frames"])
+        if clip:  # a clip of a longer video: only its own span counts
+            available = int(round((row["clip_end_s"] - row["clip_start_s"]) * float(row["fps"] or 1.0)))
+        b: Bucket = choose_bucket(self.buckets, int(row["width"]), int(row["height"]), available, modality)
         size = (b.height, b.width)
         if modality == "image":
             return b.name(modality), media.decode_image(row["uri"], size)[None]
-        frames, _ = media.decode_video(row["uri"], self.visual.valid_frames(b.frames), size,
-                                       timeout_s=self.cfg.decode_timeout_s)
+        n = self.visual.valid_frames(b.frames)
+        if clip:
+            frames, _ = decode_clip(row["uri"], float(row["clip_start_s"]), float(row["clip_end_s"]), n, size,
+                                    self.cfg.decode_timeout_s)
+        else:
+            frames, _ = media.decode_video(row["uri"], n, size, timeout_s=self.cfg.decode_timeout_s)
         return b.name(modality), frames

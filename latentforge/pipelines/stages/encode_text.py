@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from latentforge.datasets.encoders.text import TextEncoder, default_text_model
 from latentforge.datasets.shards import npy_bytes
-from latentforge.pipelines.config import CurationConfig, StageResources
+from latentforge.pipelines.resources import StageResources
 from latentforge.pipelines.stage import Stage
+
+if TYPE_CHECKING:
+    from latentforge.pipelines.config import CurationConfig
 
 __all__ = ["EncodeText", "TextEncoder", "default_text_model"]
 

@@ -1,7 +1,7 @@
 """Basic quality scores (resolution, duration, sample rate); thresholds in config decide `keep`."""
 from __future__ import annotations
 
-from latentforge.pipelines.config import StageResources
+from latentforge.pipelines.resources import StageResources
 from latentforge.pipelines.stage import Stage
 
 

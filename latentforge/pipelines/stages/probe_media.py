@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from latentforge.datasets import media
-from latentforge.pipelines.config import StageResources
+from latentforge.pipelines.resources import StageResources
 from latentforge.pipelines.stage import Reject, Stage
 
 

@@ -1,0 +1,264 @@
+"""Exact and near-duplicate removal: hashes per row inside Ray (`ContentHash`), grouping once on the driver.
+
+Duplicates waste compute and over-weight whatever was copied most. Grouping needs every row's hash at once,
+so it cannot run inside a Ray batch: `ContentHash` writes `content_sha256` and `phash` columns, then the
+driver calls `find_duplicates` over all ok rows and `apply_duplicates` to mark the losers `filtered`.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from functools import lru_cache
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+from pydantic import Field, model_validator
+
+from latentforge.datasets import media
+from latentforge.pipelines.resources import StageResources, Strict
+from latentforge.pipelines.stage import Reject, Stage
+from latentforge.pipelines.stages.split_clips import decode_clip
+
+_READ_CHUNK = 1 << 20
+
+
+class DedupConfig(Strict):
+    """Which duplicates to remove and how close a perceptual hash must be to count as a near duplicate."""
+
+    enabled: bool = Field(True, description="hash rows and mark duplicates; when off, hash columns stay empty")
+    exact: bool = Field(True, description="remove byte-identical files (clips: same bytes and same time span)")
+    near: bool = Field(True, description="remove visually near-identical images / videos by perceptual hash")
+    hash_size: int = Field(8, ge=4, le=16, description="pHash side: hash_size**2 bits from a (4*hash_size)^2 image")
+    max_distance: int = Field(4, ge=0, description="largest Hamming distance between pHashes of near duplicates")
+
+    @model_validator(mode="after")
+    def _bands_fit(self) -> DedupConfig:
+        if self.max_distance + 1 > self.hash_size**2:  # banding needs max_distance + 1 non-empty bands
+            raise ValueError(f"max_distance {self.max_distance} must be < hash_size**2 = {self.hash_size**2}")
+        return self
+
+
+# ---------------------------------------------------------------- hashes
+
+
+def file_sha256(path: str | Path, extra: bytes = b"") -> str:
+    """sha256 of the file's bytes followed by `extra` (a clip's time span), read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_READ_CHUNK):
+            digest.update(chunk)
+    digest.update(extra)
+    return digest.hexdigest()
+
+
+@lru_cache(maxsize=8)
+def _dct_matrix(n: int) -> np.ndarray:
+    """Orthonormal DCT-II matrix: `C @ x` is the DCT of x, so `C @ X @ C.T` is the 2D DCT of X."""
+    k, i = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    c = np.sqrt(2.0 / n) * np.cos(np.pi * (2 * i + 1) * k / (2 * n))
+    c[0] /= np.sqrt(2.0)
+    return c
+
+
+def phash(pixels: np.ndarray | Image.Image, hash_size: int = 8) -> str:
+    """Perceptual hash: low DCT frequencies of a (4*hash_size)^2 grey image above their median, as hex.
+
+    Low frequencies survive re-encoding and resizing, so near copies differ in few bits. It sees structure
+    only, in grey: a uniform frame hashes to (nearly) all zeros whatever its colour.
+    """
+    image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(np.asarray(pixels))
+    side = 4 * hash_size
+    grey = np.asarray(image.convert("L").resize((side, side), Image.Resampling.LANCZOS), dtype=np.float64)
+    c = _dct_matrix(side)
+    low = (c @ grey @ c.T)[:hash_size, :hash_size]
+    bits = (low > np.median(low)).ravel()
+    value = int("".join("1" if b else "0" for b in bits), 2)
+    return f"{value:0{(len(bits) + 3) // 4}x}"
+
+
+def _image_for_hash(path: str, side: int) -> Image.Image:
+    with Image.open(path) as img:
+        img.draft("RGB", (side, side))  # JPEG decodes at 1/2..1/8 scale for free, still >= side
+        return ImageOps.exif_transpose(img).convert("RGB")
+
+
+def visual_phash(row: dict, hash_size: int, timeout_s: float) -> str:
+    """pHash of an image, a clip's middle frame or a whole video's middle frame."""
+    if row["modality"] == "image":
+        try:
+            return phash(_image_for_hash(row["uri"], 4 * hash_size), hash_size)
+        except Exception as e:  # PIL reports corrupt data as many types; probe normally caught them already
+            raise media.MediaError("decode_error", f"PIL could not decode {Path(row['uri']).name}: {e}") from e
+    if int(row.get("clip_index", -1)) >= 0:
+        frames, _ = decode_clip(row["uri"], float(row["clip_start_s"]), float(row["clip_end_s"]), 1, None, timeout_s)
+    else:  # native size from probe, so the crop in decode_video keeps the whole frame
+        size = (int(row.get("height") or 0) or 64, int(row.get("width") or 0) or 64)
+        frames, _ = media.decode_video(row["uri"], 1, size, timeout_s=timeout_s)
+    return phash(frames[0], hash_size)
+
+
+class ContentHash(Stage):
+    """Write `content_sha256` (all ok rows) and `phash` (images and videos; "" for audio)."""
+
+    name = "content_hash"
+    resources = StageResources(num_cpus=0.5, batch_size=16, pool=1)
+    outputs = {"content_sha256": "", "phash": ""}
+
+    def __call__(self, batch):
+        if not self.cfg.dedup.enabled:  # the columns still exist, so the schema does not depend on the config
+            n = len(batch["id"])
+            return {**batch, **{k: np.array([v] * n, dtype=object) for k, v in self.outputs.items()}}
+        return super().__call__(batch)
+
+    def process_row(self, row: dict) -> dict:
+        cfg = self.cfg.dedup
+        clip = int(row.get("clip_index", -1)) >= 0
+        extra = f"|{float(row['clip_start_s']):.6f}|{float(row['clip_end_s']):.6f}".encode() if clip else b""
+        out = {"content_sha256": file_sha256(row["uri"], extra), "phash": ""}
+        if row.get("modality") in ("image", "video"):
+            try:
+                out["phash"] = visual_phash(row, cfg.hash_size, self.cfg.decode_timeout_s)
+            except media.MediaError as e:
+                raise Reject(e.reason, str(e)) from e
+        return out
+
+
+# ---------------------------------------------------------------- grouping (on the driver)
+
+
+def _preference(row: dict) -> tuple[float, str]:
+    """Sort key, best first: highest resolution score, then smallest id (deterministic across runs)."""
+    return (-float(row.get("score_resolution", 0.0) or 0.0), str(row["id"]))
+
+
+def _exact_groups(rows: list[dict]) -> dict[str, tuple[str, str]]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[row["content_sha256"]].append(row)
+    dups = {}
+    for members in groups.values():
+        best, *rest = sorted(members, key=_preference)
+        dups.update({r["id"]: (best["id"], "exact") for r in rest})
+    return dups
+
+
+def band_slices(bits: int, max_distance: int) -> list[slice]:
+    """max_distance + 1 near-equal slices of the bit string: hashes within max_distance share one exactly."""
+    bands = max_distance + 1
+    edges = [round(i * bits / bands) for i in range(bands + 1)]
+    return [slice(a, b) for a, b in pairwise(edges)]
+
+
+class BandIndex:
+    """Multi-index over hash bands: rows within max_distance share at least one band exactly (pigeonhole),
+    so candidates come from a few buckets instead of all n^2 pairs."""
+
+    def __init__(self, phashes: list[str], max_distance: int):
+        width = 4 * max(len(h) for h in phashes)
+        self.values = [int(h, 16) for h in phashes]
+        self.bits = [f"{v:0{width}b}" for v in self.values]
+        self.slices = band_slices(width, max_distance)
+        self.max_distance = max_distance
+        self.buckets: dict[tuple[int, str], list[int]] = defaultdict(list)
+        for i, b in enumerate(self.bits):
+            for band, s in enumerate(self.slices):
+                self.buckets[band, b[s]].append(i)
+
+    def candidates(self, i: int) -> set[int]:
+        return {j for band, s in enumerate(self.slices) for j in self.buckets[band, self.bits[i][s]] if j != i}
+
+    def close(self, i: int, j: int) -> bool:
+        return (self.values[i] ^ self.values[j]).bit_count() <= self.max_distance
+
+
+def near_pairs(phashes: list[str], max_distance: int) -> set[tuple[int, int]]:
+    """All index pairs (i < j) whose hashes are within max_distance bits, found through the band index."""
+    if not phashes:
+        return set()
+    index = BandIndex(phashes, max_distance)
+    return {(i, j) for i in range(len(phashes)) for j in index.candidates(i) if i < j and index.close(i, j)}
+
+
+def _near_groups(rows: list[dict], max_distance: int) -> dict[str, tuple[str, str]]:
+    """Greedy leaders, best first: each unclaimed row claims all unclaimed rows within max_distance of it.
+
+    Leaders rather than connected components, so a chain of small steps cannot pull in a row far from its
+    representative; as a consequence no two representatives are within max_distance of each other.
+    """
+    rows = sorted(rows, key=_preference)
+    index = BandIndex([r["phash"] for r in rows], max_distance)
+    claimed, dups = [False] * len(rows), {}
+    for i, leader in enumerate(rows):
+        if claimed[i]:
+            continue
+        claimed[i] = True
+        for j in sorted(index.candidates(i)):
+            if not claimed[j] and index.close(i, j):
+                claimed[j] = True
+                dups[rows[j]["id"]] = (leader["id"], "near")
+    return dups
+
+
+def find_duplicates(rows: list[dict], cfg: DedupConfig) -> dict[str, tuple[str, str]]:
+    """{duplicate id: (representative id, "exact" | "near")} over the ok rows of a whole job.
+
+    Exact groups collapse first; their representatives then meet near duplicates of the same modality.
+    Every row maps to its final representative (never to another duplicate), labelled "exact" when its
+    bytes equal the representative's. Rows need id, status, modality, content_sha256, phash and
+    optionally score_resolution.
+    """
+    if not cfg.enabled:
+        return {}
+    live = [r for r in rows if r["status"] == "ok" and r.get("content_sha256")]
+    exact = _exact_groups(live) if cfg.exact else {}
+    survivors = [r for r in live if r["id"] not in exact]
+    near: dict[str, tuple[str, str]] = {}
+    if cfg.near:
+        by_modality: dict[str, list[dict]] = defaultdict(list)
+        for r in survivors:
+            if r.get("phash"):
+                by_modality[r.get("modality", "")].append(r)
+        for group in by_modality.values():
+            near.update(_near_groups(group, cfg.max_distance))
+    return _resolve(exact, near, {r["id"]: r["content_sha256"] for r in live})
+
+
+def _resolve(exact: dict, near: dict, sha: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """Point members of an exact group whose representative was itself a near duplicate at the final one."""
+    out = dict(near)
+    for dup, (rep, _) in exact.items():
+        final = near.get(rep, (rep, "exact"))[0]
+        out[dup] = (final, "exact" if sha[dup] == sha[final] else "near")
+    return out
+
+
+def apply_duplicates(rows: list[dict], dups: dict[str, tuple[str, str]]) -> list[dict]:
+    """New rows with `duplicate_of` ("" unless a duplicate); duplicates become `filtered` by stage `dedup`."""
+    relpaths = {r["id"]: r.get("relpath", "") for r in rows}
+    out = []
+    for row in rows:
+        if row["id"] not in dups:
+            out.append({**row, "duplicate_of": ""})
+            continue
+        rep, kind = dups[row["id"]]
+        out.append({**row, "duplicate_of": rep, "status": "filtered", "reason": f"duplicate_{kind}",
+                    "stage": "dedup", "message": f"{kind} duplicate of {relpaths.get(rep, '')} ({rep})"})
+    return out
+
+
+def mark_duplicates(batch: dict[str, np.ndarray], dups: dict[str, tuple[str, str]]) -> dict[str, np.ndarray]:
+    """`apply_duplicates` on a columnar batch, for a `map_batches(fn_kwargs={"dups": ...})` after the global pass.
+
+    The representative's relpath is not in the batch, so the message names its id only.
+    """
+    out = {k: np.array(v, dtype=object, copy=True) if k in ("status", "reason", "stage", "message") else v
+           for k, v in batch.items()}
+    out["duplicate_of"] = np.array([""] * len(batch["id"]), dtype=object)
+    for i, row_id in enumerate(batch["id"]):
+        if row_id in dups:
+            rep, kind = dups[row_id]
+            out["status"][i], out["reason"][i], out["stage"][i] = "filtered", f"duplicate_{kind}", "dedup"
+            out["message"][i], out["duplicate_of"][i] = f"{kind} duplicate of {rep}", rep
+    return out

@@ -1,0 +1,180 @@
+"""Audio quality scores: loudness, silence, clipping and speech, each a column; thresholds decide `keep`.
+
+All scores are computed on the first `max_seconds` of the file, mixed to mono and resampled (linearly) to
+`sample_rate`:
+- `score_loudness`: integrated loudness in LUFS per ITU-R BS.1770-4 (K-weighting, 400 ms blocks, absolute
+  and relative gates) via pyloudnorm. Clips shorter than one block are zero-padded to it; a signal with no
+  block above the -70 LUFS absolute gate (digital silence) scores `LOUDNESS_FLOOR_LUFS` instead of -inf, so
+  the column stays finite.
+- `score_silence_ratio`: fraction of 20 ms frames whose RMS level is below -50 dBFS (RMS of a full-scale
+  square wave = 0 dBFS).
+- `score_clipping_ratio`: fraction of samples with |x| >= 0.999 of full scale.
+- `score_speech_ratio`: fraction of Silero VAD windows (32 ms) whose speech probability exceeds 0.5. The
+  ONNX model ships inside the `silero-vad` wheel and runs on onnxruntime directly (no torch, no download).
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from latentforge.datasets import media
+from latentforge.pipelines.resources import StageResources, Strict
+from latentforge.pipelines.stage import Reject, Stage
+
+LOUDNESS_FLOOR_LUFS = -120.0
+SILENCE_DBFS = -50.0
+SILENCE_FRAME_S = 0.02
+CLIP_LEVEL = 0.999
+SPEECH_PROBABILITY = 0.5
+_LOUDNESS_BLOCK_S = 0.4
+# Silero's streaming contract: fixed windows, each prefixed by the tail (context) of the previous input.
+_VAD_WINDOW = {16000: 512, 8000: 256}
+_VAD_CONTEXT = {16000: 64, 8000: 32}
+
+
+class AudioQualityConfig(Strict):
+    """Loudness / silence / clipping / speech scoring of audio; scores are always written, thresholds decide."""
+
+    enabled: bool = Field(True, description="score audio (when off, rows pass with default scores)")
+    sample_rate: Literal[8000, 16000] = Field(16000, description="rate audio is resampled to (Silero VAD's rates)")
+    max_seconds: float = Field(30.0, gt=0, description="only the first max_seconds of each file are scored")
+    min_loudness_lufs: float = Field(-70.0, description="audio with score_loudness below this is filtered (LUFS)")
+    max_silence_ratio: float = Field(
+        1.0, ge=0, le=1, description="audio with more than this fraction of silent 20 ms frames is filtered"
+    )
+    max_clipping_ratio: float = Field(
+        1.0, ge=0, le=1, description="audio with more than this fraction of clipped samples is filtered"
+    )
+    min_speech_ratio: float = Field(
+        0.0, ge=0, le=1, description="audio with less than this fraction of speech windows is filtered (0 keeps all)"
+    )
+
+
+def integrated_loudness(signal: np.ndarray, sample_rate: int) -> float:
+    """BS.1770-4 integrated loudness (LUFS) of a mono signal; see the module docstring for the edge cases."""
+    import pyloudnorm
+
+    block = int(np.ceil(_LOUDNESS_BLOCK_S * sample_rate)) + 1  # pyloudnorm wants strictly more than a block
+    padded = np.pad(signal.astype(np.float64), (0, max(0, block - len(signal))))
+    lufs = pyloudnorm.Meter(sample_rate).integrated_loudness(padded)
+    return float(lufs) if np.isfinite(lufs) else LOUDNESS_FLOOR_LUFS
+
+
+def silence_ratio(signal: np.ndarray, sample_rate: int) -> float:
+    """Fraction of whole 20 ms frames whose RMS is below SILENCE_DBFS (a partial last frame is ignored)."""
+    frame = max(1, int(SILENCE_FRAME_S * sample_rate))
+    count = len(signal) // frame
+    if count == 0:
+        return 1.0
+    frames = signal[: count * frame].astype(np.float64).reshape(count, frame)
+    rms = np.sqrt(np.mean(frames**2, axis=1))
+    return float(np.mean(rms < 10 ** (SILENCE_DBFS / 20)))
+
+
+def clipping_ratio(signal: np.ndarray) -> float:
+    """Fraction of samples at or beyond CLIP_LEVEL of full scale."""
+    return float(np.mean(np.abs(signal) >= CLIP_LEVEL)) if len(signal) else 0.0
+
+
+def silero_model_path() -> Path:
+    """The ONNX model inside the installed silero-vad wheel, found without importing the package (and torch)."""
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("silero-vad is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.onnx"
+
+
+def load_silero_vad():
+    """An onnxruntime session of Silero VAD on one CPU thread (the model is small and strictly sequential)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
+    return onnxruntime.InferenceSession(str(silero_model_path()), options, providers=["CPUExecutionProvider"])
+
+
+def speech_ratio(session, signal: np.ndarray, sample_rate: int) -> float:
+    """Fraction of whole VAD windows whose speech probability exceeds SPEECH_PROBABILITY (0 if none fit)."""
+    window, context_size = _VAD_WINDOW[sample_rate], _VAD_CONTEXT[sample_rate]
+    count = len(signal) // window
+    if count == 0:
+        return 0.0
+    state = np.zeros((2, 1, 128), dtype=np.float32)
+    context = np.zeros((1, context_size), dtype=np.float32)
+    rate = np.array(sample_rate, dtype=np.int64)
+    speech = 0
+    for chunk in signal[: count * window].astype(np.float32).reshape(count, 1, window):
+        x = np.concatenate([context, chunk], axis=1)
+        probability, state = session.run(None, {"input": x, "state": state, "sr": rate})
+        context = x[:, -context_size:]
+        speech += int(probability[0, 0] > SPEECH_PROBABILITY)
+    return speech / count
+
+
+class FilterAudioQuality(Stage):
+    """Scores audio loudness, silence, clipping and speech; image and video rows pass with default scores."""
+
+    name = "filter_audio"
+    resources = StageResources(num_cpus=0.5, batch_size=16, pool=1)
+    outputs = {"score_loudness": 0.0, "score_silence_ratio": 0.0, "score_clipping_ratio": 0.0,
+               "score_speech_ratio": 0.0}
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.vad = load_silero_vad() if cfg.audio_quality.enabled else None
+
+    def __call__(self, batch):
+        # Scores first for every ok row, the verdict afterwards, so a filtered row keeps its scores.
+        scored = super().__call__(batch)
+        return self._verdicts(scored) if self.cfg.audio_quality.enabled else scored
+
+    def process_row(self, row: dict) -> dict:
+        cfg = self.cfg.audio_quality
+        if not cfg.enabled or row["modality"] != "audio":
+            return {}
+        signal = self._decode(row, cfg)
+        rate = cfg.sample_rate
+        return {
+            "score_loudness": integrated_loudness(signal, rate),
+            "score_silence_ratio": silence_ratio(signal, rate),
+            "score_clipping_ratio": clipping_ratio(signal),
+            "score_speech_ratio": speech_ratio(self.vad, signal, rate),
+        }
+
+    @staticmethod
+    def _decode(row: dict, cfg: AudioQualityConfig) -> np.ndarray:
+        # The probed duration bounds the read: decode_audio zero-pads to the length asked, which would add silence.
+        duration = float(row.get("duration_s", 0.0) or 0.0)
+        seconds = min(duration, cfg.max_seconds) if duration > 0 else cfg.max_seconds
+        try:
+            return media.decode_audio(row["uri"], cfg.sample_rate, max(1, round(seconds * cfg.sample_rate)))
+        except media.MediaError as e:
+            raise Reject(e.reason, str(e)) from e
+
+    def _verdicts(self, batch):
+        for i, status in enumerate(batch["status"]):
+            if status != "ok" or batch["modality"][i] != "audio":
+                continue
+            scores = {k: float(batch[k][i]) for k in self.outputs}
+            verdict = self._verdict(scores, self.cfg.audio_quality)
+            if verdict:
+                batch["status"][i], batch["stage"][i] = "filtered", self.name
+                batch["reason"][i], batch["message"][i] = verdict
+        return batch
+
+    @staticmethod
+    def _verdict(s: dict[str, float], cfg: AudioQualityConfig) -> tuple[str, str] | None:
+        if s["score_loudness"] < cfg.min_loudness_lufs:
+            return "loudness_below_min", f"loudness {s['score_loudness']:.1f} LUFS < {cfg.min_loudness_lufs} LUFS"
+        if s["score_silence_ratio"] > cfg.max_silence_ratio:
+            return "silence_above_max", f"{s['score_silence_ratio']:.0%} silent frames > {cfg.max_silence_ratio:.0%}"
+        if s["score_clipping_ratio"] > cfg.max_clipping_ratio:
+            clipped = s["score_clipping_ratio"]
+            return "clipping_above_max", f"{clipped:.2%} clipped samples > {cfg.max_clipping_ratio:.2%}"
+        if s["score_speech_ratio"] < cfg.min_speech_ratio:
+            return "speech_below_min", f"{s['score_speech_ratio']:.0%} speech windows < {cfg.min_speech_ratio:.0%}"
+        return None
