@@ -58,6 +58,14 @@ class TrainStageConfig(Strict):
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (GPU, or CPU for tests)")
     compile: bool = Field(False, description="torch.compile the model")
+    timestep_shift: float | Literal["auto"] | None = Field(None, description=(
+        "SD3 time shift: a number, 'auto' for sqrt(tokens / 256) per batch (larger latents get noisier t), or none"))
+    mask_ratio: float = Field(0.0, ge=0, lt=1, description="deferred token masking: share of tokens dropped after "
+                              "the patch mixer (set model.overrides.mixer_depth > 0)")
+    sampler: Literal["euler", "heun"] = Field("euler", description="flow sampler for the stage's samples")
+    val_fraction: float = Field(0.0, ge=0, lt=1, description=(
+        "share of the selection held out (by sample id) for a validation loss at fixed timesteps"))
+    val_every: int | None = Field(None, ge=1, description="validation every N steps (and at the end)")
     fail_at_step: int | None = Field(None, ge=1, description=(
         "chaos testing: the first attempt of this stage raises at this step (resume must make it invisible)"))
     optim: OptimConfig = OptimConfig()

@@ -1,6 +1,7 @@
 """Latent batches for one worker: the stage's manifest selection, this rank's share, one bucket per batch."""
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -63,12 +64,19 @@ def open_datasets(datasets: Dataset | list[Dataset]) -> list[Dataset]:
     return datasets
 
 
-def select_samples(datasets: Dataset | list[Dataset], stage: TrainStageConfig) -> tuple[list[Path], list[tuple]]:
+def is_validation(key: str, fraction: float) -> bool:
+    """A stable held-out split by sample id: the same samples whatever the worker count or order."""
+    return fraction > 0 and int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 2**32 < fraction
+
+
+def select_samples(datasets: Dataset | list[Dataset], stage: TrainStageConfig,
+                   split: str = "train") -> tuple[list[Path], list[tuple]]:
     """Shard paths and (dataset index, sample id) pairs, sorted, that the stage's selection picks."""
     shards, keys = set(), []
     for n, dataset in enumerate(as_list(datasets)):
         table = dataset.select(stage.where, list(stage.modalities))
-        keys += [(n, i) for i in table["id"].to_pylist()]
+        keys += [(n, i) for i in table["id"].to_pylist()
+                 if is_validation(i, stage.val_fraction) == (split == "val")]
         shards |= {(n, dataset.shard_path(s)) for s in table["shard"].to_pylist()}
     return [p for _, p in sorted(shards)], sorted(keys)
 
@@ -88,10 +96,10 @@ def stage_lineage(datasets: Dataset | list[Dataset], stage: TrainStageConfig) ->
 
 
 def load_rank_samples(datasets: Dataset | list[Dataset], stage: TrainStageConfig, rank: int,
-                      world: int) -> list[LatentSample]:
+                      world: int, split: str = "train") -> list[LatentSample]:
     """This rank's share of the selection (every world-th key), read from the shards that hold it."""
     datasets = open_datasets(datasets)
-    _, keys = select_samples(datasets, stage)
+    _, keys = select_samples(datasets, stage, split)
     if len(keys) < world:
         raise ValueError(f"stage {stage.name!r} selects {len(keys)} samples, fewer than {world} workers")
     mine = set(keys[rank::world])

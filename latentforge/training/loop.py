@@ -19,13 +19,14 @@ from latentforge.datasets.manifest import Dataset
 from latentforge.training import checkpoint as ckpt
 from latentforge.training.config import TrainStageConfig
 from latentforge.training.dit import DiT, DiTConfig
-from latentforge.training.flow import flow_loss
+from latentforge.training.flow import flow_loss, resolution_shift, validation_loss
 from latentforge.training.loader import (
     BucketedBatches,
     LatentNormalizer,
     Prefetcher,
     load_rank_samples,
     open_datasets,
+    token_count,
 )
 from latentforge.training.sampling import pick_prompts, write_samples
 from latentforge.training.sink import MetricSink, NullSink
@@ -75,7 +76,13 @@ def build_accelerator(stage: TrainStageConfig):
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
 
 
-def train_step(acc, model, stream, stage: TrainStageConfig, generator) -> tuple[float, int]:
+def batch_shift(stage: TrainStageConfig, batch, patch: int) -> float | None:
+    if stage.timestep_shift == "auto":
+        return resolution_shift(token_count(tuple(batch.latent.shape[1:]), patch))
+    return stage.timestep_shift
+
+
+def train_step(acc, model, stream, stage: TrainStageConfig, generator, patch: int) -> tuple[float, int]:
     """One optimiser step over `grad_accum` micro-batches (gradients synchronised on the last one)."""
     total, seen = 0.0, 0
     for micro in range(stage.grad_accum):
@@ -83,7 +90,8 @@ def train_step(acc, model, stream, stage: TrainStageConfig, generator) -> tuple[
         sync = micro == stage.grad_accum - 1
         with contextlib.nullcontext() if sync else acc.no_sync(model), acc.autocast():
             loss = flow_loss(model, batch.latent, batch.text, batch.text_mask, batch.modality, generator=generator,
-                             cond_dropout=stage.cond_dropout)
+                             cond_dropout=stage.cond_dropout, timestep_shift=batch_shift(stage, batch, patch),
+                             mask_ratio=stage.mask_ratio)
         acc.backward(loss / stage.grad_accum)
         total += loss.item() / stage.grad_accum
         seen += batch.latent.shape[0]
@@ -127,11 +135,12 @@ def train_stage(config: dict) -> None:
     if stage.compile:
         model = torch.compile(model)
     sink = job.sink if acc.is_main_process else NullSink()
+    validation = validation_batches(datasets, stage, normalizer, job.seed, model_cfg.visual_patch, acc.is_main_process)
     stream = Prefetcher(batches.iterate(start * stage.grad_accum))  # what an uninterrupted run would see next
     meter = Meter()
     for step in range(start, stage.steps):
         maybe_fail(job, step + 1, acc.is_main_process)
-        loss, seen = train_step(acc, model, stream, stage, step_generator(job.seed, rank, step))
+        loss, seen = train_step(acc, model, stream, stage, step_generator(job.seed, rank, step), model_cfg.visual_patch)
         grad_norm = acc.clip_grad_norm_(model.parameters(), stage.optim.grad_clip)
         optimizer.step()
         scheduler.step()
@@ -141,12 +150,38 @@ def train_stage(config: dict) -> None:
         done = step + 1
         if done % stage.log_every == 0 or done == stage.steps:
             log_progress(sink, meter.flush(world), scheduler, grad_norm, stage, done, acc.is_main_process)
+        if validation and (done == stage.steps or (stage.val_every and done % stage.val_every == 0)):
+            sink.log_metrics(validate(raw, validation, stage, model_cfg.visual_patch, acc.device), done)
         if done % stage.checkpoint_every == 0 or done == stage.steps:
             report(acc, raw, ema, optimizer, scheduler, job, done, loss)
         if acc.is_main_process and stage.num_samples and (
                 done == stage.steps or (stage.sample_every and done % stage.sample_every == 0)):
             log_samples(ema, batches, normalizer, datasets[0].card, job, sink,
                         "samples" if done == stage.steps else f"samples/step_{done:06d}")
+
+
+def validation_batches(datasets, stage: TrainStageConfig, normalizer, seed: int, patch: int, main: bool) -> list:
+    """Rank 0's held-out batches (the same every time), or none."""
+    if not (main and stage.val_fraction > 0):
+        return []
+    samples = load_rank_samples(datasets, stage, 0, 1, split="val")[:64]
+    return BucketedBatches(samples, stage, normalizer, seed, patch=patch).epoch(0)
+
+
+@torch.no_grad()
+def validate(raw, batches: list, stage: TrainStageConfig, patch: int, device) -> dict[str, float]:
+    """Loss at fixed timesteps and a fixed noise seed, so values are comparable across steps."""
+    raw.eval()
+    totals: dict[float, float] = {}
+    for batch in batches:
+        batch = batch.to(device)
+        losses = validation_loss(raw, batch.latent, batch.text, batch.text_mask, batch.modality)
+        for t, value in losses.items():
+            totals[t] = totals.get(t, 0.0) + value / len(batches)
+    raw.train()
+    out = {f"val_loss_t{t:.1f}": v for t, v in totals.items()}
+    out["val_loss"] = sum(totals.values()) / max(1, len(totals))
+    return out
 
 
 def log_progress(sink, metrics: dict, scheduler, grad_norm, stage: TrainStageConfig, step: int, main: bool) -> None:
@@ -207,7 +242,7 @@ def log_samples(ema, batches: BucketedBatches, normalizer, card: dict, job: Stag
     prompts = pick_prompts(batches.epoch(0), stage.num_samples)
     with tempfile.TemporaryDirectory() as tmp:
         files = write_samples(ema.eval(), prompts, normalizer, visual, audio, Path(tmp), steps=stage.sample_steps,
-                              cfg_scale=stage.cfg_scale, seed=job.seed)
+                              cfg_scale=stage.cfg_scale, seed=job.seed, method=stage.sampler)
         for f in files:
             sink.log_artifact(f, artifact_path)
     ema.train()

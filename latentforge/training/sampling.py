@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from latentforge.datasets.encoders import AudioEncoder, PixelEncoder
-from latentforge.training.flow import euler_sample
+from latentforge.training.flow import sample
 from latentforge.training.loader import Batch, LatentNormalizer
 
 MODALITY_NAMES = {0: "image", 1: "video", 2: "audio"}
@@ -35,10 +35,10 @@ def pick_prompts(batches: list[Batch], count: int) -> list[Batch]:
     return out
 
 
-def generate(model, prompt: Batch, steps: int, cfg_scale: float, seed: int) -> torch.Tensor:
+def generate(model, prompt: Batch, steps: int, cfg_scale: float, seed: int, method: str = "euler") -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return euler_sample(model, tuple(prompt.latent.shape), prompt.text, prompt.text_mask, prompt.modality,
-                        steps=steps, cfg_scale=cfg_scale, generator=generator)
+    return sample(model, tuple(prompt.latent.shape), prompt.text, prompt.text_mask, prompt.modality,
+                  method=method, steps=steps, cfg_scale=cfg_scale, generator=generator)
 
 
 def _label(image: Image.Image, text: str) -> Image.Image:
@@ -57,7 +57,8 @@ def _upscale(frame: np.ndarray, factor: int = 4) -> Image.Image:
 
 
 def write_samples(model, prompts: list[Batch], normalizer: LatentNormalizer, visual: PixelEncoder,
-                  audio: AudioEncoder, out_dir: Path, *, steps: int, cfg_scale: float, seed: int) -> list[Path]:
+                  audio: AudioEncoder, out_dir: Path, *, steps: int, cfg_scale: float, seed: int,
+                  method: str = "euler") -> list[Path]:
     """Generate one sample per prompt; images go in one PNG grid (real above generated), videos to GIFs,
     audio to WAVs. Returns the written files."""
     import soundfile as sf
@@ -66,8 +67,8 @@ def write_samples(model, prompts: list[Batch], normalizer: LatentNormalizer, vis
     written, grid = [], []
     for i, prompt in enumerate(prompts):
         modality = MODALITY_NAMES[int(prompt.modality[0])]
-        fake = generate(model, prompt, steps, cfg_scale, seed + i)[0].numpy()
-        real = prompt.latent[0].numpy()
+        fake = generate(model, prompt, steps, cfg_scale, seed + i, method)[0].float().cpu().numpy()
+        real = prompt.latent[0].cpu().numpy()
         stem = f"{i:02d}_{modality}"
         if modality == "audio":
             wave = audio.decode(normalizer.denormalize(fake, "audio")[None])[0]

@@ -102,6 +102,16 @@ def test_final_stage_is_registered_with_lineage(quickstart, mlflow_server):
     assert mv.tags["latentforge.dataset_ids"].startswith("demo-") and mv.tags["latentforge.stage"] == "finetune"
 
 
+def test_validation_loss_on_held_out_samples(quickstart, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    _, summary, _, _ = quickstart
+    metrics = MlflowClient(mlflow_server).get_run(summary.stage_runs["image_pretrain"]).data.metrics
+    assert {"val_loss", "val_loss_t0.1", "val_loss_t0.9"} <= set(metrics)
+    per_t = [metrics[f"val_loss_t{t}"] for t in ("0.1", "0.3", "0.5", "0.7", "0.9")]
+    assert all(0 < v < 10 for v in per_t) and metrics["val_loss"] == pytest.approx(sum(per_t) / 5, rel=1e-6)
+
+
 def test_image_pretrain_loss_falls(quickstart, mlflow_server):
     from mlflow.tracking import MlflowClient
 

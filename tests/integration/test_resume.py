@@ -50,10 +50,11 @@ def write_dataset(root, n: int = 24) -> None:
 
 def plan(max_failures: int, **stage) -> PlanConfig:
     return PlanConfig.model_validate({
-        "model": {"preset": "DiT-T", "overrides": {"hidden": 64, "depth": 2}}, "num_workers": 2,
+        "model": {"preset": "DiT-T", "overrides": {"hidden": 64, "depth": 2, "mixer_depth": 1}}, "num_workers": 2,
         "max_failures": max_failures,
         "stages": [{"name": "s", "modalities": ["image", "video"], "steps": 12, "batch_size": 4,
                     "tokens_per_batch": 64, "grad_accum": 2, "cond_dropout": 0.3, "checkpoint_every": 4,
+                    "mask_ratio": 0.25, "timestep_shift": "auto", "val_fraction": 0.2, "val_every": 4,
                     "log_every": 4, "num_samples": 0, **stage}]})
 
 
