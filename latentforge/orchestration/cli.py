@@ -110,6 +110,15 @@ def select(dataset: Annotated[Path, typer.Argument(help="a curated dataset direc
 
 
 @app.command()
+def report(dataset: Annotated[Path, typer.Argument(help="a curated dataset directory", exists=True, file_okay=False)],
+           out: Annotated[Optional[Path], typer.Option(help="default: DATASET/report.html")] = None) -> None:
+    """An HTML curation report: counts, rejection reasons, score histograms, thumbnails of kept and rejected."""
+    from latentforge.pipelines.report import write_report
+
+    console.print(f"wrote {write_report(dataset, out)}")
+
+
+@app.command()
 def ui(workdir: Annotated[Path, typer.Option(help="workdir whose MLflow store to serve")] = Path("lf-work"),
        port: int = 5000, host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1") -> None:
     """Start a real `mlflow server` on the workdir's store and print its URL."""
@@ -164,7 +173,10 @@ def _print_summary(cfg, summary) -> None:
         table.add_row(f"checkpoint ({name})", str(path))
     table.add_row("MLflow store", resolve_tracking_uri(cfg.tracking.uri, cfg.workdir))
     table.add_row("MLflow parent run", str(summary.parent_run_id))
-    table.add_row("open the UI", f"latentforge ui --workdir {cfg.workdir}  then browse http://127.0.0.1:5000")
+    if summary.registered:
+        table.add_row("registered model", f"{summary.registered[0]} v{summary.registered[1]}")
+    table.add_row("open the UI", f"latentforge ui --workdir {cfg.workdir}, then browse "
+                                 f"http://127.0.0.1:5000/#/experiments/{summary.experiment_id}/runs")
     console.print(table)
 
 

@@ -26,6 +26,7 @@ class RunSummary:
     checkpoints: dict[str, Path] = field(default_factory=dict)
     exports: dict[str, Path] = field(default_factory=dict)
     registered: tuple[str, str] | None = None
+    experiment_id: str | None = None
 
 
 def make_tracker(cfg: LatentforgeConfig) -> Tracker:
@@ -44,6 +45,7 @@ def ensure_corpus(cur: CurationConfig) -> None:
 
 def curate(cfg: LatentforgeConfig, tracker: Tracker, parent_id: str | None, summary: RunSummary) -> None:
     from latentforge.pipelines.curate import run_curation
+    from latentforge.pipelines.report import write_report
 
     cur = cfg.curation
     ensure_corpus(cur)
@@ -57,7 +59,8 @@ def curate(cfg: LatentforgeConfig, tracker: Tracker, parent_id: str | None, summ
         tracker.end_run(run_id, "FAILED")
         raise
     tracker.log_metrics(run_id, result.metrics())
-    for name in ("card.json", "manifest.parquet", "rejects.parquet"):
+    write_report(result.dataset_dir)
+    for name in ("card.json", "manifest.parquet", "rejects.parquet", "report.html"):
         tracker.log_artifact(run_id, result.dataset_dir / name, "dataset")
     log_tables(tracker, run_id, result.dataset_dir)
     tracker.end_run(run_id)
@@ -143,7 +146,7 @@ def export_weights(checkpoint_dir: Path, out: Path, card: dict, lineage: dict) -
 def run_all(cfg: LatentforgeConfig, *, do_curate: bool = True, do_train: bool = True) -> RunSummary:
     """Curation then training under one parent run (either part alone when asked)."""
     tracker = make_tracker(cfg)
-    summary = RunSummary(dataset_dirs=cfg.dataset_dirs())
+    summary = RunSummary(dataset_dirs=cfg.dataset_dirs(), experiment_id=tracker.experiment_id)
     parent = tracker.start_run(cfg.name, tags={"latentforge.kind": "plan", "latentforge.config_hash": cfg.config_hash()})
     summary.parent_run_id = parent
     tracker.log_params(parent, json.loads(cfg.model_dump_json()))

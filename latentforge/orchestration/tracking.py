@@ -58,7 +58,9 @@ class Tracker:
         self.client = MlflowClient(tracking_uri)
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(
-            experiment, artifact_location=artifact_location if tracking_uri.startswith("sqlite") else None)
+            experiment, artifact_location=artifact_location if tracking_uri.startswith("sqlite") else None,
+            # The UI then opens on runs, metrics and artifacts ("Model training"), not on GenAI traces.
+            tags={"mlflow.experimentKind": "custom_model_development"})
 
     def find_run(self, name: str, parent_id: str | None = None) -> str | None:
         """A run of this name (under `parent_id`), to resume instead of duplicating."""

@@ -72,7 +72,7 @@ def test_runs_metrics_and_artifacts_in_mlflow(quickstart, mlflow_server):
     curation = client.get_run(summary.curation_run_id)
     assert curation.data.metrics["samples"] == curation.data.metrics["kept"] + curation.data.metrics["rejected"] \
         + curation.data.metrics["filtered"]
-    assert {"card.json", "manifest.parquet", "rejects.parquet", "rejects.csv"} <= {
+    assert {"card.json", "manifest.parquet", "rejects.parquet", "rejects.csv", "report.html"} <= {
         Path(a.path).name for a in client.list_artifacts(summary.curation_run_id, "dataset")}
     for stage, run_id in summary.stage_runs.items():
         run = client.get_run(run_id)
