@@ -9,6 +9,8 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from tiny_models import tiny_cogvideox, tiny_kl, tiny_ltx, tiny_oobleck, tiny_wan  # noqa: E402
+
 from latentforge.datasets.encoders import build_audio_encoder, build_visual_encoder
 from latentforge.datasets.encoders.config import (
     AutoencoderKLConfig,
@@ -22,8 +24,6 @@ from latentforge.datasets.encoders.pretrained import (
     resolve_device,
     resolve_dtype,
 )
-
-from tiny_models import tiny_cogvideox, tiny_kl, tiny_ltx, tiny_oobleck, tiny_wan  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")  # inside diffusers' Oobleck
 

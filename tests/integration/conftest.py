@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from lf_services import free_port, stop_group, wait_http
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from lf_services import free_port, stop_group, wait_http
 
 pytestmark = pytest.mark.integration

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import soundfile as sf
+from lf_batches import to_batch
 from PIL import Image
 from pydantic import ValidationError
 
@@ -36,15 +37,6 @@ def textured(seed: int, size: tuple[int, int] = (96, 128)) -> np.ndarray:
     """A smooth random image: enough structure for a perceptual hash to tell images apart."""
     small = np.random.default_rng(seed).integers(0, 256, (6, 8, 3), dtype=np.uint8)
     return np.asarray(Image.fromarray(small).resize((size[1], size[0]), Image.Resampling.BICUBIC))
-
-
-def to_batch(rows: list[dict]) -> dict[str, np.ndarray]:
-    batch = {}
-    for key in rows[0]:
-        column = np.empty(len(rows), dtype=object)
-        column[:] = [row[key] for row in rows]
-        batch[key] = column
-    return batch
 
 
 def stage_cfg(dedup: DedupConfig = DEDUP, clips: ClipSplitConfig | None = None) -> SimpleNamespace:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from lf_batches import by_relpath, to_batch
 from pydantic import ValidationError
 from scipy.signal import lfilter
 
@@ -27,19 +28,6 @@ RATE = 16000
 # (F1, F2, F3) formants of seven vowels, Hz.
 VOWELS = ((730, 1090, 2440), (270, 2290, 3010), (300, 870, 2240), (530, 1840, 2480), (570, 840, 2410),
           (400, 2000, 2550), (660, 1720, 2410))
-
-
-def to_batch(rows: list[dict]) -> dict[str, np.ndarray]:
-    batch = {}
-    for key in rows[0]:
-        column = np.empty(len(rows), dtype=object)
-        column[:] = [row[key] for row in rows]
-        batch[key] = column
-    return batch
-
-
-def by_relpath(batch: dict[str, np.ndarray]) -> dict[str, dict]:
-    return {batch["relpath"][i]: {k: v[i] for k, v in batch.items()} for i in range(len(batch["id"]))}
 
 
 def resonate(signal: np.ndarray, frequency: float, bandwidth: float) -> np.ndarray:

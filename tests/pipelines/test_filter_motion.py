@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from lf_batches import by_relpath, to_batch
 from PIL import Image
 from pydantic import ValidationError
 
@@ -16,19 +17,6 @@ from latentforge.pipelines.stages.filter_motion import FilterMotion, MotionConfi
 from latentforge.pipelines.stages.probe_media import ProbeMedia
 
 MOVING = [f"videos/vid_{n:05d}.mp4" for n in range(3)]  # 16-frame clips of a shape crossing the frame
-
-
-def to_batch(rows: list[dict]) -> dict[str, np.ndarray]:
-    batch = {}
-    for key in rows[0]:
-        column = np.empty(len(rows), dtype=object)
-        column[:] = [row[key] for row in rows]
-        batch[key] = column
-    return batch
-
-
-def by_relpath(batch: dict[str, np.ndarray]) -> dict[str, dict]:
-    return {batch["relpath"][i]: {k: v[i] for k, v in batch.items()} for i in range(len(batch["id"]))}
 
 
 def texture_crops(offsets: list[tuple[int, int]], seed: int = 0) -> np.ndarray:

@@ -7,6 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from lf_batches import by_relpath, to_batch
 from PIL import Image
 from pydantic import ValidationError
 
@@ -15,19 +16,6 @@ from latentforge.pipelines.config import CurationConfig
 from latentforge.pipelines.discover import discover
 from latentforge.pipelines.stages.filter_sharpness import FilterSharpness, SharpnessConfig, working_size
 from latentforge.pipelines.stages.probe_media import ProbeMedia
-
-
-def to_batch(rows: list[dict]) -> dict[str, np.ndarray]:
-    batch = {}
-    for key in rows[0]:
-        column = np.empty(len(rows), dtype=object)
-        column[:] = [row[key] for row in rows]
-        batch[key] = column
-    return batch
-
-
-def by_relpath(batch: dict[str, np.ndarray]) -> dict[str, dict]:
-    return {batch["relpath"][i]: {k: v[i] for k, v in batch.items()} for i in range(len(batch["id"]))}
 
 
 def checkerboard(height: int, width: int, square: int = 16) -> np.ndarray:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from lf_batches import by_relpath, to_batch
 from PIL import Image, ImageDraw, ImageFont
 from pydantic import ValidationError
 
@@ -14,19 +15,6 @@ from latentforge.pipelines.config import CurationConfig
 from latentforge.pipelines.discover import discover
 from latentforge.pipelines.stages.filter_text_area import FilterTextArea, TextAreaConfig
 from latentforge.pipelines.stages.probe_media import ProbeMedia
-
-
-def to_batch(rows: list[dict]) -> dict[str, np.ndarray]:
-    batch = {}
-    for key in rows[0]:
-        column = np.empty(len(rows), dtype=object)
-        column[:] = [row[key] for row in rows]
-        batch[key] = column
-    return batch
-
-
-def by_relpath(batch: dict[str, np.ndarray]) -> dict[str, dict]:
-    return {batch["relpath"][i]: {k: v[i] for k, v in batch.items()} for i in range(len(batch["id"]))}
 
 
 def text_image(width: int, height: int) -> np.ndarray:

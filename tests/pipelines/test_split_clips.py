@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import soundfile as sf
+from lf_batches import to_batch
 from PIL import Image
 from pydantic import ValidationError
 
@@ -43,15 +44,6 @@ def shot_frames(shots) -> np.ndarray:
             x = (0.3 + 0.4 * k / count) if moving else 0.5
             out.append(draw_shape(SIDE, shape, colour, background, (x * SIDE, 0.5 * SIDE)))
     return np.stack(out)
-
-
-def to_batch(rows: list[dict]) -> dict[str, np.ndarray]:
-    batch = {}
-    for key in rows[0]:
-        column = np.empty(len(rows), dtype=object)
-        column[:] = [row[key] for row in rows]
-        batch[key] = column
-    return batch
 
 
 def stage_cfg(clips: ClipSplitConfig = CLIPS) -> SimpleNamespace:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from lf_batches import to_batch
 from PIL import Image
 
 from latentforge.datasets import media
@@ -21,11 +22,10 @@ from latentforge.datasets.manifest import channel_stats
 from latentforge.datasets.shards import iter_shards, load_npy, sha256_file
 from latentforge.pipelines.config import CurationConfig, FilterConfig
 from latentforge.pipelines.curate import SCAN_STAGES, STAGES
-from latentforge.pipelines.stage import rows_of
-from latentforge.pipelines.stages.dedup import find_duplicates, mark_duplicates
 from latentforge.pipelines.discover import discover, orphan_captions, sample_id
-from latentforge.pipelines.stage import Reject, Stage, map_ok_rows
+from latentforge.pipelines.stage import Reject, Stage, map_ok_rows, rows_of
 from latentforge.pipelines.stages.caption_sidecar import CaptionSidecar, read_sidecar_caption
+from latentforge.pipelines.stages.dedup import find_duplicates, mark_duplicates
 from latentforge.pipelines.stages.encode_latents import EncodeLatents
 from latentforge.pipelines.stages.encode_text import EncodeText, default_text_model
 from latentforge.pipelines.stages.filter_basic import FilterBasic
@@ -64,16 +64,6 @@ LATENT_SHAPES = {
     "video": (12, VIDEO_FRAMES, IMAGE_SIZE // 2, IMAGE_SIZE // 2),
     "audio": (64, AUDIO_RATE // 64, 1, 1),
 }
-
-
-def to_batch(rows: list[dict]) -> dict[str, np.ndarray]:
-    """discover's row dicts -> the columnar batch Ray Data hands a stage (numpy object arrays)."""
-    batch = {}
-    for key in rows[0]:
-        column = np.empty(len(rows), dtype=object)
-        column[:] = [row[key] for row in rows]
-        batch[key] = column
-    return batch
 
 
 def rows_by_relpath(batch: dict[str, np.ndarray]) -> dict[str, dict]:
