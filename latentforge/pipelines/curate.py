@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from latentforge.datasets import manifest as mf
 from latentforge.datasets.shards import load_npy
 from latentforge.pipelines.config import CurationConfig
 from latentforge.pipelines.discover import discover, orphan_captions
+from latentforge.pipelines.resume import done_groups
 from latentforge.pipelines.stage import Stage, apply_stage, cpu_scale, stage_resources
 from latentforge.pipelines.stages.caption_sidecar import CaptionSidecar
 from latentforge.pipelines.stages.dedup import ContentHash, find_duplicates, mark_duplicates
@@ -92,14 +94,25 @@ def fit_to_cluster(stages: tuple[type[Stage], ...], cfg: CurationConfig) -> floa
     return factor
 
 
-def dedup(ds, cfg: CurationConfig):
-    """Exact and near duplicates across the whole corpus (needs every hash at once, so it runs here)."""
-    hashes = ds.select_columns(HASH_COLUMNS).take_all()
+def dedup(ds, cfg: CurationConfig, done: list[dict] = ()):
+    """Exact and near duplicates across the whole corpus (needs every hash at once, so it runs here).
+
+    `done`: metadata rows of groups finished by an earlier run; they vote as they did then, so a resumed job
+    picks the same representatives as an uninterrupted one.
+    """
+    hashes = ds.select_columns(HASH_COLUMNS).take_all() + [hashes_as_at_dedup(r) for r in done]
     dups = find_duplicates(hashes, cfg.dedup) if cfg.dedup.enabled else {}
     where = {h["id"]: h["relpath"] for h in hashes}
     notes = {d: f"{kind} duplicate of {where[rep]} ({rep})" for d, (rep, kind) in dups.items()}
     return ds.map_batches(mark_and_explain, fn_kwargs={"dups": dups, "notes": notes}, batch_format="numpy",
                           num_cpus=0.1)
+
+
+def hashes_as_at_dedup(row: dict) -> dict:
+    """A finished row's hash columns with the status it had when dedup ran (later stages may have filtered it)."""
+    later = {s.name for s in STAGES} | {"dedup"}
+    status = "ok" if row["status"] == "ok" or row["stage"] in later else row["status"]
+    return {**{k: row.get(k) for k in HASH_COLUMNS}, "status": status}
 
 
 def mark_and_explain(batch: dict, dups: dict, notes: dict) -> dict:
@@ -110,14 +123,15 @@ def mark_and_explain(batch: dict, dups: dict, notes: dict) -> dict:
     return out
 
 
-def build_pipeline(rows: list[dict], cfg: CurationConfig, shard_dir: Path):
-    ds = dedup(scan(rows, cfg), cfg)
+def build_pipeline(rows: list[dict], cfg: CurationConfig, shard_dir: Path, done: list[dict] = ()):
+    ds = dedup(scan(rows, cfg), cfg, done)
     factor = fit_to_cluster(STAGES, cfg)
     for stage in STAGES:
         ds = apply_stage(ds, stage, cfg, factor)
     num_shards = rows[-1]["shard"] + 1
     return ds.groupby("shard", num_partitions=num_shards).map_groups(
-        write_shard_group, fn_kwargs={"shard_dir": str(shard_dir), "max_bytes": int(cfg.max_shard_mb * 2**20)},
+        write_shard_group, fn_kwargs={"shard_dir": str(shard_dir), "max_bytes": int(cfg.max_shard_mb * 2**20),
+                                      "config_hash": config_hash(cfg)},
         batch_format="numpy", num_cpus=0.25)
 
 
@@ -129,8 +143,14 @@ def run_curation(cfg: CurationConfig, dataset_dir: Path) -> CurationResult:
     rows = discover(cfg.input_dir, cfg.samples_per_shard)
     if not rows:
         raise ValueError(f"no input files under {cfg.input_dir}")
-    meta = build_pipeline(rows, cfg, shard_dir).take_all()
-    return write_dataset(meta, rows, cfg, dataset_dir)
+    done = done_groups(shard_dir, config_hash(cfg))  # resume: groups an earlier run finished are kept as they are
+    finished = [r for group, group_rows in sorted(done.items()) for r in group_rows]
+    pending = [r for r in rows if r["shard"] not in done]
+    if done:
+        logging.getLogger(__name__).warning("resuming: %d of %d shard groups already done, %d inputs to go",
+                                            len(done), rows[-1]["shard"] + 1, len(pending))
+    meta = build_pipeline(pending, cfg, shard_dir, finished).take_all() if pending else []
+    return write_dataset(finished + meta, rows, cfg, dataset_dir)
 
 
 def write_dataset(meta: list[dict], rows: list[dict], cfg: CurationConfig, dataset_dir: Path) -> CurationResult:
@@ -139,7 +159,8 @@ def write_dataset(meta: list[dict], rows: list[dict], cfg: CurationConfig, datas
         raise RuntimeError(f"curation lost track of {len(lost)} inputs, e.g. {sorted(lost)[:3]}")
     if len({m["id"] for m in meta}) != len(meta):
         raise RuntimeError("curation produced duplicate sample ids")
-    kept = [m for m in meta if m["status"] == "ok"]
+    # In id order: float sums (latent statistics) then do not depend on the order Ray returned the rows in.
+    kept = sorted((m for m in meta if m["status"] == "ok"), key=lambda m: m["id"])
     for m in kept:
         m["shard"], m["latent_shape"] = m["shard_name"], [int(s) for s in m["latent_shape"]]
     others = [m for m in meta if m["status"] != "ok"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from latentforge.datasets.shards import LatentShardWriter, load_npy, npy_bytes, sha256_file
+from latentforge.pipelines.resume import write_marker
 from latentforge.pipelines.stage import rows_of
 
 HEAVY = ("latent", "text_emb", "text_mask")
@@ -58,11 +59,17 @@ def write_parts(kept: list[dict], shard_dir: Path, max_bytes: int) -> dict[str, 
     return {key: (name, digests[name]) for key, name in placed.items()}
 
 
-def write_shard_group(batch: dict, shard_dir: str, max_bytes: int = 256 * 2**20) -> dict:
-    """`groupby("shard").map_groups(write_shard_group, ...)`: this group's tars, and its rows minus latents."""
+def write_shard_group(batch: dict, shard_dir: str, max_bytes: int = 256 * 2**20,
+                      config_hash: str | None = None) -> dict:
+    """`groupby("shard").map_groups(write_shard_group, ...)`: this group's tars, and its rows minus latents.
+
+    With `config_hash`, a done-marker follows the tars, so a rerun of the job can skip this group.
+    """
     rows = sorted(rows_of(batch), key=lambda r: r["id"])
     placed = write_parts([r for r in rows if r["status"] == "ok"], Path(shard_dir), max_bytes)
     out = {k: v for k, v in batch.items() if k not in HEAVY}
     out["shard_name"] = np.array([placed.get(i, ("", ""))[0] for i in batch["id"]], dtype=object)
     out["shard_sha256"] = np.array([placed.get(i, ("", ""))[1] for i in batch["id"]], dtype=object)
+    if config_hash is not None:
+        write_marker(Path(shard_dir), int(batch["shard"][0]), rows_of(out), config_hash)
     return out

@@ -1,0 +1,67 @@
+"""Curation resume: a shard group is done once its tars and a done-marker exist; a rerun redoes only the rest.
+
+The marker (`shards/_done/group-GGGGGG.json`) is written after the group's tars, holds the group's metadata
+rows (everything but latents) and the config hash, and is trusted only when every tar it names still has its
+recorded sha256. Shards are deterministic given inputs and config, so a resumed job writes the same dataset
+as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import numpy as np
+
+from latentforge.datasets.shards import sha256_file
+
+DONE_DIR = "_done"
+BYTES_TAG = "__b64__"
+
+
+def marker_path(shard_dir: Path, group: int) -> Path:
+    return Path(shard_dir) / DONE_DIR / f"group-{int(group):06d}.json"
+
+
+def _plain(value):
+    if isinstance(value, bytes):
+        return {BYTES_TAG: base64.b64encode(value).decode()}
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _restore(value):
+    if isinstance(value, dict) and BYTES_TAG in value:
+        return base64.b64decode(value[BYTES_TAG])
+    return value
+
+
+def write_marker(shard_dir: Path, group: int, rows: list[dict], config_hash: str) -> None:
+    shards = sorted({r["shard_name"] for r in rows if r.get("shard_name")})
+    body = {"config_hash": config_hash, "shards": {s: sha256_file(Path(shard_dir) / s) for s in shards},
+            "rows": [{k: _plain(v) for k, v in r.items()} for r in rows]}
+    path = marker_path(shard_dir, group)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    tmp.write_text(json.dumps(body))
+    tmp.replace(path)
+
+
+def done_groups(shard_dir: Path, config_hash: str) -> dict[int, list[dict]]:
+    """Groups whose marker matches this config and whose tars are intact: group -> metadata rows."""
+    out: dict[int, list[dict]] = {}
+    for path in sorted((Path(shard_dir) / DONE_DIR).glob("group-*.json")):
+        try:
+            body = json.loads(path.read_text())
+        except ValueError:
+            continue
+        intact = all((Path(shard_dir) / s).is_file() and sha256_file(Path(shard_dir) / s) == h
+                     for s, h in body["shards"].items())
+        if body.get("config_hash") == config_hash and intact:
+            out[int(path.stem.split("-")[1])] = [{k: _restore(v) for k, v in r.items()} for r in body["rows"]]
+    return out
