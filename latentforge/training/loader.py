@@ -72,13 +72,20 @@ def is_validation(key: str, fraction: float) -> bool:
 def select_samples(datasets: Dataset | list[Dataset], stage: TrainStageConfig,
                    split: str = "train") -> tuple[list[Path], list[tuple]]:
     """Shard paths and (dataset index, sample id) pairs, sorted, that the stage's selection picks."""
-    shards, keys = set(), []
+    where = selection_shards(datasets, stage, split)
+    return sorted({p for p in where.values()}), sorted(where)
+
+
+def selection_shards(datasets: Dataset | list[Dataset], stage: TrainStageConfig,
+                     split: str = "train") -> dict[tuple, Path]:
+    """(dataset index, sample id) -> the shard holding it, for the samples the stage's selection picks."""
+    out = {}
     for n, dataset in enumerate(as_list(datasets)):
         table = dataset.select(stage.where, list(stage.modalities))
-        keys += [(n, i) for i in table["id"].to_pylist()
-                 if is_validation(i, stage.val_fraction) == (split == "val")]
-        shards |= {(n, dataset.shard_path(s)) for s in table["shard"].to_pylist()}
-    return [p for _, p in sorted(shards)], sorted(keys)
+        for key, shard in zip(table["id"].to_pylist(), table["shard"].to_pylist()):
+            if is_validation(key, stage.val_fraction) == (split == "val"):
+                out[(n, key)] = dataset.shard_path(shard)
+    return out
 
 
 def stage_lineage(datasets: Dataset | list[Dataset], stage: TrainStageConfig) -> dict:
@@ -99,14 +106,14 @@ def load_rank_samples(datasets: Dataset | list[Dataset], stage: TrainStageConfig
                       world: int, split: str = "train") -> list[LatentSample]:
     """This rank's share of the selection (every world-th key), read from the shards that hold it."""
     datasets = open_datasets(datasets)
-    _, keys = select_samples(datasets, stage, split)
+    where = selection_shards(datasets, stage, split)
+    keys = sorted(where)
     if len(keys) < world:
         raise ValueError(f"stage {stage.name!r} selects {len(keys)} samples, fewer than {world} workers")
     mine = set(keys[rank::world])
     out = []
-    for n, dataset in enumerate(datasets):
-        table = dataset.select(stage.where, list(stage.modalities))
-        shards = sorted({dataset.shard_path(s) for s in table["shard"].to_pylist()})
+    for n in range(len(datasets)):  # only the shards that hold this rank's samples are read
+        shards = sorted({where[k] for k in mine if k[0] == n})
         out += [s for s in iter_shards(shards) if (n, s.key) in mine]
     return out
 

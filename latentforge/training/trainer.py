@@ -6,7 +6,7 @@ from pathlib import Path
 
 from latentforge.datasets.manifest import Dataset
 from latentforge.training.config import PlanConfig, TrainStageConfig
-from latentforge.training.dit import DiT_models
+from latentforge.training.dit import DiT_archs, DiTConfig
 from latentforge.training.loader import open_datasets
 from latentforge.training.loop import StageJob, train_stage
 from latentforge.training.sink import MetricSink, NullSink
@@ -21,14 +21,11 @@ class StageResult:
 
 def model_config(plan: PlanConfig, card: dict) -> dict:
     """The resolved DiTConfig: the preset, shaped to the dataset's latents and text, then the plan's overrides."""
-    import torch
-
     enc = card["encoders"]
     fitted = {key: enc[family][field] for key, family, field in (
         ("visual_channels", "visual", "channels"), ("audio_channels", "audio", "channels"),
         ("text_dim", "text", "dim"), ("max_text_len", "text", "max_len")) if family in enc}
-    with torch.device("meta"):  # only the config is wanted: build no real weights
-        return DiT_models[plan.model.preset](**{**fitted, **plan.model.overrides}).cfg.to_dict()
+    return DiTConfig.from_dict({**DiT_archs[plan.model.preset], **fitted, **plan.model.overrides}).to_dict()
 
 
 def fit_stage(plan: PlanConfig, stage: TrainStageConfig, dataset_dirs: list[Path], storage_path: Path, run_name: str,

@@ -19,10 +19,6 @@ if TYPE_CHECKING:
     from latentforge.pipelines.config import CurationConfig
 
 
-def shape_name(shape: tuple[int, ...]) -> str:
-    return "x".join(str(int(s)) for s in shape)
-
-
 def check_buckets(cfg: CurationConfig, visual) -> None:
     """Refuse, before any work, a bucket the visual encoder cannot take (size multiple, frame rule)."""
     for b in cfg.bucket_table():
