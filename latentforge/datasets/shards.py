@@ -1,6 +1,7 @@
 """Latent shards: WebDataset tars whose members are npy / txt / json only (never pickle).
 
-Per sample `KEY.latent.npy`, `KEY.text.npy`, `KEY.text_mask.npy`, `KEY.caption.txt`, `KEY.meta.json`.
+Per sample `KEY.latent.npy`, `KEY.text.npy`, `KEY.text_mask.npy`, `KEY.caption.txt`, `KEY.meta.json`, and
+optionally `KEY.repa.npy` (float16 (N, D) encoder features for a representation-alignment loss).
 WebDataset splits a member name at the first dot, so keys must not contain one.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 MEMBERS = ("latent.npy", "text.npy", "text_mask.npy", "caption.txt", "meta.json")
+OPTIONAL_MEMBERS = ("repa.npy",)
 
 
 class ShardFormatError(ValueError):
@@ -30,6 +32,7 @@ class LatentSample:
     text_mask: np.ndarray  # bool (L,)
     caption: str
     meta: dict
+    repa: np.ndarray | None = None  # float16 (N, D) REPA target features, when the dataset has them
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -66,7 +69,11 @@ class LatentShardWriter:
         missing = set(MEMBERS) - set(members)
         if missing:
             raise ShardFormatError(f"sample {key}: missing members {sorted(missing)}")
-        self._tar.write({"__key__": check_key(key), **{name: members[name] for name in MEMBERS}})
+        unknown = set(members) - set(MEMBERS) - set(OPTIONAL_MEMBERS)
+        if unknown:
+            raise ShardFormatError(f"sample {key}: unexpected members {sorted(unknown)}")
+        names = MEMBERS + tuple(n for n in OPTIONAL_MEMBERS if n in members)
+        self._tar.write({"__key__": check_key(key), **{name: members[name] for name in names}})
         self.count += 1
 
     def write_sample(self, sample: LatentSample) -> None:
@@ -98,16 +105,17 @@ def encode_members(sample: LatentSample) -> dict[str, bytes]:
         "text_mask.npy": npy_bytes(sample.text_mask.astype(bool)),
         "caption.txt": sample.caption.encode("utf-8"),
         "meta.json": json.dumps(sample.meta, sort_keys=True).encode("utf-8"),
-    }
+    } | ({} if sample.repa is None else {"repa.npy": npy_bytes(sample.repa.astype(np.float16))})
 
 
 def decode_sample(raw: dict) -> LatentSample:
     """Decode one raw WebDataset sample dict by member name; unknown members are refused, not guessed at."""
     key = raw["__key__"]
     names = {k for k in raw if not k.startswith("__")}
-    unknown = names - set(MEMBERS)
+    unknown = names - set(MEMBERS) - set(OPTIONAL_MEMBERS)
     if unknown:
-        raise ShardFormatError(f"sample {key}: unexpected members {sorted(unknown)} (only {MEMBERS} allowed)")
+        raise ShardFormatError(f"sample {key}: unexpected members {sorted(unknown)} "
+                               f"(only {MEMBERS + OPTIONAL_MEMBERS} allowed)")
     missing = set(MEMBERS) - names
     if missing:
         raise ShardFormatError(f"sample {key}: missing members {sorted(missing)}")
@@ -119,6 +127,7 @@ def decode_sample(raw: dict) -> LatentSample:
             text_mask=load_npy(raw["text_mask.npy"]).astype(bool),
             caption=raw["caption.txt"].decode("utf-8"),
             meta=json.loads(raw["meta.json"]),
+            repa=load_npy(raw["repa.npy"]) if "repa.npy" in raw else None,
         )
     except (ValueError, UnicodeDecodeError) as e:
         raise ShardFormatError(f"sample {key}: {e}") from e
