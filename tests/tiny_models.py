@@ -102,3 +102,17 @@ def save_text_model(kind: str, root: Path) -> str:
     model.save_pretrained(str(root))
     tokenizer.save_pretrained(str(root))
     return str(root)
+
+
+def save_clip_vision(root: Path, projection_dim: int = 16, image_size: int = 32) -> str:
+    """A tiny random CLIP vision tower with projection, and its image processor, saved like a hub checkpoint."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=image_size, patch_size=8, projection_dim=projection_dim)
+    CLIPVisionModelWithProjection(config).save_pretrained(str(root))
+    CLIPImageProcessor(size={"shortest_edge": image_size},
+                       crop_size={"height": image_size, "width": image_size}).save_pretrained(str(root))
+    return str(root)

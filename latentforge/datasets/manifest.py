@@ -51,6 +51,8 @@ MANIFEST_SCHEMA = pa.schema(
         ("score_motion", pa.float32()),
         ("score_motion_jitter", pa.float32()),
         ("score_text_area", pa.float32()),
+        ("score_aesthetic", pa.float32()),
+        ("score_nsfw", pa.float32()),
         ("score_loudness", pa.float32()),
         ("score_silence_ratio", pa.float32()),
         ("score_clipping_ratio", pa.float32()),

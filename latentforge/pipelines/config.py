@@ -13,6 +13,8 @@ from latentforge.pipelines.stages.filter_audio import AudioQualityConfig
 from latentforge.pipelines.stages.filter_motion import MotionConfig
 from latentforge.pipelines.stages.filter_sharpness import SharpnessConfig
 from latentforge.pipelines.stages.filter_text_area import TextAreaConfig
+from latentforge.pipelines.stages.score_aesthetic import AestheticConfig
+from latentforge.pipelines.stages.score_nsfw import NsfwConfig
 from latentforge.pipelines.stages.split_clips import ClipSplitConfig
 
 
@@ -48,6 +50,8 @@ class CurationConfig(Strict):
     sharpness: SharpnessConfig = SharpnessConfig()
     motion: MotionConfig = MotionConfig()
     text_area: TextAreaConfig = TextAreaConfig()
+    aesthetic: AestheticConfig = AestheticConfig()
+    nsfw: NsfwConfig = NsfwConfig()
     audio_quality: AudioQualityConfig = AudioQualityConfig()
     encoders: EncodersConfig = EncodersConfig()
     resources: dict[str, StageResources] = Field(

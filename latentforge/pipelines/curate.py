@@ -27,12 +27,15 @@ from latentforge.pipelines.stages.filter_motion import FilterMotion
 from latentforge.pipelines.stages.filter_sharpness import FilterSharpness
 from latentforge.pipelines.stages.filter_text_area import FilterTextArea
 from latentforge.pipelines.stages.probe_media import ProbeMedia
+from latentforge.pipelines.stages.score_aesthetic import ScoreAesthetic
+from latentforge.pipelines.stages.score_nsfw import ScoreNsfw
 from latentforge.pipelines.stages.split_clips import SplitClips
 from latentforge.pipelines.stages.write_shards import write_shard_group
 
 # Before the global dedup pass (the pipeline materialises here), and after it.
 SCAN_STAGES: tuple[type[Stage], ...] = (ProbeMedia, FilterBasic, CaptionSidecar, SplitClips, ContentHash)
-STAGES: tuple[type[Stage], ...] = (FilterSharpness, FilterMotion, FilterTextArea, FilterAudioQuality, EncodeLatents,
+STAGES: tuple[type[Stage], ...] = (FilterSharpness, FilterMotion, FilterTextArea, ScoreAesthetic, ScoreNsfw,
+                                   FilterAudioQuality, EncodeLatents,
                                    EncodeText)
 HASH_COLUMNS = ["id", "relpath", "status", "modality", "content_sha256", "phash", "score_resolution"]
 FORMAT_VERSION = 1
