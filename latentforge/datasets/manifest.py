@@ -43,6 +43,11 @@ MANIFEST_SCHEMA = pa.schema(
         ("bucket", pa.string()),
         ("latent_shape", pa.list_(pa.int32())),
         ("caption", pa.string()),
+        ("caption_origin", pa.string()),  # which source became `caption`: sidecar, vlm or audio
+        ("caption_sidecar", pa.string()),  # the sidecar (alt-text) caption as found, kept beside generated ones
+        ("caption_generated", pa.string()),  # vision-language captioner (cleaned)
+        ("caption_audio", pa.string()),  # Whisper transcript (cleaned)
+        ("caption_error", pa.string()),  # why a caption source gave nothing
         ("score_resolution", pa.float32()),
         ("score_duration", pa.float32()),
         ("score_sample_rate", pa.float32()),

@@ -8,6 +8,7 @@ from pydantic import Field
 from latentforge.datasets.buckets import Bucket
 from latentforge.datasets.encoders.config import EncodersConfig
 from latentforge.pipelines.resources import StageResources, Strict
+from latentforge.pipelines.stages.caption_select import CaptioningConfig
 from latentforge.pipelines.stages.dedup import DedupConfig
 from latentforge.pipelines.stages.filter_audio import AudioQualityConfig
 from latentforge.pipelines.stages.filter_motion import MotionConfig
@@ -52,6 +53,7 @@ class CurationConfig(Strict):
     text_area: TextAreaConfig = TextAreaConfig()
     aesthetic: AestheticConfig = AestheticConfig()
     nsfw: NsfwConfig = NsfwConfig()
+    captioning: CaptioningConfig = CaptioningConfig()
     audio_quality: AudioQualityConfig = AudioQualityConfig()
     encoders: EncodersConfig = EncodersConfig()
     resources: dict[str, StageResources] = Field(

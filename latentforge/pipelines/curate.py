@@ -17,7 +17,11 @@ from latentforge.pipelines.config import CurationConfig
 from latentforge.pipelines.discover import discover, orphan_captions
 from latentforge.pipelines.resume import done_groups
 from latentforge.pipelines.stage import Stage, apply_stage, cpu_scale, stage_resources
+from latentforge.pipelines.stages.caption_audio import CaptionAudio
+from latentforge.pipelines.stages.caption_prep import CaptionPrep
+from latentforge.pipelines.stages.caption_select import CaptionSelect
 from latentforge.pipelines.stages.caption_sidecar import CaptionSidecar
+from latentforge.pipelines.stages.caption_vlm import CaptionVLM
 from latentforge.pipelines.stages.dedup import ContentHash, find_duplicates, mark_duplicates
 from latentforge.pipelines.stages.encode_latents import EncodeLatents
 from latentforge.pipelines.stages.encode_text import EncodeText
@@ -35,7 +39,8 @@ from latentforge.pipelines.stages.write_shards import write_shard_group
 # Before the global dedup pass (the pipeline materialises here), and after it.
 SCAN_STAGES: tuple[type[Stage], ...] = (ProbeMedia, FilterBasic, CaptionSidecar, SplitClips, ContentHash)
 STAGES: tuple[type[Stage], ...] = (FilterSharpness, FilterMotion, FilterTextArea, ScoreAesthetic, ScoreNsfw,
-                                   FilterAudioQuality, EncodeLatents,
+                                   FilterAudioQuality, CaptionPrep, CaptionVLM, CaptionAudio, CaptionSelect,
+                                   EncodeLatents,
                                    EncodeText)
 HASH_COLUMNS = ["id", "relpath", "status", "modality", "content_sha256", "phash", "score_resolution"]
 FORMAT_VERSION = 1
@@ -66,11 +71,17 @@ def config_hash(cfg: CurationConfig) -> str:
     return hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]
 
 
+def active_stages(stages: tuple[type[Stage], ...], cfg: CurationConfig) -> tuple[type[Stage], ...]:
+    """The stages this config runs: a stage with an `enabled(cfg)` classmethod (the captioners) is left out of the
+    chain when it says no, so an unused model costs no actor pool at all."""
+    return tuple(s for s in stages if getattr(s, "enabled", lambda _cfg: True)(cfg))
+
+
 def stage_graph(cfg: CurationConfig) -> list[dict]:
     """The stage chain with each stage's resources, as it will be handed to Ray Data."""
     rows = [{"stage": s.name, **stage_resources(s, cfg).model_dump()} for s in SCAN_STAGES]
     rows.append({"stage": "dedup (global, on the driver)", "num_cpus": 0, "num_gpus": 0, "batch_size": 0, "pool": 0})
-    return rows + [{"stage": s.name, **stage_resources(s, cfg).model_dump()} for s in STAGES]
+    return rows + [{"stage": s.name, **stage_resources(s, cfg).model_dump()} for s in active_stages(STAGES, cfg)]
 
 
 def scan(rows: list[dict], cfg: CurationConfig):
@@ -128,8 +139,9 @@ def mark_and_explain(batch: dict, dups: dict, notes: dict) -> dict:
 
 def build_pipeline(rows: list[dict], cfg: CurationConfig, shard_dir: Path, done: list[dict] = ()):
     ds = dedup(scan(rows, cfg), cfg, done)
-    factor = fit_to_cluster(STAGES, cfg)
-    for stage in STAGES:
+    stages = active_stages(STAGES, cfg)
+    factor = fit_to_cluster(stages, cfg)
+    for stage in stages:
         ds = apply_stage(ds, stage, cfg, factor)
     num_shards = rows[-1]["shard"] + 1
     return ds.groupby("shard", num_partitions=num_shards).map_groups(

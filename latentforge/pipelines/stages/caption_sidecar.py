@@ -29,10 +29,20 @@ def read_sidecar_caption(path: str | Path) -> str:
 
 
 class CaptionSidecar(Stage):
+    """`caption` and `caption_sidecar` from the sidecar file. A missing or unreadable one rejects the row, unless
+    a captioner is enabled (`captioning`): then the reason goes to `caption_error` and CaptionSelect decides."""
+
     name = "caption_sidecar"
     resources = StageResources(num_cpus=0.25, batch_size=32, pool=1)
-    outputs = {"caption": "", "score_caption_words": 0.0}
+    outputs = {"caption": "", "score_caption_words": 0.0, "caption_sidecar": "", "caption_origin": "",
+               "caption_error": ""}
 
     def process_row(self, row: dict) -> dict:
-        caption = read_sidecar_caption(row["caption_path"])
-        return {"caption": caption, "score_caption_words": float(len(caption.split()))}
+        try:
+            caption = read_sidecar_caption(row["caption_path"])
+        except Reject as r:
+            if self.cfg.captioning.sidecar_required:
+                raise
+            return {"caption_error": f"sidecar: {r.reason}: {r.message}"}
+        return {"caption": caption, "score_caption_words": float(len(caption.split())), "caption_sidecar": caption,
+                "caption_origin": "sidecar"}

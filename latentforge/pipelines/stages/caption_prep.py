@@ -1,0 +1,95 @@
+"""CPU preparation for the captioners: decode what they need into the row, so GPU actors never wait on decoding.
+
+Visual rows get `captioning.vlm.frames` evenly spaced frames of their clip (its [clip_start_s, clip_end_s) span
+from SplitClips; 1 frame for images) at the captioner's square input size; audio rows get a 16 kHz mono
+waveform. Both travel as npy bytes (a plain binary column, no Python objects in the blocks). A file that cannot
+be decoded here could not be encoded either, so it is rejected with the decoder's reason.
+"""
+from __future__ import annotations
+
+from math import gcd
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+from latentforge.datasets import media
+from latentforge.datasets.shards import npy_bytes
+from latentforge.pipelines.resources import StageResources
+from latentforge.pipelines.stage import Batch, Reject, Stage, map_ok_rows
+from latentforge.pipelines.stages.caption_audio import AUDIO_COLUMN, AudioCaptionConfig
+from latentforge.pipelines.stages.caption_vlm import FRAMES_COLUMN, VLMCaptionConfig
+from latentforge.pipelines.stages.split_clips import decode_frames_at
+
+if TYPE_CHECKING:
+    from latentforge.pipelines.config import CurationConfig
+
+
+def frame_times(start_s: float, end_s: float, fps: float, count: int) -> np.ndarray:
+    """Centres of up to `count` equal segments of [start_s, end_s); fewer when the span holds fewer frames."""
+    available = int(round((end_s - start_s) * fps)) if fps > 0 else count
+    count = max(1, min(count, available))
+    step = (end_s - start_s) / count
+    return start_s + (np.arange(count) + 0.5) * step
+
+
+def decode_visual(row: dict, cfg: VLMCaptionConfig, timeout_s: float) -> np.ndarray:
+    """uint8 (N, S, S, 3): the image, or evenly spaced frames of the row's clip."""
+    size = (cfg.image_size, cfg.image_size)
+    if row["modality"] == "image":
+        if cfg.resize == "crop":
+            return media.decode_image(row["uri"], size)[None]
+        native = media.decode_image(row["uri"], (int(row["height"]), int(row["width"])))  # oriented, no resize
+        return np.asarray(Image.fromarray(native).resize(size[::-1], Image.Resampling.BICUBIC))[None]
+    start, end = float(row.get("clip_start_s", 0.0) or 0.0), float(row.get("clip_end_s", 0.0) or 0.0)
+    if end <= start:  # no duration known: spread the frames over the whole file
+        return media.decode_video(row["uri"], cfg.frames, size, timeout_s=timeout_s)[0]
+    times = frame_times(start, end, float(row.get("fps", 0.0) or 0.0), cfg.frames)
+    return decode_frames_at(row["uri"], times, size, timeout_s=timeout_s, stretch=cfg.resize == "stretch")[0]
+
+
+def decode_speech(row: dict, cfg: AudioCaptionConfig) -> np.ndarray:
+    """float32 mono at cfg.sample_rate, at most cfg.max_seconds long."""
+    from scipy.signal import resample_poly
+
+    source = int(row.get("sample_rate", 0) or 0) or cfg.sample_rate
+    seconds = min(float(row.get("duration_s", 0.0) or cfg.max_seconds), cfg.max_seconds)
+    mono = media.decode_audio(row["uri"], source, max(1, int(round(seconds * source))))  # native rate: no resampling
+    if source == cfg.sample_rate:
+        return mono
+    # Polyphase with an anti-alias filter, not media's linear interpolation: aliasing from 44.1/48 kHz down to
+    # 16 kHz folds hiss into the band Whisper listens to.
+    g = gcd(source, cfg.sample_rate)
+    return resample_poly(mono, cfg.sample_rate // g, source // g).astype(np.float32)
+
+
+class CaptionPrep(Stage):
+    """Adds `_caption_frames` (visual rows) and/or `_caption_audio` (audio rows) for the enabled captioners."""
+
+    name = "caption_prep"
+    resources = StageResources(num_cpus=1.0, batch_size=8, pool=1)
+
+    @classmethod
+    def enabled(cls, cfg: CurationConfig) -> bool:
+        return cfg.captioning.vlm.enabled or cfg.captioning.audio.enabled
+
+    def __init__(self, cfg: CurationConfig):
+        super().__init__(cfg)
+        cap = cfg.captioning
+        # Only the columns an enabled captioner consumes (and removes); every row gets them, empty if unused.
+        self.columns = {**({FRAMES_COLUMN: b""} if cap.vlm.enabled else {}),
+                        **({AUDIO_COLUMN: b""} if cap.audio.enabled else {})}
+
+    def __call__(self, batch: Batch) -> Batch:
+        return map_ok_rows(batch, self.process_row, self.columns, self.name)
+
+    def process_row(self, row: dict) -> dict:
+        cap, modality = self.cfg.captioning, row["modality"]
+        try:
+            if modality in ("image", "video") and cap.vlm.enabled:
+                return {FRAMES_COLUMN: npy_bytes(decode_visual(row, cap.vlm, self.cfg.decode_timeout_s))}
+            if modality == "audio" and cap.audio.enabled:
+                return {AUDIO_COLUMN: npy_bytes(decode_speech(row, cap.audio))}
+        except media.MediaError as e:
+            raise Reject(e.reason, str(e)) from e
+        return {}

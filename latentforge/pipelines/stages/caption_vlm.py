@@ -1,0 +1,177 @@
+"""Captions of images and video clips from a vision-language model (transformers), on frames CaptionPrep decoded.
+
+Several frames per clip are captioned one by one, all frames of a batch of rows in one `generate` call, and a
+clip's frame captions are merged in time order ("X, then Y"; repeats dropped). Chosen over a frame grid because
+single-image captioners (BLIP) were trained on single photos: a grid shrinks each frame to a quarter of the input
+and draws captions like "a collage of four pictures"; per-frame captions keep full resolution and still say
+what changes over the clip.
+
+`family` picks how a model is loaded and prompted, so Florence-2 or Qwen2-VL class models plug in beside BLIP.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+import numpy as np
+from pydantic import Field
+
+from latentforge.datasets.shards import load_npy
+from latentforge.pipelines.caption_clean import clean_caption, merge_captions
+from latentforge.pipelines.resources import StageResources, Strict
+from latentforge.pipelines.stage import Batch, Stage
+
+if TYPE_CHECKING:
+    from latentforge.pipelines.config import CurationConfig
+
+FRAMES_COLUMN = "_caption_frames"  # npy bytes of uint8 (N, S, S, 3), written by CaptionPrep
+
+
+class VLMCaptionConfig(Strict):
+    """A vision-language captioner; `model` is a hub id or a local directory (as `from_pretrained` takes it)."""
+
+    enabled: bool = Field(False, description="caption images and video clips with a vision-language model")
+    family: Literal["blip", "florence2", "qwen2_vl"] = Field("blip", description="how the model is loaded/prompted")
+    model: str = Field("Salesforce/blip-image-captioning-base", description="hub id or local directory")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: float16 on GPU, float32 on CPU")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    prompt: str | None = Field(None, description="BLIP: text the caption continues (e.g. 'a picture of'); "
+                               "florence2: a task token (default <MORE_DETAILED_CAPTION>); qwen2_vl: the instruction")
+    image_size: int = Field(384, ge=8, description="side of the square frames CaptionPrep decodes (model input)")
+    resize: Literal["stretch", "crop"] = Field("stretch", description="squash the whole frame to the square "
+                                               "(as BLIP's processor does) or cover it and centre-crop")
+    frames: int = Field(3, ge=1, description="evenly spaced frames captioned per video clip (images: 1)")
+    max_parts: int = Field(3, ge=1, description="most distinct frame captions merged into a clip's caption")
+    max_new_tokens: int = Field(40, ge=1)
+    min_new_tokens: int = Field(0, ge=0, description="forbid ending before this many tokens")
+    num_beams: int = Field(3, ge=1)
+    chunk: int = Field(32, ge=1, description="most frames per generate call (bounds activation memory)")
+    trust_remote_code: bool = Field(False, description="needed only by repositories with custom code")
+
+
+def device_and_dtype(cfg: VLMCaptionConfig):
+    import torch
+
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    if cfg.dtype == "auto":  # float16 rather than bfloat16: captioners were released and evaluated in fp16
+        return device, torch.float16 if device.type == "cuda" else torch.float32
+    return device, getattr(torch, cfg.dtype)
+
+
+def _image_text_model_class():
+    import transformers
+
+    # transformers 5 renamed AutoModelForVision2Seq to AutoModelForImageTextToText; 4.x has one or both.
+    return getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
+
+
+class Captioner:
+    """Loads a family's processor + model once; `caption(frames) -> texts`, one per uint8 (H, W, 3) frame."""
+
+    default_prompt: ClassVar[str | None] = None
+
+    def __init__(self, cfg: VLMCaptionConfig):
+        import torch
+        from transformers import AutoProcessor
+
+        self.cfg, self.torch = cfg, torch
+        self.device, self.dtype = device_and_dtype(cfg)
+        kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+        self.processor = AutoProcessor.from_pretrained(cfg.model, **kwargs)
+        self.model = self.load_model(kwargs).to(self.device, self.dtype).eval()
+        self.prompt = cfg.prompt if cfg.prompt is not None else self.default_prompt
+
+    def load_model(self, kwargs: dict):
+        return _image_text_model_class().from_pretrained(self.cfg.model, **kwargs)
+
+    def inputs(self, frames: list[np.ndarray]) -> dict:
+        if self.prompt:
+            return self.processor(images=frames, text=[self.prompt] * len(frames), return_tensors="pt", padding=True)
+        return self.processor(images=frames, return_tensors="pt")
+
+    def decode(self, generated, inputs) -> list[str]:
+        return self.processor.batch_decode(generated, skip_special_tokens=True)
+
+    def caption(self, frames: list[np.ndarray]) -> list[str]:
+        out: list[str] = []
+        for start in range(0, len(frames), self.cfg.chunk):
+            inputs = self.inputs(frames[start : start + self.cfg.chunk])
+            inputs = {k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
+                      for k, v in inputs.items()}
+            with self.torch.inference_mode():
+                generated = self.model.generate(**inputs, max_new_tokens=self.cfg.max_new_tokens,
+                                                min_new_tokens=self.cfg.min_new_tokens or None,
+                                                num_beams=self.cfg.num_beams)
+            out += [str(t) for t in self.decode(generated, inputs)]
+        return out
+
+
+class BlipCaptioner(Captioner):
+    """BLIP / BLIP-2 class: image (+ optional text prefix, echoed back in the output) -> caption."""
+
+
+class Florence2Captioner(Captioner):
+    """Florence-2: the prompt is a task token; captions come back without it."""
+
+    default_prompt = "<MORE_DETAILED_CAPTION>"
+
+
+class Qwen2VLCaptioner(Captioner):
+    """Qwen2-VL class chat models: one user turn (image + instruction); only the new tokens are decoded."""
+
+    default_prompt = "Describe this image in one sentence."
+
+    def inputs(self, frames: list[np.ndarray]) -> dict:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt}]}]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return self.processor(images=frames, text=[text] * len(frames), return_tensors="pt", padding=True)
+
+    def decode(self, generated, inputs) -> list[str]:
+        return self.processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+CAPTIONERS: dict[str, type[Captioner]] = {"blip": BlipCaptioner, "florence2": Florence2Captioner,
+                                          "qwen2_vl": Qwen2VLCaptioner}
+
+
+def append_error(errors: np.ndarray, i: int, message: str) -> None:
+    errors[i] = f"{errors[i]}; {message}" if errors[i] else message
+
+
+class CaptionVLM(Stage):
+    """Writes `caption_generated` for ok visual rows; a failed batch or empty caption goes to `caption_error`."""
+
+    name = "caption_vlm"
+    resources = StageResources(num_cpus=1.0, num_gpus=0.0, batch_size=8, pool=1)
+
+    @classmethod
+    def enabled(cls, cfg: CurationConfig) -> bool:
+        return cfg.captioning.vlm.enabled
+
+    def __init__(self, cfg: CurationConfig):
+        super().__init__(cfg)
+        self.captioner = CAPTIONERS[cfg.captioning.vlm.family](cfg.captioning.vlm)
+
+    def __call__(self, batch: Batch) -> Batch:
+        out = dict(batch)
+        frames = out.pop(FRAMES_COLUMN)
+        n = len(out["id"])
+        generated, errors = np.full(n, "", dtype=object), np.array(out["caption_error"], dtype=object)
+        todo = [i for i in range(n) if out["status"][i] == "ok" and len(frames[i])]
+        stacks = {i: load_npy(frames[i]) for i in todo}
+        try:
+            texts = iter(self.captioner.caption([f for i in todo for f in stacks[i]]))
+        except Exception as e:  # one failing batch costs these rows their generated caption, not the job
+            for i in todo:
+                append_error(errors, i, f"vlm: {type(e).__name__}: {e}")
+            todo = []
+        cfg = self.cfg.captioning
+        for i in todo:
+            cleaned = [clean_caption(next(texts), cfg.clean) for _ in range(len(stacks[i]))]
+            generated[i] = merge_captions(cleaned, max_parts=cfg.vlm.max_parts)
+            if not generated[i]:
+                append_error(errors, i, "vlm: empty caption after cleaning")
+        out.update(caption_generated=generated, caption_error=errors)
+        return out

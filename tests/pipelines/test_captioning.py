@@ -1,0 +1,215 @@
+"""Captioning stages as plain callables on real decoded media, with tiny BLIP / Whisper loaded by from_pretrained."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from lf_batches import by_relpath, to_batch
+from pydantic import ValidationError
+from tiny_captioners import save_tiny_blip, save_tiny_whisper
+
+from latentforge.datasets.demo_corpus import DemoCorpusSpec, encode_video, generate_demo_corpus
+from latentforge.datasets.shards import load_npy
+from latentforge.pipelines.config import CurationConfig
+from latentforge.pipelines.curate import STAGES, active_stages, stage_graph
+from latentforge.pipelines.discover import discover
+from latentforge.pipelines.stages.caption_audio import AUDIO_COLUMN, CaptionAudio
+from latentforge.pipelines.stages.caption_prep import CaptionPrep, frame_times
+from latentforge.pipelines.stages.caption_select import CaptionSelect
+from latentforge.pipelines.stages.caption_sidecar import CaptionSidecar
+from latentforge.pipelines.stages.caption_vlm import FRAMES_COLUMN, CaptionVLM
+from latentforge.pipelines.stages.probe_media import ProbeMedia
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+CPU = {"device": "cpu", "dtype": "float32"}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("captioners")
+    return {"blip": save_tiny_blip(root / "blip"), "whisper": save_tiny_whisper(root / "whisper")}
+
+
+def config(models: dict, root: Path | str = "corpus", **captioning) -> CurationConfig:
+    base = {"vlm": {"enabled": True, "model": models["blip"], "image_size": 32, "frames": 3, "max_new_tokens": 8,
+                    "min_new_tokens": 2, "num_beams": 1, **CPU},
+            "audio": {"enabled": True, "model": models["whisper"], "max_seconds": 2.0, "max_new_tokens": 8, **CPU}}
+    for key, value in captioning.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return CurationConfig(input_dir=Path(root), captioning=base)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    generate_demo_corpus(root, DemoCorpusSpec(num_images=2, num_videos=1, num_audio=2, include_broken=False, seed=3))
+    # half red, half blue: tells whether a clip's own span was decoded
+    frames = np.zeros((16, 64, 64, 3), np.uint8)
+    frames[:8, ..., 0], frames[8:, ..., 2] = 220, 220
+    encode_video(root / "videos" / "halves.mp4", frames, 8)
+    (root / "videos" / "halves.txt").write_text("red then blue")
+    (root / "images" / "img_00000.txt").unlink()  # no sidecar: a captioner must stand in
+    return root
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus: Path, models: dict) -> dict[str, np.ndarray]:
+    cfg = config(models, corpus)
+    rows = discover(corpus, samples_per_shard=64)
+    batch = CaptionSidecar(cfg)(ProbeMedia(cfg)(to_batch(rows)))
+    batch["clip_start_s"] = np.array([0.0] * len(rows))
+    batch["clip_end_s"] = np.array([float(d) for d in batch["duration_s"]])
+    batch["clip_index"] = np.array([-1] * len(rows))
+    ok = [i for i, r in enumerate(batch["relpath"]) if batch["modality"][i] != "unknown" and r != "corpus.json"]
+    return CaptionPrep(cfg)({k: v[ok] for k, v in batch.items()})
+
+
+def test_prep_decodes_frames_and_16k_audio(prepared: dict) -> None:
+    rows = by_relpath(prepared)
+    for relpath, row in rows.items():
+        assert row["status"] == "ok", (relpath, row["message"])
+        if row["modality"] == "audio":
+            wave = load_npy(row[AUDIO_COLUMN])
+            assert wave.dtype == np.float32 and wave.ndim == 1 and row[FRAMES_COLUMN] == b""
+            assert abs(len(wave) - 16000 * min(row["duration_s"], 2.0)) <= 2  # resampled from its own rate
+            assert np.abs(wave).max() > 0.05
+        else:
+            frames = load_npy(row[FRAMES_COLUMN])
+            assert frames.dtype == np.uint8 and frames.shape[1:] == (32, 32, 3) and row[AUDIO_COLUMN] == b""
+            assert len(frames) == (1 if row["modality"] == "image" else min(3, row["num_frames"]))  # no repeats
+    assert {r["sample_rate"] for r in rows.values() if r["modality"] == "audio"} >= {8000, 16000}
+
+
+def test_prep_respects_the_clip_span(prepared: dict, models: dict, corpus: Path) -> None:
+    row = {k: v for k, v in by_relpath(prepared)["videos/halves.mp4"].items()}
+    whole = load_npy(row[FRAMES_COLUMN]).astype(float)
+    assert whole[0, ..., 0].mean() > 150 and whole[-1, ..., 2].mean() > 150  # starts red, ends blue
+    second_half = {**row, "clip_start_s": 1.0, "clip_end_s": 2.0, "clip_index": 1}
+    out = CaptionPrep(config(models, corpus))(to_batch([second_half]))
+    frames = load_npy(out[FRAMES_COLUMN][0]).astype(float)
+    assert frames[..., 2].mean() > 150 and frames[..., 0].mean() < 60
+
+
+def test_frame_times_never_ask_for_more_frames_than_the_span_holds() -> None:
+    assert len(frame_times(0.0, 2.0, 8.0, 3)) == 3
+    assert list(frame_times(1.0, 1.25, 8.0, 3)) == [1.0625, 1.1875]  # 0.25 s at 8 fps holds 2 frames
+    assert list(frame_times(1.0, 1.05, 8.0, 3)) == [1.025]  # never none
+
+
+def test_prep_rejects_an_undecodable_file_with_its_reason(prepared: dict, models: dict, tmp_path: Path) -> None:
+    row = dict(by_relpath(prepared)["videos/halves.mp4"])
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(Path(row["uri"]).read_bytes()[:300])
+    out = CaptionPrep(config(models, tmp_path))(to_batch([{**row, "uri": str(broken)}]))
+    assert (out["status"][0], out["stage"][0]) == ("rejected", "caption_prep")
+    assert out["reason"][0] in {"decode_error", "no_content"}
+
+
+def test_vlm_captions_visual_rows_and_cleans_them(prepared: dict, models: dict, corpus: Path) -> None:
+    raw = by_relpath(CaptionVLM(config(models, corpus, vlm={"prompt": "a picture of"}, clean={"enabled": False}))(
+        dict(prepared)))
+    cleaned = by_relpath(CaptionVLM(config(models, corpus, vlm={"prompt": "a picture of"}))(dict(prepared)))
+    assert FRAMES_COLUMN not in next(iter(cleaned.values()))  # consumed, so it never reaches the shards
+    for relpath, row in cleaned.items():
+        if row["modality"] == "audio":
+            assert row["caption_generated"] == ""
+            continue
+        assert raw[relpath]["caption_generated"].startswith("a picture of"), raw[relpath]["caption_generated"]
+        text = row["caption_generated"]
+        assert isinstance(text, str) and text and not text.lower().startswith("a picture of"), text
+        if row["modality"] == "video":  # one caption per frame, merged; never more parts than frames
+            assert 1 <= len(text.split(", then ")) <= 3
+
+
+def test_a_failing_vlm_batch_is_recorded_not_fatal(prepared: dict, models: dict, corpus: Path) -> None:
+    from latentforge.datasets.shards import npy_bytes
+
+    batch = {k: v.copy() for k, v in prepared.items()}
+    visual = [i for i, m in enumerate(batch["modality"]) if m != "audio"]
+    batch[FRAMES_COLUMN][visual[0]] = npy_bytes(np.zeros((1, 4), np.uint8))  # not an image
+    out = CaptionVLM(config(models, corpus))(batch)
+    for i in visual:
+        assert out["status"][i] == "ok" and out["caption_generated"][i] == ""
+        assert out["caption_error"][i].startswith("vlm: ") or "vlm: " in out["caption_error"][i]
+
+
+def test_whisper_transcribes_audio_rows(prepared: dict, models: dict, corpus: Path) -> None:
+    out = by_relpath(CaptionAudio(config(models, corpus))(dict(prepared)))
+    for row in out.values():
+        assert AUDIO_COLUMN not in row
+        if row["modality"] == "audio":
+            assert isinstance(row["caption_audio"], str) and row["caption_audio"].strip(), row
+        else:
+            assert row["caption_audio"] == ""
+
+
+def select(models: dict, rows: list[dict], **captioning) -> dict[str, np.ndarray]:
+    base = {"status": "ok", "reason": "", "message": "", "stage": "", "caption": "", "caption_origin": "",
+            "caption_sidecar": "", "caption_generated": "", "caption_audio": "", "caption_error": ""}
+    return CaptionSelect(config(models, **captioning))(to_batch([{**base, **r} for r in rows]))
+
+
+def test_select_follows_the_policy_and_keeps_every_source(models: dict) -> None:
+    rows = [{"id": "a", "caption_sidecar": "alt text", "caption_generated": "a red circle"},
+            {"id": "b", "caption_generated": "a red circle", "caption_audio": "hello"},
+            {"id": "c", "caption_audio": "hello"}]
+    out = select(models, rows)
+    assert list(out["caption"]) == ["alt text", "a red circle", "hello"]
+    assert list(out["caption_origin"]) == ["sidecar", "vlm", "audio"]
+    assert list(out["caption_sidecar"]) == ["alt text", "", ""]
+    assert list(out["score_caption_words"]) == [2.0, 3.0, 1.0]
+    out = select(models, rows, prefer=["vlm", "sidecar", "audio"])
+    assert list(out["caption"]) == ["a red circle", "a red circle", "hello"]
+
+
+def test_select_rejects_a_row_without_any_caption(models: dict) -> None:
+    out = select(models, [{"id": "a", "caption_error": "sidecar: missing_caption: no file; vlm: empty caption"}],
+                 prefer=["sidecar", "vlm", "audio"])
+    assert (out["status"][0], out["reason"][0], out["stage"][0]) == ("rejected", "no_caption", "caption_select")
+    assert "missing_caption" in out["message"][0]
+
+
+def test_sidecar_cleaning_is_opt_in_and_the_original_is_kept(models: dict) -> None:
+    rows = [{"id": "a", "caption_sidecar": "An image of a house"}]
+    assert select(models, rows)["caption"][0] == "An image of a house"
+    out = select(models, rows, clean={"clean_sidecar": True})
+    assert out["caption"][0] == "a house" and out["caption_sidecar"][0] == "An image of a house"
+
+
+def test_missing_sidecar_is_recorded_not_rejected_when_a_captioner_is_on(prepared: dict) -> None:
+    row = by_relpath(prepared)["images/img_00000.png"]
+    assert (row["status"], row["caption"], row["caption_sidecar"]) == ("ok", "", "")
+    assert row["caption_error"].startswith("sidecar: missing_caption")
+    kept = by_relpath(prepared)["videos/halves.mp4"]
+    assert kept["caption_sidecar"] == kept["caption"] and kept["caption_origin"] == "sidecar" and kept["caption"]
+
+
+def test_missing_sidecar_still_rejects_without_captioners(prepared: dict) -> None:
+    row = dict(by_relpath(prepared)["images/img_00000.png"])
+    out = CaptionSidecar(CurationConfig())(to_batch([{**row, "status": "ok"}]))
+    assert (out["status"][0], out["reason"][0]) == ("rejected", "missing_caption")
+
+
+def test_captioning_config_errors_name_the_key(models: dict) -> None:
+    with pytest.raises(ValidationError, match=r"captioning\.vlm\.num_beam"):
+        CurationConfig(captioning={"vlm": {"num_beam": 2}})
+    with pytest.raises(ValidationError, match="not in prefer"):
+        CurationConfig(captioning={"audio": {"enabled": True}, "prefer": ["sidecar", "vlm"]})
+    with pytest.raises(ValidationError, match=r"captioning\.vlm\.family"):
+        CurationConfig(captioning={"vlm": {"family": "llava"}})
+
+
+def test_stage_graph_shows_captioners_only_when_enabled(models: dict) -> None:
+    names = [r["stage"] for r in stage_graph(CurationConfig())]
+    assert not any(n.startswith("caption_") and n != "caption_sidecar" for n in names)
+    cfg = CurationConfig.model_validate({**config(models).model_dump(),
+                                         "resources": {"caption_vlm": {"num_gpus": 1.0, "num_cpus": 1.0}}})
+    graph = {r["stage"]: r for r in stage_graph(cfg)}
+    order = [r["stage"] for r in stage_graph(cfg)]
+    assert order.index("caption_prep") < order.index("caption_vlm") < order.index("caption_select") < \
+        order.index("encode_latents")
+    assert graph["caption_vlm"]["num_gpus"] == 1.0 and graph["caption_audio"]["num_gpus"] == 0.0
+    only_audio = config(models, vlm={"enabled": False})
+    assert [s.name for s in active_stages(STAGES, only_audio) if s.name.startswith("caption")] == \
+        ["caption_prep", "caption_audio", "caption_select"]
