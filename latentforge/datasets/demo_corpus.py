@@ -271,6 +271,8 @@ def _write_broken(root: Path, spec: DemoCorpusSpec, rng: np.random.Generator) ->
         ("empty.png", b"", True, "empty file"),
         ("truncated.mp4", valid_video[: int(len(valid_video) * 0.3)], True, "first 30% of a valid video"),
         ("noise_video.mp4", rng.bytes(4096), True, "random bytes, not a video"),
+        ("unknown_codec.mp4", _unknown_codec_bytes(valid_video), True,
+         "a valid MP4 container whose video codec no decoder knows"),
         ("noise_image.jpg", rng.bytes(4096), True, "random bytes, not an image"),
         ("png_named.wav", _png_bytes(pixels), True, "a PNG image named .wav"),
         ("text_named.flac", b"this is a text file, not FLAC audio\n", True, "a text file named .flac"),
@@ -293,6 +295,13 @@ def _write_broken(root: Path, spec: DemoCorpusSpec, rng: np.random.Generator) ->
         entries.append(_entry(root, path, modality, captions[modality] if with_caption else None, "rejected", why))
     (folder / "bad_caption.txt").write_bytes(_BAD_UTF8)
     return entries
+
+
+def _unknown_codec_bytes(mp4: bytes) -> bytes:
+    """The MP4 with its video sample entry renamed to a codec tag (`lfzz`) no decoder knows: the container
+    and its index still parse, so probing finds a video stream, but no frame can be decoded."""
+    entry = mp4.index(b"stsd") + 16  # box name, version+flags, entry count, entry size: then the codec tag
+    return mp4[:entry] + b"lfzz" + mp4[entry + 4:]
 
 
 def _png_bytes(pixels: np.ndarray) -> bytes:

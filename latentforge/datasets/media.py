@@ -122,7 +122,8 @@ def probe(path: str | Path, *, max_pixels: int = 64_000_000, timeout_s: float = 
     """Check that a file is usable media and describe it, or raise `MediaError`.
 
     Reasons: not_found, empty_file, unsupported_extension, extension_mismatch, decode_error,
-    too_large, no_content, decode_timeout.
+    too_large, no_content, decode_timeout, unsupported_codec (the container is fine but neither decoder
+    has a decoder for its video stream's codec).
     """
     path = Path(path)
     modality = _check_container(path)
@@ -263,6 +264,9 @@ def _video_with_fallback(read_decord: Callable[[], T], read_pyav: Callable[[], T
     except MediaError:
         raise
     except Exception as exc:  # PyAV raises av.error.* (InvalidDataError, ...) and others
+        if type(exc).__name__ == "DecoderNotFoundError":  # av.error's; by name so av is not imported here
+            raise MediaError("unsupported_codec", f"no decoder for the video stream's codec (decord: "
+                             f"{_short(first)}; PyAV: {_short(exc)})") from exc
         raise MediaError("decode_error", f"decord: {_short(first)}; PyAV: {_short(exc)}") from exc
 
 

@@ -55,6 +55,9 @@ def test_every_input_is_kept_or_rejected_with_a_reason(quickstart):
             assert r["reason"] == "duplicate_exact" and r["duplicate_of"], r
             original = ds.manifest().filter(pc.field("id") == r["duplicate_of"]).to_pylist()[0]["relpath"]
             assert (corpus / original).read_bytes() == (corpus / f["path"]).read_bytes()
+    codec = by_path["broken/unknown_codec.mp4"]  # probes as a video, but no decoder knows its codec
+    assert (codec["status"], codec["stage"], codec["reason"]) == ("rejected", "probe", "unsupported_codec")
+    assert "no decoder" in codec["message"]
     assert len(ds.card["shards"]) >= 2 and sum(s["count"] for s in ds.card["shards"]) == len(kept)
 
 
@@ -72,6 +75,7 @@ def test_runs_metrics_and_artifacts_in_mlflow(quickstart, mlflow_server):
     curation = client.get_run(summary.curation_run_id)
     assert curation.data.metrics["samples"] == curation.data.metrics["kept"] + curation.data.metrics["rejected"] \
         + curation.data.metrics["filtered"]
+    assert curation.data.metrics["reason_unsupported_codec"] == 1
     assert {"card.json", "manifest.parquet", "rejects.parquet", "rejects.csv", "report.html"} <= {
         Path(a.path).name for a in client.list_artifacts(summary.curation_run_id, "dataset")}
     for stage, run_id in summary.stage_runs.items():

@@ -43,6 +43,7 @@ BROKEN = {
     "broken/empty.png": ("probe", "empty_file"),
     "broken/truncated.mp4": ("probe", "decode_error"),
     "broken/noise_video.mp4": ("probe", "decode_error"),
+    "broken/unknown_codec.mp4": ("probe", "unsupported_codec"),  # the container parses; no decoder for its codec
     "broken/noise_image.jpg": ("probe", "decode_error"),
     "broken/png_named.wav": ("probe", "extension_mismatch"),
     "broken/text_named.flac": ("probe", "decode_error"),
