@@ -18,6 +18,9 @@ console = Console()
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config (see configs/)", exists=True, dir_okay=False)]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a key: --set training.stages.0.steps=50")]
+AddressOpt = Annotated[Optional[str], typer.Option(
+    "--address", help="an existing Ray cluster (e.g. 10.0.0.5:6379 or auto); default: ray.address, else "
+                      "RAY_ADDRESS, else start a local Ray")]
 
 
 def _load(config: Path | None, overrides: list[str] | None):
@@ -50,29 +53,30 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
 
 @app.command()
 def curate(config: ConfigArg, set_: SetOpt = None,
-           dry_run: Annotated[bool, typer.Option(help="print the stage graph and stop")] = False) -> None:
+           dry_run: Annotated[bool, typer.Option(help="print the stage graph and stop")] = False,
+           address: AddressOpt = None) -> None:
     """Run the curation job only (its own MLflow run)."""
     cfg = _load(config, set_)
     if dry_run:
         _print_stage_graph(cfg.curation)
         return
-    _execute(cfg, do_curate=True, do_train=False)
+    _execute(cfg, do_curate=True, do_train=False, address=address)
 
 
 @app.command()
-def train(config: ConfigArg, set_: SetOpt = None) -> None:
+def train(config: ConfigArg, set_: SetOpt = None, address: AddressOpt = None) -> None:
     """Run the training plan on an already curated dataset."""
     cfg = _load(config, set_)
     if cfg.training is None:
         console.print("[red]config has no `training` section[/]")
         raise typer.Exit(2)
-    _execute(cfg, do_curate=False, do_train=True)
+    _execute(cfg, do_curate=False, do_train=True, address=address)
 
 
 @app.command()
-def run(config: ConfigArg, set_: SetOpt = None) -> None:
+def run(config: ConfigArg, set_: SetOpt = None, address: AddressOpt = None) -> None:
     """Curation then the whole training plan, under one MLflow parent run."""
-    _execute(_load(config, set_), do_curate=True, do_train=True)
+    _execute(_load(config, set_), do_curate=True, do_train=True, address=address)
 
 
 @app.command()
@@ -139,6 +143,54 @@ def ui(workdir: Annotated[Path, typer.Option(help="workdir whose MLflow store to
     os.execve(mlflow, cmd, env)  # become the server: signals (Ctrl-C, SIGTERM) reach it directly
 
 
+@app.command()
+def submit(
+    config: Annotated[Path, typer.Argument(help="YAML config; uploaded with --working-dir when it lies inside it",
+                                           exists=True, dir_okay=False)],
+    set_: SetOpt = None,
+    address: Annotated[Optional[str], typer.Option(
+        help="the cluster's Ray Jobs API (dashboard) URL; default: RAY_API_SERVER_ADDRESS, else RAY_ADDRESS, "
+             "else http://127.0.0.1:8265")] = None,
+    command: Annotated[str, typer.Option(help="latentforge command the job runs: run, curate, train or validate")] = "run",
+    working_dir: Annotated[Optional[Path], typer.Option(
+        help="directory uploaded as the job's working dir (files in .gitignore are skipped)", file_okay=False,
+        exists=True)] = Path("."),
+    no_upload: Annotated[bool, typer.Option("--no-upload", help="upload nothing: code and config are already "
+                                                               "on the cluster (image or shared filesystem)")] = False,
+    pip: Annotated[Optional[list[str]], typer.Option(help="extra pip requirement for the job's runtime env "
+                                                          "(repeatable)")] = None,
+    env: Annotated[Optional[list[str]], typer.Option(help="KEY=VALUE for the job (repeatable); MLFLOW_TRACKING_URI "
+                                                          "and MLflow credentials are forwarded when set")] = None,
+    wait: Annotated[bool, typer.Option(help="stream the job's logs and exit with its status")] = True,
+) -> None:
+    """Submit `latentforge run CONFIG` (or --command) to a Ray cluster as a Ray Job, then stream its logs."""
+    from latentforge.orchestration.submit import (JobSpec, follow, forwarded_env, job_client, job_config_path,
+                                                  submit_job)
+
+    _load(config, set_)  # a bad config fails here, before anything is uploaded
+    wd = None if no_upload else working_dir
+    try:
+        spec = JobSpec(config=job_config_path(config, wd), command=command, overrides=tuple(set_ or ()),
+                       working_dir=wd.resolve() if wd else None, pip=tuple(pip or ()), env=forwarded_env(env))
+        spec.entrypoint()
+    except ValueError as e:
+        console.print(f"[red]cannot submit[/] {escape(str(e))}")
+        raise typer.Exit(2)
+    client = job_client(address)
+    job_id = submit_job(client, spec)
+    console.print(f"submitted [bold]{job_id}[/] to {client.get_address()}: {escape(spec.entrypoint())}")
+    if not wait:
+        console.print(f"follow it with: ray job logs --follow {job_id} --address {client.get_address()}")
+        return
+    try:
+        status = follow(client, job_id, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    except KeyboardInterrupt:
+        console.print(f"\nstopped following; the job goes on (ray job stop {job_id} to stop it)")
+        raise typer.Exit(130)
+    console.print(f"job {job_id}: [{'green' if status == 'SUCCEEDED' else 'red'}]{status}[/]")
+    raise typer.Exit(0 if status == "SUCCEEDED" else 1)
+
+
 def _print_stage_graph(cur) -> None:
     from latentforge.pipelines.curate import stage_graph
 
@@ -150,11 +202,11 @@ def _print_stage_graph(cur) -> None:
     console.print(table)
 
 
-def _execute(cfg, *, do_curate: bool, do_train: bool) -> None:
+def _execute(cfg, *, do_curate: bool, do_train: bool, address: str | None = None) -> None:
     from latentforge.orchestration.cluster import configure_ray_data, connect_ray
     from latentforge.orchestration.run import run_all
 
-    info = connect_ray(cfg.ray)
+    info = connect_ray(cfg.ray, address=address)
     configure_ray_data()
     console.print(f"Ray: {info['address']} ({info['cpus']:.0f} CPUs)")
     summary = run_all(cfg, do_curate=do_curate, do_train=do_train)

@@ -11,13 +11,16 @@ def local_cpus(cfg: RayConfig) -> int:
     return cfg.num_cpus or max(4, 2 * (os.cpu_count() or 1))
 
 
-def connect_ray(cfg: RayConfig, *, log_to_driver: bool = True) -> dict:
-    """`ray.init` once per process; returns what was connected to (for printing and tracking)."""
+def connect_ray(cfg: RayConfig, *, log_to_driver: bool = True, address: str | None = None) -> dict:
+    """`ray.init` once per process; returns what was connected to (for printing and tracking).
+
+    Which cluster: `address` (the CLI's --address), else `ray.address`, else RAY_ADDRESS, else a new local one.
+    """
     import ray
 
     if ray.is_initialized():
         return {"address": "already-connected", "cpus": ray.cluster_resources().get("CPU", 0)}
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    address = address or cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=log_to_driver)
     else:

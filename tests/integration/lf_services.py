@@ -31,15 +31,65 @@ def stop_group(proc: subprocess.Popen, timeout: float = 30.0) -> None:
             continue
 
 
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120.0, headers: dict | None = None) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode} before answering {url}")
         try:
-            if requests.get(url, timeout=2).status_code == 200:
+            if requests.get(url, timeout=2, headers=headers).status_code == 200:
                 return
         except requests.RequestException:
             pass
         time.sleep(0.5)
     raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+# A process that owns a real Ray head with its dashboard (the Jobs API server) on loopback, until its stdin
+# closes. `ray start` would daemonise the head, and `ray stop` kills every Ray process of the machine
+# (other people's included), so the head lives in a driver we own and ends with `ray.shutdown()`.
+HEAD_SCRIPT = """
+import json, sys, ray
+ray.init(num_cpus=int(sys.argv[1]), object_store_memory=256 * 2**20, include_dashboard=True,
+         dashboard_host="127.0.0.1", dashboard_port=int(sys.argv[2]), _temp_dir=sys.argv[3])
+print(json.dumps({"gcs": ray.get_runtime_context().gcs_address}), flush=True)
+sys.stdin.read()
+ray.shutdown()
+"""
+
+
+def start_ray_head(temp_dir: str, num_cpus: int, env: dict) -> tuple[subprocess.Popen, str, str]:
+    """A real Ray head with its Jobs API: (process, dashboard URL, GCS address). Stop it with stop_ray_head."""
+    import json
+    import sys
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", HEAD_SCRIPT, str(num_cpus), str(port), temp_dir],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    line = proc.stdout.readline()
+    if not line:
+        stop_group(proc)
+        raise RuntimeError(f"the Ray head exited with {proc.wait()} before starting")
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/api/version", proc, headers=ray_auth_headers(env))
+    return proc, url, json.loads(line)["gcs"]
+
+
+def ray_token_env(env: dict) -> dict:
+    """`env` with Ray token auth on and a fresh token of its own (not the user's ~/.ray/auth_token)."""
+    import secrets
+
+    return {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+
+
+def ray_auth_headers(env: dict) -> dict:
+    return {"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"} if env.get("RAY_AUTH_TOKEN") else {}
+
+
+def stop_ray_head(proc: subprocess.Popen) -> None:
+    try:
+        proc.stdin.close()  # the driver shuts its head down cleanly
+        proc.wait(timeout=60)
+    except (subprocess.TimeoutExpired, BrokenPipeError, OSError):
+        stop_group(proc)
