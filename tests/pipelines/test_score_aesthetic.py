@@ -142,9 +142,11 @@ def test_config_needs_a_head_when_enabled_and_resources_come_from_config() -> No
         CurationConfig.model_validate({"aesthetic": {"enabled": True}})
     assert ScoreAesthetic in STAGES and STAGES.index(ScoreAesthetic) == STAGES.index(
         next(s for s in STAGES if s.name == "filter_text_area")) + 1
-    cfg = CurationConfig.model_validate({"resources": {"score_aesthetic": {"num_gpus": 1, "batch_size": 64}}})
+    cfg = CurationConfig.model_validate({"aesthetic": {"enabled": True, "head": "some/head"},
+                                         "resources": {"score_aesthetic": {"num_gpus": 1, "batch_size": 64}}})
     row = next(r for r in stage_graph(cfg) if r["stage"] == "score_aesthetic")
     assert (row["num_gpus"], row["batch_size"]) == (1, 64)
+    assert ScoreAesthetic.enabled(cfg) and not ScoreAesthetic.enabled(CurationConfig())  # off: no actor pool
 
 
 def test_disabled_stage_loads_nothing_and_writes_the_default(probed) -> None:

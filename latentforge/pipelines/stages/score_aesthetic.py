@@ -182,6 +182,11 @@ class ScoreAesthetic(Stage):
     resources = StageResources(num_cpus=1.0, num_gpus=0.0, batch_size=16, pool=1)
     outputs = {"score_aesthetic": 0.0}
 
+    @classmethod
+    def enabled(cls, cfg) -> bool:
+        """Off: left out of the Ray Data chain (no actor pool); the manifest column is then null."""
+        return cfg.aesthetic.enabled
+
     def __init__(self, cfg):
         super().__init__(cfg)
         self.scorer = AestheticScorer(cfg.aesthetic) if cfg.aesthetic.enabled else None

@@ -74,6 +74,11 @@ class ScoreNsfw(Stage):
     resources = StageResources(num_cpus=0.5, batch_size=16, pool=1)
     outputs = {"score_nsfw": 0.0}
 
+    @classmethod
+    def enabled(cls, cfg) -> bool:
+        """Off: left out of the Ray Data chain (no actor pool); the manifest column is then null."""
+        return cfg.nsfw.enabled
+
     def __init__(self, cfg):
         super().__init__(cfg)
         self.classifier = NsfwClassifier(cfg.nsfw.threads) if cfg.nsfw.enabled else None
