@@ -34,9 +34,17 @@ def save_checkpoint(directory: Path, model, ema, optimizer, scheduler, state: di
 def load_weights(directory: Path, model: torch.nn.Module, ema: torch.nn.Module | None, use_ema: bool) -> None:
     """Load the model (and EMA) weights; with `use_ema` the model starts from the EMA weights too."""
     ema_state = load_file(str(directory / EMA))
-    model.load_state_dict(ema_state if use_ema else load_file(str(directory / MODEL)))
+    model.load_state_dict(fit_repa(ema_state if use_ema else load_file(str(directory / MODEL)), model))
     if ema is not None:
-        ema.load_state_dict(ema_state)
+        ema.load_state_dict(fit_repa(ema_state, ema))
+
+
+def fit_repa(state: dict, module: torch.nn.Module) -> dict:
+    """A state across a REPA boundary: the projector exists only while a stage trains with REPA, so a stage
+    without it drops the saved projector and a stage starting REPA keeps its freshly initialised one."""
+    own = module.state_dict()
+    state = {k: v for k, v in state.items() if k in own or not k.startswith("repa_projector.")}
+    return state | {k: v for k, v in own.items() if k.startswith("repa_projector.") and k not in state}
 
 
 def load_optimizer(directory: Path, optimizer) -> None:

@@ -43,6 +43,23 @@ class OptimConfig(Strict):
     grad_clip: float = Field(1.0, gt=0, description="max global grad norm")
 
 
+class LoaderConfig(Strict):
+    """How a stage's shards stream to each worker (see latentforge.training.loader)."""
+
+    workers: int = Field(1, ge=0, description=(
+        "DataLoader worker processes per training worker, each decoding its own shards; 0: a thread in the "
+        "training process. Changing it changes the sample order (resume with the value the run started with)"))
+    shuffle_buffer: int = Field(1000, ge=1, description="samples per reader mixed before bucketing (memory bound)")
+    prefetch: int = Field(2, ge=1, description="batches each DataLoader worker prepares ahead")
+
+
+class RepaConfig(Strict):
+    """REPA: align the DiT's hidden states after block `depth` with the dataset's encoder features (repa.npy)."""
+
+    weight: float = Field(0.5, gt=0, description="loss = flow + weight * repa (minus mean cosine similarity)")
+    depth: int = Field(2, ge=1, description="DiT block whose output is projected (<= model depth)")
+
+
 class TrainStageConfig(Strict):
     """One stage of the curriculum: its data selection, schedule and what it inherits."""
 
@@ -69,6 +86,9 @@ class TrainStageConfig(Strict):
     fail_at_step: int | None = Field(None, ge=1, description=(
         "chaos testing: the first attempt of this stage raises at this step (resume must make it invisible)"))
     optim: OptimConfig = OptimConfig()
+    loader: LoaderConfig = LoaderConfig()
+    repa: RepaConfig | None = Field(None, description=(
+        "REPA alignment loss; needs a dataset whose card has encoders.repa (shards with repa.npy)"))
     ema_decay: float = Field(0.995, ge=0, lt=1)
     cond_dropout: float = Field(0.1, ge=0, le=1, description="caption dropout, for classifier-free guidance")
     inherit: Literal["none", "weights", "weights+ema", "full"] = Field(

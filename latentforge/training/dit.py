@@ -298,12 +298,18 @@ class DiT(nn.Module):
         *,
         mask_ratio: float = 0.0,
         generator: torch.Generator | None = None,
-    ) -> Tensor | tuple[Tensor, Tensor]:
+        features: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor] | DiTOutput:
         """x (B, C, T, H, W), t (B,) in [0, 1], text (B, L, D_text), text_mask (B, L), modality (B,) -> v like x.
 
-        With mask_ratio > 0 returns forward_masked's (v, keep_mask) instead; going through forward keeps
-        DDP/FSDP wrappers in the loop.
+        With mask_ratio > 0 returns forward_masked's (v, keep_mask) instead; with features=True the whole
+        DiTOutput including REPA projections. Going through forward keeps DDP/FSDP wrappers in the loop.
         """
+        if features:
+            if self.repa_projector is None:
+                raise ValueError("features=True needs repa_depth > 0 and repa_dim > 0 in DiTConfig")
+            return self.forward_output(x, t, text, text_mask, modality, mask_ratio=mask_ratio, generator=generator,
+                                       features=True)
         if mask_ratio > 0:
             return self.forward_masked(x, t, text, text_mask, modality, mask_ratio=mask_ratio, generator=generator)
         return self.forward_output(x, t, text, text_mask, modality).velocity

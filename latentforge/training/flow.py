@@ -98,6 +98,25 @@ def flow_loss(
     timestep_shift (see resolution_shift) shifts the sampled t; mask_ratio > 0 drops that share of the tokens
     after the model's patch mixer and takes the loss over the kept patches only (DiT.forward_masked).
     """
+    x_t, t, target, text, text_mask = flow_inputs(model, x0, text, text_mask, generator=generator,
+                                                  cond_dropout=cond_dropout, timestep_shift=timestep_shift)
+    if mask_ratio > 0:  # through model(...), not .forward_masked, so DDP wrappers still sync gradients
+        pred, keep = model(x_t, t, text, text_mask, modality, mask_ratio=mask_ratio, generator=generator)
+        return ((pred.float() - target).square() * keep).sum() / keep.sum()  # no boolean indexing: no host sync
+    return F.mse_loss(model(x_t, t, text, text_mask, modality).float(), target)
+
+
+def flow_inputs(
+    model: nn.Module,
+    x0: Tensor,
+    text: Tensor,
+    text_mask: Tensor,
+    *,
+    generator: torch.Generator | None,
+    cond_dropout: float,
+    timestep_shift: float | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(x_t, t, target velocity, text, text_mask) of one training step: the random draws of flow_loss, in order."""
     t = sample_timesteps(x0.shape[0], generator, device=x0.device)
     if timestep_shift is not None:
         t = shift_timesteps(t, timestep_shift)
@@ -107,12 +126,55 @@ def flow_loss(
         drop = _draw(torch.rand, (x0.shape[0],), generator, x0.device) < cond_dropout
         text = torch.where(drop[:, None, None], null, text)
         text_mask = torch.where(drop[:, None], null_mask, text_mask.bool())
-    target = (noise - x0).float()
-    x_t = interpolate(x0, noise, t)
-    if mask_ratio > 0:  # through model(...), not .forward_masked, so DDP wrappers still sync gradients
-        pred, keep = model(x_t, t, text, text_mask, modality, mask_ratio=mask_ratio, generator=generator)
-        return ((pred.float() - target).square() * keep).sum() / keep.sum()  # no boolean indexing: no host sync
-    return F.mse_loss(model(x_t, t, text, text_mask, modality).float(), target)
+    return interpolate(x0, noise, t), t, (noise - x0).float(), text, text_mask
+
+
+def flow_repa_loss(
+    model: nn.Module,
+    x0: Tensor,
+    text: Tensor,
+    text_mask: Tensor,
+    modality: Tensor,
+    repa_target: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    cond_dropout: float = 0.0,
+    timestep_shift: float | None = None,
+    mask_ratio: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """(flow loss, REPA loss) of one forward pass; the flow term is exactly flow_loss's.
+
+    repa_target (B, N, D): encoder features per DiT token (see align_repa_targets); with token masking only
+    the kept tokens count.
+    """
+    x_t, t, target, text, text_mask = flow_inputs(model, x0, text, text_mask, generator=generator,
+                                                  cond_dropout=cond_dropout, timestep_shift=timestep_shift)
+    out = model(x_t, t, text, text_mask, modality, mask_ratio=mask_ratio, generator=generator, features=True)
+    if out.keep_mask is None:
+        flow = F.mse_loss(out.velocity.float(), target)
+    else:
+        flow = ((out.velocity.float() - target).square() * out.keep_mask).sum() / out.keep_mask.sum()
+    grid = getattr(model, "module", model).family(modality).grid(x0)
+    return flow, repa_loss(out.features, align_repa_targets(repa_target, grid), out.keep_tokens)
+
+
+def align_repa_targets(features: Tensor, grid: tuple[int, int, int]) -> Tensor:
+    """Encoder features (B, N, D) -> (B, T*h*w, D) in the DiT's token order (frame, row, column).
+
+    N equal to the token count is used as is. Otherwise N must be T square grids (the usual ViT patch grid
+    per frame, e.g. DINOv2's 16x16 at 224 px), which are resized bilinearly to each frame's (h, w) token grid.
+    """
+    T, h, w = grid
+    B, N, D = features.shape
+    if N == T * h * w:
+        return features
+    side = math.isqrt(N // T) if N % T == 0 else 0
+    if side * side * T != N:
+        raise ValueError(f"REPA features have {N} tokens; the latent has {T}x{h}x{w} = {T * h * w} tokens "
+                         f"(give exactly that many, or {T} square grids per sample)")
+    grids = features.float().reshape(B * T, side, side, D).permute(0, 3, 1, 2)
+    resized = F.interpolate(grids, size=(h, w), mode="bilinear", align_corners=False)
+    return resized.permute(0, 2, 3, 1).reshape(B, T * h * w, D)
 
 
 @torch.no_grad()

@@ -1,19 +1,42 @@
-"""Latent batches for one worker: the stage's manifest selection, this rank's share, one bucket per batch."""
+"""Latent batches streamed to one worker: the stage's manifest selection, split over ranks and DataLoader
+workers, batched per bucket in an order fixed by the seed, resumable mid-epoch.
+
+How a stream is laid out (webdataset-style splitting, done here rather than by Ray Data's streaming_split
+because streaming_split hands out blocks in whatever order its executor finishes them, so neither the order
+nor a mid-epoch resume position would be reproducible; a rank here re-derives its exact stream from the seed):
+
+- A *reader* is one DataLoader worker of one rank: `readers = world * max(1, loader.workers)`.
+- The selection is cut into *units*: whole shards when there are at least as many shards as readers (each
+  shard is read by one reader per epoch), else one key-strided slice of the selection per reader (tiny
+  datasets: every reader reads the shards but decodes only its own samples).
+- Each epoch the units are shuffled with (seed, epoch) and dealt to readers, so readers are disjoint and
+  together cover the selection once per epoch.
+- A reader streams its units through a shuffle buffer into per-bucket accumulators; a bucket's batch is
+  emitted when it holds `batch_size(shape)` samples (epoch ends flush short batches). The buffer and the
+  accumulators are all a reader holds, whatever the dataset size.
+- The same procedure is first run on manifest metadata alone (ids, shard, latent shape) to *plan* the epoch
+  as lists of sample ids. Reading then decodes exactly the planned samples and emits a batch as soon as it
+  is complete; a resumed reader plans up to its position and decodes only what later batches need.
+"""
 from __future__ import annotations
 
 import hashlib
+import itertools
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from latentforge.datasets.compat import check_compatible, merged_latent_stats
 from latentforge.datasets.manifest import Dataset
-from latentforge.datasets.shards import LatentSample, iter_shards
+from latentforge.datasets.shards import MEMBERS, ShardFormatError
 from latentforge.training.config import MODALITY_IDS, TrainStageConfig
+from latentforge.training.shard_reader import NpyDecoder, iter_raw_samples
 
 
 @dataclass
@@ -23,10 +46,11 @@ class Batch:
     text_mask: torch.Tensor  # (B, L) bool
     modality: torch.Tensor  # (B,) int64
     captions: list[str]
+    repa: torch.Tensor | None = None  # (B, N, D) float16 REPA target features, when the stage uses REPA
 
     def to(self, device) -> Batch:
         return Batch(self.latent.to(device), self.text.to(device), self.text_mask.to(device),
-                     self.modality.to(device), self.captions)
+                     self.modality.to(device), self.captions, None if self.repa is None else self.repa.to(device))
 
 
 class LatentNormalizer:
@@ -45,6 +69,7 @@ class LatentNormalizer:
         return "audio" if modality == "audio" else "visual"
 
     def normalize(self, latent: np.ndarray, modality: str) -> np.ndarray:
+        """(C, T, H, W) or a batch (B, C, T, H, W) of one family."""
         mean, std = self.stats[self.family(modality)]
         return (latent - mean[:, None, None, None]) / std[:, None, None, None]
 
@@ -69,23 +94,40 @@ def is_validation(key: str, fraction: float) -> bool:
     return fraction > 0 and int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 2**32 < fraction
 
 
+class Entry(NamedTuple):
+    """One selected sample, as the manifest describes it (no shard read needed)."""
+
+    dataset: int
+    key: str
+    shard: str  # shard URI, opened by shard_reader.open_shard
+    shape: tuple[int, ...]  # latent (C, T, H, W)
+    modality: str
+
+
+def select_entries(datasets: Dataset | list[Dataset], stage: TrainStageConfig, split: str = "train") -> list[Entry]:
+    """The samples the stage's selection picks (manifest `where`, modalities, train/val split by id hash),
+    sorted by (shard, key): the order they lie in the shards."""
+    out = []
+    for n, dataset in enumerate(as_list(datasets)):
+        table = dataset.select(stage.where, list(stage.modalities))
+        columns = [table[c].to_pylist() for c in ("id", "shard", "latent_shape", "modality")]
+        shard_paths: dict[str, str] = {}
+        for key, shard, shape, modality in zip(*columns):
+            if is_validation(key, stage.val_fraction) != (split == "val"):
+                continue
+            if not shape:
+                raise ValueError(f"{dataset.root}: manifest row {key!r} has no latent_shape (needed to plan batches)")
+            if shard not in shard_paths:
+                shard_paths[shard] = str(dataset.shard_path(shard))
+            out.append(Entry(n, key, shard_paths[shard], tuple(shape), modality))
+    return sorted(out, key=lambda e: (e.shard, e.key))
+
+
 def select_samples(datasets: Dataset | list[Dataset], stage: TrainStageConfig,
                    split: str = "train") -> tuple[list[Path], list[tuple]]:
     """Shard paths and (dataset index, sample id) pairs, sorted, that the stage's selection picks."""
-    where = selection_shards(datasets, stage, split)
-    return sorted({p for p in where.values()}), sorted(where)
-
-
-def selection_shards(datasets: Dataset | list[Dataset], stage: TrainStageConfig,
-                     split: str = "train") -> dict[tuple, Path]:
-    """(dataset index, sample id) -> the shard holding it, for the samples the stage's selection picks."""
-    out = {}
-    for n, dataset in enumerate(as_list(datasets)):
-        table = dataset.select(stage.where, list(stage.modalities))
-        for key, shard in zip(table["id"].to_pylist(), table["shard"].to_pylist()):
-            if is_validation(key, stage.val_fraction) == (split == "val"):
-                out[(n, key)] = dataset.shard_path(shard)
-    return out
+    entries = select_entries(datasets, stage, split)
+    return sorted({Path(e.shard) for e in entries}), sorted((e.dataset, e.key) for e in entries)
 
 
 def stage_lineage(datasets: Dataset | list[Dataset], stage: TrainStageConfig) -> dict:
@@ -102,102 +144,216 @@ def stage_lineage(datasets: Dataset | list[Dataset], stage: TrainStageConfig) ->
     return out
 
 
-def load_rank_samples(datasets: Dataset | list[Dataset], stage: TrainStageConfig, rank: int,
-                      world: int, split: str = "train") -> list[LatentSample]:
-    """This rank's share of the selection (every world-th key), read from the shards that hold it."""
-    datasets = open_datasets(datasets)
-    where = selection_shards(datasets, stage, split)
-    keys = sorted(where)
-    if len(keys) < world:
-        raise ValueError(f"stage {stage.name!r} selects {len(keys)} samples, fewer than {world} workers")
-    mine = set(keys[rank::world])
-    out = []
-    for n in range(len(datasets)):  # only the shards that hold this rank's samples are read
-        shards = sorted({where[k] for k in mine if k[0] == n})
-        out += [s for s in iter_shards(shards) if (n, s.key) in mine]
-    return out
-
-
 def token_count(shape: tuple[int, ...], patch: int) -> int:
     """DiT tokens of one latent (C, T, H, W): visual latents are patchified (1, p, p), audio has H = W = 1."""
     _, t, h, w = shape
     return t if h == w == 1 else t * (h // patch) * (w // patch)
 
 
-class BucketedBatches:
-    """Endless batches, one latent shape per batch, in an order fixed by (seed, epoch).
+class Decoded(NamedTuple):
+    latent: np.ndarray
+    text: np.ndarray
+    text_mask: np.ndarray
+    caption: str
+    repa: np.ndarray | None
 
-    An epoch is first planned as lists of (sample index, frame) and only collated when consumed, so a resumed
-    run can jump to its saved position (`iterate(start=...)`) without building the batches it skips.
-    With `stage.tokens_per_batch`, each bucket's batch size keeps tokens per batch near that number.
-    """
 
-    def __init__(self, samples: list[LatentSample], stage: TrainStageConfig, normalizer: LatentNormalizer,
-                 seed: int, patch: int = 2):
-        if not samples:
-            raise ValueError(f"stage {stage.name!r}: no samples on this worker")
-        self.samples = samples
-        self.stage = stage
-        self.normalizer = normalizer
-        self.seed = seed
-        self.patch = patch
+Item = tuple[int, "int | None"]  # (entry index, frame for video_frames_as_images)
+
+
+class StreamPlan:
+    """Which samples each reader reads in each epoch, and how they batch; see the module docstring."""
+
+    def __init__(self, entries: list[Entry], stage: TrainStageConfig, normalizer: LatentNormalizer, seed: int,
+                 readers: int = 1, patch: int = 2, repa: bool = False):
+        if len(entries) < readers:
+            raise ValueError(f"stage {stage.name!r} selects {len(entries)} samples, fewer than {readers} readers "
+                             f"(workers x loader.workers)")
+        self.entries, self.stage, self.normalizer = entries, stage, normalizer
+        self.seed, self.readers, self.patch, self.repa = seed, readers, patch, repa
+        shards = [list(g) for _, g in itertools.groupby(range(len(entries)), key=lambda i: entries[i].shard)]
+        # Whole shards when there are enough; else key-strided slices, so every reader still gets samples.
+        self.units = shards if len(shards) >= readers else [list(range(r, len(entries), readers))
+                                                            for r in range(readers)]
+        self._plans: dict[tuple[int, int], list[list[Item]]] = {}
+        self.peak_held = 0  # most decoded samples held at once (bounded by the buffer, not the share)
 
     def batch_size(self, shape: tuple[int, ...]) -> int:
         if self.stage.tokens_per_batch is None:
             return self.stage.batch_size
         return max(1, self.stage.tokens_per_batch // token_count(shape, self.patch))
 
-    def plan(self, epoch: int) -> list[list[tuple[int, int | None]]]:
-        rng = random.Random(self.seed * 100_003 + epoch)
-        buckets: dict[tuple, list] = {}
-        for i, sample in enumerate(self.samples):
-            frame = None
-            shape = sample.latent.shape
-            if sample.meta["modality"] == "video" and self.stage.video_frames_as_images:
-                frame = rng.randrange(shape[1])
-                shape = (shape[0], 1, *shape[2:])
-            buckets.setdefault(shape, []).append((i, frame))
-        plan = []
-        for shape in sorted(buckets):
-            group = buckets[shape]
-            rng.shuffle(group)
-            size = self.batch_size(shape)
-            plan += [group[i:i + size] for i in range(0, len(group), size)]
-        rng.shuffle(plan)
+    def units_of(self, reader: int, epoch: int) -> list[int]:
+        order = list(range(len(self.units)))
+        random.Random(f"units:{self.seed}:{epoch}").shuffle(order)
+        return order[reader::self.readers]
+
+    def plan(self, reader: int, epoch: int) -> list[list[Item]]:
+        """The epoch's batches (lists of items) for one reader, from metadata alone."""
+        if (reader, epoch) in self._plans:
+            return self._plans[(reader, epoch)]
+        rng = random.Random(f"plan:{self.seed}:{reader}:{epoch}")
+        size = self.stage.loader.shuffle_buffer
+        buffer: list[Item] = []
+        accumulators: dict[tuple, list[Item]] = {}
+        plan: list[list[Item]] = []
+
+        def add(item: Item) -> None:
+            shape = self.item_shape(item)
+            group = accumulators.setdefault(shape, [])
+            group.append(item)
+            if len(group) == self.batch_size(shape):
+                plan.append(accumulators.pop(shape))
+
+        for unit in self.units_of(reader, epoch):
+            for i in self.units[unit]:
+                entry = self.entries[i]
+                frame = None
+                if entry.modality == "video" and self.stage.video_frames_as_images:
+                    frame = rng.randrange(entry.shape[1])
+                if len(buffer) < size:
+                    buffer.append((i, frame))
+                    continue
+                slot = rng.randrange(size)
+                add(buffer[slot])
+                buffer[slot] = (i, frame)
+        rng.shuffle(buffer)
+        for item in buffer:
+            add(item)
+        plan += [accumulators[shape] for shape in sorted(accumulators)]
+        self._plans = {(reader, epoch): plan}  # keep one: a reader plans epoch after epoch
         return plan
 
-    def epoch(self, epoch: int) -> list[Batch]:
-        return [self.collate(entry) for entry in self.plan(epoch)]
+    def item_shape(self, item: Item) -> tuple[int, ...]:
+        shape = self.entries[item[0]].shape
+        return shape if item[1] is None else (shape[0], 1, *shape[2:])
 
-    def iterate(self, start: int = 0) -> Iterator[Batch]:
-        """Batches from overall position `start` on (every epoch has the same number of batches)."""
-        per_epoch = len(self.plan(0))
-        epoch, offset = divmod(start, per_epoch)
+    def batches(self, reader: int, start: int = 0) -> Iterator[Batch]:
+        """The reader's endless batches from its own position `start` on."""
+        epoch = 0
+        while start >= len(self.plan(reader, epoch)):  # metadata only: nothing is read for skipped batches
+            start -= len(self.plan(reader, epoch))
+            epoch += 1  # ends: every reader gets at least one non-empty unit per epoch
         while True:
-            for entry in self.plan(epoch)[offset:]:
-                yield self.collate(entry)
-            epoch, offset = epoch + 1, 0
+            yield from self.read_epoch(reader, epoch, start)
+            epoch, start = epoch + 1, 0
+
+    def read_epoch(self, reader: int, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """Decode exactly the samples of batches [start:] of the plan and emit each batch once complete."""
+        plan = self.plan(reader, epoch)
+        batch_of = {i: b for b in range(start, len(plan)) for i, _ in plan[b]}
+        missing = [len(batch) for batch in plan]
+        decoded: dict[int, Decoded] = {}
+        decode = NpyDecoder()
+        cursor = start
+        for unit in self.units_of(reader, epoch):
+            needed = [i for i in self.units[unit] if i in batch_of]
+            for uri, group in itertools.groupby(needed, key=lambda i: self.entries[i].shard):
+                wanted = {self.entries[i].key: i for i in group}
+                for key, members in iter_raw_samples(uri, wanted_key=wanted.__contains__):
+                    i = wanted.pop(key, None)
+                    if i is None:
+                        continue
+                    decoded[i] = self.decode(members, decode, uri, key)
+                    self.peak_held = max(self.peak_held, len(decoded))
+                    missing[batch_of[i]] -= 1
+                    while cursor < len(plan) and missing[cursor] == 0:
+                        yield self.collate(plan[cursor], decoded)
+                        cursor += 1
+                if wanted:
+                    raise ShardFormatError(f"{uri}: samples named by the manifest are missing: {sorted(wanted)[:5]}")
+        if cursor != len(plan):
+            raise RuntimeError(f"reader {reader} epoch {epoch}: batch {cursor} of {len(plan)} never completed")
+
+    def decode(self, members: dict, decode: NpyDecoder, uri: str, key: str) -> Decoded:
+        missing = [m for m in MEMBERS if m not in members]
+        if missing:
+            raise ShardFormatError(f"{uri}: sample {key}: missing members {missing}")
+        repa = members.get("repa.npy")
+        if self.repa and repa is None:
+            raise ShardFormatError(f"{uri}: sample {key} has no repa.npy, but the stage trains with REPA")
+        try:
+            return Decoded(decode(members["latent.npy"], f"{uri}:{key}.latent.npy"),
+                           decode(members["text.npy"], f"{uri}:{key}.text.npy"),
+                           decode(members["text_mask.npy"], f"{uri}:{key}.text_mask.npy"),
+                           str(members["caption.txt"], "utf-8"),
+                           decode(repa, f"{uri}:{key}.repa.npy") if self.repa else None)
+        except UnicodeDecodeError as e:
+            raise ShardFormatError(f"{uri}: sample {key}: caption is not UTF-8: {e}") from e
+
+    def collate(self, items: list[Item], decoded: dict[int, Decoded]) -> Batch:
+        samples = [decoded.pop(i) for i, _ in items]
+        modalities = ["image" if frame is not None else self.entries[i].modality for i, frame in items]
+        latent = np.stack([s.latent if f is None else s.latent[:, f:f + 1] for s, (_, f) in zip(samples, items)])
+        for s, (i, _) in zip(samples, items):
+            if s.latent.shape != self.entries[i].shape:
+                raise ShardFormatError(f"sample {self.entries[i].key}: latent {s.latent.shape} but the manifest "
+                                       f"says {self.entries[i].shape}")
+        families = {LatentNormalizer.family(m) for m in modalities}
+        if len(families) > 1:
+            raise ValueError(f"a batch of shape {latent.shape} mixes latent families {sorted(families)}")
+        latent = self.normalizer.normalize(latent, modalities[0])  # (C, 1, 1, 1) statistics broadcast over B
+        repa = torch.from_numpy(np.stack([s.repa for s in samples])) if self.repa else None
+        return Batch(latent=torch.from_numpy(np.ascontiguousarray(latent, dtype=np.float32)),
+                     text=torch.from_numpy(np.stack([s.text for s in samples]).astype(np.float32, copy=False)),
+                     text_mask=torch.from_numpy(np.stack([s.text_mask for s in samples]).astype(bool, copy=False)),
+                     modality=torch.tensor([MODALITY_IDS[m] for m in modalities], dtype=torch.long),
+                     captions=[s.caption for s in samples], repa=repa)
+
+
+class LatentStream(torch.utils.data.IterableDataset):
+    """One rank's stream; each DataLoader worker process is one reader of the plan.
+
+    torch's DataLoader takes batches from its workers round robin, so rank batch i comes from worker slot
+    i % W. A stream resumed at `start` rotates the slots so that slot 0 plays the reader that owns batch
+    `start`, and each reader skips the batches it had already given.
+    """
+
+    def __init__(self, plan: StreamPlan, rank: int, workers: int, start: int = 0):
+        self.plan, self.rank, self.workers, self.start = plan, rank, max(1, workers), start
 
     def __iter__(self) -> Iterator[Batch]:
-        return self.iterate(0)
+        info = torch.utils.data.get_worker_info()
+        slot = info.id if info is not None else 0
+        logical = (slot + self.start) % self.workers
+        done = max(0, math.ceil((self.start - logical) / self.workers))
+        return self.plan.batches(self.rank * self.workers + logical, done)
 
-    def collate(self, entry: list[tuple[int, int | None]]) -> Batch:
-        latents, texts, masks, modalities, captions = [], [], [], [], []
-        for i, frame in entry:
-            sample = self.samples[i]
-            modality = sample.meta["modality"]
-            latent = self.normalizer.normalize(sample.latent, modality)
-            if frame is not None:
-                latent, modality = latent[:, frame:frame + 1], "image"
-            latents.append(latent)
-            texts.append(sample.text)
-            masks.append(sample.text_mask)
-            modalities.append(MODALITY_IDS[modality])
-            captions.append(sample.caption)
-        return Batch(latent=torch.from_numpy(np.stack(latents)).float(),
-                     text=torch.from_numpy(np.stack(texts)).float(),
-                     text_mask=torch.from_numpy(np.stack(masks)).bool(),
-                     modality=torch.tensor(modalities, dtype=torch.long), captions=captions)
+
+def build_stream(plan: StreamPlan, rank: int, start: int = 0) -> Iterator[Batch]:
+    """Endless batches of `rank` from overall position `start`: decoded in `loader.workers` processes, or
+    (0) in a prefetch thread of this process."""
+    workers = plan.stage.loader.workers
+    if plan.readers % max(1, workers):
+        raise ValueError(f"plan has {plan.readers} readers, not a multiple of loader.workers={workers}")
+    dataset = LatentStream(plan, rank, workers, start)
+    if workers == 0:
+        return Prefetcher(iter(dataset))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
+                                         prefetch_factor=plan.stage.loader.prefetch,
+                                         pin_memory=torch.cuda.is_available())
+    return iter(loader)
+
+
+def rank_plan(datasets: Dataset | list[Dataset], stage: TrainStageConfig, normalizer: LatentNormalizer,
+              seed: int, world: int, patch: int = 2, repa: bool = False) -> StreamPlan:
+    """The stage's training plan for `world` ranks (the same object on every rank)."""
+    entries = select_entries(open_datasets(datasets), stage)
+    return StreamPlan(entries, stage, normalizer, seed, readers=world * max(1, stage.loader.workers), patch=patch,
+                      repa=repa)
+
+
+def load_batches(datasets: Dataset | list[Dataset], stage: TrainStageConfig, normalizer: LatentNormalizer,
+                 seed: int = 0, split: str = "train", limit: int | None = None, patch: int = 2,
+                 repa: bool = False) -> list[Batch]:
+    """One epoch of one reader over (the first `limit` of) a selection, in this process: validation sets,
+    sampling prompts, tests."""
+    entries = select_entries(open_datasets(datasets), stage, split)
+    if limit is not None:
+        entries = sorted(sorted(entries, key=lambda e: (e.dataset, e.key))[:limit], key=lambda e: (e.shard, e.key))
+    if not entries:
+        return []
+    return list(StreamPlan(entries, stage, normalizer, seed, 1, patch, repa).read_epoch(0, 0))
 
 
 class Prefetcher:
@@ -230,3 +386,19 @@ class Prefetcher:
         if isinstance(item, BaseException):
             raise item
         return item
+
+
+def repa_feature_dim(datasets: Dataset | list[Dataset], stage: TrainStageConfig) -> int:
+    """Width D of the datasets' REPA features (card `encoders.repa`), refused when a dataset has none or they
+    differ: a stage with `repa` needs repa.npy in every sample it reads."""
+    dims = {}
+    for dataset in as_list(datasets):
+        repa = dataset.card.get("encoders", {}).get("repa")
+        if not repa or not repa.get("dim"):
+            raise ValueError(f"stage {stage.name!r} sets `repa`, but dataset {dataset.root} has no REPA features "
+                             f"(its card has no encoders.repa); curate it with REPA features or remove the stage's "
+                             f"`repa` key")
+        dims[str(dataset.root)] = (repa.get("kind"), repa.get("model"), int(repa["dim"]))
+    if len(set(dims.values())) > 1:
+        raise ValueError(f"stage {stage.name!r}: datasets carry different REPA features: {dims}")
+    return next(iter(dims.values()))[2]

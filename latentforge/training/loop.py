@@ -19,13 +19,15 @@ from latentforge.datasets.manifest import Dataset
 from latentforge.training import checkpoint as ckpt
 from latentforge.training.config import TrainStageConfig
 from latentforge.training.dit import DiT, DiTConfig
-from latentforge.training.flow import flow_loss, resolution_shift, validation_loss
+from latentforge.training.flow import flow_loss, flow_repa_loss, resolution_shift, validation_loss
 from latentforge.training.loader import (
-    BucketedBatches,
     LatentNormalizer,
-    Prefetcher,
-    load_rank_samples,
+    StreamPlan,
+    build_stream,
+    load_batches,
     open_datasets,
+    rank_plan,
+    repa_feature_dim,
     token_count,
 )
 from latentforge.training.sampling import pick_prompts, write_samples
@@ -43,6 +45,15 @@ class StageJob:
     init_from: str | None = None
     sink: MetricSink = field(default_factory=NullSink)
     scratch: str | None = None  # a directory shared by the stage's attempts (fault-injection marker)
+
+
+def stage_model(model: dict, stage: TrainStageConfig, datasets: list[Dataset]) -> dict:
+    """The stage's DiTConfig: REPA's projector (depth from the stage, width from the datasets' cards) or none."""
+    if stage.repa is None:
+        return {**model, "repa_depth": 0, "repa_dim": 0}
+    if stage.repa.depth > model["depth"]:
+        raise ValueError(f"stage {stage.name!r}: repa.depth={stage.repa.depth} exceeds the model depth {model['depth']}")
+    return {**model, "repa_depth": stage.repa.depth, "repa_dim": repa_feature_dim(datasets, stage)}
 
 
 def build_optimizer(model: torch.nn.Module, stage: TrainStageConfig):
@@ -82,35 +93,46 @@ def batch_shift(stage: TrainStageConfig, batch, patch: int) -> float | None:
     return stage.timestep_shift
 
 
-def train_step(acc, model, stream, stage: TrainStageConfig, generator, patch: int) -> tuple[float, int]:
-    """One optimiser step over `grad_accum` micro-batches (gradients synchronised on the last one)."""
-    total, seen = 0.0, 0
+def train_step(acc, model, stream, stage: TrainStageConfig, generator, patch: int) -> tuple[float, int, dict]:
+    """One optimiser step over `grad_accum` micro-batches (gradients synchronised on the last one).
+
+    Returns (loss, samples, extra metrics); with REPA the loss is flow + weight * repa."""
+    total, seen, repa_total = 0.0, 0, 0.0
     for micro in range(stage.grad_accum):
         batch = next(stream).to(acc.device)
         sync = micro == stage.grad_accum - 1
         with contextlib.nullcontext() if sync else acc.no_sync(model), acc.autocast():
-            loss = flow_loss(model, batch.latent, batch.text, batch.text_mask, batch.modality, generator=generator,
-                             cond_dropout=stage.cond_dropout, timestep_shift=batch_shift(stage, batch, patch),
-                             mask_ratio=stage.mask_ratio)
+            kwargs = {"generator": generator, "cond_dropout": stage.cond_dropout,
+                      "timestep_shift": batch_shift(stage, batch, patch), "mask_ratio": stage.mask_ratio}
+            if stage.repa is None:
+                loss = flow_loss(model, batch.latent, batch.text, batch.text_mask, batch.modality, **kwargs)
+            else:
+                flow, repa = flow_repa_loss(model, batch.latent, batch.text, batch.text_mask, batch.modality,
+                                            batch.repa, **kwargs)
+                loss = flow + stage.repa.weight * repa
+                repa_total += repa.item() / stage.grad_accum
         acc.backward(loss / stage.grad_accum)
         total += loss.item() / stage.grad_accum
         seen += batch.latent.shape[0]
-    return total, seen
+    return total, seen, ({} if stage.repa is None else {"train/repa_loss": repa_total})
 
 
 class Meter:
     """Loss / throughput over a logging window."""
 
     def __init__(self):
-        self.losses, self.seen, self.t0 = [], 0, time.perf_counter()
+        self.losses, self.seen, self.t0, self.extra = [], 0, time.perf_counter(), {}
 
-    def update(self, loss: float, seen: int) -> None:
+    def update(self, loss: float, seen: int, extra: dict[str, float] | None = None) -> None:
         self.losses.append(loss)
         self.seen += seen
+        for name, value in (extra or {}).items():
+            self.extra.setdefault(name, []).append(value)
 
     def flush(self, world: int) -> dict[str, float]:
         out = {"loss": sum(self.losses) / len(self.losses),
-               "samples_per_s": self.seen * world / (time.perf_counter() - self.t0)}
+               "samples_per_s": self.seen * world / (time.perf_counter() - self.t0),
+               **{name: sum(values) / len(values) for name, values in self.extra.items()}}
         self.__init__()
         return out
 
@@ -125,8 +147,8 @@ def train_stage(config: dict) -> None:
     model_cfg = DiTConfig.from_dict(job.model)
     datasets = open_datasets([Dataset(Path(d)) for d in job.datasets])
     normalizer = LatentNormalizer([d.card for d in datasets])
-    batches = BucketedBatches(load_rank_samples(datasets, stage, rank, world), stage, normalizer, job.seed + rank,
-                              patch=model_cfg.visual_patch)
+    batches = rank_plan(datasets, stage, normalizer, job.seed, world, patch=model_cfg.visual_patch,
+                        repa=stage.repa is not None)  # the rank's stream plan: nothing is read yet
     raw = DiT(model_cfg)
     ema = copy.deepcopy(raw).requires_grad_(False)
     optimizer, scheduler = build_optimizer(raw, stage)
@@ -136,17 +158,18 @@ def train_stage(config: dict) -> None:
         model = torch.compile(model)
     sink = job.sink if acc.is_main_process else NullSink()
     validation = validation_batches(datasets, stage, normalizer, job.seed, model_cfg.visual_patch, acc.is_main_process)
-    stream = Prefetcher(batches.iterate(start * stage.grad_accum))  # what an uninterrupted run would see next
+    stream = build_stream(batches, rank, start * stage.grad_accum)  # what an uninterrupted run would see next
     meter = Meter()
     for step in range(start, stage.steps):
         maybe_fail(job, step + 1, acc.is_main_process)
-        loss, seen = train_step(acc, model, stream, stage, step_generator(job.seed, rank, step), model_cfg.visual_patch)
+        loss, seen, extra = train_step(acc, model, stream, stage, step_generator(job.seed, rank, step),
+                                       model_cfg.visual_patch)
         grad_norm = acc.clip_grad_norm_(model.parameters(), stage.optim.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         update_ema(ema, raw, stage.ema_decay, step)
-        meter.update(loss, seen)
+        meter.update(loss, seen, extra)
         done = step + 1
         if done % stage.log_every == 0 or done == stage.steps:
             log_progress(sink, meter.flush(world), scheduler, grad_norm, stage, done, acc.is_main_process)
@@ -164,8 +187,7 @@ def validation_batches(datasets, stage: TrainStageConfig, normalizer, seed: int,
     """Rank 0's held-out batches (the same every time), or none."""
     if not (main and stage.val_fraction > 0):
         return []
-    samples = load_rank_samples(datasets, stage, 0, 1, split="val")[:64]
-    return BucketedBatches(samples, stage, normalizer, seed, patch=patch).epoch(0)
+    return load_batches(datasets, stage, normalizer, seed, split="val", limit=64, patch=patch)
 
 
 @torch.no_grad()
@@ -211,7 +233,12 @@ def restore(raw, ema, optimizer, scheduler, job: StageJob) -> int:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            return int(ckpt.load_checkpoint(Path(d), raw, ema, optimizer, scheduler)["step"])
+            state = ckpt.load_checkpoint(Path(d), raw, ema, optimizer, scheduler)
+        saved = state.get("loader_workers", job.stage.loader.workers)
+        if saved != job.stage.loader.workers:  # still resumes, but the data order is not the interrupted one's
+            print(f"[{job.stage.name}] warning: checkpoint was written with loader.workers={saved}, resuming with "
+                  f"{job.stage.loader.workers}: the sample order from here differs from an uninterrupted run", flush=True)
+        return int(state["step"])
     inherit = job.stage.inherit
     if job.init_from and inherit != "none":
         ckpt.load_weights(Path(job.init_from), raw, ema, use_ema=inherit == "weights+ema")
@@ -225,7 +252,10 @@ def report(acc, raw, ema, optimizer, scheduler, job: StageJob, step: int, loss: 
     import ray.train
 
     metrics = {"step": step, "loss": loss}
-    state = {"step": step, "stage": job.stage.name, "data_position": step * job.stage.grad_accum}
+    # data_position counts the batches every rank has consumed; with the seed and loader.workers it fixes each
+    # reader's place in its epoch (see loader.LatentStream), so a resumed run reads on mid-epoch.
+    state = {"step": step, "stage": job.stage.name, "data_position": step * job.stage.grad_accum,
+             "loader_workers": job.stage.loader.workers}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if acc.is_main_process:
@@ -234,12 +264,15 @@ def report(acc, raw, ema, optimizer, scheduler, job: StageJob, step: int, loss: 
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def log_samples(ema, batches: BucketedBatches, normalizer, card: dict, job: StageJob, sink,
+def log_samples(ema, batches: StreamPlan, normalizer, card: dict, job: StageJob, sink,
                 artifact_path: str = "samples") -> None:
     """Generate from a few of the stage's captions with the EMA weights; decode with the dataset's encoders."""
+    import itertools
+
     stage = job.stage
     visual, audio = decoders_from_card(card)
-    prompts = pick_prompts(batches.epoch(0), stage.num_samples)
+    # The first batches of reader 0's first epoch: a few shards' worth, not the whole share.
+    prompts = pick_prompts(list(itertools.islice(batches.read_epoch(0, 0), 4 * stage.num_samples)), stage.num_samples)
     with tempfile.TemporaryDirectory() as tmp:
         files = write_samples(ema.eval(), prompts, normalizer, visual, audio, Path(tmp), steps=stage.sample_steps,
                               cfg_scale=stage.cfg_scale, seed=job.seed, method=stage.sampler)

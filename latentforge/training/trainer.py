@@ -8,7 +8,7 @@ from latentforge.datasets.manifest import Dataset
 from latentforge.training.config import PlanConfig, TrainStageConfig
 from latentforge.training.dit import DiT_archs, DiTConfig
 from latentforge.training.loader import open_datasets
-from latentforge.training.loop import StageJob, train_stage
+from latentforge.training.loop import StageJob, stage_model, train_stage
 from latentforge.training.sink import MetricSink, NullSink
 
 
@@ -35,7 +35,8 @@ def fit_stage(plan: PlanConfig, stage: TrainStageConfig, dataset_dirs: list[Path
     from ray.train.torch import TorchTrainer
 
     datasets = open_datasets([Dataset(d) for d in dataset_dirs])  # refuses mixed encoders before any worker starts
-    job = StageJob(stage=stage, model=model_config(plan, datasets[0].card), datasets=[str(d) for d in dataset_dirs],
+    model = stage_model(model_config(plan, datasets[0].card), stage, datasets)  # REPA refused here, before workers
+    job = StageJob(stage=stage, model=model, datasets=[str(d) for d in dataset_dirs],
                    seed=plan.seed, init_from=str(init_from) if init_from else None, sink=sink or NullSink(),
                    scratch=str(Path(storage_path).resolve() / run_name / "scratch"))
     trainer = TorchTrainer(

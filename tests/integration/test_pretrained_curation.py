@@ -88,8 +88,7 @@ def test_verify_passes_then_catches_a_corrupted_shard(curated):
 
 
 def test_training_refuses_datasets_with_different_encoders(curated, tmp_path):
-    from latentforge.training.config import TrainStageConfig
-    from latentforge.training.loader import load_rank_samples
+    from latentforge.training.loader import open_datasets
 
     (visual, _, _), _, out = curated
     other = tmp_path / "other"
@@ -97,6 +96,5 @@ def test_training_refuses_datasets_with_different_encoders(curated, tmp_path):
     card = json.loads((out / "card.json").read_text())
     card["encoders"]["visual"]["config_hash"] = "different"
     (other / "card.json").write_text(json.dumps(card))
-    stage = TrainStageConfig(name="s", modalities=["image"], steps=1)
     with pytest.raises(IncompatibleDatasets, match="visual.config_hash"):
-        load_rank_samples([Dataset(out), Dataset(other)], stage, 0, 1)
+        open_datasets([Dataset(out), Dataset(other)])

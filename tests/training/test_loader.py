@@ -1,4 +1,5 @@
-"""The shard loader: rank shares of a manifest selection, per-channel normalisation, one bucket per batch."""
+"""The streaming shard loader: readers split a manifest selection, per-channel normalisation, one bucket per
+batch, a seeded order that resumes mid-epoch, bounded memory."""
 
 from __future__ import annotations
 
@@ -15,7 +16,15 @@ from latentforge.datasets import manifest as mf
 from latentforge.datasets.manifest import Dataset
 from latentforge.datasets.shards import LatentSample, LatentShardWriter
 from latentforge.training.config import MODALITY_IDS, TrainStageConfig
-from latentforge.training.loader import BucketedBatches, LatentNormalizer, load_rank_samples, select_samples
+from latentforge.training.loader import (
+    LatentNormalizer,
+    StreamPlan,
+    build_stream,
+    load_batches,
+    rank_plan,
+    repa_feature_dim,
+    select_entries,
+)
 
 SHAPES = {"image": (12, 1, 16, 16), "video": (12, 4, 16, 16), "audio": (64, 8, 1, 1), "image_large": (12, 1, 8, 12)}
 
@@ -85,112 +94,6 @@ def test_normalizer_without_a_family_refuses() -> None:
         norm.normalize(make_sample(0, "audio").latent, "audio")
 
 
-# ---------------------------------------------------------------- bucketed batches
-
-
-def test_every_batch_has_one_shape_and_every_sample_appears_once_per_epoch() -> None:
-    samples = mixed_samples()
-    loader = BucketedBatches(samples, stage(batch_size=4), LatentNormalizer(CARD), seed=0)
-    batches = loader.epoch(0)
-    seen = Counter()
-    per_shape = Counter()
-    for b in batches:
-        assert 1 <= len(b.captions) <= 4
-        assert b.latent.dtype == torch.float32 and b.text.dtype == torch.float32
-        assert b.text_mask.dtype == torch.bool and b.modality.dtype == torch.int64
-        assert b.latent.shape[0] == b.text.shape[0] == b.text_mask.shape[0] == b.modality.shape[0] == len(b.captions)
-        shape = tuple(b.latent.shape[1:])
-        assert shape in {SHAPES[k] for k in SHAPES}
-        per_shape[shape] += 1
-        seen.update(b.captions)
-        # One modality per batch here, because each modality has its own latent shape.
-        assert len(set(b.modality.tolist())) == 1
-    assert seen == Counter(s.caption for s in samples)
-    # ceil(n / batch_size) batches per bucket: only a bucket's last batch is short.
-    assert per_shape == {SHAPES["image"]: 3, SHAPES["video"]: 2, SHAPES["audio"]: 2, SHAPES["image_large"]: 1}
-
-
-def test_batch_content_matches_its_samples_normalised() -> None:
-    samples = mixed_samples()
-    norm = LatentNormalizer(CARD)
-    by_caption = {s.caption: s for s in samples}
-    for b in BucketedBatches(samples, stage(batch_size=3), norm, seed=1).epoch(0):
-        for j, caption in enumerate(b.captions):
-            s = by_caption[caption]
-            modality = s.meta["modality"]
-            np.testing.assert_allclose(b.latent[j].numpy(), norm.normalize(s.latent, modality), rtol=1e-6)
-            np.testing.assert_array_equal(b.text[j].numpy(), s.text)
-            np.testing.assert_array_equal(b.text_mask[j].numpy(), s.text_mask)
-            assert b.modality[j].item() == MODALITY_IDS[modality]
-
-
-def test_order_is_fixed_by_seed_and_epoch() -> None:
-    samples = mixed_samples()
-    norm = LatentNormalizer(CARD)
-    a = BucketedBatches(samples, stage(batch_size=2), norm, seed=3)
-    b = BucketedBatches(samples, stage(batch_size=2), norm, seed=3)
-    assert batch_order(a.epoch(0)) == batch_order(b.epoch(0))
-    assert batch_order(a.epoch(5)) == batch_order(b.epoch(5))
-    for x, y in zip(a.epoch(2), b.epoch(2)):
-        assert torch.equal(x.latent, y.latent)
-    assert batch_order(a.epoch(0)) != batch_order(a.epoch(1))
-    assert batch_order(a.epoch(0)) != batch_order(BucketedBatches(samples, stage(batch_size=2), norm, 4).epoch(0))
-    # Same multiset every epoch: only the order changes.
-    assert sorted(itertools.chain(*batch_order(a.epoch(0)))) == sorted(itertools.chain(*batch_order(a.epoch(1))))
-
-
-def test_iteration_is_endless_epoch_after_epoch() -> None:
-    samples = mixed_samples()[:5]
-    loader = BucketedBatches(samples, stage(batch_size=2), LatentNormalizer(CARD), seed=0)
-    expected = batch_order(loader.epoch(0)) + batch_order(loader.epoch(1)) + batch_order(loader.epoch(2))
-    got = [b.captions for b in itertools.islice(iter(loader), len(expected))]
-    assert got == expected
-
-
-def test_video_frames_as_images() -> None:
-    samples = [make_sample(i, "video") for i in range(6)] + [make_sample(100 + i, "image") for i in range(3)]
-    norm = LatentNormalizer(CARD)
-    by_caption = {s.caption: s for s in samples}
-    batches = BucketedBatches(samples, stage(batch_size=4, frames_as_images=True), norm, seed=0).epoch(0)
-    assert sum(len(b.captions) for b in batches) == 9
-    for b in batches:
-        assert tuple(b.latent.shape[1:]) == (12, 1, 16, 16)  # videos now share the image bucket
-        assert b.modality.tolist() == [MODALITY_IDS["image"]] * len(b.captions)
-        for j, caption in enumerate(b.captions):
-            full = norm.normalize(by_caption[caption].latent, "video")
-            frame = b.latent[j].numpy()
-            # The frame is one of the clip's own (normalised) frames.
-            assert any(np.allclose(frame[:, 0], full[:, t]) for t in range(full.shape[1])), caption
-    # Without the flag the clips stay clips.
-    plain = BucketedBatches(samples, stage(batch_size=4), norm, seed=0).epoch(0)
-    video = [b for b in plain if b.modality[0].item() == MODALITY_IDS["video"]]
-    assert video and all(tuple(b.latent.shape[1:]) == (12, 4, 16, 16) for b in video)
-
-
-def test_frames_drawn_vary_across_epochs_but_not_across_runs() -> None:
-    samples = [make_sample(i, "video") for i in range(8)]
-    norm = LatentNormalizer(CARD)
-
-    def frames(loader, epoch):
-        return {c: b.latent[j].numpy().tobytes() for b in loader.epoch(epoch) for j, c in enumerate(b.captions)}
-
-    a = BucketedBatches(samples, stage(batch_size=8, frames_as_images=True), norm, seed=0)
-    b = BucketedBatches(samples, stage(batch_size=8, frames_as_images=True), norm, seed=0)
-    assert frames(a, 0) == frames(b, 0)
-    assert frames(a, 0) != frames(a, 1)
-
-
-def test_no_samples_is_an_error() -> None:
-    with pytest.raises(ValueError, match="no samples"):
-        BucketedBatches([], stage(), LatentNormalizer(CARD), seed=0)
-
-
-def test_batch_to_device_keeps_content() -> None:
-    batch = BucketedBatches(mixed_samples()[:3], stage(batch_size=3), LatentNormalizer(CARD), 0).epoch(0)[0]
-    moved = batch.to("cpu")
-    assert torch.equal(moved.latent, batch.latent) and moved.captions == batch.captions
-
-
 # ---------------------------------------------------------------- rank shares from a dataset on disk
 
 
@@ -224,66 +127,220 @@ def expected_ids(rows: list[dict], modalities: set[str], min_words: float = 0.0)
                   and r["score_caption_words"] >= min_words)
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 5])
-def test_rank_shares_are_disjoint_and_cover_the_selection(dataset, world: int) -> None:
-    ds, samples, rows = dataset
-    st = stage(modalities=["image", "video"])
-    selection = expected_ids(rows, {"image", "video"})
-    shards, ids = select_samples(ds, st)
-    assert [i for _, i in ids] == selection and {n for n, _ in ids} == {0} and len(shards) == 3
-    by_key = {s.key: s for s in samples}
-    shares = []
-    for rank in range(world):
-        got = load_rank_samples(ds, st, rank, world)
-        keys = [s.key for s in got]
-        assert len(keys) == len(set(keys))
-        assert sorted(keys) == selection[rank::world]
-        for s in got:  # the samples come back whole from the shards
-            np.testing.assert_array_equal(s.latent, by_key[s.key].latent)
-            assert s.caption == by_key[s.key].caption and s.meta == by_key[s.key].meta
-        shares.append(set(keys))
-    assert set().union(*shares) == set(selection)
-    assert sum(len(s) for s in shares) == len(selection)
-    assert max(len(s) for s in shares) - min(len(s) for s in shares) <= 1  # balanced
+def write_dataset(root: Path, samples: list[LatentSample], shards: int = 3, card: dict | None = None) -> Dataset:
+    rows = []
+    for shard_index in range(shards):
+        name = f"shard-{shard_index:06d}.tar"
+        with LatentShardWriter(root / mf.SHARDS / name) as writer:
+            for s in sorted(samples[shard_index::shards], key=lambda s: s.key):
+                writer.write_sample(s)
+                rows.append(manifest_row(s, name))
+    mf.write_table(mf.to_table(rows, mf.MANIFEST_SCHEMA), root / mf.MANIFEST)
+    (root / mf.CARD).write_text(json.dumps(card or CARD))
+    return Dataset(root)
 
 
-def test_rank_shares_follow_where_and_skip_unselected_samples(dataset) -> None:
+def plan_for(ds: Dataset, st: TrainStageConfig, readers: int = 1, seed: int = 0, repa: bool = False) -> StreamPlan:
+    return StreamPlan(select_entries(ds, st), st, LatentNormalizer(ds.card), seed, readers=readers, repa=repa)
+
+
+def captions_of(batches) -> list[str]:
+    return [c for b in batches for c in b.captions]
+
+
+@pytest.mark.parametrize("readers", [1, 2, 3, 5])
+def test_readers_are_disjoint_and_cover_the_selection_every_epoch(dataset, readers: int) -> None:
+    ds, _, rows = dataset
+    st = stage(batch_size=2, modalities=["image", "video", "audio"])
+    selection = {f"caption {int(k[1:])}" for k in expected_ids(rows, {"image", "video", "audio"})}
+    plan = plan_for(ds, st, readers)
+    assert len(plan.units) == max(3, readers)  # whole shards, else key-strided slices
+    for epoch in (0, 1):
+        seen = []
+        for reader in range(readers):
+            batches = list(plan.read_epoch(reader, epoch))
+            assert batches, f"reader {reader} got nothing in epoch {epoch}"
+            short = Counter()
+            for b in batches:
+                shape = tuple(b.latent.shape[1:])
+                assert 1 <= len(b.captions) <= 2 and shape in set(SHAPES.values())
+                assert b.latent.shape[0] == b.text.shape[0] == b.text_mask.shape[0] == b.modality.shape[0]
+                short[shape] += len(b.captions) < 2
+            assert max(short.values(), default=0) <= 1  # only a bucket's last batch of the epoch is short
+            seen += captions_of(batches)
+        assert len(seen) == len(set(seen)) and set(seen) == selection
+
+
+def test_batch_content_matches_the_shards_normalised(dataset) -> None:
+    ds, samples, _ = dataset
+    norm = LatentNormalizer(CARD)
+    by_caption = {s.caption: s for s in samples}
+    st = stage(batch_size=3, frames_as_images=True)
+    batches = list(plan_for(ds, st, 2).read_epoch(1, 0)) + list(plan_for(ds, st, 2).read_epoch(0, 0))
+    assert {tuple(b.latent.shape[1:]) for b in batches} == {SHAPES["image"], SHAPES["image_large"], SHAPES["audio"]}
+    for b in batches:
+        assert b.latent.dtype == torch.float32 and b.text_mask.dtype == torch.bool and b.repa is None
+        for j, caption in enumerate(b.captions):
+            s = by_caption[caption]
+            modality = s.meta["modality"]
+            full = norm.normalize(s.latent, modality)
+            if modality == "video":  # one of the clip's own frames, as an image
+                assert any(np.allclose(b.latent[j, :, 0].numpy(), full[:, t]) for t in range(full.shape[1]))
+                assert b.modality[j].item() == MODALITY_IDS["image"]
+            else:
+                np.testing.assert_allclose(b.latent[j].numpy(), full, rtol=1e-6)
+                assert b.modality[j].item() == MODALITY_IDS[modality]
+            np.testing.assert_array_equal(b.text[j].numpy(), s.text)
+            np.testing.assert_array_equal(b.text_mask[j].numpy(), s.text_mask)
+
+
+def test_order_is_fixed_by_seed_and_changes_with_epoch_and_seed(dataset) -> None:
+    ds, _, _ = dataset
+    st = stage(batch_size=2)
+    a, b = plan_for(ds, st, 2, seed=3), plan_for(ds, st, 2, seed=3)
+    for x, y in zip(a.read_epoch(1, 2), b.read_epoch(1, 2), strict=True):
+        assert x.captions == y.captions and torch.equal(x.latent, y.latent)
+    epochs = [captions_of(a.read_epoch(0, e)) for e in range(3)]
+    assert epochs[0] != epochs[1] or epochs[1] != epochs[2]
+    assert captions_of(a.read_epoch(0, 0)) != captions_of(plan_for(ds, st, 2, seed=4).read_epoch(0, 0))
+
+
+def test_tokens_per_batch_sets_each_buckets_batch_size(dataset) -> None:
+    ds, _, _ = dataset
+    st = stage(tokens_per_batch=256)  # image 64 tokens -> 4, video 256 -> 1, audio 8 -> 32
+    plan = plan_for(ds, st)
+    assert plan.batch_size(SHAPES["image"]) == 4 and plan.batch_size(SHAPES["video"]) == 1
+    for b in plan.read_epoch(0, 0):
+        assert len(b.captions) <= plan.batch_size(tuple(b.latent.shape[1:]))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_stream_continues_with_exactly_the_same_batches(dataset, workers: int) -> None:
+    ds, _, _ = dataset
+    st = stage(batch_size=2, loader={"workers": workers, "shuffle_buffer": 3})
+    norm = LatentNormalizer(ds.card)
+    full = list(itertools.islice(build_stream(rank_plan(ds, st, norm, seed=1, world=2), 1, 0), 14))
+    resumed = list(itertools.islice(build_stream(rank_plan(ds, st, norm, seed=1, world=2), 1, 5), 9))
+    assert len(full) == 14 and len(set(map(tuple, (b.captions for b in full)))) > 4  # spans several epochs
+    for x, y in zip(full[5:], resumed, strict=True):
+        assert x.captions == y.captions and torch.equal(x.latent, y.latent) and torch.equal(x.text, y.text)
+
+
+def test_memory_is_bounded_by_the_shuffle_buffer_not_the_share(tmp_path: Path) -> None:
+    samples = [make_sample(i, "image" if i % 4 else "image_large") for i in range(60)]
+    ds = write_dataset(tmp_path / "many", samples, shards=2)
+    st = stage(batch_size=3, modalities=["image"], loader={"shuffle_buffer": 5})
+    plan = plan_for(ds, st)
+    batches = list(plan.read_epoch(0, 0))
+    assert len(captions_of(batches)) == 60
+    # buffer + each bucket's partial batch + the sample just read
+    assert plan.peak_held <= 5 + 2 * (3 - 1) + 1 < 60
+
+
+def test_selection_follows_where_and_the_validation_split(dataset) -> None:
     ds, _, rows = dataset
     st = stage(modalities=["audio", "image"], where="score_caption_words >= 6")
     selection = expected_ids(rows, {"audio", "image"}, min_words=6)
     assert 0 < len(selection) < len(expected_ids(rows, {"audio", "image"}))
-    got = sorted(s.key for r in range(2) for s in load_rank_samples(ds, st, r, 2))
-    assert got == selection
-    filtered = {r["id"] for r in rows if r["status"] == "filtered"}
-    assert not filtered & set(got)
+    plan = plan_for(ds, st, 2)
+    assert sorted(captions_of([*plan.read_epoch(0, 0), *plan.read_epoch(1, 0)])) == sorted(
+        f"caption {int(k[1:])}" for k in selection)
+    held = stage(modalities=["image", "video", "audio"], val_fraction=0.3)
+    train, val = ({e.key for e in select_entries(ds, held, split)} for split in ("train", "val"))
+    assert train and val and not train & val
+    assert train | val == set(expected_ids(rows, {"image", "video", "audio"}))
+    batches = load_batches(ds, held, LatentNormalizer(CARD), split="val", limit=2)
+    assert sorted(captions_of(batches)) == sorted(f"caption {int(k[1:])}" for k in sorted(val)[:2])
 
 
-def test_a_selection_smaller_than_the_world_is_refused(dataset) -> None:
+def test_a_selection_smaller_than_the_readers_is_refused(dataset) -> None:
     ds, _, rows = dataset
-    st = stage(modalities=["video"])
     n = len(expected_ids(rows, {"video"}))
-    assert load_rank_samples(ds, st, 0, n)  # exactly one sample per rank is fine
-    with pytest.raises(ValueError, match=f"selects {n} samples, fewer than {n + 1} workers"):
-        load_rank_samples(ds, st, 0, n + 1)
+    assert plan_for(ds, stage(modalities=["video"]), n)  # one sample per reader is fine
+    with pytest.raises(ValueError, match=f"selects {n} samples, fewer than {n + 1} readers"):
+        plan_for(ds, stage(modalities=["video"]), n + 1)
     with pytest.raises(ValueError, match="selects 0 samples"):
-        load_rank_samples(ds, stage(modalities=["image"], where="score_caption_words > 100"), 0, 1)
+        plan_for(ds, stage(modalities=["image"], where="score_caption_words > 100"))
 
 
 def test_a_manifest_naming_a_shard_outside_the_dataset_is_refused(dataset) -> None:
-    ds, samples, rows = dataset
+    ds, _, rows = dataset
     rows = [dict(rows[1], shard="../../elsewhere.tar")] + rows[2:]
     mf.write_table(mf.to_table(rows, mf.MANIFEST_SCHEMA), ds.root / mf.MANIFEST)
     with pytest.raises(ValueError, match="outside"):
-        load_rank_samples(ds, stage(modalities=["image", "video", "audio"]), 0, 1)
+        select_entries(ds, stage(modalities=["image", "video", "audio"]))
 
 
-def test_loader_end_to_end_from_disk(dataset) -> None:
-    ds, _, _ = dataset
-    st = stage(batch_size=3, modalities=["image", "video"], frames_as_images=True)
-    samples = load_rank_samples(ds, st, 0, 1)
-    batches = BucketedBatches(samples, st, LatentNormalizer(ds.card), seed=0).epoch(0)
-    assert {tuple(b.latent.shape[1:]) for b in batches} == {SHAPES["image"], SHAPES["image_large"]}
-    assert sum(len(b.captions) for b in batches) == len(samples)
+def test_bad_shards_are_refused_clearly(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    from latentforge.datasets.shards import ShardFormatError, encode_members
+
+    samples = [make_sample(i, "image") for i in range(4)]
+    ds = write_dataset(tmp_path / "ds", samples, shards=1)
+    st = stage(modalities=["image"])
+    shard = ds.root / mf.SHARDS / "shard-000000.tar"
+    rows = mf.Dataset(ds.root).manifest().to_pylist()
+    mf.write_table(mf.to_table(rows + [dict(rows[0], id="s999")], mf.MANIFEST_SCHEMA), ds.root / mf.MANIFEST)
+    with pytest.raises(ShardFormatError, match="missing.*s999"):
+        list(plan_for(ds, st).read_epoch(0, 0))
+    mf.write_table(mf.to_table(rows, mf.MANIFEST_SCHEMA), ds.root / mf.MANIFEST)
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2 + 100])
+    with pytest.raises(ShardFormatError, match="truncated|corrupt"):
+        list(plan_for(ds, st).read_epoch(0, 0))
+    with tarfile.open(shard, "w") as tar:  # a member that would need pickle is refused, not decoded
+        for name, payload in {**encode_members(samples[0]), "pyd": b"\x80\x04N."}.items():
+            info = tarfile.TarInfo(f"{samples[0].key}.{name}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    with pytest.raises(ShardFormatError, match="unexpected member 'pyd'"):
+        list(plan_for(ds, st).read_epoch(0, 0))
+
+
+def test_the_lean_reader_decodes_what_the_webdataset_reader_decodes(tmp_path: Path) -> None:
+    from latentforge.datasets.shards import iter_shards
+    from latentforge.training.shard_reader import NpyDecoder, iter_raw_samples
+
+    rng = np.random.default_rng(0)
+    samples = [make_sample(i, kind) for i, kind in enumerate(["image", "audio", "video", "image"])]
+    for s in samples[:2]:
+        s.repa = rng.standard_normal((64, 8)).astype(np.float16)
+    path = tmp_path / "x.tar"
+    with LatentShardWriter(path) as w:
+        for s in samples:
+            w.write_sample(s)
+    decode = NpyDecoder()
+    for (key, members), ref in zip(iter_raw_samples(str(path)), iter_shards([path]), strict=True):
+        assert key == ref.key and str(members["caption.txt"], "utf-8") == ref.caption
+        assert json.loads(bytes(members["meta.json"])) == ref.meta
+        for name in ("latent", "text", "text_mask", "repa"):
+            got = decode(members[f"{name}.npy"]) if f"{name}.npy" in members else None
+            want = getattr(ref, name)
+            assert (got is None) == (want is None)
+            if got is not None:
+                assert got.dtype == want.dtype and np.array_equal(got, want)
+
+
+def test_repa_features_are_collated_or_refused(tmp_path: Path) -> None:
+    from latentforge.datasets.shards import ShardFormatError
+
+    samples = [make_sample(i, "image") for i in range(6)]
+    for s in samples:
+        s.repa = np.full((64, 8), int(s.key[1:]), np.float16)
+    card = {**CARD, "encoders": {"repa": {"kind": "dinov2", "model": "tiny", "dim": 8, "tokens": 64}}}
+    ds = write_dataset(tmp_path / "repa", samples, shards=2, card=card)
+    st = stage(batch_size=4, modalities=["image"])
+    assert repa_feature_dim(ds, st) == 8
+    for b in plan_for(ds, st, repa=True).read_epoch(0, 0):
+        assert b.repa.dtype == torch.float16 and tuple(b.repa.shape) == (len(b.captions), 64, 8)
+        assert [int(r[0, 0]) for r in b.repa] == [int(c.split()[1]) for c in b.captions]
+    plain = write_dataset(tmp_path / "plain", [make_sample(i, "image") for i in range(4)], shards=1)
+    with pytest.raises(ValueError, match="sets `repa`, but dataset .* has no REPA features"):
+        repa_feature_dim(plain, st)
+    with pytest.raises(ShardFormatError, match="has no repa.npy"):
+        list(plan_for(plain, st, repa=True).read_epoch(0, 0))
 
 
 def test_stage_lineage_lists_exactly_the_shards_that_feed_the_stage(dataset) -> None:

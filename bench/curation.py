@@ -1,0 +1,162 @@
+"""Curation throughput: the real Ray Data job vs a single-process loop calling the same stages, same inputs.
+
+    .venv/bin/python bench/curation.py [--images 96] [--videos 48] [--audio 48] [--cpus 4]
+
+Both sides get a demo corpus (images, videos, audio, broken files), the embedded Haar / DCT encoders and the
+packaged MiniLM text encoder, every score on: sharpness, motion, text area, audio quality, aesthetic (a CLIP
+vision tower with random weights, ViT-B/32-shaped but narrower, and a LAION-shaped head, saved to a temp dir
+and loaded by from_pretrained), and NSFW when the `nsfw` extra is installed.
+
+- pipeline: `latentforge.pipelines.curate.run_curation` on a local Ray (`--cpus` logical CPUs), timed from the
+  call to the written dataset: actor start-up and model loads are inside the window, the Ray start is not.
+- loop: the same Stage classes constructed once and called in one Python process, batch by batch (each stage's
+  declared batch size), the driver's global dedup between the halves, the same shard writer and dataset writer.
+
+Prints samples/s and video-seconds/s for both and the ratio pipeline / loop.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def make_aesthetic_models(root: Path) -> tuple[str, str]:
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from latentforge.pipelines.stages.score_aesthetic import build_head, save_head
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
+                              image_size=224, patch_size=32, projection_dim=512)
+    CLIPVisionModelWithProjection(config).save_pretrained(str(root / "clip"))
+    CLIPImageProcessor().save_pretrained(str(root / "clip"))  # CLIP's defaults: resize 224, crop 224
+    head = {"input_dim": 512}
+    save_head(build_head(head), head, root / "head")
+    return str(root / "clip"), str(root / "head")
+
+
+def make_config(corpus: Path, models: tuple[str, str], args):
+    from latentforge.pipelines.config import CurationConfig
+    from latentforge.pipelines.stages.score_nsfw import extra_installed
+
+    return CurationConfig.model_validate({
+        "name": "bench", "input_dir": str(corpus), "samples_per_shard": args.per_shard,
+        "aesthetic": {"enabled": True, "clip_model": models[0], "head": models[1]},
+        "nsfw": {"enabled": extra_installed()},
+        "clips": {"enabled": args.split_clips},
+    })
+
+
+def columns(rows: list[dict]) -> dict[str, np.ndarray]:
+    out = {}
+    for key in rows[0]:
+        column = np.empty(len(rows), dtype=object)
+        column[:] = [row[key] for row in rows]
+        out[key] = column
+    return out
+
+
+def run_stages(stages, batches: list[dict], cfg) -> list[dict]:
+    from latentforge.pipelines.stage import stage_resources
+
+    # As curate.active_stages: a stage whose `enabled(cfg)` says no is not in the job, so not in the loop either.
+    for stage_cls in [s for s in stages if getattr(s, "enabled", lambda _cfg: True)(cfg)]:
+        stage, size = stage_cls(cfg), stage_resources(stage_cls, cfg).batch_size
+        rows = [r for b in batches for r in _rows(b)]
+        batches = [stage(columns(rows[i:i + size])) for i in range(0, len(rows), size)]
+    return batches
+
+
+def _rows(batch: dict) -> list[dict]:
+    from latentforge.pipelines.stage import rows_of
+
+    return rows_of(batch)
+
+
+def loop(cfg, out: Path) -> tuple[float, int, float]:
+    """The job's work in one process, no Ray. Returns (seconds, samples, video seconds)."""
+    from latentforge.pipelines import curate
+    from latentforge.pipelines.discover import discover
+    from latentforge.pipelines.stages.dedup import find_duplicates
+    from latentforge.pipelines.stages.write_shards import write_shard_group
+
+    start = time.perf_counter()
+    inputs = discover(cfg.input_dir, cfg.samples_per_shard)
+    scanned = [r for b in run_stages(curate.SCAN_STAGES, [columns(inputs)], cfg) for r in _rows(b)]
+    hashes = [{k: r[k] for k in curate.HASH_COLUMNS} for r in scanned]
+    dups = find_duplicates(hashes, cfg.dedup)
+    where = {h["id"]: h["relpath"] for h in hashes}
+    notes = {d: f"{kind} duplicate of {where[rep]} ({rep})" for d, (rep, kind) in dups.items()}
+    marked = curate.mark_and_explain(columns(scanned), dups, notes)
+    rows = [r for b in run_stages(curate.STAGES, [marked], cfg) for r in _rows(b)]
+    (out / "shards").mkdir(parents=True)
+    meta = []
+    for group in sorted({int(r["shard"]) for r in rows}):
+        part = columns([r for r in rows if int(r["shard"]) == group])
+        meta += _rows(write_shard_group(part, str(out / "shards"), int(cfg.max_shard_mb * 2**20),
+                                        curate.config_hash(cfg)))
+    result = curate.write_dataset(meta, inputs, cfg, out)
+    elapsed = time.perf_counter() - start
+    video_s = sum(float(r["duration_s"]) for r in scanned if r["modality"] == "video" and r["status"] == "ok")
+    return elapsed, result.samples, video_s
+
+
+def pipeline(cfg, out: Path) -> tuple[float, int]:
+    from latentforge.pipelines.curate import run_curation
+
+    start = time.perf_counter()
+    result = run_curation(cfg, out)
+    return time.perf_counter() - start, result.samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=96)
+    parser.add_argument("--videos", type=int, default=48)
+    parser.add_argument("--audio", type=int, default=48)
+    parser.add_argument("--per-shard", type=int, default=64, help="samples per shard group")
+    parser.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray (quickstart: 4 on 2 cores)")
+    parser.add_argument("--split-clips", action="store_true", help="also split videos into clips")
+    parser.add_argument("--order", choices=["loop-first", "pipeline-first"], default="loop-first")
+    args = parser.parse_args()
+    import ray
+    import torch
+
+    from latentforge.datasets.demo_corpus import DemoCorpusSpec, generate_demo_corpus
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        generate_demo_corpus(tmp / "corpus", DemoCorpusSpec(num_images=args.images, num_videos=args.videos,
+                                                            num_audio=args.audio))
+        cfg = make_config(tmp / "corpus", make_aesthetic_models(tmp), args)
+        ray.init(num_cpus=args.cpus, object_store_memory=1024 * 2**20, include_dashboard=False, log_to_driver=False)
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        runs = {}
+        for side in (["loop", "pipeline"] if args.order == "loop-first" else ["pipeline", "loop"]):
+            if side == "loop":
+                runs["loop"] = loop(cfg, tmp / "loop_out")
+            else:
+                runs["pipeline"] = pipeline(cfg, tmp / "pipe_out")
+        ray.shutdown()
+    (loop_s, samples, video_s), (pipe_s, pipe_samples) = runs["loop"], runs["pipeline"]
+    assert pipe_samples == samples, (pipe_samples, samples)
+    print(json.dumps({
+        "inputs": {"images": args.images, "videos": args.videos, "audio": args.audio}, "samples": samples,
+        "video_seconds": round(video_s, 2), "ray_cpus": args.cpus, "nsfw": cfg.nsfw.enabled,
+        "loop_s": round(loop_s, 2), "pipeline_s": round(pipe_s, 2),
+        "loop_samples_per_s": round(samples / loop_s, 2), "pipeline_samples_per_s": round(samples / pipe_s, 2),
+        "loop_video_s_per_s": round(video_s / loop_s, 2), "pipeline_video_s_per_s": round(video_s / pipe_s, 2),
+        "ratio_pipeline_over_loop": round(loop_s / pipe_s, 3)}))
+
+
+if __name__ == "__main__":
+    main()
