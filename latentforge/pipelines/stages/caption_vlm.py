@@ -123,6 +123,10 @@ class Qwen2VLCaptioner(Captioner):
 
     default_prompt = "Describe this image in one sentence."
 
+    def __init__(self, cfg: VLMCaptionConfig):
+        super().__init__(cfg)
+        self.processor.tokenizer.padding_side = "left"  # decoder-only: new tokens must follow every prompt directly
+
     def inputs(self, frames: list[np.ndarray]) -> dict:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt}]}]
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
