@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -124,23 +123,32 @@ def report(dataset: Annotated[Path, typer.Argument(help="a curated dataset direc
 
 @app.command()
 def ui(workdir: Annotated[Path, typer.Option(help="workdir whose MLflow store to serve")] = Path("lf-work"),
-       port: int = 5000, host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1") -> None:
-    """Start a real `mlflow server` on the workdir's store and print its URL."""
-    from latentforge.orchestration.tracking import artifact_root, default_tracking_uri
+       port: int = 5000,
+       host: Annotated[str, typer.Option(help="bind address; anything but loopback exposes the server")] = "127.0.0.1",
+       backend_store_uri: Annotated[Optional[str], typer.Option(
+           help="serve this store instead of WORKDIR/mlflow.db, e.g. postgresql://user@db/mlflow "
+                "(pip install 'latentforge\\[postgres]')")] = None,
+       artifacts_destination: Annotated[Optional[str], typer.Option(
+           help="artifact store; default WORKDIR/mlartifacts")] = None,
+       auth: Annotated[bool, typer.Option(
+           help="MLflow basic auth (pip install 'latentforge\\[auth]'); the first start needs "
+                "MLFLOW_AUTH_ADMIN_PASSWORD; clients set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")] = False,
+       ) -> None:
+    """Start a real `mlflow server` on the workdir's store (or --backend-store-uri) and print its URL."""
+    from latentforge.orchestration.ui import UiError, is_loopback, server_command
 
-    workdir = workdir.resolve()
-    if not (workdir / "mlflow.db").exists():
-        console.print(f"[red]no MLflow store at {workdir / 'mlflow.db'}[/]: run `latentforge run CONFIG` first")
+    try:
+        server = server_command(workdir, port, host, backend_store_uri, artifacts_destination, auth)
+    except UiError as e:
+        console.print(f"[red]cannot start the UI[/] {escape(str(e))}")
         raise typer.Exit(2)
-    mlflow = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or "mlflow"
-    cmd = [mlflow, "server", "--backend-store-uri", default_tracking_uri(workdir),
-           "--artifacts-destination", artifact_root(workdir), "--host", host, "--port", str(port)]
-    console.print(f"MLflow UI at [bold]http://{host}:{port}[/]  (Ctrl-C to stop)")
+    if not is_loopback(host):
+        console.print(f"[bold red]WARNING[/] binding to {escape(host)}: the MLflow server is reachable from the "
+                      "network" + ("" if auth else ", WITHOUT authentication (anyone who reaches it can read and "
+                                                   "delete runs and models; add --auth)"), style="red")
+    console.print(f"MLflow UI at [bold]{server.url}[/]  (Ctrl-C to stop)")
     sys.stdout.flush()
-    # MLflow's server-side job runner (GenAI evaluation jobs) starts eight worker processes: not needed to
-    # browse training runs, and heavy on a small machine. An explicit setting in the environment wins.
-    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
-    os.execve(mlflow, cmd, env)  # become the server: signals (Ctrl-C, SIGTERM) reach it directly
+    os.execve(server.argv[0], server.argv, server.env)  # become the server: signals (Ctrl-C, SIGTERM) reach it
 
 
 @app.command()

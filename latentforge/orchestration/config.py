@@ -31,6 +31,8 @@ class TrackingConfig(Strict):
     experiment: str = "latentforge"
     registered_model: str | None = Field(
         None, description="model registry name for the plan's final stage; default: the run name")
+    system_metrics: bool = Field(True, description="sample CPU/memory/disk/network/GPU use of each training stage")
+    system_metrics_interval_s: float = Field(10.0, gt=0, description="seconds between system metric samples")
 
 
 class LatentforgeConfig(Strict):

@@ -1,6 +1,7 @@
 """Curation and the training plan as MLflow runs: one parent per `run`, nested runs per job and stage."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -15,6 +16,8 @@ from latentforge.pipelines.config import CurationConfig
 from latentforge.training.config import PlanConfig
 
 console = Console(stderr=True)
+STATE_DIR = "state"  # completion markers of curation and stages: what a rerun may skip
+SPOOL_DIR = "tracking-spool"  # tracking records not yet delivered (an MLflow outage)
 
 
 @dataclass
@@ -30,9 +33,11 @@ class RunSummary:
 
 
 def make_tracker(cfg: LatentforgeConfig) -> Tracker:
+    """A tracker whose runs all carry the config hash, git commit and workdir, spooling under the workdir."""
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     return Tracker(resolve_tracking_uri(cfg.tracking.uri, cfg.workdir), cfg.tracking.experiment,
-                   artifact_root(cfg.workdir))
+                   artifact_root(cfg.workdir), spool_dir=cfg.workdir / SPOOL_DIR,
+                   run_tags={"latentforge.config_hash": cfg.config_hash(), "latentforge.workdir": str(cfg.workdir)})
 
 
 def ensure_corpus(cur: CurationConfig) -> None:
@@ -43,14 +48,51 @@ def ensure_corpus(cur: CurationConfig) -> None:
         generate_demo_corpus(cur.input_dir, DemoCorpusSpec(seed=cur.demo_seed))
 
 
+def read_marker(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_marker(path: Path, body: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    tmp.write_text(json.dumps(body, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def curation_done(cfg: LatentforgeConfig) -> dict | None:
+    """The completion marker of this curation config, if its dataset is still there as it was written."""
+    from latentforge.pipelines.curate import config_hash
+
+    cur = cfg.curation
+    marker = read_marker(cfg.workdir / STATE_DIR / f"curation-{cur.name}.json")
+    card = read_marker(Path(cur.output_dir) / "card.json")
+    if marker and card and marker["config_hash"] == config_hash(cur) and marker["dataset_id"] == card.get("id"):
+        return marker
+    return None
+
+
+def child_run(tracker: Tracker, name: str, parent_id: str | None, tags: dict[str, str]) -> str:
+    run_id, resumed = tracker.resume_or_start(name, parent_id, tags)
+    if resumed:
+        console.print(f"[bold]resuming[/] MLflow run {name} ({run_id})")
+    return run_id
+
+
 def curate(cfg: LatentforgeConfig, tracker: Tracker, parent_id: str | None, summary: RunSummary) -> None:
-    from latentforge.pipelines.curate import run_curation
+    from latentforge.pipelines.curate import config_hash, run_curation
     from latentforge.pipelines.report import write_report
 
     cur = cfg.curation
+    done = curation_done(cfg)
+    if done:  # nothing to redo; the run that wrote it stays as it is
+        summary.curation_run_id = tracker.find_run(f"curate-{cur.name}", parent_id) or done.get("run_id")
+        console.print(f"[green]curation already done[/] -> {cur.output_dir} (id {done['dataset_id']})")
+        return
     ensure_corpus(cur)
-    run_id = tracker.start_run(f"curate-{cur.name}", parent_id, tags={"latentforge.kind": "curation",
-                                                                    "latentforge.config_hash": cfg.config_hash()})
+    run_id = child_run(tracker, f"curate-{cur.name}", parent_id, {"latentforge.kind": "curation"})
     summary.curation_run_id = run_id
     tracker.log_params(run_id, json.loads(cur.model_dump_json()))
     try:
@@ -63,7 +105,11 @@ def curate(cfg: LatentforgeConfig, tracker: Tracker, parent_id: str | None, summ
     for name in ("card.json", "manifest.parquet", "rejects.parquet", "report.html"):
         tracker.log_artifact(run_id, result.dataset_dir / name, "dataset")
     log_tables(tracker, run_id, result.dataset_dir)
+    tracker.log_dataset(run_id, result.dataset_dir, "curation_output")
     tracker.end_run(run_id)
+    write_marker(cfg.workdir / STATE_DIR / f"curation-{cur.name}.json",
+                 {"config_hash": config_hash(cur), "dataset_id": result.card["id"], "run_id": run_id,
+                  "dataset_dir": str(result.dataset_dir)})
     console.print(f"[green]curated[/] {result.kept}/{result.inputs} kept, {result.rejected} rejected, "
                   f"{result.filtered} filtered -> {result.dataset_dir}")
 
@@ -83,54 +129,125 @@ def log_tables(tracker: Tracker, run_id: str, dataset_dir: Path) -> None:
         tracker.log_artifact(run_id, summary, "dataset")
 
 
+def stage_key(plan: PlanConfig, stage, cards: list[dict], previous_key: str) -> str:
+    """What a stage's result depends on: plan, stage, dataset ids and the previous stage's key (a chain, so a
+    changed stage invalidates the ones after it). The chaos hook and retry budget change nothing."""
+    body = {"plan": plan.model_dump(mode="json", exclude={"stages", "datasets", "max_failures"}),
+            "stage": stage.model_dump(mode="json", exclude={"fail_at_step"}),
+            "datasets": [c["id"] for c in cards], "previous": previous_key}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stage_done(marker_path: Path, key: str) -> dict | None:
+    """A finished stage: a marker for this key, its final checkpoint, and exported weights with the recorded hash."""
+    from latentforge.datasets.shards import sha256_file
+
+    marker = read_marker(marker_path)
+    if not marker or marker.get("key") != key:
+        return None
+    weights = Path(marker["export"]) / "model.safetensors"
+    if not (Path(marker["checkpoint"]) / "ema.safetensors").is_file() or not weights.is_file():
+        return None
+    return marker if sha256_file(weights) == marker["weights_sha256"] else None
+
+
 def train(cfg: LatentforgeConfig, tracker: Tracker, parent_id: str | None, summary: RunSummary) -> None:
     from latentforge.datasets.manifest import Dataset
+    from latentforge.datasets.shards import sha256_file
     from latentforge.training.loader import stage_lineage
-    from latentforge.training.trainer import fit_stage, model_config
 
     plan: PlanConfig = cfg.training
     dataset_dirs = [Path(d) for d in plan.datasets]
-    card = Dataset(dataset_dirs[0]).card
-    storage = cfg.workdir / "checkpoints"
+    cards = [Dataset(d).card for d in dataset_dirs]
     previous: Path | None = None
+    key = ""
     for stage in plan.stages:
-        run_id = tracker.start_run(f"train-{stage.name}", parent_id, tags={
-            "latentforge.kind": "training", "latentforge.stage": stage.name,
-            "latentforge.datasets": ",".join(map(str, dataset_dirs)), "latentforge.config_hash": cfg.config_hash()})
-        summary.stage_runs[stage.name] = run_id
+        key = stage_key(plan, stage, cards, key)
+        marker_path = cfg.workdir / STATE_DIR / f"stage-{stage.name}.json"
         lineage = stage_lineage([Dataset(d) for d in dataset_dirs], stage)
-        tracker.client.set_tag(run_id, "latentforge.dataset_ids", ",".join(str(d["id"]) for d in lineage["datasets"]))
-        tracker.log_dict(run_id, lineage, "lineage.json")
-        tracker.log_params(run_id, {"stage": json.loads(stage.model_dump_json()), "model": model_config(plan, card),
-                                    "num_workers": plan.num_workers, "seed": plan.seed,
-                                    "init_from": str(previous) if previous else "none"})
-        console.print(f"[bold]training stage[/] {stage.name}: {stage.steps} steps on {stage.modalities}")
-        try:
-            result = fit_stage(plan, stage, dataset_dirs, storage, f"{cfg.name}-{stage.name}", previous,
-                               tracker.sink(run_id))
-        except BaseException:
-            tracker.end_run(run_id, "FAILED")
-            raise
-        export = export_weights(result.checkpoint_dir, cfg.workdir / "exports" / stage.name, card, lineage)
-        for f in sorted(export.iterdir()):
-            tracker.log_artifact(run_id, f, "model")
-        tracker.end_run(run_id)
-        summary.checkpoints[stage.name] = result.checkpoint_dir
-        summary.exports[stage.name] = export
-        previous = result.checkpoint_dir
-        if stage is plan.stages[-1]:
-            register_final(cfg, tracker, run_id, parent_id, lineage, summary)
+        done = stage_done(marker_path, key)
+        if done:
+            console.print(f"[green]stage {stage.name} already done[/]: {done['export']}")
+            run_id = done["run_id"]
+        else:
+            run_id, checkpoint, export = train_stage_run(cfg, stage, tracker, parent_id, dataset_dirs, cards[0],
+                                                         lineage, previous)
+            done = {"key": key, "run_id": run_id, "checkpoint": str(checkpoint), "export": str(export),
+                    "weights_sha256": sha256_file(export / "model.safetensors")}
+            write_marker(marker_path, done)
+        summary.stage_runs[stage.name] = run_id
+        summary.checkpoints[stage.name] = Path(done["checkpoint"])
+        summary.exports[stage.name] = Path(done["export"])
+        previous = Path(done["checkpoint"])
+        if stage is plan.stages[-1] and done.get("registered"):
+            summary.registered = tuple(done["registered"])
+        elif stage is plan.stages[-1] and register_final(cfg, tracker, run_id, parent_id, lineage, summary):
+            write_marker(marker_path, {**done, "registered": list(summary.registered)})
+
+
+def train_stage_run(cfg: LatentforgeConfig, stage, tracker: Tracker, parent_id: str | None, dataset_dirs: list[Path],
+                    card: dict, lineage: dict, previous: Path | None) -> tuple[str, Path, Path]:
+    """One stage as an MLflow run (reopened when resuming): fit (resumes from its checkpoint), export, log."""
+    from latentforge.training.trainer import fit_stage, model_config
+
+    plan: PlanConfig = cfg.training
+    run_id = child_run(tracker, f"train-{stage.name}", parent_id, {
+        "latentforge.kind": "training", "latentforge.stage": stage.name,
+        "latentforge.datasets": ",".join(map(str, dataset_dirs)),
+        "latentforge.dataset_ids": ",".join(str(d["id"]) for d in lineage["datasets"])})
+    tracker.log_dict(run_id, lineage, "lineage.json")
+    log_stage_inputs(tracker, run_id, dataset_dirs, stage)
+    tracker.log_params(run_id, {"stage": json.loads(stage.model_dump_json()), "model": model_config(plan, card),
+                                "num_workers": plan.num_workers, "seed": plan.seed,
+                                "init_from": str(previous) if previous else "none"})
+    console.print(f"[bold]training stage[/] {stage.name}: {stage.steps} steps on {stage.modalities}")
+    interval = cfg.tracking.system_metrics_interval_s if cfg.tracking.system_metrics else None
+    try:
+        result = fit_stage(plan, stage, dataset_dirs, cfg.workdir / "checkpoints", f"{cfg.name}-{stage.name}",
+                           previous, tracker.sink(run_id, interval))
+    except BaseException:
+        tracker.replay(run_id)
+        tracker.end_run(run_id, "FAILED")
+        raise
+    tracker.replay(run_id)  # what a worker could not deliver before it exited
+    export = export_weights(result.checkpoint_dir, cfg.workdir / "exports" / stage.name, card, lineage)
+    for f in sorted(export.iterdir()):
+        tracker.log_artifact(run_id, f, "model")
+    tracker.end_run(run_id)
+    return run_id, result.checkpoint_dir, export
+
+
+def log_stage_inputs(tracker: Tracker, run_id: str, dataset_dirs: list[Path], stage) -> None:
+    """Each manifest the stage reads, as an mlflow.data input: context "training", and "validation" for its
+    held-out split. MLflow keeps one input per (name, digest) and run, so the split is named apart."""
+    from latentforge.datasets.manifest import Dataset
+
+    for d in dataset_dirs:
+        tracker.log_dataset(run_id, d, "training")
+        if stage.val_fraction > 0:
+            tracker.log_dataset(run_id, d, "validation", name=f"{Dataset(d).card['name']}-validation")
 
 
 def register_final(cfg: LatentforgeConfig, tracker: Tracker, run_id: str, parent_id: str | None, lineage: dict,
-                   summary: RunSummary) -> None:
-    """The plan's final weights into the model registry, tagged with their data lineage and plan."""
+                   summary: RunSummary) -> bool:
+    """The plan's final weights into the model registry, tagged with their data lineage and plan.
+
+    Needs the server: during an outage it is left for the next `latentforge run` (which finds the stage done
+    and registers only), with a warning, rather than failing a finished plan."""
     name = cfg.tracking.registered_model or cfg.name
     tags = {"latentforge.dataset_ids": ",".join(str(d["id"]) for d in lineage["datasets"]),
             "latentforge.plan_run_id": str(parent_id), "latentforge.stage": lineage["stage"],
             "latentforge.config_hash": cfg.config_hash()}
-    summary.registered = (name, tracker.register_model(name, run_id, "model", tags))
+    try:
+        if not tracker.flush(timeout_s=60):
+            raise ConnectionError(f"MLflow at {tracker.uri} unreachable")
+        summary.registered = (name, tracker.register_model(name, run_id, "model", tags))
+    except Exception as e:
+        console.print(f"[yellow]warning[/] model {name!r} not registered ({str(e).splitlines()[0][:200]}); "
+                      f"rerun `latentforge run` on this workdir to register it")
+        return False
     console.print(f"[green]registered[/] model {name!r} version {summary.registered[1]}")
+    return True
 
 
 def export_weights(checkpoint_dir: Path, out: Path, card: dict, lineage: dict) -> Path:
@@ -144,10 +261,21 @@ def export_weights(checkpoint_dir: Path, out: Path, card: dict, lineage: dict) -
 
 
 def run_all(cfg: LatentforgeConfig, *, do_curate: bool = True, do_train: bool = True) -> RunSummary:
-    """Curation then training under one parent run (either part alone when asked)."""
+    """Curation then training under one parent run (either part alone when asked).
+
+    On an existing workdir this resumes: the parent run and its child runs are reopened, not duplicated;
+    finished curation and finished stages (completion markers under WORKDIR/state) are skipped; the stage
+    that was interrupted resumes from its last checkpoint; tracking records an outage left behind in
+    WORKDIR/tracking-spool are delivered.
+    """
     tracker = make_tracker(cfg)
+    if tracker.replay():
+        console.print("delivered tracking records left by an earlier run")
     summary = RunSummary(dataset_dirs=cfg.dataset_dirs(), experiment_id=tracker.experiment_id)
-    parent = tracker.start_run(cfg.name, tags={"latentforge.kind": "plan", "latentforge.config_hash": cfg.config_hash()})
+    parent, resumed = tracker.resume_or_start(cfg.name, tags={"latentforge.kind": "plan"},
+                                              match={"latentforge.workdir": str(cfg.workdir)})
+    if resumed:
+        console.print(f"[bold]resuming[/] plan {cfg.name} in {cfg.workdir} (MLflow run {parent})")
     summary.parent_run_id = parent
     tracker.log_params(parent, json.loads(cfg.model_dump_json()))
     try:
@@ -157,6 +285,8 @@ def run_all(cfg: LatentforgeConfig, *, do_curate: bool = True, do_train: bool = 
             train(cfg, tracker, parent, summary)
     except BaseException:
         tracker.end_run(parent, "FAILED")
+        tracker.close(timeout_s=10)
         raise
     tracker.end_run(parent)
+    tracker.close()
     return summary

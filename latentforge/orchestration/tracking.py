@@ -5,9 +5,18 @@ import json
 import os
 import subprocess
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from latentforge.orchestration.delivery import (
+    DeliveryQueue,
+    artifact_record,
+    metric_records,
+    replay_spool,
+    short_http_retries,
+)
 
 PARAM_MAX = 6000  # MLflow's limit on a param value
 
@@ -49,49 +58,75 @@ def git_commit() -> str | None:
 
 
 class Tracker:
-    """Creates runs and logs to them; driver-side. Workers get a `RunSink` for one run instead."""
+    """Creates (or reopens) runs and logs to them; driver-side. Workers get a `RunSink` for one run instead.
 
-    def __init__(self, tracking_uri: str, experiment: str, artifact_location: str | None = None):
+    Everything after run creation goes through a `DeliveryQueue`: an MLflow outage delays it, never stops the
+    run. `run_tags` (config hash, git commit, workdir) go on every run this tracker creates or reopens.
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, artifact_location: str | None = None,
+                 spool_dir: Path | None = None, run_tags: dict[str, str] | None = None):
         from mlflow.tracking import MlflowClient
 
+        short_http_retries()
         self.uri = tracking_uri
+        self.spool_dir = spool_dir
         self.client = MlflowClient(tracking_uri)
+        commit = git_commit()
+        self.run_tags = {**({"mlflow.source.git.commit": commit} if commit else {}), **(run_tags or {})}
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(
             experiment, artifact_location=artifact_location if tracking_uri.startswith("sqlite") else None,
             # The UI then opens on runs, metrics and artifacts ("Model training"), not on GenAI traces.
             tags={"mlflow.experimentKind": "custom_model_development"})
+        spool = spool_dir / f"driver-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl" if spool_dir else None
+        self.queue = DeliveryQueue(tracking_uri, spool)
 
-    def find_run(self, name: str, parent_id: str | None = None) -> str | None:
-        """A run of this name (under `parent_id`), to resume instead of duplicating."""
+    def find_run(self, name: str, parent_id: str | None = None, tags: dict[str, str] | None = None) -> str | None:
+        """The newest run of this name (under `parent_id`, with these tags), to resume instead of duplicating."""
         query = f"tags.mlflow.runName = '{name}'"
         if parent_id:
             query += f" and tags.mlflow.parentRunId = '{parent_id}'"
+        for key, value in (tags or {}).items():
+            query += f" and tags.`{key}` = '{value}'"
         runs = self.client.search_runs([self.experiment_id], query, max_results=1, order_by=["start_time DESC"])
         return runs[0].info.run_id if runs else None
 
     def start_run(self, name: str, parent_id: str | None = None, tags: dict[str, str] | None = None) -> str:
-        all_tags = {"mlflow.runName": name, **(tags or {})}
-        commit = git_commit()
-        if commit:
-            all_tags["mlflow.source.git.commit"] = commit
+        all_tags = {"mlflow.runName": name, **self.run_tags, **(tags or {})}
         if parent_id:
             all_tags["mlflow.parentRunId"] = parent_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
         return run.info.run_id
 
-    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
+    def resume_or_start(self, name: str, parent_id: str | None = None, tags: dict[str, str] | None = None,
+                        match: dict[str, str] | None = None) -> tuple[str, bool]:
+        """Reopen the run of this name (and parent, and `match` tags) if one exists, else create it."""
+        found = self.find_run(name, parent_id, match)
+        if found is None:
+            return self.start_run(name, parent_id, {**(match or {}), **(tags or {})}), False
+        self.client.update_run(found, status="RUNNING")
+        self.set_tags(found, {**self.run_tags, **(tags or {})})
+        return found, True
 
-        items = [Param(k, v) for k, v in flatten(params).items()]
-        for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
-            self.client.log_batch(run_id, params=items[i:i + 100])
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        self.queue.put(*({"kind": "tag", "run_id": run_id, "key": k, "value": str(v)[:PARAM_MAX]}
+                         for k, v in tags.items()))
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        self.queue.put(*({"kind": "param", "run_id": run_id, "key": k, "value": v} for k, v in flatten(params).items()))
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-        RunSink(self.uri, run_id).log_metrics(metrics, step)
+        self.queue.put(*metric_records(run_id, metrics, step))
 
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(run_id, str(path), artifact_path)
+        if self.queue.healthy and not self.queue.pending():
+            try:
+                self.client.log_artifact(run_id, str(path), artifact_path)
+                return
+            except Exception:  # queued below, like every other record during an outage
+                pass
+        self.queue.put(artifact_record(run_id, path, artifact_path, self.spool_dir))
 
     def log_dict(self, run_id: str, data: dict, name: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -99,10 +134,15 @@ class Tracker:
             path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
             self.log_artifact(run_id, path)
 
+    def log_dataset(self, run_id: str, dataset_dir: Path, context: str, name: str | None = None) -> None:
+        """A curated dataset as an MLflow run input: source = its manifest, digest = its content-derived id."""
+        self.queue.put(dataset_record(run_id, dataset_dir, context, name))
+
     def register_model(self, name: str, run_id: str, artifact_path: str, tags: dict[str, str]) -> str:
         """A new version of registered model `name` pointing at the run's artifact directory; returns it."""
         from mlflow.exceptions import MlflowException
 
+        self.flush()  # the version points at artifacts that must be there first
         try:
             self.client.create_registered_model(name, description="latentforge DiT: safetensors + model config")
         except MlflowException as e:
@@ -113,38 +153,95 @@ class Tracker:
         return version.version
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status)
+        import time
 
-    def sink(self, run_id: str) -> RunSink:
-        return RunSink(self.uri, run_id)
+        self.queue.put({"kind": "terminate", "run_id": run_id, "status": status, "end_time": int(time.time() * 1000)})
+
+    def flush(self, timeout_s: float = 0.0) -> bool:
+        """Deliver what is queued now (waiting up to `timeout_s` for a server that is away)."""
+        import time
+
+        deadline = time.time() + timeout_s
+        while not self.queue.deliver_once():
+            if time.time() >= deadline:
+                return False
+            time.sleep(1.0)
+        return True
+
+    def close(self, timeout_s: float = 30.0) -> bool:
+        return self.queue.close(timeout_s)
+
+    def replay(self, run_id: str | None = None) -> int:
+        """Deliver spool files that earlier (or crashed) processes left in the spool directory."""
+        if self.spool_dir is None:
+            return 0
+        return replay_spool(self.uri, self.spool_dir, skip=self.queue.spool_file, run_id=run_id)
+
+    def sink(self, run_id: str, system_metrics_s: float | None = None) -> RunSink:
+        return RunSink(self.uri, run_id, str(self.spool_dir) if self.spool_dir else None, system_metrics_s)
+
+
+def dataset_record(run_id: str, dataset_dir: Path, context: str, name: str | None = None) -> dict:
+    """The mlflow.data form of a dataset (a MetaDataset: the manifest is referenced, not copied)."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    card = json.loads((Path(dataset_dir) / "card.json").read_text())
+    source = resolve_dataset_source(str((Path(dataset_dir) / "manifest.parquet").resolve()))
+    entity = MetaDataset(source, name=name or card["name"], digest=str(card["id"])[:36])._to_mlflow_entity()
+    return {"kind": "input", "run_id": run_id, "name": entity.name, "digest": entity.digest,
+            "source_type": entity.source_type, "source": entity.source, "schema": entity.schema,
+            "profile": json.dumps({"num_samples": card.get("num_samples"), "dataset_id": card["id"]}),
+            "context": context}
 
 
 @dataclass
 class RunSink:
-    """A picklable handle to one run, handed to Ray Train workers (rank 0 logs through it)."""
+    """A picklable handle to one run, handed to Ray Train workers (rank 0 logs through it).
+
+    Logging is queued (see `DeliveryQueue`); undelivered records are spooled under `spool_dir` (shared storage,
+    like checkpoints) so the driver can deliver what a dead worker left. With `system_metrics_s`, `start()`
+    samples CPU / memory / disk / network / GPU every so many seconds as `system/...` metrics.
+    """
 
     uri: str
     run_id: str
-    _client: Any = field(default=None, repr=False, compare=False)
+    spool_dir: str | None = None
+    system_metrics_s: float | None = None
+    _queue: Any = field(default=None, repr=False, compare=False)
+    _monitor: Any = field(default=None, repr=False, compare=False)
 
     def __getstate__(self) -> dict:
-        return {"uri": self.uri, "run_id": self.run_id, "_client": None}
+        return {"uri": self.uri, "run_id": self.run_id, "spool_dir": self.spool_dir,
+                "system_metrics_s": self.system_metrics_s, "_queue": None, "_monitor": None}
+
+    @property
+    def queue(self) -> DeliveryQueue:
+        if self._queue is None:
+            spool = Path(self.spool_dir) / f"{self.run_id}-{os.getpid()}.jsonl" if self.spool_dir else None
+            self._queue = DeliveryQueue(self.uri, spool)
+        return self._queue
 
     @property
     def client(self):
-        if self._client is None:
-            from mlflow.tracking import MlflowClient
+        return self.queue.client
 
-            self._client = MlflowClient(self.uri)
-        return self._client
+    def start(self) -> None:
+        if self.system_metrics_s and self._monitor is None:
+            from latentforge.orchestration.system_metrics import SystemMetricsSampler
+
+            self._monitor = SystemMetricsSampler(self.uri, self.run_id, self.system_metrics_s, self.log_metrics)
+            self._monitor.start()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        import time
-
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self.queue.put(*metric_records(self.run_id, metrics, step))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self.queue.put(artifact_record(self.run_id, path, artifact_path,
+                                       Path(self.spool_dir) if self.spool_dir else None))
+
+    def close(self, timeout_s: float = 30.0) -> bool:
+        if self._monitor is not None:
+            self._monitor.stop()
+            self._monitor = None
+        return self.queue.close(timeout_s) if self._queue is not None else True

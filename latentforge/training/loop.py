@@ -157,6 +157,7 @@ def train_stage(config: dict) -> None:
     if stage.compile:
         model = torch.compile(model)
     sink = job.sink if acc.is_main_process else NullSink()
+    sink.start()
     validation = validation_batches(datasets, stage, normalizer, job.seed, model_cfg.visual_patch, acc.is_main_process)
     stream = build_stream(batches, rank, start * stage.grad_accum)  # what an uninterrupted run would see next
     meter = Meter()
@@ -182,6 +183,7 @@ def train_stage(config: dict) -> None:
             log_samples(ema, batches, normalizer, datasets[0].card, job, sink,
                         "samples" if done == stage.steps else f"samples/step_{done:06d}")
 
+    sink.close()
 
 def validation_batches(datasets, stage: TrainStageConfig, normalizer, seed: int, patch: int, main: bool) -> list:
     """Rank 0's held-out batches (the same every time), or none."""

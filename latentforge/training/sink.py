@@ -10,6 +10,10 @@ class MetricSink(Protocol):
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
 
+    def start(self) -> None: ...  # on the logging rank, before the first step (e.g. system metrics)
+
+    def close(self) -> None: ...  # after the last step: deliver what is queued
+
 
 class NullSink:
     """Drops everything: lets the loop log unconditionally (ranks other than 0, tests without tracking)."""
@@ -18,4 +22,10 @@ class NullSink:
         pass
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
+
+    def close(self) -> None:
         pass

@@ -8,11 +8,34 @@ import sys
 from pathlib import Path
 
 import pytest
+from lf_s3 import s3_bucket, s3_server  # noqa: F401  (moto_server on loopback, for the s3:// tests)
 from lf_services import free_port, stop_group, wait_http
 
 
 def mlflow_executable() -> str:
     return shutil.which("mlflow", path=os.path.dirname(sys.executable)) or "mlflow"
+
+
+def start_mlflow_server(root: Path, port: int, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:port with its SQLite store and artifacts under `root` (reused when they exist,
+    so a stopped server can be restarted on the same store and port). Stop it with lf_services.stop_group."""
+    root.mkdir(parents=True, exist_ok=True)
+    log = open(root / "server.log", "ab")
+    try:
+        proc = subprocess.Popen(
+            [mlflow_executable(), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", (root / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1", *extra],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})})
+    finally:
+        log.close()  # the child holds its own descriptor
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc)
+    except BaseException:
+        stop_group(proc)
+        raise
+    return proc
 
 
 @pytest.fixture(scope="session")

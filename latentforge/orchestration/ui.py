@@ -1,0 +1,86 @@
+"""`latentforge ui`: the `mlflow server` command for a workdir's store (or any backend store URI), bound to
+loopback unless asked otherwise, optionally behind MLflow's basic-auth app."""
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from latentforge.orchestration.tracking import artifact_root, default_tracking_uri
+
+AUTH_CONFIG = "basic_auth.ini"
+AUTH_DB = "basic_auth.db"
+
+
+class UiError(ValueError):
+    """A `ui` invocation that cannot start; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ServerCommand:
+    argv: list[str]
+    env: dict[str, str]
+    url: str
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and names that resolve only to them (localhost)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
+def auth_config(workdir: Path) -> Path:
+    """MLflow's basic-auth config for this workdir: its user database beside the tracking store (MLflow's own
+    default is `basic_auth.db` in whatever directory the server was started from). The admin password is
+    never written here: it comes from MLFLOW_AUTH_ADMIN_PASSWORD the first time the server starts."""
+    path = workdir / AUTH_CONFIG
+    if not path.exists():
+        path.write_text("[mlflow]\n"
+                        "default_permission = READ\n"
+                        f"database_uri = sqlite:///{(workdir / AUTH_DB).resolve()}\n"
+                        "admin_username = admin\n"
+                        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    return path
+
+
+def server_command(workdir: Path, port: int, host: str = "127.0.0.1", backend_store_uri: str | None = None,
+                   artifacts_destination: str | None = None, auth: bool = False,
+                   environ: dict[str, str] | None = None) -> ServerCommand:
+    """The `mlflow server` argv and environment; raises UiError for a store or auth setup that cannot work."""
+    environ = dict(os.environ if environ is None else environ)
+    workdir = workdir.resolve()
+    if backend_store_uri is None:
+        if not (workdir / "mlflow.db").exists():
+            raise UiError(f"no MLflow store at {workdir / 'mlflow.db'}: run `latentforge run CONFIG` first, "
+                          "or pass --backend-store-uri")
+        backend_store_uri = default_tracking_uri(workdir)
+    elif not backend_store_uri.startswith(("sqlite:", "postgresql:", "postgresql+", "mysql:", "mysql+")):
+        raise UiError(f"--backend-store-uri {backend_store_uri!r}: expected sqlite:///... or postgresql://...")
+    mlflow = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or "mlflow"
+    argv = [mlflow, "server", "--backend-store-uri", backend_store_uri,
+            "--artifacts-destination", artifacts_destination or artifact_root(workdir), "--host", host,
+            "--port", str(port)]
+    # MLflow's server-side job runner (GenAI evaluation jobs) starts eight worker processes: not needed to
+    # browse training runs, and heavy on a small machine. An explicit setting in the environment wins.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **environ}
+    if auth:
+        argv += ["--app-name", "basic-auth"]
+        if "MLFLOW_AUTH_CONFIG_PATH" not in env:
+            workdir.mkdir(parents=True, exist_ok=True)
+            env["MLFLOW_AUTH_CONFIG_PATH"] = str(auth_config(workdir))
+            if not (workdir / AUTH_DB).exists() and not env.get("MLFLOW_AUTH_ADMIN_PASSWORD"):
+                raise UiError("--auth: set MLFLOW_AUTH_ADMIN_PASSWORD for the first start; it becomes the "
+                              f"password of user 'admin' (stored hashed in {workdir / AUTH_DB})")
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return ServerCommand(argv, env, f"http://{shown}:{port}")

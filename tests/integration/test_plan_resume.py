@@ -1,0 +1,124 @@
+"""`latentforge run` on an existing workdir resumes the whole plan, tracked by a real `mlflow server`:
+a plan stopped in its second training stage is rerun; curation is not redone, the finished stage is not
+retrained, the interrupted stage resumes from its checkpoint, and MLflow holds one parent run with one child
+per job/stage. The same runs carry dataset inputs (mlflow.data), git commit + config hash tags and system metrics.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from latentforge.orchestration.config import LatentforgeConfig, resolve_paths
+from latentforge.orchestration.run import run_all
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+STAGE = {"modalities": ["image", "video"], "video_frames_as_images": True, "steps": 4, "batch_size": 4,
+         "checkpoint_every": 2, "log_every": 1, "val_fraction": 0.2, "val_every": 4, "num_samples": 0}
+
+
+def plan_config(root: Path, corpus: Path, uri: str) -> LatentforgeConfig:
+    cfg = LatentforgeConfig.model_validate({
+        "name": "resumable", "workdir": str(root / "work"),
+        "tracking": {"uri": uri, "experiment": "plan-resume-test", "system_metrics_interval_s": 1.0},
+        "curation": {"name": "tiny", "input_dir": str(corpus), "image_size": 32, "video_frames": 4,
+                     "samples_per_shard": 4, "clips": {"enabled": False}},
+        "training": {"model": {"preset": "DiT-T", "overrides": {"hidden": 64, "depth": 2, "mixer_depth": 1}},
+                     "num_workers": 1, "max_failures": 0,
+                     "stages": [{"name": "first", **STAGE},
+                                # no retries: the plan stops here, after the step-2 checkpoint
+                                {"name": "second", **STAGE, "fail_at_step": 3}]}})
+    return resolve_paths(cfg, root)
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, mlflow_server, ray_local):
+    from latentforge.datasets.demo_corpus import DemoCorpusSpec, generate_demo_corpus
+
+    root = tmp_path_factory.mktemp("plan")
+    corpus = root / "corpus"
+    generate_demo_corpus(corpus, DemoCorpusSpec(num_images=8, num_videos=3, num_audio=0, include_broken=False,
+                                                 seed=4))
+    cfg = plan_config(root, corpus, mlflow_server)
+    with pytest.raises(Exception, match="injected failure"):
+        run_all(cfg)
+    work = cfg.workdir
+    shards = sorted((work / "datasets" / "tiny" / "shards").glob("*.tar"))
+    before = {p: p.stat().st_mtime_ns for p in shards + [work / "exports" / "first" / "model.safetensors"]}
+    assert shards and (work / "state" / "stage-first.json").exists()
+    assert not (work / "state" / "stage-second.json").exists()
+    summary = run_all(cfg)
+    return cfg, summary, before
+
+
+def client_for(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def test_one_parent_and_one_child_per_job_and_stage(resumed, mlflow_server):
+    cfg, summary, _ = resumed
+    client = client_for(mlflow_server)
+    runs = client.search_runs([summary.experiment_id], "")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [r.info.run_id for r in parents] == [summary.parent_run_id]
+    children = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == summary.parent_run_id)
+    assert children == ["curate-tiny", "train-first", "train-second"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_curation_and_the_finished_stage_are_not_redone(resumed, mlflow_server):
+    cfg, summary, before = resumed
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    client = client_for(mlflow_server)
+    first = [m.step for m in client.get_metric_history(summary.stage_runs["first"], "loss")]
+    assert sorted(first) == [1, 2, 3, 4]  # trained once
+
+
+def test_the_interrupted_stage_resumed_from_its_checkpoint(resumed, mlflow_server):
+    cfg, summary, _ = resumed
+    state = json.loads((summary.checkpoints["second"] / "state.json").read_text())
+    assert state["step"] == 4
+    client = client_for(mlflow_server)
+    second = sorted(m.step for m in client.get_metric_history(summary.stage_runs["second"], "loss"))
+    assert second == [1, 2, 3, 4]  # steps 1-2 before the failure, 3-4 after resuming from the step-2 checkpoint
+    assert summary.registered and summary.registered[0] == "resumable"
+
+
+def test_every_run_has_git_commit_and_config_hash(resumed, mlflow_server):
+    cfg, summary, _ = resumed
+    client = client_for(mlflow_server)
+    for run_id in [summary.parent_run_id, summary.curation_run_id, *summary.stage_runs.values()]:
+        tags = client.get_run(run_id).data.tags
+        assert len(tags["mlflow.source.git.commit"]) == 40, run_id
+        assert tags["latentforge.config_hash"] == cfg.config_hash(), run_id
+
+
+def test_dataset_lineage_as_run_inputs(resumed, mlflow_server):
+    cfg, summary, _ = resumed
+    client = client_for(mlflow_server)
+    card = json.loads((cfg.curation.output_dir / "card.json").read_text())
+    manifest = str((cfg.curation.output_dir / "manifest.parquet").resolve())
+
+    def inputs(run_id):
+        return {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset
+                for i in client.get_run(run_id).inputs.dataset_inputs}
+
+    out = inputs(summary.curation_run_id)["curation_output"]
+    assert out.digest == card["id"] and json.loads(out.source)["uri"] == manifest
+    for run_id in summary.stage_runs.values():
+        got = inputs(run_id)
+        assert set(got) == {"training", "validation"}
+        assert all(d.digest == card["id"] and json.loads(d.source)["uri"] == manifest for d in got.values())
+
+
+def test_training_runs_have_system_metrics(resumed, mlflow_server):
+    _, summary, _ = resumed
+    client = client_for(mlflow_server)
+    for run_id in summary.stage_runs.values():
+        metrics = client.get_run(run_id).data.metrics
+        assert "system/cpu_utilization_percentage" in metrics
+        assert metrics["system/system_memory_usage_megabytes"] > 0
