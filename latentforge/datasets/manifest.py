@@ -18,6 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from latentforge.datasets import storage
+
 MANIFEST = "manifest.parquet"
 REJECTS = "rejects.parquet"
 CARD = "card.json"
@@ -92,6 +94,11 @@ def to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     return table.sort_by("id") if table.num_rows else table
 
 
+def read_table(location: Path | str) -> pa.Table:
+    fs, path = storage.resolve(location)
+    return pq.read_table(path, filesystem=fs)
+
+
 def write_table(table: pa.Table, path: Path) -> None:
     tmp = path.with_suffix(".partial")
     pq.write_table(table, tmp)
@@ -100,21 +107,29 @@ def write_table(table: pa.Table, path: Path) -> None:
 
 @dataclass(frozen=True)
 class Dataset:
-    """A curated dataset directory."""
+    """A curated dataset directory, local or at a URI (s3://bucket/prefix: see storage.py)."""
 
-    root: Path
+    root: Path | str
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", storage.as_location(self.root))
 
     @property
     def card(self) -> dict:
-        return json.loads((self.root / CARD).read_text())
+        return json.loads(storage.read_text(storage.join(self.root, CARD)))
 
     def manifest(self) -> pa.Table:
-        return pq.read_table(self.root / MANIFEST)
+        return read_table(storage.join(self.root, MANIFEST))
 
     def rejects(self) -> pa.Table:
-        return pq.read_table(self.root / REJECTS)
+        return read_table(storage.join(self.root, REJECTS))
 
-    def shard_path(self, name: str) -> Path:
+    def shard_path(self, name: str) -> Path | str:
+        """A shard's local path, or its URI for a remote dataset (training opens it with storage.open_shard)."""
+        if storage.is_remote(self.root):
+            if not name or "/" in name or name in (".", ".."):
+                raise ValueError(f"manifest names shard {name!r} outside {storage.join(self.root, SHARDS)}")
+            return storage.join(self.root, SHARDS, name)
         path = (self.root / SHARDS / name).resolve()
         if path.parent != (self.root / SHARDS).resolve():
             raise ValueError(f"manifest names shard {name!r} outside {self.root / SHARDS}")

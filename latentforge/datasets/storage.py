@@ -82,7 +82,7 @@ def as_location(value: str | Path) -> str | Path:
         return _MANGLED.sub(r"\1://", text) if _MANGLED.match(text) else value
     if _SCHEME.match(value) and not value.startswith("file://"):
         return value
-    return Path(value[len("file://"):] if value.startswith("file://") else value)
+    return Path(value.removeprefix("file://"))
 
 
 def _validate_location(value):
@@ -267,7 +267,7 @@ def local_copy(location: str | Path) -> Iterator[Path]:
     if isinstance(location, Path):
         yield location
         return
-    scratch = Path(tempfile.mkdtemp(prefix="lf-stage-", dir=_scratch_root()))
+    scratch = Path(tempfile.mkdtemp(prefix="lf-stage-", dir=scratch_dir()))
     try:
         target = scratch / name_of(location)
         if is_file(location):
@@ -277,7 +277,8 @@ def local_copy(location: str | Path) -> Iterator[Path]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _scratch_root() -> Path:
+def scratch_dir() -> Path:
+    """Local scratch for staged inputs and groups written before upload (under the cache dir)."""
     root = cache_dir() / "scratch"
     root.mkdir(parents=True, exist_ok=True)
     return root

@@ -9,12 +9,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from latentforge.datasets import manifest as mf
+from latentforge.datasets import storage
 from latentforge.datasets.shards import ShardFormatError, iter_shards, sha256_file
 
 
 @dataclass
 class VerifyReport:
-    root: Path
+    root: Path | str
     problems: list[str] = field(default_factory=list)
     checked: dict[str, int] = field(default_factory=Counter)
 
@@ -23,27 +24,30 @@ class VerifyReport:
         return not self.problems
 
 
-def _read_parts(root: Path, report: VerifyReport) -> tuple[dict, list[dict]] | None:
+def _read_parts(root: Path | str, report: VerifyReport) -> tuple[dict, list[dict]] | None:
     try:
-        card = json.loads((root / mf.CARD).read_text())
+        card = json.loads(storage.read_text(storage.join(root, mf.CARD)))
     except (OSError, ValueError) as e:
         report.problems.append(f"{mf.CARD}: cannot read ({e})")
         return None
     for name, schema in ((mf.MANIFEST, mf.MANIFEST_SCHEMA), (mf.REJECTS, mf.REJECTS_SCHEMA)):
         try:
-            found = pq.read_schema(root / name)
+            fs, path = storage.resolve(storage.join(root, name))
+            found = pq.read_schema(path, filesystem=fs)
         except (OSError, ValueError) as e:
             report.problems.append(f"{name}: cannot read ({e})")
             return None
         missing = set(schema.names) - set(found.names)
         if missing:
             report.problems.append(f"{name}: missing columns {sorted(missing)}")
-    return card, pq.read_table(root / mf.MANIFEST).to_pylist()
+    return card, mf.read_table(storage.join(root, mf.MANIFEST)).to_pylist()
 
 
 def verify_dataset(root: str | Path, *, decode: bool = True) -> VerifyReport:
-    """Check that the card, manifest and shards agree; with `decode`, read every sample and check its shape."""
-    root = Path(root)
+    """Check that the card, manifest and shards agree; with `decode`, read every sample and check its shape.
+
+    `root` may be a URI (s3://...): each shard is then fetched to a scratch file once, checked, and deleted."""
+    root = storage.as_location(root)
     report = VerifyReport(root)
     parts = _read_parts(root, report)
     if parts is None:
@@ -64,7 +68,7 @@ def verify_dataset(root: str | Path, *, decode: bool = True) -> VerifyReport:
     return report
 
 
-def _verify_shard(root: Path, entry: dict, expected: dict[str, dict], card: dict, report: VerifyReport,
+def _verify_shard(root: Path | str, entry: dict, expected: dict[str, dict], card: dict, report: VerifyReport,
                   decode: bool) -> None:
     name = entry["name"]
     try:
@@ -72,17 +76,18 @@ def _verify_shard(root: Path, entry: dict, expected: dict[str, dict], card: dict
     except ValueError as e:
         report.problems.append(str(e))
         return
-    if not path.is_file():
-        report.problems.append(f"{name}: missing")
-        return
-    report.checked["shards"] += 1
-    digest = sha256_file(path)
-    if digest != entry.get("sha256"):
-        report.problems.append(f"{name}: sha256 {digest[:12]}... does not match the card's {str(entry.get('sha256'))[:12]}...")
-    if entry.get("count") != len(expected):
-        report.problems.append(f"{name}: card counts {entry.get('count')} samples, manifest {len(expected)}")
-    if decode:
-        _verify_samples(name, path, expected, card, report)
+    with storage.local_copy(path) as local:  # the shard itself when local
+        if not local.is_file():
+            report.problems.append(f"{name}: missing")
+            return
+        report.checked["shards"] += 1
+        digest = sha256_file(local)
+        if digest != entry.get("sha256"):
+            report.problems.append(f"{name}: sha256 {digest[:12]}... does not match the card's {str(entry.get('sha256'))[:12]}...")
+        if entry.get("count") != len(expected):
+            report.problems.append(f"{name}: card counts {entry.get('count')} samples, manifest {len(expected)}")
+        if decode:
+            _verify_samples(name, local, expected, card, report)
 
 
 def _verify_samples(name: str, path: Path, expected: dict[str, dict], card: dict, report: VerifyReport) -> None:

@@ -7,6 +7,7 @@ from pydantic import Field
 
 from latentforge.datasets.buckets import Bucket
 from latentforge.datasets.encoders.config import EncodersConfig
+from latentforge.datasets.storage import Location
 from latentforge.pipelines.resources import StageResources, Strict
 from latentforge.pipelines.stages.caption_select import CaptioningConfig
 from latentforge.pipelines.stages.dedup import DedupConfig
@@ -33,8 +34,10 @@ class CurationConfig(Strict):
     """One curation job: raw media under `input_dir` -> latent shards, manifest, rejects and card."""
 
     name: str = Field("dataset", pattern=r"^[A-Za-z0-9_-]+$", description="dataset name (a directory)")
-    input_dir: Path = Field(Path("corpus"), description="root of the raw media; sidecar .txt files are captions")
-    output_dir: Path | None = Field(None, description="dataset directory; default WORKDIR/datasets/NAME")
+    input_dir: Location = Field(Path("corpus"), description=(
+        "root of the raw media, a directory or a URI prefix (s3://bucket/corpus); sidecar .txt files are captions"))
+    output_dir: Location | None = Field(None, description=(
+        "dataset directory or URI (s3://bucket/datasets/NAME); default WORKDIR/datasets/NAME"))
     generate_demo_corpus: bool = Field(False, description="generate the demo corpus into input_dir if missing")
     demo_seed: int = 0
     image_size: int = Field(32, ge=8, description="side of the default square bucket when `buckets` is empty")

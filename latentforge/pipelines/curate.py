@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from latentforge.datasets import manifest as mf
+from latentforge.datasets import storage
 from latentforge.datasets.shards import load_npy
 from latentforge.pipelines.config import CurationConfig
 from latentforge.pipelines.discover import discover, orphan_captions
@@ -48,7 +49,7 @@ FORMAT_VERSION = 1
 
 @dataclass
 class CurationResult:
-    dataset_dir: Path
+    dataset_dir: Path | str  # a URI when the dataset was written to an object store
     inputs: int
     kept: int
     rejected: int
@@ -59,6 +60,7 @@ class CurationResult:
 
     samples: int = 0  # rows out: one per input, or one per clip of a split video
 
+    local_dir: Path | None = None  # a remote dataset's manifest, rejects and card, as written before upload
     def metrics(self) -> dict[str, float]:
         base = {"inputs": self.inputs, "samples": self.samples, "kept": self.kept, "rejected": self.rejected,
                 "filtered": self.filtered}
@@ -91,7 +93,7 @@ def scan(rows: list[dict], cfg: CurationConfig):
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), len(rows) // 8)))
     factor = fit_to_cluster(SCAN_STAGES, cfg)
     for stage in SCAN_STAGES:
-        ds = apply_stage(ds, stage, cfg, factor)
+        ds = apply_stage(ds, stage, cfg, factor, storage.ray_remote_args(cfg.input_dir))
     return ds.materialize()
 
 
@@ -142,19 +144,22 @@ def build_pipeline(rows: list[dict], cfg: CurationConfig, shard_dir: Path, done:
     stages = active_stages(STAGES, cfg)
     factor = fit_to_cluster(stages, cfg)
     for stage in stages:
-        ds = apply_stage(ds, stage, cfg, factor)
+    remote = storage.ray_remote_args(cfg.input_dir, shard_dir)  # object-store settings for the workers
+        ds = apply_stage(ds, stage, cfg, factor, remote)
     num_shards = rows[-1]["shard"] + 1
     return ds.groupby("shard", num_partitions=num_shards).map_groups(
         write_shard_group, fn_kwargs={"shard_dir": str(shard_dir), "max_bytes": int(cfg.max_shard_mb * 2**20),
                                       "config_hash": config_hash(cfg)},
-        batch_format="numpy", num_cpus=0.25)
+        batch_format="numpy", num_cpus=0.25, **remote)
 
 
-def run_curation(cfg: CurationConfig, dataset_dir: Path) -> CurationResult:
-    """Run the job on the connected Ray cluster and write the dataset to `dataset_dir`."""
-    dataset_dir = Path(dataset_dir)
-    shard_dir = dataset_dir / mf.SHARDS
-    shard_dir.mkdir(parents=True, exist_ok=True)
+def run_curation(cfg: CurationConfig, dataset_dir: Path | str) -> CurationResult:
+    """Run the job on the connected Ray cluster and write the dataset to `dataset_dir` (a directory or a URI;
+    `cfg.input_dir` may be a URI too)."""
+    dataset_dir = storage.as_location(dataset_dir)
+    shard_dir = storage.join(dataset_dir, mf.SHARDS)
+    if not storage.is_remote(shard_dir):
+        shard_dir.mkdir(parents=True, exist_ok=True)
     rows = discover(cfg.input_dir, cfg.samples_per_shard)
     if not rows:
         raise ValueError(f"no input files under {cfg.input_dir}")
@@ -168,7 +173,7 @@ def run_curation(cfg: CurationConfig, dataset_dir: Path) -> CurationResult:
     return write_dataset(finished + meta, rows, cfg, dataset_dir)
 
 
-def write_dataset(meta: list[dict], rows: list[dict], cfg: CurationConfig, dataset_dir: Path) -> CurationResult:
+def write_dataset(meta: list[dict], rows: list[dict], cfg: CurationConfig, dataset_dir: Path | str) -> CurationResult:
     lost = {r["id"] for r in rows} - {m["source_id"] for m in meta}
     if lost:  # every input must come out as manifest or rejects rows (one per clip when split)
         raise RuntimeError(f"curation lost track of {len(lost)} inputs, e.g. {sorted(lost)[:3]}")
@@ -179,12 +184,17 @@ def write_dataset(meta: list[dict], rows: list[dict], cfg: CurationConfig, datas
     for m in kept:
         m["shard"], m["latent_shape"] = m["shard_name"], [int(s) for s in m["latent_shape"]]
     others = [m for m in meta if m["status"] != "ok"]
-    mf.write_table(mf.to_table(kept, mf.MANIFEST_SCHEMA), dataset_dir / mf.MANIFEST)
-    mf.write_table(mf.to_table(others, mf.REJECTS_SCHEMA), dataset_dir / mf.REJECTS)
+    local = staging_dir(dataset_dir) if storage.is_remote(dataset_dir) else dataset_dir
+    mf.write_table(mf.to_table(kept, mf.MANIFEST_SCHEMA), local / mf.MANIFEST)
+    mf.write_table(mf.to_table(others, mf.REJECTS_SCHEMA), local / mf.REJECTS)
     card = build_card(kept, cfg, dataset_dir)
-    (dataset_dir / mf.CARD).write_text(json.dumps(card, indent=2, sort_keys=True))
+    (local / mf.CARD).write_text(json.dumps(card, indent=2, sort_keys=True))
+    if local != dataset_dir:  # the card last: a dataset with a card is complete
+        for name in (mf.MANIFEST, mf.REJECTS, mf.CARD):
+            storage.upload(local / name, storage.join(dataset_dir, name))
     return CurationResult(
-        dataset_dir=dataset_dir, inputs=len(rows), samples=len(meta), kept=len(kept),
+        dataset_dir=dataset_dir, local_dir=local if local != dataset_dir else None, inputs=len(rows),
+        samples=len(meta), kept=len(kept),
         rejected=sum(m["status"] == "rejected" for m in others),
         filtered=sum(m["status"] == "filtered" for m in others),
         reasons=dict(Counter(m["reason"] for m in others)), by_modality=dict(Counter(m["modality"] for m in kept)),
@@ -193,6 +203,13 @@ def write_dataset(meta: list[dict], rows: list[dict], cfg: CurationConfig, datas
 
 
 def latent_statistics(kept: list[dict]) -> dict:
+def staging_dir(dataset_dir: str) -> Path:
+    """Where a remote dataset's tables and card are written before upload (kept for the report and MLflow)."""
+    path = storage.cache_dir() / "datasets" / hashlib.sha1(dataset_dir.encode()).hexdigest()[:16]
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
     """Per-channel mean / std per latent family, merged from the per-sample streaming sums."""
     parts: dict[str, list[np.ndarray]] = {}
     for m in kept:

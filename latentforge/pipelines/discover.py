@@ -5,6 +5,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from latentforge.datasets import storage
+
 CAPTION_EXT = ".txt"
 
 
@@ -32,11 +34,33 @@ def _is_caption(path: Path) -> bool:
 
 
 def discover(root: str | Path, samples_per_shard: int) -> list[dict]:
-    """Rows for all non-caption files under `root`, sorted by path, each assigned a shard index.
+    """Rows for all non-caption files under `root` (a directory or a URI prefix such as s3://bucket/corpus),
+    sorted by path, each assigned a shard index.
 
     Symlinks are not followed into directories, and a linked file that resolves outside the root is
     rejected here rather than read.
     """
+    rows = _remote_rows(str(storage.as_location(root))) if storage.is_remote(root) else _local_rows(root)
+    rows.sort(key=lambda r: r["relpath"])
+    for i, row in enumerate(rows):
+        row["shard"] = i // samples_per_shard
+    return rows
+
+
+def _remote_rows(root: str) -> list[dict]:
+    """One row per object under the prefix; stages fetch an object only when they read it (stage.py)."""
+    rows = []
+    for relpath in storage.list_files(root):
+        if any(part.startswith(".") for part in relpath.split("/")) or relpath.lower().endswith(CAPTION_EXT):
+            continue
+        uri = storage.join(root, relpath)
+        rows.append({"id": sample_id(relpath), "uri": uri, "relpath": relpath,
+                     "caption_path": storage.with_suffix(uri, CAPTION_EXT), "status": "ok", "reason": "",
+                     "message": "", "stage": ""})
+    return rows
+
+
+def _local_rows(root: str | Path) -> list[dict]:
     root = Path(root).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"input directory {root} does not exist")
@@ -52,14 +76,15 @@ def discover(root: str | Path, samples_per_shard: int) -> list[dict]:
                 row.update(status="rejected", reason="outside_root", stage="discover",
                            message=f"symlink {row['relpath']} points outside the input root")
             rows.append(row)
-    rows.sort(key=lambda r: r["relpath"])
-    for i, row in enumerate(rows):
-        row["shard"] = i // samples_per_shard
     return rows
 
 
 def orphan_captions(root: str | Path) -> list[str]:
     """Caption files with no media file beside them (reported, not inputs)."""
+    if storage.is_remote(root):
+        files = storage.list_files(root)
+        media = {f.rsplit(".", 1)[0] for f in files if not f.lower().endswith(CAPTION_EXT)}
+        return [f for f in files if f.lower().endswith(CAPTION_EXT) and f.rsplit(".", 1)[0] not in media]
     root = Path(root).resolve()
     out = []
     for path in sorted(root.rglob(f"*{CAPTION_EXT}")):

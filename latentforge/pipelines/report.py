@@ -11,6 +11,7 @@ import base64
 import html
 import io
 import itertools
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import pyarrow.compute as pc
 from PIL import Image, ImageDraw
 
 from latentforge.datasets import manifest as mf
-from latentforge.datasets import media
+from latentforge.datasets import media, storage
 
 REPORT = "report.html"
 MODALITIES = ("image", "video", "audio")
@@ -53,10 +54,16 @@ svg text{font:11px system-ui,sans-serif;fill:#333}
 """
 
 
-def write_report(dataset_dir: Path, out: Path | None = None, *, thumbnails: int = 12) -> Path:
-    """Write the HTML report of `dataset_dir` (default: dataset_dir/report.html) and return its path."""
-    dataset_dir = Path(dataset_dir)
-    out = Path(out) if out is not None else dataset_dir / REPORT
+def write_report(dataset_dir: Path | str, out: Path | str | None = None, *, thumbnails: int = 12) -> Path | str:
+    """Write the HTML report of `dataset_dir` (default: dataset_dir/report.html) and return its path.
+
+    Either may be a URI (s3://...): thumbnails are then decoded from scratch copies and the page uploaded."""
+    dataset_dir = storage.as_location(dataset_dir)
+    out = storage.as_location(out) if out is not None else storage.join(dataset_dir, REPORT)
+    if storage.is_remote(out):
+        with tempfile.TemporaryDirectory() as tmp:
+            storage.upload(write_report(dataset_dir, Path(tmp) / REPORT, thumbnails=thumbnails), out)
+        return out
     card, kept, rejects = _load(mf.Dataset(dataset_dir))
     body = [
         _header(card, kept, rejects),
@@ -65,7 +72,7 @@ def write_report(dataset_dir: Path, out: Path | None = None, *, thumbnails: int 
         _section("Kept samples", _thumb_grid(_pick(kept.to_pylist(), thumbnails), kept=True)),
         _section("Rejected and filtered samples", _thumb_grid(_pick(rejects.to_pylist(), thumbnails), kept=False)),
     ]
-    title = f"latentforge report: {card.get('name') or dataset_dir.name}"
+    title = f"latentforge report: {card.get('name') or storage.name_of(dataset_dir)}"
     tmp = out.with_suffix(".partial")  # a reader never sees half a report
     tmp.write_text(_page(title, body), encoding="utf-8")
     tmp.replace(out)
@@ -74,10 +81,10 @@ def write_report(dataset_dir: Path, out: Path | None = None, *, thumbnails: int 
 
 def _load(dataset: mf.Dataset) -> tuple[dict, pa.Table, pa.Table]:
     """Card, kept rows and rejects; a dataset without rejects or a card still gets a report."""
-    card = dataset.card if (dataset.root / mf.CARD).is_file() else {}
+    card = dataset.card if storage.is_file(storage.join(dataset.root, mf.CARD)) else {}
     manifest = dataset.manifest()
     kept = manifest.filter(pc.field("status") == "ok") if "status" in manifest.column_names else manifest
-    has_rejects = (dataset.root / mf.REJECTS).is_file()
+    has_rejects = storage.is_file(storage.join(dataset.root, mf.REJECTS))
     rejects = dataset.rejects() if has_rejects else mf.REJECTS_SCHEMA.empty_table()
     return card, kept, rejects
 
@@ -265,6 +272,9 @@ def _thumbnail_png(row: dict) -> str:
     uri, modality = row.get("uri"), row.get("modality")
     if not uri:
         raise media.MediaError("not_found", "the row has no uri")
+    if storage.is_remote(str(uri)):  # decoders read local files
+        with storage.local_copy(str(uri)) as local:
+            return _thumbnail_png({**row, "uri": str(local)})
     if modality == "image":
         pixels = _image_thumb(uri)
     elif modality == "video":

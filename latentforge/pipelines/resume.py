@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from latentforge.datasets import storage
 from latentforge.datasets.shards import sha256_file
 
 DONE_DIR = "_done"
@@ -52,16 +53,22 @@ def write_marker(shard_dir: Path, group: int, rows: list[dict], config_hash: str
     tmp.replace(path)
 
 
-def done_groups(shard_dir: Path, config_hash: str) -> dict[int, list[dict]]:
-    """Groups whose marker matches this config and whose tars are intact: group -> metadata rows."""
+def done_groups(shard_dir: Path | str, config_hash: str) -> dict[int, list[dict]]:
+    """Groups whose marker matches this config and whose tars are intact: group -> metadata rows.
+
+    `shard_dir` may be a URI (s3://...); its tars are then hashed as they stream in."""
     out: dict[int, list[dict]] = {}
-    for path in sorted((Path(shard_dir) / DONE_DIR).glob("group-*.json")):
+    markers = storage.join(shard_dir, DONE_DIR)
+    for name in storage.list_files(markers):
+        if "/" in name or not (name.startswith("group-") and name.endswith(".json")):
+            continue
         try:
-            body = json.loads(path.read_text())
+            body = json.loads(storage.read_text(storage.join(markers, name)))
         except ValueError:
             continue
-        intact = all((Path(shard_dir) / s).is_file() and sha256_file(Path(shard_dir) / s) == h
+        intact = all(storage.is_file(storage.join(shard_dir, s)) and storage.sha256(storage.join(shard_dir, s)) == h
                      for s, h in body["shards"].items())
         if body.get("config_hash") == config_hash and intact:
-            out[int(path.stem.split("-")[1])] = [{k: _restore(v) for k, v in r.items()} for r in body["rows"]]
+            out[int(name[len("group-"):-len(".json")])] = [{k: _restore(v) for k, v in r.items()}
+                                                          for r in body["rows"]]
     return out

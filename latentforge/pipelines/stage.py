@@ -1,10 +1,12 @@
 """The Stage shape: a plain callable over columnar batches that declares its Ray Data resources."""
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
 
+from latentforge.datasets import storage
 from latentforge.pipelines.resources import StageResources
 
 if TYPE_CHECKING:
@@ -44,9 +46,59 @@ def rows_of(batch: Batch) -> list[dict]:
     return [{k: v[i] for k, v in batch.items()} for i in range(n)]
 
 
+# Columns naming an input file. Decoders (PIL, decord, PyAV, soundfile) need a local file, so for inputs at a
+# URI (s3://...) these are staged per row; see StagedRow.
+PATH_COLUMNS = ("uri", "caption_path")
+
+
+class StagedRow(dict):
+    """A row whose remote input columns read as local scratch copies, fetched on first read: a stage that
+    never opens the file (a threshold filter, the text encoder) downloads nothing. `close()` deletes them.
+
+    Copies of the row (`{**row}`, `dict(row)`) keep the URIs: only reading a column gives the local path.
+    Staged per row, not cached per node: a later stage may run on another node, and a per-row copy keeps the
+    disk a worker needs at one batch of inputs whatever the corpus size (the price: each stage that decodes
+    the file fetches it again)."""
+
+    def __init__(self, row: dict):
+        super().__init__(row)
+        self._copies = contextlib.ExitStack()
+        self._local: dict[str, str] = {}
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        if key not in PATH_COLUMNS or not storage.is_remote(str(value)):
+            return value
+        if key not in self._local:
+            self._local[key] = str(self._copies.enter_context(storage.local_copy(str(value))))
+        return self._local[key]
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def close(self) -> None:
+        self._copies.close()
+
+
+def _staged(row: dict) -> dict:
+    remote = any(storage.is_remote(str(dict.get(row, c))) for c in PATH_COLUMNS if c in row)
+    return StagedRow(row) if remote else row
+
+
+@contextlib.contextmanager
+def staged(row: dict):
+    """For stages that read inputs outside `map_ok_rows`: `with staged(row) as r: decode(r["uri"])`."""
+    row = _staged(row)
+    try:
+        yield row
+    finally:
+        if isinstance(row, StagedRow):
+            row.close()
+
+
 def map_ok_rows(batch: Batch, fn: Callable[[dict], dict], outputs: dict[str, Any], stage: str) -> Batch:
     """Apply `fn` to each row still `ok`; a `Reject` marks that row and the rest go on."""
-    rows = rows_of(batch)
+    rows = [_staged(r) for r in rows_of(batch)]
     new = {name: [default] * len(rows) for name, default in outputs.items()}
     status, reason, message, where = (list(batch[c]) for c in ("status", "reason", "message", "stage"))
     for i, row in enumerate(rows):
@@ -59,6 +111,9 @@ def map_ok_rows(batch: Batch, fn: Callable[[dict], dict], outputs: dict[str, Any
             status[i], reason[i], message[i], where[i] = r.status, r.reason, r.message, stage
         except Exception as e:  # a bug or an unforeseen file must cost one sample, never the job
             status[i], reason[i], message[i], where[i] = "rejected", "stage_error", f"{type(e).__name__}: {e}", stage
+        finally:
+            if isinstance(row, StagedRow):
+                row.close()
     out = dict(batch)
     out.update({"status": status, "reason": reason, "message": message, "stage": where})
     out.update(new)
@@ -90,9 +145,11 @@ def cpu_scale(stages: tuple[type[Stage], ...], cfg: CurationConfig, available: f
     return min(1.0, max(available - reserve, 0.1) / demand) if demand else 1.0
 
 
-def apply_stage(ds, stage_cls: type[Stage], cfg: CurationConfig, cpu_factor: float = 1.0):
+def apply_stage(ds, stage_cls: type[Stage], cfg: CurationConfig, cpu_factor: float = 1.0,
+                remote_args: dict | None = None):
     """Map a Stage onto a Ray Dataset: declared resources become `map_batches` keywords one-to-one
-    (CPUs times `cpu_factor`, which is below 1 only when the whole pipeline would not fit the cluster)."""
+    (CPUs times `cpu_factor`, which is below 1 only when the whole pipeline would not fit the cluster).
+    `remote_args`: extra Ray keywords, e.g. the storage runtime_env when inputs are at a URI."""
     from ray.data import ActorPoolStrategy
 
     res = stage_resources(stage_cls, cfg)
@@ -104,4 +161,5 @@ def apply_stage(ds, stage_cls: type[Stage], cfg: CurationConfig, cpu_factor: flo
         num_gpus=res.num_gpus or None,
         batch_size=res.batch_size,
         batch_format="numpy",
+        **(remote_args or {}),
     )

@@ -1,10 +1,11 @@
 """Typed configuration of a training plan: model, stages, optimiser; every model forbids unknown keys."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from latentforge.datasets.storage import Location
 
 Modality = Literal["image", "video", "audio"]
 MODALITY_IDS = {"image": 0, "video": 1, "audio": 2}
@@ -119,8 +120,9 @@ class PlanConfig(Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
     seed: int = 0
-    datasets: list[Path] = Field(default_factory=list, description=(
-        "curated dataset dirs mixed in every stage (their encoders must match); default: the curation output"))
+    datasets: list[Location] = Field(default_factory=list, description=(
+        "curated dataset dirs or URIs (s3://...) mixed in every stage (their encoders must match); "
+        "default: the curation output"))
     max_failures: int = Field(2, ge=0, description="worker-group restarts before a stage fails")
     stages: list[TrainStageConfig] = Field(min_length=1)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from latentforge.datasets import storage
 from latentforge.datasets.manifest import Dataset
 from latentforge.training.config import PlanConfig, TrainStageConfig
 from latentforge.training.dit import DiT_archs, DiTConfig
@@ -15,8 +16,9 @@ from latentforge.training.sink import MetricSink, NullSink
 @dataclass
 class StageResult:
     name: str
-    checkpoint_dir: Path
+    checkpoint_dir: Path  # local: a copy of the final checkpoint when Ray Train stored it at a URI
     metrics: dict
+    checkpoint_uri: str | None = None  # where Ray Train stored it, when that is an object store
 
 
 def model_config(plan: PlanConfig, card: dict) -> dict:
@@ -28,9 +30,12 @@ def model_config(plan: PlanConfig, card: dict) -> dict:
     return DiTConfig.from_dict({**DiT_archs[plan.model.preset], **fitted, **plan.model.overrides}).to_dict()
 
 
-def fit_stage(plan: PlanConfig, stage: TrainStageConfig, dataset_dirs: list[Path], storage_path: Path, run_name: str,
-              init_from: Path | None = None, sink: MetricSink | None = None) -> StageResult:
-    """Run (or resume: same `run_name` and `storage_path`) one stage with `TorchTrainer.fit()`."""
+def fit_stage(plan: PlanConfig, stage: TrainStageConfig, dataset_dirs: list[Path | str], storage_path: Path | str,
+              run_name: str, init_from: Path | None = None, sink: MetricSink | None = None) -> StageResult:
+    """Run (or resume: same `run_name` and `storage_path`) one stage with `TorchTrainer.fit()`.
+
+    `storage_path` and `dataset_dirs` may be URIs (s3://...): Ray Train then writes checkpoints through a
+    pyarrow filesystem with the configured endpoint, and workers get the storage settings in their env."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -38,7 +43,9 @@ def fit_stage(plan: PlanConfig, stage: TrainStageConfig, dataset_dirs: list[Path
     model = stage_model(model_config(plan, datasets[0].card), stage, datasets)  # REPA refused here, before workers
     job = StageJob(stage=stage, model=model, datasets=[str(d) for d in dataset_dirs],
                    seed=plan.seed, init_from=str(init_from) if init_from else None, sink=sink or NullSink(),
-                   scratch=str(Path(storage_path).resolve() / run_name / "scratch"))
+                   scratch=str(stage_scratch(storage_path, run_name)))
+    ray_storage, filesystem = storage.train_storage(storage_path)
+    worker_env = storage.ray_remote_args(storage_path, *dataset_dirs).get("runtime_env")
     trainer = TorchTrainer(
         train_stage,
         train_loop_config={"job": job},
@@ -46,7 +53,9 @@ def fit_stage(plan: PlanConfig, stage: TrainStageConfig, dataset_dirs: list[Path
                                      resources_per_worker={"CPU": plan.cpus_per_worker}),
         run_config=RunConfig(
             name=run_name,
-            storage_path=str(Path(storage_path).resolve()),
+            storage_path=ray_storage,
+            storage_filesystem=filesystem,
+            worker_runtime_env=worker_env,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=plan.max_failures),
         ),
@@ -54,4 +63,17 @@ def fit_stage(plan: PlanConfig, stage: TrainStageConfig, dataset_dirs: list[Path
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"stage {stage.name} finished without a checkpoint")
-    return StageResult(name=stage.name, checkpoint_dir=Path(result.checkpoint.path), metrics=dict(result.metrics))
+    if filesystem is None:
+        return StageResult(name=stage.name, checkpoint_dir=Path(result.checkpoint.path), metrics=dict(result.metrics))
+    # The next stage (init_from) and the weight export read files: keep a local copy of the final checkpoint.
+    local = storage.cache_dir() / "checkpoints" / run_name / storage.name_of(result.checkpoint.path)
+    result.checkpoint.to_directory(str(local))
+    return StageResult(name=stage.name, checkpoint_dir=local, metrics=dict(result.metrics),
+                       checkpoint_uri=storage.join(str(storage_path), run_name, storage.name_of(result.checkpoint.path)))
+
+
+def stage_scratch(storage_path: Path | str, run_name: str) -> Path:
+    """A local directory shared by a stage's attempts (an object store cannot hold its marker files)."""
+    if storage.is_remote(storage_path):
+        return storage.scratch_dir() / "runs" / run_name
+    return Path(storage_path).resolve() / run_name / "scratch"

@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 
 from latentforge.datasets import media
 from latentforge.pipelines.resources import StageResources, Strict
-from latentforge.pipelines.stage import Batch, Stage, rows_of
+from latentforge.pipelines.stage import Batch, Stage, rows_of, staged
 
 T = TypeVar("T")
 
@@ -261,7 +261,8 @@ class SplitClips(Stage):
         if not self.cfg.clips.enabled or row["status"] != "ok" or row.get("modality") != "video":
             return [whole]
         try:
-            clips = self.clips_of(row)
+            with staged(row) as local:  # inputs at a URI are decoded from a scratch copy
+                clips = self.clips_of(local)
         except media.MediaError as e:
             return [{**whole, "status": "rejected", "reason": e.reason, "message": str(e), "stage": self.name}]
         except Exception as e:  # a bug or an unforeseen file must cost one sample, never the job

@@ -6,15 +6,18 @@ it is split into parts when it would exceed `max_shard_mb`.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from latentforge.datasets import storage
 from latentforge.datasets.shards import LatentShardWriter, load_npy, npy_bytes, sha256_file
-from latentforge.pipelines.resume import write_marker
+from latentforge.pipelines.resume import marker_path, write_marker
 from latentforge.pipelines.stage import rows_of
 
-HEAVY = ("latent", "text_emb", "text_mask")
+HEAVY = ("latent", "text_emb", "text_mask", "repa")
 META_KEYS = ("id", "relpath", "modality", "width", "height", "num_frames", "fps", "duration_s", "sample_rate",
              "bucket")
 
@@ -35,7 +38,7 @@ def _members(row: dict) -> dict[str, bytes]:
         "text_mask.npy": row["text_mask"],
         "caption.txt": str(row["caption"]).encode("utf-8"),
         "meta.json": json.dumps(_meta(row), sort_keys=True).encode("utf-8"),
-    }
+    } | ({"repa.npy": row["repa"]} if len(row.get("repa", b"")) else {})  # float16 (N, D) from EncodeRepa
 
 
 def write_parts(kept: list[dict], shard_dir: Path, max_bytes: int) -> dict[str, tuple[str, str]]:
@@ -64,12 +67,34 @@ def write_shard_group(batch: dict, shard_dir: str, max_bytes: int = 256 * 2**20,
     """`groupby("shard").map_groups(write_shard_group, ...)`: this group's tars, and its rows minus latents.
 
     With `config_hash`, a done-marker follows the tars, so a rerun of the job can skip this group.
+    `shard_dir` may be a URI (s3://...): the group is then written to local scratch and uploaded (see publish).
     """
-    rows = sorted(rows_of(batch), key=lambda r: r["id"])
-    placed = write_parts([r for r in rows if r["status"] == "ok"], Path(shard_dir), max_bytes)
-    out = {k: v for k, v in batch.items() if k not in HEAVY}
-    out["shard_name"] = np.array([placed.get(i, ("", ""))[0] for i in batch["id"]], dtype=object)
-    out["shard_sha256"] = np.array([placed.get(i, ("", ""))[1] for i in batch["id"]], dtype=object)
-    if config_hash is not None:
-        write_marker(Path(shard_dir), int(batch["shard"][0]), rows_of(out), config_hash)
-    return out
+    remote = storage.is_remote(shard_dir)
+    local = Path(tempfile.mkdtemp(prefix="lf-group-", dir=storage.scratch_dir())) if remote else Path(shard_dir)
+    try:
+        rows = sorted(rows_of(batch), key=lambda r: r["id"])
+        placed = write_parts([r for r in rows if r["status"] == "ok"], local, max_bytes)
+        out = {k: v for k, v in batch.items() if k not in HEAVY}
+        out["shard_name"] = np.array([placed.get(i, ("", ""))[0] for i in batch["id"]], dtype=object)
+        out["shard_sha256"] = np.array([placed.get(i, ("", ""))[1] for i in batch["id"]], dtype=object)
+        group = int(batch["shard"][0])
+        if config_hash is not None:
+            write_marker(local, group, rows_of(out), config_hash)
+        if remote:
+            publish(local, str(shard_dir), sorted({name for name, _ in placed.values()}),
+                    group if config_hash is not None else None)
+        return out
+    finally:
+        if remote:
+            shutil.rmtree(local, ignore_errors=True)
+
+
+def publish(local: Path, shard_dir: str, tars: list[str], group: int | None) -> None:
+    """Upload a group written to local scratch: its tars first, its done-marker last. An object store shows
+    an object only once its upload completes, so a crash leaves whole tars without a marker (redone on resume,
+    as locally), never a marker naming missing or partial tars."""
+    for name in tars:
+        storage.upload(local / name, storage.join(shard_dir, name))
+    if group is not None:
+        marker = marker_path(local, group)
+        storage.upload(marker, storage.join(shard_dir, marker.relative_to(local).as_posix()))
