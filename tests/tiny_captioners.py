@@ -38,8 +38,14 @@ def save_tiny_whisper(root: Path, chunk_seconds: int = 2) -> str:
     """WhisperForConditionalGeneration + WhisperProcessor; the tokenizer is byte-level BPE with no merges."""
     import torch
     from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration,
-                              WhisperProcessor, WhisperTokenizer)
+    from transformers import (
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizer,
+    )
 
     root.mkdir(parents=True, exist_ok=True)
     (root / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}))

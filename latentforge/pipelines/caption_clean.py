@@ -113,7 +113,10 @@ def drop_dangling(text: str) -> str:
     return " ".join(words).rstrip(_SEPARATORS)
 
 
-def clean_caption(text: str, cfg: CaptionCleanConfig = CaptionCleanConfig()) -> str:
+DEFAULT_CLEAN = CaptionCleanConfig()
+
+
+def clean_caption(text: str, cfg: CaptionCleanConfig = DEFAULT_CLEAN) -> str:
     """The cleaned caption; '' when nothing usable is left."""
     text = squeeze_whitespace(text)
     if not cfg.enabled or not text:

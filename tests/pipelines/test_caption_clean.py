@@ -4,8 +4,14 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from latentforge.pipelines.caption_clean import (CaptionCleanConfig, clean_caption, collapse_repeats, drop_dangling,
-                                                 merge_captions, strip_openings)
+from latentforge.pipelines.caption_clean import (
+    CaptionCleanConfig,
+    clean_caption,
+    collapse_repeats,
+    drop_dangling,
+    merge_captions,
+    strip_openings,
+)
 
 
 @pytest.mark.parametrize("raw, clean", [

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 def frame_times(start_s: float, end_s: float, fps: float, count: int) -> np.ndarray:
     """Centres of up to `count` equal segments of [start_s, end_s); fewer when the span holds fewer frames."""
-    available = int(round((end_s - start_s) * fps)) if fps > 0 else count
+    available = round((end_s - start_s) * fps) if fps > 0 else count
     count = max(1, min(count, available))
     step = (end_s - start_s) / count
     return start_s + (np.arange(count) + 0.5) * step
@@ -54,7 +54,7 @@ def decode_speech(row: dict, cfg: AudioCaptionConfig) -> np.ndarray:
 
     source = int(row.get("sample_rate", 0) or 0) or cfg.sample_rate
     seconds = min(float(row.get("duration_s", 0.0) or cfg.max_seconds), cfg.max_seconds)
-    mono = media.decode_audio(row["uri"], source, max(1, int(round(seconds * source))))  # native rate: no resampling
+    mono = media.decode_audio(row["uri"], source, max(1, round(seconds * source)))  # native rate: no resampling
     if source == cfg.sample_rate:
         return mono
     # Polyphase with an anti-alias filter, not media's linear interpolation: aliasing from 44.1/48 kHz down to
