@@ -135,7 +135,9 @@ def main() -> None:
         generate_demo_corpus(tmp / "corpus", DemoCorpusSpec(num_images=args.images, num_videos=args.videos,
                                                             num_audio=args.audio))
         cfg = make_config(tmp / "corpus", make_aesthetic_models(tmp), args)
-        ray.init(num_cpus=args.cpus, object_store_memory=1024 * 2**20, include_dashboard=False, log_to_driver=False)
+        # address="local": a new cluster of our own, even when another one is running on this machine
+        ray.init(address="local", num_cpus=args.cpus, object_store_memory=1024 * 2**20, include_dashboard=False,
+                 log_to_driver=False)
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False

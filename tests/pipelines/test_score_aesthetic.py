@@ -20,7 +20,15 @@ from latentforge.pipelines.discover import discover
 from latentforge.pipelines.stages.filter_sharpness import decode_still
 from latentforge.pipelines.stages.probe_media import ProbeMedia
 from latentforge.pipelines.stages.score_aesthetic import (
-    HEAD_CONFIG, HEAD_WEIGHTS, AestheticConfig, ScoreAesthetic, build_head, key_frame, load_head, save_head)
+    HEAD_CONFIG,
+    HEAD_WEIGHTS,
+    AestheticConfig,
+    ScoreAesthetic,
+    build_head,
+    key_frame,
+    load_head,
+    save_head,
+)
 from latentforge.pipelines.stages.split_clips import SplitClips, decode_clip
 
 HEAD = {"input_dim": 16, "hidden_dims": [8, 4], "dropout": [0.2, 0.0]}

@@ -12,6 +12,7 @@ The score is on the head's own scale (LAION's: roughly 1-10).
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +61,7 @@ def build_head(config: dict):
     if len(rates) != len(spec["hidden_dims"]):
         raise ValueError(f"{HEAD_CONFIG}: dropout needs one rate per hidden width, got {rates}")
     layers: list = []
-    for (a, b), rate in zip(zip(widths, widths[1:]), rates):
+    for (a, b), rate in zip(pairwise(widths), rates):
         layers.append(torch.nn.Linear(a, b))
         if rate > 0:
             layers.append(torch.nn.Dropout(rate))
