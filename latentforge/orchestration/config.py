@@ -6,8 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from latentforge.datasets import storage
+from latentforge.datasets.storage import StorageConfig
 from latentforge.pipelines.config import CurationConfig
 from latentforge.training.config import PlanConfig
 
@@ -44,6 +46,17 @@ class LatentforgeConfig(Strict):
     tracking: TrackingConfig = TrackingConfig()
     curation: CurationConfig = CurationConfig()
     training: PlanConfig | None = None
+    storage: StorageConfig = Field(StorageConfig(), description=(
+        "object stores (s3://): endpoint, region, local cache, checkpoint location; credentials stay in the env"))
+
+    @field_validator("workdir", mode="before")
+    @classmethod
+    def _local_workdir(cls, value):
+        if isinstance(value, str) and storage.is_remote(value):
+            raise ValueError("must be a local directory (it holds the MLflow store, state and exports); put data "
+                             "on an object store with curation.input_dir / output_dir, training.datasets and "
+                             "storage.checkpoint_uri")
+        return value
 
     def dataset_dirs(self) -> list[Path]:
         if self.training and self.training.datasets:
@@ -132,11 +145,21 @@ def resolve_paths(cfg: LatentforgeConfig, base: Path) -> LatentforgeConfig:
     workdir = (base / cfg.workdir).resolve()
     cur = cfg.curation
     curation = cur.model_copy(update={
-        "input_dir": (base / cur.input_dir).resolve(),
-        "output_dir": (base / cur.output_dir).resolve() if cur.output_dir else workdir / "datasets" / cur.name,
+        "input_dir": _absolute(base, cur.input_dir),
+        "output_dir": _absolute(base, cur.output_dir) if cur.output_dir else workdir / "datasets" / cur.name,
     })
     training = cfg.training
     if training is not None:
-        datasets = [(base / d).resolve() for d in training.datasets] or [curation.output_dir]
+        datasets = [_absolute(base, d) for d in training.datasets] or [curation.output_dir]
         training = training.model_copy(update={"datasets": datasets})
-    return cfg.model_copy(update={"workdir": workdir, "curation": curation, "training": training})
+    st = cfg.storage
+    store = st.model_copy(update={
+        "cache_dir": (base / st.cache_dir).resolve() if st.cache_dir else None,
+        "checkpoint_uri": str(_absolute(base, st.checkpoint_uri)) if st.checkpoint_uri else None})
+    return cfg.model_copy(update={"workdir": workdir, "curation": curation, "training": training, "storage": store})
+
+
+def _absolute(base: Path, location: Path | str) -> Path | str:
+    """A local path made absolute; a URI (s3://...) as it is."""
+    location = storage.as_location(location)
+    return location if storage.is_remote(location) else (base / location).resolve()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from latentforge.datasets import storage
 from latentforge.orchestration.config import LatentforgeConfig
 from latentforge.orchestration.tracking import Tracker, artifact_root, resolve_tracking_uri
 from latentforge.pipelines.config import CurationConfig
@@ -43,7 +44,7 @@ def make_tracker(cfg: LatentforgeConfig) -> Tracker:
 def ensure_corpus(cur: CurationConfig) -> None:
     from latentforge.datasets.demo_corpus import DemoCorpusSpec, generate_demo_corpus
 
-    if cur.generate_demo_corpus and not cur.input_dir.exists():
+    if cur.generate_demo_corpus and not storage.is_remote(cur.input_dir) and not cur.input_dir.exists():
         console.print(f"[bold]generating the demo corpus[/] in {cur.input_dir}")
         generate_demo_corpus(cur.input_dir, DemoCorpusSpec(seed=cur.demo_seed))
 
@@ -68,7 +69,8 @@ def curation_done(cfg: LatentforgeConfig) -> dict | None:
 
     cur = cfg.curation
     marker = read_marker(cfg.workdir / STATE_DIR / f"curation-{cur.name}.json")
-    card = read_marker(Path(cur.output_dir) / "card.json")
+    card_location = storage.join(cur.output_dir, "card.json")
+    card = json.loads(storage.read_text(card_location)) if storage.is_file(card_location) else None
     if marker and card and marker["config_hash"] == config_hash(cur) and marker["dataset_id"] == card.get("id"):
         return marker
     return None
@@ -101,10 +103,13 @@ def curate(cfg: LatentforgeConfig, tracker: Tracker, parent_id: str | None, summ
         tracker.end_run(run_id, "FAILED")
         raise
     tracker.log_metrics(run_id, result.metrics())
-    write_report(result.dataset_dir)
+    local = result.local_dir or result.dataset_dir  # a dataset on an object store: its tables as written
+    write_report(local)
+    if result.local_dir:
+        storage.upload(local / "report.html", storage.join(result.dataset_dir, "report.html"))
     for name in ("card.json", "manifest.parquet", "rejects.parquet", "report.html"):
-        tracker.log_artifact(run_id, result.dataset_dir / name, "dataset")
-    log_tables(tracker, run_id, result.dataset_dir)
+        tracker.log_artifact(run_id, local / name, "dataset")
+    log_tables(tracker, run_id, local)
     tracker.log_dataset(run_id, result.dataset_dir, "curation_output")
     tracker.end_run(run_id)
     write_marker(cfg.workdir / STATE_DIR / f"curation-{cur.name}.json",
@@ -157,7 +162,7 @@ def train(cfg: LatentforgeConfig, tracker: Tracker, parent_id: str | None, summa
     from latentforge.training.loader import stage_lineage
 
     plan: PlanConfig = cfg.training
-    dataset_dirs = [Path(d) for d in plan.datasets]
+    dataset_dirs = list(plan.datasets)  # local paths or URIs
     cards = [Dataset(d).card for d in dataset_dirs]
     previous: Path | None = None
     key = ""
@@ -203,8 +208,8 @@ def train_stage_run(cfg: LatentforgeConfig, stage, tracker: Tracker, parent_id: 
     console.print(f"[bold]training stage[/] {stage.name}: {stage.steps} steps on {stage.modalities}")
     interval = cfg.tracking.system_metrics_interval_s if cfg.tracking.system_metrics else None
     try:
-        result = fit_stage(plan, stage, dataset_dirs, cfg.workdir / "checkpoints", f"{cfg.name}-{stage.name}",
-                           previous, tracker.sink(run_id, interval))
+        result = fit_stage(plan, stage, dataset_dirs, cfg.storage.checkpoint_uri or cfg.workdir / "checkpoints",
+                           f"{cfg.name}-{stage.name}", previous, tracker.sink(run_id, interval))
     except BaseException:
         tracker.replay(run_id)
         tracker.end_run(run_id, "FAILED")
@@ -268,6 +273,7 @@ def run_all(cfg: LatentforgeConfig, *, do_curate: bool = True, do_train: bool = 
     that was interrupted resumes from its last checkpoint; tracking records an outage left behind in
     WORKDIR/tracking-spool are delivered.
     """
+    storage.configure(cfg.storage)  # this process's object-store settings; Ray workers get them via runtime_env
     tracker = make_tracker(cfg)
     if tracker.replay():
         console.print("delivered tracking records left by an earlier run")

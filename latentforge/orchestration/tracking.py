@@ -186,8 +186,11 @@ def dataset_record(run_id: str, dataset_dir: Path, context: str, name: str | Non
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    card = json.loads((Path(dataset_dir) / "card.json").read_text())
-    source = resolve_dataset_source(str((Path(dataset_dir) / "manifest.parquet").resolve()))
+    from latentforge.datasets import storage
+
+    card = json.loads(storage.read_text(storage.join(dataset_dir, "card.json")))
+    manifest = storage.join(dataset_dir, "manifest.parquet")  # a URI stays one (mlflow has s3/gs sources)
+    source = resolve_dataset_source(manifest if storage.is_remote(manifest) else str(Path(manifest).resolve()))
     entity = MetaDataset(source, name=name or card["name"], digest=str(card["id"])[:36])._to_mlflow_entity()
     return {"kind": "input", "run_id": run_id, "name": entity.name, "digest": entity.digest,
             "source_type": entity.source_type, "source": entity.source, "schema": entity.schema,
