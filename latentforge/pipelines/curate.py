@@ -25,6 +25,7 @@ from latentforge.pipelines.stages.caption_sidecar import CaptionSidecar
 from latentforge.pipelines.stages.caption_vlm import CaptionVLM
 from latentforge.pipelines.stages.dedup import ContentHash, find_duplicates, mark_duplicates
 from latentforge.pipelines.stages.encode_latents import EncodeLatents
+from latentforge.pipelines.stages.encode_repa import EncodeRepa, repa_description
 from latentforge.pipelines.stages.encode_text import EncodeText
 from latentforge.pipelines.stages.filter_audio import FilterAudioQuality
 from latentforge.pipelines.stages.filter_basic import FilterBasic
@@ -41,7 +42,7 @@ from latentforge.pipelines.stages.write_shards import write_shard_group
 SCAN_STAGES: tuple[type[Stage], ...] = (ProbeMedia, FilterBasic, CaptionSidecar, SplitClips, ContentHash)
 STAGES: tuple[type[Stage], ...] = (FilterSharpness, FilterMotion, FilterTextArea, ScoreAesthetic, ScoreNsfw,
                                    FilterAudioQuality, CaptionPrep, CaptionVLM, CaptionAudio, CaptionSelect,
-                                   EncodeLatents,
+                                   EncodeLatents, EncodeRepa,
                                    EncodeText)
 HASH_COLUMNS = ["id", "relpath", "status", "modality", "content_sha256", "phash", "score_resolution"]
 FORMAT_VERSION = 1
@@ -252,7 +253,7 @@ def build_card(kept: list[dict], cfg: CurationConfig, dataset_dir: Path) -> dict
         "config_hash": config_hash(cfg),
         "num_samples": len(kept),
         "modalities": dict(Counter(m["modality"] for m in kept)),
-        "encoders": encoder_descriptions(kept),
+        "encoders": encoder_descriptions(kept) | ({"repa": repa} if (repa := repa_description(kept)) else {}),
         "latent_stats": latent_statistics(kept),
         "buckets": dict(sorted(buckets.items())),
         "shards": shard_list,

@@ -85,9 +85,25 @@ class TextEncoderConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+class RepaEncoderConfig(PretrainedRef):
+    """REPA target features from a DINOv2-class vision encoder (transformers AutoModel + AutoImageProcessor).
+
+    One feature row per DiT token: N = (T / temporal_patch) * (H / patch) * (W / patch) for a (C, T, H, W)
+    latent (see latentforge.pipelines.stages.encode_repa for the rule and the key frames).
+    """
+
+    kind: Literal["dinov2"] = "dinov2"
+    patch: int = Field(2, ge=1, description="the DiT's spatial patch p (model.visual_patch)")
+    temporal_patch: int = Field(1, ge=1, description="the DiT's temporal patch pt (1 for latentforge's DiT)")
+    max_input_side: int = Field(1036, ge=14, description=(
+        "longest encoder input side (px); a larger token grid is encoded smaller and resized up to it"))
+    batch_size: int = Field(16, ge=1, description="frames per encoder forward pass")
+
+
 class EncodersConfig(Strict):
     """One latent encoder per family (images and videos share the visual one) and the text encoder."""
 
     visual: VisualEncoderConfig = HaarConfig()
     audio: AudioEncoderConfig = DctFramesConfig()
     text: TextEncoderConfig = TextEncoderConfig()
+    repa: RepaEncoderConfig | None = Field(None, description="REPA target features (repa.npy); None: off")
