@@ -76,6 +76,12 @@ class StagedRow(dict):
     def get(self, key, default=None):
         return self[key] if key in self else default
 
+    def in_terms_of_uris(self, message: str) -> str:
+        """A decoder's message with each scratch path replaced by the URI it stands for."""
+        for key, local in self._local.items():
+            message = message.replace(local, str(dict.__getitem__(self, key)))
+        return message
+
     def close(self) -> None:
         self._copies.close()
 
@@ -113,6 +119,7 @@ def map_ok_rows(batch: Batch, fn: Callable[[dict], dict], outputs: dict[str, Any
             status[i], reason[i], message[i], where[i] = "rejected", "stage_error", f"{type(e).__name__}: {e}", stage
         finally:
             if isinstance(row, StagedRow):
+                message[i] = row.in_terms_of_uris(str(message[i]))
                 row.close()
     out = dict(batch)
     out.update({"status": status, "reason": reason, "message": message, "stage": where})

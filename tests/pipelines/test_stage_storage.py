@@ -1,0 +1,80 @@
+"""Stages on inputs at s3:// URIs (moto_server on loopback): decoders get per-row local copies, and real
+stages (probe, sidecar captions, discovery) behave as they do on local files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from lf_batches import by_relpath, to_batch
+
+from latentforge.datasets import storage
+from latentforge.datasets.demo_corpus import DemoCorpusSpec, generate_demo_corpus
+from latentforge.pipelines.config import CurationConfig
+from latentforge.pipelines.discover import discover, orphan_captions
+from latentforge.pipelines.stage import Reject, map_ok_rows, staged
+from latentforge.pipelines.stages.caption_sidecar import CaptionSidecar
+from latentforge.pipelines.stages.probe_media import ProbeMedia
+
+
+@pytest.fixture
+def scratch(tmp_path):
+    storage.configure(storage.StorageConfig(cache_dir=tmp_path / "cache"))
+    yield storage.scratch_dir()
+    storage.configure(None)
+
+
+def test_a_row_is_fetched_only_when_read_and_removed_after(s3_bucket, scratch):
+    uris = [f"s3://{s3_bucket}/in/a.bin", f"s3://{s3_bucket}/in/b.bin"]
+    for i, uri in enumerate(uris):
+        storage.write_bytes(uri, bytes([i]) * 10)
+    batch = to_batch([{"id": f"s{i}", "uri": u, "caption_path": u + ".txt", "status": "ok", "reason": "",
+                       "message": "", "stage": ""} for i, u in enumerate(uris)])
+    seen = []
+
+    def reads(row):
+        local = Path(row["uri"])
+        seen.append(local)
+        assert local.name == Path(row["uri"]).name and local.is_relative_to(scratch)
+        assert {**row}["uri"].startswith("s3://")  # copies of the row keep the URI
+        if row["id"] == "s1":
+            raise Reject("bad", f"cannot read {local}")
+        return {"first_byte": local.read_bytes()[0]}
+
+    out = map_ok_rows(batch, reads, {"first_byte": -1}, "test")
+    assert list(out["first_byte"]) == [0, -1] and list(out["reason"]) == ["", "bad"]
+    assert out["message"][1] == f"cannot read {uris[1]}"  # messages name the object, not its scratch copy
+    assert list(out["uri"]) == uris  # the output column is the URI, not a scratch path
+    assert not any(p.exists() for p in seen) and not list(scratch.iterdir())
+    map_ok_rows(batch, lambda row: {"n": len(row["id"])}, {"n": 0}, "test")
+    assert not list(scratch.iterdir())  # a stage that never reads the file fetched nothing
+
+    with staged({"uri": uris[0]}) as row:
+        kept = Path(row["uri"])
+        assert kept.read_bytes() == bytes(10)
+    assert not kept.exists()
+
+
+def test_probe_captions_and_discovery_on_s3_match_local(s3_bucket, scratch, tmp_path):
+    corpus = tmp_path / "corpus"
+    generate_demo_corpus(corpus, DemoCorpusSpec(num_images=2, num_videos=1, num_audio=1, seed=9))
+    root = f"s3://{s3_bucket}/corpus"
+    storage.upload(corpus, root)
+    local_rows, remote_rows = discover(corpus, 4), discover(root, 4)
+    assert [r["id"] for r in remote_rows] == [r["id"] for r in local_rows]
+    assert [r["shard"] for r in remote_rows] == [r["shard"] for r in local_rows]
+    assert all(r["uri"] == f"{root}/{r['relpath']}" for r in remote_rows)
+    assert orphan_captions(root) == orphan_captions(corpus)
+
+    cfg = CurationConfig(input_dir=root)
+    results = []
+    for rows in (local_rows, remote_rows):
+        batch = ProbeMedia(cfg)(to_batch(rows))
+        batch = CaptionSidecar(cfg)(batch)
+        results.append(by_relpath(batch))
+    columns = ("status", "reason", "modality", "width", "height", "num_frames", "sample_rate", "caption")
+    for relpath, local in results[0].items():
+        remote = results[1][relpath]
+        assert [remote[c] for c in columns] == [local[c] for c in columns], relpath
+    reasons = {r["reason"] for r in results[1].values()}
+    assert "missing_caption" in reasons and any(r["status"] == "ok" for r in results[1].values())
+    assert not list(scratch.iterdir())
