@@ -17,7 +17,8 @@ from latentforge.pipelines.report import write_report
 from latentforge.training.config import PlanConfig
 from latentforge.training.trainer import fit_stage
 
-pytestmark = pytest.mark.integration
+# slow: a whole curation job plus a training stage (~2 min on an idle 2-core machine, far more under load)
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
