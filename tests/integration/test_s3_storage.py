@@ -17,7 +17,7 @@ from latentforge.pipelines.report import write_report
 from latentforge.training.config import PlanConfig
 from latentforge.training.trainer import fit_stage
 
-# slow: a whole curation job plus a training stage (~2 min on an idle 2-core machine, far more under load)
+# slow: a whole curation job plus a training stage (457 s measured on the shared 2-core machine at load ~50)
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
