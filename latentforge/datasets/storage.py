@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, BinaryIO
@@ -297,7 +298,9 @@ def fetch(location: str | Path, cfg: StorageConfig | None = None) -> Path:
     target = cache_dir(cfg) / "objects" / hashlib.sha1(stamp.encode()).hexdigest()[:20] / name_of(location)
     if target.is_file() and target.stat().st_size == info.size:
         return target
-    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")  # readers on other processes share it
+    # Loader processes and threads may fetch the same shard at once: each writes its own partial file and the
+    # rename makes one complete copy visible (identical bytes, so the last rename winning is harmless).
+    partial = target.with_name(f"{target.name}.{os.getpid()}-{threading.get_ident()}.partial")
     download(location, partial)
     partial.replace(target)
     return target
