@@ -111,6 +111,7 @@ def encode_members(sample: LatentSample) -> dict[str, bytes]:
 def decode_sample(raw: dict) -> LatentSample:
     """Decode one raw WebDataset sample dict by member name; unknown members are refused, not guessed at."""
     key = raw["__key__"]
+    check_key(key)  # a member named ../x or /abs/x: never a path anything may be written to or read from
     names = {k for k in raw if not k.startswith("__")}
     unknown = names - set(MEMBERS) - set(OPTIONAL_MEMBERS)
     if unknown:

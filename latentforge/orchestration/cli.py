@@ -137,15 +137,15 @@ def ui(workdir: Annotated[Path, typer.Option(help="workdir whose MLflow store to
     """Start a real `mlflow server` on the workdir's store (or --backend-store-uri) and print its URL."""
     from latentforge.orchestration.ui import UiError, is_loopback, server_command
 
+    if not is_loopback(host):
+        console.print(f"[bold red]WARNING[/] binding to {escape(host)}: the MLflow server is reachable from the "
+                      "network" + ("" if auth else ", WITHOUT authentication (anyone who reaches it can read and "
+                                                   "delete runs and models; add --auth)"), style="red")
     try:
         server = server_command(workdir, port, host, backend_store_uri, artifacts_destination, auth)
     except UiError as e:
         console.print(f"[red]cannot start the UI[/] {escape(str(e))}")
         raise typer.Exit(2)
-    if not is_loopback(host):
-        console.print(f"[bold red]WARNING[/] binding to {escape(host)}: the MLflow server is reachable from the "
-                      "network" + ("" if auth else ", WITHOUT authentication (anyone who reaches it can read and "
-                                                   "delete runs and models; add --auth)"), style="red")
     console.print(f"MLflow UI at [bold]{server.url}[/]  (Ctrl-C to stop)")
     sys.stdout.flush()
     os.execve(server.argv[0], server.argv, server.env)  # become the server: signals (Ctrl-C, SIGTERM) reach it

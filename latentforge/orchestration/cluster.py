@@ -24,7 +24,11 @@ def connect_ray(cfg: RayConfig, *, log_to_driver: bool = True, address: str | No
     if address:
         ray.init(address=address, log_to_driver=log_to_driver)
     else:
-        ray.init(num_cpus=local_cpus(cfg), object_store_memory=cfg.object_store_mb * 2**20,
+        # address="local": always a new cluster. Without it ray.init joins whatever cluster `ray start` last
+        # left on this machine (someone else's, on a shared host) and then refuses num_cpus.
+        # Its GCS and raylet listen on every interface (Ray has no bind-address option); Ray's token
+        # authentication, on by default, guards them. The dashboard stays off.
+        ray.init(address="local", num_cpus=local_cpus(cfg), object_store_memory=cfg.object_store_mb * 2**20,
                  include_dashboard=False, log_to_driver=log_to_driver)
     return {"address": address or "local", "cpus": ray.cluster_resources().get("CPU", 0)}
 

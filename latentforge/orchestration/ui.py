@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import secrets
 import shutil
 import socket
 import sys
@@ -14,6 +15,7 @@ from latentforge.orchestration.tracking import artifact_root, default_tracking_u
 
 AUTH_CONFIG = "basic_auth.ini"
 AUTH_DB = "basic_auth.db"
+SECRET_FILE = ".mlflow_flask_secret"
 
 
 class UiError(ValueError):
@@ -54,6 +56,16 @@ def auth_config(workdir: Path) -> Path:
     return path
 
 
+def csrf_secret(workdir: Path) -> str:
+    """The auth app's CSRF key (MLflow requires a static one): made once per workdir, readable by its owner only."""
+    path = workdir / SECRET_FILE
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path.read_text().strip()
+
+
 def server_command(workdir: Path, port: int, host: str = "127.0.0.1", backend_store_uri: str | None = None,
                    artifacts_destination: str | None = None, auth: bool = False,
                    environ: dict[str, str] | None = None) -> ServerCommand:
@@ -82,5 +94,7 @@ def server_command(workdir: Path, port: int, host: str = "127.0.0.1", backend_st
             if not (workdir / AUTH_DB).exists() and not env.get("MLFLOW_AUTH_ADMIN_PASSWORD"):
                 raise UiError("--auth: set MLFLOW_AUTH_ADMIN_PASSWORD for the first start; it becomes the "
                               f"password of user 'admin' (stored hashed in {workdir / AUTH_DB})")
+        if not env.get("MLFLOW_FLASK_SERVER_SECRET_KEY"):
+            env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = csrf_secret(workdir)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return ServerCommand(argv, env, f"http://{shown}:{port}")
