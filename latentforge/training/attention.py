@@ -90,13 +90,18 @@ class Attention(nn.Module):
     def forward(
         self, x: Tensor, ctx: Tensor | None = None, ctx_mask: Tensor | None = None, *, rope: Rope | None = None
     ) -> Tensor:
-        ctx = x if ctx is None else ctx
         B, N, D = x.shape
-        q = self.q_norm(self.q(x).view(B, N, self.heads, -1)).transpose(1, 2)
-        k, v = self.kv(ctx).view(B, ctx.shape[1], 2, self.heads, -1).unbind(2)
-        k, v = self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
+        if ctx is None:  # self-attention: q, k and v from one GEMM (parameters stay q and kv: checkpoints load)
+            qkv = F.linear(x, torch.cat([self.q.weight, self.kv.weight]), torch.cat([self.q.bias, self.kv.bias]))
+            q, k, v = qkv.view(B, N, 3, self.heads, -1).unbind(2)
+        else:
+            q = self.q(x).view(B, N, self.heads, -1)
+            k, v = self.kv(ctx).view(B, ctx.shape[1], 2, self.heads, -1).unbind(2)
+        # (B, heads, N, head_dim) views with a contiguous last dim: what SDPA's flash / efficient kernels take.
+        q, k, v = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        # No mask at all in self-attention: an explicit mask would rule out the flash kernel.
         mask = None if ctx_mask is None else ctx_mask[:, None, None, :]  # broadcasts to (B, heads, N, L)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
