@@ -122,3 +122,16 @@ def test_local_ray_head_has_token_auth_and_no_dashboard(tmp_path):
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["auth_mode"] == "token"
     assert got["dashboard"] == []
+
+
+def test_ui_serves_a_postgresql_store_and_refuses_unknown_schemes(tmp_path):
+    from latentforge.orchestration.ui import UiError, server_command
+
+    uri = "postgresql://mlflow@db.internal:5432/mlflow"
+    server = server_command(tmp_path, 5001, backend_store_uri=uri, environ={})
+    assert server.argv[server.argv.index("--backend-store-uri") + 1] == uri
+    assert server.argv[server.argv.index("--host") + 1] == "127.0.0.1"
+    with pytest.raises(UiError, match="expected sqlite"):
+        server_command(tmp_path, 5001, backend_store_uri="./mlruns", environ={})
+    with pytest.raises(UiError, match="no MLflow store"):
+        server_command(tmp_path / "empty", 5001, environ={})
