@@ -116,14 +116,18 @@ class DeliveryQueue:
         over = len(self._pending) - self.max_records
         if over <= 0:
             return
-        drop = [i for i, r in enumerate(self._pending) if r["kind"] == "metric"][:over]
-        gone = [self._pending[i] for i in drop]
-        keep = set(drop)
-        self._pending = [r for i, r in enumerate(self._pending) if i not in keep]
+        gone = [r for r in self._pending if r["kind"] == "metric"][:over]
+        self._remove({id(r) for r in gone})
         self.dropped.extend(gone)
         log.warning("MLflow unreachable and %d records queued (limit %d): dropped the oldest %d metric points: %s",
                     len(self._pending), self.max_records, len(gone), describe(gone))
-        if self._spooled:
+
+    def _remove(self, ids: set[int]) -> None:
+        """Take these records (by identity) out of the queue, and out of the spool file if it holds them."""
+        in_spool = sum(1 for r in self._pending[:self._spooled] if id(r) in ids)
+        self._pending = [r for r in self._pending if id(r) not in ids]
+        if in_spool:
+            self._spooled -= in_spool
             self._rewrite_spool()
 
     def _run(self) -> None:
@@ -150,10 +154,8 @@ class DeliveryQueue:
         except Exception as e:  # unreachable, timed out, 5xx: keep the records, retry later
             self._note_down(e)
         with self._lock:
-            del self._pending[:done]
-            if done and self._spooled:
-                self._spooled = max(0, self._spooled - done)
-                self._rewrite_spool()
+            # by identity: records may have been dropped (queue limit) while this delivery was under way
+            self._remove({id(r) for r in batch[:done]})
             if self._pending and not self.healthy:
                 self._append_spool()
             if not self._pending and self.down_since is not None:
