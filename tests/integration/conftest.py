@@ -64,7 +64,9 @@ def ray_local():
     """A real local Ray sized like the CLI's embedded default on a small machine."""
     import ray
 
-    ray.init(num_cpus=4, object_store_memory=512 * 2**20, include_dashboard=False, log_to_driver=False)
+    # address="local": a new cluster even when `ray start` left one on this (shared) machine
+    ray.init(address="local", num_cpus=4, object_store_memory=512 * 2**20, include_dashboard=False,
+             log_to_driver=False)
     yield ray
     ray.shutdown()
 
