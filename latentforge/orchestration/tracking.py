@@ -13,6 +13,8 @@ from typing import Any
 from latentforge.orchestration.delivery import (
     DeliveryQueue,
     artifact_record,
+    is_permanent,
+    log,
     metric_records,
     replay_spool,
     short_http_retries,
@@ -100,8 +102,29 @@ class Tracker:
         return run.info.run_id
 
     def resume_or_start(self, name: str, parent_id: str | None = None, tags: dict[str, str] | None = None,
-                        match: dict[str, str] | None = None) -> tuple[str, bool]:
-        """Reopen the run of this name (and parent, and `match` tags) if one exists, else create it."""
+                        match: dict[str, str] | None = None, wait_s: float = 600.0) -> tuple[str, bool]:
+        """Reopen the run of this name (and parent, and `match` tags) if one exists, else create it.
+
+        This needs the server (a run id cannot be queued): while it is away, retry for up to `wait_s` with a
+        warning. Retrying the whole lookup means a run whose creation reply was lost is found, not duplicated."""
+        import time
+
+        deadline, delay, warned = time.time() + wait_s, 2.0, False
+        while True:
+            try:
+                return self._resume_or_start(name, parent_id, tags, match)
+            except Exception as e:
+                if is_permanent(e) or time.time() + delay > deadline:
+                    raise
+                if not warned:
+                    log.warning("cannot open MLflow run %s: %s unreachable (%s); retrying for up to %.0fs", name,
+                                self.uri, str(e).splitlines()[0][:200], wait_s)
+                    warned = True
+                time.sleep(delay)
+                delay = min(30.0, delay * 2)
+
+    def _resume_or_start(self, name: str, parent_id: str | None, tags: dict[str, str] | None,
+                         match: dict[str, str] | None) -> tuple[str, bool]:
         found = self.find_run(name, parent_id, match)
         if found is None:
             return self.start_run(name, parent_id, {**(match or {}), **(tags or {})}), False

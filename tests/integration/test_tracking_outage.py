@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -71,7 +72,17 @@ def test_metrics_params_and_tags_survive_a_server_restart(tmp_path):
         assert done.returncode == 9, done.stderr
         assert "unreachable" in done.stderr  # the warning says what happened
 
+        # the next stage's run is opened while the server is away: that waits for it, then creates it once
+        opened: dict = {}
+        opener = threading.Thread(target=lambda: opened.update(
+            run=tracker.resume_or_start("train-next", wait_s=600)))
+        opener.start()
+
         server = start_mlflow_server(root, port)  # same store, same port
+        opener.join(timeout=300)
+        assert opened["run"][1] is False
+        assert [r.info.run_id for r in tracker.client.search_runs(
+            [tracker.experiment_id], "tags.mlflow.runName = 'train-next'")] == [opened["run"][0]]
         for step in range(30, 40):
             sink.log_metrics({"loss": 1.0 / (step + 1)}, step)
         assert sink.close(timeout_s=60) and tracker.close(timeout_s=60)
