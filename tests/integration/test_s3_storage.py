@@ -17,7 +17,7 @@ from latentforge.pipelines.report import write_report
 from latentforge.training.config import PlanConfig
 from latentforge.training.trainer import fit_stage
 
-# slow: a whole curation job plus a training stage (457 s measured on the shared 2-core machine at load ~50)
+# slow: a curation job and two training runs: 219 s on the shared 2-core machine (load ~30), 457 s at load ~50
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
@@ -93,3 +93,12 @@ def test_training_reads_the_s3_dataset_and_checkpoints_to_s3(curated, s3_server)
     assert (result.checkpoint_dir / "ema.safetensors").read_bytes() == storage.read_bytes(
         f"{result.checkpoint_uri}/ema.safetensors")
     assert json.loads((result.checkpoint_dir / "state.json").read_text())["step"] == 2
+
+    # The same run name again, one step longer: workers restore the step-2 checkpoint from the bucket.
+    longer = plan.stages[0].model_copy(update={"steps": 3})
+    resumed = fit_stage(plan, longer, plan.datasets, f"s3://{bucket}/runs", "s3-run")
+    assert resumed.metrics["step"] == 3 and resumed.checkpoint_uri != result.checkpoint_uri
+    state = json.loads(storage.read_text(f"{resumed.checkpoint_uri}/state.json"))
+    assert state["step"] == 3 and state["data_position"] == 3
+    kept = {f.split("/")[0] for f in storage.list_files(f"s3://{bucket}/runs/s3-run") if f.endswith("/state.json")}
+    assert kept == {result.checkpoint_uri.rsplit("/", 1)[1], resumed.checkpoint_uri.rsplit("/", 1)[1]}
