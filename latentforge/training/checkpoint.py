@@ -11,6 +11,7 @@ MODEL = "model.safetensors"
 EMA = "ema.safetensors"
 OPTIMIZER = "optimizer.pt"
 STATE = "state.json"
+FQN_FORMAT = "fqn"  # optimizer.pt's "optimizer_format" when the state is keyed by parameter name (FSDP)
 
 
 def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -31,6 +32,44 @@ def save_checkpoint(directory: Path, model, ema, optimizer, scheduler, state: di
     (directory / STATE).write_text(json.dumps(state, indent=2, sort_keys=True))
 
 
+def save_state_dicts(directory: Path, model_state: dict, ema_state: dict, optimizer_state: dict, scheduler,
+                     state: dict, model_config: dict) -> None:
+    """save_checkpoint from gathered state dicts (FSDP): the same files; the optimiser keyed by parameter name."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(model_state, str(directory / MODEL))
+    save_file(ema_state, str(directory / EMA))
+    (directory / "model_config.json").write_text(json.dumps(model_config, indent=2, sort_keys=True))
+    torch.save({"optimizer": optimizer_state, "optimizer_format": FQN_FORMAT, "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state()}, directory / OPTIMIZER)
+    (directory / STATE).write_text(json.dumps(state, indent=2, sort_keys=True))
+
+
+def read_optimizer(directory: Path, model: torch.nn.Module, by_name: bool) -> dict:
+    """The saved optimiser state keyed by parameter name (`by_name`, for FSDP) or by index (plain torch)."""
+    blob = torch.load(directory / OPTIMIZER, weights_only=True)
+    state = blob["optimizer"]
+    saved_by_name = blob.get("optimizer_format") == FQN_FORMAT
+    if by_name and not saved_by_name:
+        return index_to_fqn(state, model)
+    if saved_by_name and not by_name:
+        return fqn_to_index(state, model)
+    return state
+
+
+def index_to_fqn(state: dict, model: torch.nn.Module) -> dict:
+    """torch's optimizer.state_dict() (parameters by index, in `model.parameters()` order) -> keyed by name."""
+    names = [n for n, _ in model.named_parameters()]
+    return {"state": {names[i]: s for i, s in state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+
+
+def fqn_to_index(state: dict, model: torch.nn.Module) -> dict:
+    """The inverse of `index_to_fqn`, for a DDP stage inheriting an FSDP stage's optimiser (inherit: full)."""
+    index = {n: i for i, (n, _) in enumerate(model.named_parameters())}
+    return {"state": {index[n]: s for n, s in state["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]}
+
+
 def load_weights(directory: Path, model: torch.nn.Module, ema: torch.nn.Module | None, use_ema: bool) -> None:
     """Load the model (and EMA) weights; with `use_ema` the model starts from the EMA weights too."""
     ema_state = load_file(str(directory / EMA))
@@ -47,9 +86,17 @@ def fit_repa(state: dict, module: torch.nn.Module) -> dict:
     return state | {k: v for k, v in own.items() if k.startswith("repa_projector.") and k not in state}
 
 
-def load_optimizer(directory: Path, optimizer) -> None:
-    """Optimiser moments from another stage's checkpoint (inherit: full); its schedule is not carried over."""
-    optimizer.load_state_dict(torch.load(directory / OPTIMIZER, weights_only=True)["optimizer"])
+def load_optimizer(directory: Path, optimizer, model: torch.nn.Module | None = None) -> None:
+    """Optimiser moments from another stage's checkpoint (inherit: full); its schedule is not carried over.
+
+    `model` is needed only to read a checkpoint an FSDP stage wrote (optimiser keyed by parameter name)."""
+    blob = torch.load(directory / OPTIMIZER, weights_only=True)
+    state = blob["optimizer"]
+    if blob.get("optimizer_format") == FQN_FORMAT:
+        if model is None:
+            raise ValueError(f"{directory / OPTIMIZER} is keyed by parameter name (FSDP); pass the model")
+        state = fqn_to_index(state, model)
+    optimizer.load_state_dict(state)
 
 
 def load_checkpoint(directory: Path, model, ema, optimizer, scheduler) -> dict:
@@ -57,7 +104,8 @@ def load_checkpoint(directory: Path, model, ema, optimizer, scheduler) -> dict:
     load_weights(directory, model, None, use_ema=False)
     ema.load_state_dict(load_file(str(directory / EMA)))
     blob = torch.load(directory / OPTIMIZER, weights_only=True)
-    optimizer.load_state_dict(blob["optimizer"])
+    if optimizer is not None:  # None: the caller loads it after sharding (FSDP, see read_optimizer)
+        optimizer.load_state_dict(read_optimizer(directory, model, by_name=False))
     scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["torch_rng"])
     return json.loads((directory / STATE).read_text())

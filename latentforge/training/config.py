@@ -44,6 +44,16 @@ class OptimConfig(Strict):
     grad_clip: float = Field(1.0, gt=0, description="max global grad norm")
 
 
+class FSDPConfig(Strict):
+    """FSDP2 (`fully_shard` per DiT block) through accelerate's plugin; off: DDP. For the large presets."""
+
+    enabled: bool = Field(False, description="shard parameters, gradients and optimiser state across workers")
+    reshard_after_forward: bool = Field(True, description=(
+        "free each block's gathered weights after forward (ZeRO-3; less memory, one more all-gather in backward)"))
+    cpu_offload: bool = Field(False, description="keep sharded parameters and optimiser state in host memory")
+    activation_checkpointing: bool = Field(False, description="recompute each DiT block in backward")
+
+
 class LoaderConfig(Strict):
     """How a stage's shards stream to each worker (see latentforge.training.loader)."""
 
@@ -90,6 +100,7 @@ class TrainStageConfig(Strict):
     loader: LoaderConfig = LoaderConfig()
     repa: RepaConfig | None = Field(None, description=(
         "REPA alignment loss; needs a dataset whose card has encoders.repa (shards with repa.npy)"))
+    fsdp: FSDPConfig = Field(FSDPConfig(), description="FSDP2 instead of DDP (see latentforge.training.fsdp)")
     ema_decay: float = Field(0.995, ge=0, lt=1)
     cond_dropout: float = Field(0.1, ge=0, le=1, description="caption dropout, for classifier-free guidance")
     inherit: Literal["none", "weights", "weights+ema", "full"] = Field(

@@ -238,6 +238,9 @@ class DiT(nn.Module):
         self.mixer = nn.ModuleList(self._block() for _ in range(cfg.mixer_depth))
         self.blocks = nn.ModuleList(self._block() for _ in range(cfg.depth))
         self.repa_projector = repa_projector(cfg.hidden, cfg.repa_dim) if cfg.repa_depth else None
+        # FSDP: every rank must produce a gradient for every parameter of a sharded unit, even when one rank's
+        # batch is audio and another's visual; True adds 0 * the unused family's parameters to the output.
+        self.grad_all_families = False
         self.initialize_weights()
 
     def _block(self) -> DiTBlock:
@@ -380,6 +383,9 @@ class DiT(nn.Module):
             if features and i + 1 == self.cfg.repa_depth:
                 feats = self.repa_projector(h)
         out = io.final(h, c)
+        if self.grad_all_families and self.training:
+            other = self.visual if io is self.audio else self.audio
+            out = out + sum(p.sum() for p in other.parameters()).to(out.dtype) * 0.0
         if keep is None:
             return DiTOutput(io.unpatchify(out, grid), None, None, feats)
         num_tokens = math.prod(grid)

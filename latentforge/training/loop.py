@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import torch
 from latentforge.datasets.encoders import decoders_from_card
 from latentforge.datasets.manifest import Dataset
 from latentforge.training import checkpoint as ckpt
+from latentforge.training import fsdp
 from latentforge.training.config import TrainStageConfig
 from latentforge.training.dit import DiT, DiTConfig
 from latentforge.training.flow import flow_loss, flow_repa_loss, resolution_shift, validation_loss
@@ -82,6 +84,8 @@ def build_accelerator(stage: TrainStageConfig):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
+    if stage.fsdp.enabled:
+        return fsdp.build_fsdp_accelerator(stage.fsdp, "bf16" if stage.precision == "bf16" else "no")
     # Modalities a batch does not use leave their parameters without gradients.
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if stage.precision == "bf16" else "no",
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
@@ -152,13 +156,14 @@ def train_stage(config: dict) -> None:
     raw = DiT(model_cfg)
     ema = copy.deepcopy(raw).requires_grad_(False)
     optimizer, scheduler = build_optimizer(raw, stage)
-    start = restore(raw, ema, optimizer, scheduler, job)
-    model, optimizer = acc.prepare(raw, optimizer)
+    start, model, optimizer, ema = prepare(acc, raw, ema, optimizer, scheduler, job)
     if stage.compile:
         model = torch.compile(model)
     sink = job.sink if acc.is_main_process else NullSink()
     sink.start()
-    validation = validation_batches(datasets, stage, normalizer, job.seed, model_cfg.visual_patch, acc.is_main_process)
+    sharded = fsdp.is_sharded_run(acc)  # then every rank runs validation and gathers for samples (collectives)
+    validation = validation_batches(datasets, stage, normalizer, job.seed, model_cfg.visual_patch,
+                                    acc.is_main_process or sharded)
     stream = build_stream(batches, rank, start * stage.grad_accum)  # what an uninterrupted run would see next
     meter = Meter()
     for step in range(start, stage.steps):
@@ -178,12 +183,13 @@ def train_stage(config: dict) -> None:
             sink.log_metrics(validate(raw, validation, stage, model_cfg.visual_patch, acc.device), done)
         if done % stage.checkpoint_every == 0 or done == stage.steps:
             report(acc, raw, ema, optimizer, scheduler, job, done, loss)
-        if acc.is_main_process and stage.num_samples and (
-                done == stage.steps or (stage.sample_every and done % stage.sample_every == 0)):
-            log_samples(ema, batches, normalizer, datasets[0].card, job, sink,
-                        "samples" if done == stage.steps else f"samples/step_{done:06d}")
-
+        if stage.num_samples and (done == stage.steps or (stage.sample_every and done % stage.sample_every == 0)):
+            sampler = sampling_copy(acc, ema, model_cfg) if sharded else ema
+            if acc.is_main_process:
+                log_samples(sampler, batches, normalizer, datasets[0].card, job, sink,
+                            "samples" if done == stage.steps else f"samples/step_{done:06d}")
     sink.close()
+
 
 def validation_batches(datasets, stage: TrainStageConfig, normalizer, seed: int, patch: int, main: bool) -> list:
     """Rank 0's held-out batches (the same every time), or none."""
@@ -209,7 +215,7 @@ def validate(raw, batches: list, stage: TrainStageConfig, patch: int, device) ->
 
 
 def log_progress(sink, metrics: dict, scheduler, grad_norm, stage: TrainStageConfig, step: int, main: bool) -> None:
-    metrics.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm))
+    metrics.update(lr=scheduler.get_last_lr()[0], grad_norm=fsdp.as_float(grad_norm))
     sink.log_metrics(metrics, step)
     if main:
         print(f"[{stage.name}] step {step}/{stage.steps} loss {metrics['loss']:.4f} "
@@ -228,8 +234,48 @@ def maybe_fail(job: StageJob, step: int, main: bool) -> None:
     raise RuntimeError(f"injected failure at step {step} of stage {job.stage.name} (fail_at_step)")
 
 
+def prepare(acc, raw, ema, optimizer, scheduler, job: StageJob):
+    """Restore, then hand model and optimiser to accelerate: DDP, or FSDP2 sharding model and EMA alike.
+
+    Under FSDP the weights are loaded into the plain modules before sharding, the optimiser state after it
+    (its moments must be sharded like the parameters they belong to).
+    """
+    if not job.stage.fsdp.enabled:
+        start = restore(raw, ema, optimizer, scheduler, job)
+        model, optimizer = acc.prepare(raw, optimizer)
+        return start, model, optimizer, ema
+    import ray.train
+
+    if job.stage.fsdp.activation_checkpointing:
+        raw.cfg = dataclasses.replace(raw.cfg, grad_checkpointing=True)
+    raw.grad_all_families = True  # ranks whose batches differ in latent family still reduce the same gradients
+    start = restore(raw, ema, None, scheduler, job)
+    model, optimizer = acc.prepare(raw, optimizer)
+    ema = fsdp.shard_like_model(acc, ema)
+    fsdp.register_forward_methods(raw)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            fsdp.load_full_optimizer_state(raw, optimizer, ckpt.read_optimizer(Path(d), raw, by_name=True))
+    elif job.init_from and job.stage.inherit == "full":
+        fsdp.load_full_optimizer_state(raw, optimizer, ckpt.read_optimizer(Path(job.init_from), raw, by_name=True))
+    return start, model, optimizer, ema
+
+
+def sampling_copy(acc, ema, model_cfg: DiTConfig):
+    """Rank 0's unsharded copy of a sharded EMA for sampling (None elsewhere); every rank must call it."""
+    state = fsdp.full_state(ema)
+    if not acc.is_main_process:
+        return None
+    plain = DiT(model_cfg).requires_grad_(False)
+    plain.load_state_dict(state)
+    return plain.to(acc.device)
+
+
 def restore(raw, ema, optimizer, scheduler, job: StageJob) -> int:
-    """Resume this stage from its own last checkpoint, else start from the previous stage's final state."""
+    """Resume this stage from its own last checkpoint, else start from the previous stage's final state.
+
+    optimizer None: its state is left for the caller (FSDP loads it after sharding)."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
@@ -244,8 +290,8 @@ def restore(raw, ema, optimizer, scheduler, job: StageJob) -> int:
     inherit = job.stage.inherit
     if job.init_from and inherit != "none":
         ckpt.load_weights(Path(job.init_from), raw, ema, use_ema=inherit == "weights+ema")
-        if inherit == "full":
-            ckpt.load_optimizer(Path(job.init_from), optimizer)
+        if inherit == "full" and optimizer is not None:
+            ckpt.load_optimizer(Path(job.init_from), optimizer, raw)
     return 0
 
 
@@ -258,9 +304,15 @@ def report(acc, raw, ema, optimizer, scheduler, job: StageJob, step: int, loss: 
     # reader's place in its epoch (see loader.LatentStream), so a resumed run reads on mid-epoch.
     state = {"step": step, "stage": job.stage.name, "data_position": step * job.stage.grad_accum,
              "loader_workers": job.stage.loader.workers}
+    sharded = fsdp.is_sharded_run(acc)
+    if sharded:  # gathered to rank 0: collectives every rank joins
+        gathered = fsdp.full_state(raw), fsdp.full_state(ema), fsdp.full_optimizer_state(raw, optimizer)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
-        if acc.is_main_process:
+        if acc.is_main_process and sharded:
+            ckpt.save_state_dicts(Path(tmp), *gathered, scheduler, state, job.model)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        elif acc.is_main_process:
             ckpt.save_checkpoint(Path(tmp), raw, ema, optimizer, scheduler, state, job.model)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)

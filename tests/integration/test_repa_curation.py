@@ -14,7 +14,8 @@ from latentforge.datasets.shards import iter_shards
 from latentforge.pipelines.config import CurationConfig
 from latentforge.pipelines.curate import run_curation
 
-pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore::FutureWarning")]
+pytestmark = [pytest.mark.integration, pytest.mark.slow,  # ~2.5 min on the loaded 2-core machine
+              pytest.mark.filterwarnings("ignore::FutureWarning")]
 
 
 def test_curation_writes_repa_features_per_dit_token(tmp_path, ray_local):
