@@ -60,8 +60,8 @@ class CurationResult:
     card: dict = field(repr=False, default_factory=dict)
 
     samples: int = 0  # rows out: one per input, or one per clip of a split video
-
     local_dir: Path | None = None  # a remote dataset's manifest, rejects and card, as written before upload
+
     def metrics(self) -> dict[str, float]:
         base = {"inputs": self.inputs, "samples": self.samples, "kept": self.kept, "rejected": self.rejected,
                 "filtered": self.filtered}
@@ -144,8 +144,8 @@ def build_pipeline(rows: list[dict], cfg: CurationConfig, shard_dir: Path, done:
     ds = dedup(scan(rows, cfg), cfg, done)
     stages = active_stages(STAGES, cfg)
     factor = fit_to_cluster(stages, cfg)
-    for stage in stages:
     remote = storage.ray_remote_args(cfg.input_dir, shard_dir)  # object-store settings for the workers
+    for stage in stages:
         ds = apply_stage(ds, stage, cfg, factor, remote)
     num_shards = rows[-1]["shard"] + 1
     return ds.groupby("shard", num_partitions=num_shards).map_groups(
@@ -203,7 +203,6 @@ def write_dataset(meta: list[dict], rows: list[dict], cfg: CurationConfig, datas
     )
 
 
-def latent_statistics(kept: list[dict]) -> dict:
 def staging_dir(dataset_dir: str) -> Path:
     """Where a remote dataset's tables and card are written before upload (kept for the report and MLflow)."""
     path = storage.cache_dir() / "datasets" / hashlib.sha1(dataset_dir.encode()).hexdigest()[:16]
@@ -211,6 +210,7 @@ def staging_dir(dataset_dir: str) -> Path:
     return path
 
 
+def latent_statistics(kept: list[dict]) -> dict:
     """Per-channel mean / std per latent family, merged from the per-sample streaming sums."""
     parts: dict[str, list[np.ndarray]] = {}
     for m in kept:
