@@ -152,21 +152,39 @@ def cpu_scale(stages: tuple[type[Stage], ...], cfg: CurationConfig, available: f
     return min(1.0, max(available - reserve, 0.1) / demand) if demand else 1.0
 
 
+def holds_state(stage_cls: type[Stage]) -> bool:
+    """Whether the stage loads something in `__init__` (a model, a detector) worth keeping alive in an actor."""
+    return stage_cls.__init__ is not Stage.__init__
+
+
+def stateless_task(stage_cls: type[Stage]) -> Callable[[Batch, CurationConfig], Batch]:
+    """A function running one batch through a stage that holds no state (constructing it costs nothing),
+    named after the stage so Ray Data's plan and progress bars show which stage it is."""
+    def run(batch: Batch, cfg: CurationConfig) -> Batch:
+        return stage_cls(cfg)(batch)
+
+    run.__name__ = run.__qualname__ = stage_cls.__name__
+    return run
+
+
 def apply_stage(ds, stage_cls: type[Stage], cfg: CurationConfig, cpu_factor: float = 1.0,
                 remote_args: dict | None = None):
     """Map a Stage onto a Ray Dataset: declared resources become `map_batches` keywords one-to-one
     (CPUs times `cpu_factor`, which is below 1 only when the whole pipeline would not fit the cluster).
-    `remote_args`: extra Ray keywords, e.g. the storage runtime_env when inputs are at a URI."""
+    `remote_args`: extra Ray keywords, e.g. the storage runtime_env when inputs are at a URI.
+
+    A stage with state runs in an actor pool of `pool` actors. One without (it keeps `Stage.__init__`) runs
+    as Ray tasks: every actor is a process of its own that starts and imports its libraries before the first
+    batch (seconds each on a small machine), while tasks share pooled worker processes, and Ray Data fuses
+    a task map into the next map when their resources match (task -> task, task -> actor; never actor ->
+    actor), so such a stage also skips a hop through the object store. `pool` does not apply to it.
+    """
     from ray.data import ActorPoolStrategy
 
     res = stage_resources(stage_cls, cfg)
-    return ds.map_batches(
-        stage_cls,
-        fn_constructor_args=(cfg,),
-        compute=ActorPoolStrategy(size=res.pool),
-        num_cpus=res.num_cpus * cpu_factor,
-        num_gpus=res.num_gpus or None,
-        batch_size=res.batch_size,
-        batch_format="numpy",
-        **(remote_args or {}),
-    )
+    keywords = dict(num_cpus=res.num_cpus * cpu_factor, num_gpus=res.num_gpus or None, batch_size=res.batch_size,
+                    batch_format="numpy", **(remote_args or {}))
+    if not holds_state(stage_cls):
+        return ds.map_batches(stateless_task(stage_cls), fn_kwargs={"cfg": cfg}, **keywords)
+    return ds.map_batches(stage_cls, fn_constructor_args=(cfg,), compute=ActorPoolStrategy(size=res.pool),
+                          **keywords)
