@@ -122,3 +122,19 @@ def test_training_runs_have_system_metrics(resumed, mlflow_server):
         metrics = client.get_run(run_id).data.metrics
         assert "system/cpu_utilization_percentage" in metrics
         assert metrics["system/system_memory_usage_megabytes"] > 0
+
+
+def test_the_resumed_stage_ends_with_the_weights_of_an_uninterrupted_one(resumed, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from latentforge.training.trainer import fit_stage
+
+    cfg, summary, _ = resumed
+    plan = cfg.training
+    stage = plan.stages[1].model_copy(update={"fail_at_step": None})
+    straight = fit_stage(plan, stage, list(plan.datasets), tmp_path, "straight", summary.checkpoints["first"])
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_file(str(straight.checkpoint_dir / name))
+        b = load_file(str(summary.checkpoints["second"] / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
