@@ -69,7 +69,8 @@ def test_ui_with_basic_auth_on_loopback(tmp_path):
         client = subprocess.run(
             [sys.executable, "-c", "import sys; from mlflow.tracking import MlflowClient; "
              "print(MlflowClient(sys.argv[1]).get_experiment_by_name('secured').name)", base],
-            env={**os.environ, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "a-long-Admin-passw0rd"},
+            env={**os.environ, "MLFLOW_TRACKING_USERNAME": "admin",
+                 "MLFLOW_TRACKING_PASSWORD": "a-long-Admin-passw0rd"},
             capture_output=True, text=True, timeout=120)
         assert client.stdout.strip() == "secured", client.stderr[-2000:]
         sockets = listening(ui.pid)
