@@ -17,7 +17,7 @@ from latentforge.pipelines.report import write_report
 from latentforge.training.config import PlanConfig
 from latentforge.training.trainer import fit_stage
 
-# slow: a curation job and two training runs: 219 s on the shared 2-core machine (load ~30), 457 s at load ~50
+# slow: a curation job, a tracked rerun and two training runs: 165 s on the shared 2-core machine (load ~45)
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
@@ -30,8 +30,8 @@ def curated(s3_server, ray_local, tmp_path_factory):
     storage.upload(tmp / "corpus", f"s3://{bucket}/corpus")
     # Everything the job's Ray workers need arrives through their runtime_env, not through this process.
     storage.configure(storage.StorageConfig(endpoint_url=s3_server.endpoint_url, cache_dir=tmp / "cache"))
-    cfg = CurationConfig(input_dir=f"s3://{bucket}/corpus", samples_per_shard=4)
-    result = run_curation(cfg, f"s3://{bucket}/ds")
+    cfg = CurationConfig(input_dir=f"s3://{bucket}/corpus", output_dir=f"s3://{bucket}/ds", samples_per_shard=4)
+    result = run_curation(cfg, cfg.output_dir)
     yield bucket, cfg, result
     storage.configure(None)
 
@@ -73,6 +73,31 @@ def test_a_rerun_on_s3_trusts_the_uploaded_markers(curated):
     again = run_curation(cfg, f"s3://{bucket}/ds")  # every group has an intact marker: no pipeline runs
     assert json.dumps(again.card, sort_keys=True) == json.dumps(first.card, sort_keys=True)
     assert (again.kept, again.rejected, again.filtered) == (first.kept, first.rejected, first.filtered)
+
+
+def test_run_tracks_a_curation_that_lives_on_s3(curated, s3_server, mlflow_server, tmp_path):
+    """`latentforge run`'s curation part: storage from the config, report and tables logged from the local
+    copies, the MLflow dataset input pointing at the manifest in the bucket."""
+    from mlflow.tracking import MlflowClient
+
+    from latentforge.orchestration.config import LatentforgeConfig, resolve_paths
+    from latentforge.orchestration.run import run_all
+
+    bucket, cur, first = curated
+    cfg = resolve_paths(LatentforgeConfig.model_validate({
+        "name": "s3-run", "workdir": str(tmp_path / "work"),
+        "tracking": {"uri": mlflow_server, "experiment": "s3-storage-test"},
+        "curation": json.loads(cur.model_dump_json()),  # the same config: its shard groups are all done
+        "storage": {"endpoint_url": s3_server.endpoint_url, "cache_dir": str(tmp_path / "cache")}}), tmp_path)
+    storage.configure(None)  # run_all must set it from the config
+    summary = run_all(cfg, do_train=False)  # every shard group is done: only tables, card, report, tracking
+    client = MlflowClient(mlflow_server)
+    logged = {a.path for a in client.list_artifacts(summary.curation_run_id, "dataset")}
+    assert {"dataset/report.html", "dataset/card.json", "dataset/manifest.parquet", "dataset/rejects.csv"} <= logged
+    inputs = client.get_run(summary.curation_run_id).inputs.dataset_inputs
+    assert [json.loads(i.dataset.source)["uri"] for i in inputs] == [f"s3://{bucket}/ds/manifest.parquet"]
+    assert storage.is_file(f"s3://{bucket}/ds/report.html")
+    assert json.loads(storage.read_text(f"s3://{bucket}/ds/card.json"))["id"] == first.card["id"]
 
 
 def test_training_reads_the_s3_dataset_and_checkpoints_to_s3(curated, s3_server):
