@@ -162,3 +162,21 @@ def test_disabled_stage_loads_nothing_and_writes_the_default(probed) -> None:
     assert off.scorer is None
     rows = by_relpath(off({k: v.copy() for k, v in probed.items()}))
     assert all(r["score_aesthetic"] == 0.0 and r["status"] != "filtered" for r in rows.values())
+
+
+def test_a_frame_the_model_fails_on_costs_its_row_only(stage, probed, models) -> None:
+    from latentforge.pipelines.stages.score_aesthetic import score_key_frames
+
+    def picky(frames: list[np.ndarray]) -> np.ndarray:  # fails on any batch holding a frame with a bright pixel
+        if any(f.max() >= 240 for f in frames):
+            raise RuntimeError("cannot score this frame")
+        return np.full(len(frames), 3.0)
+
+    stage.cfg = stage_cfg(models)
+    rows = by_relpath(score_key_frames(stage, {k: v.copy() for k, v in probed.items()}, picky, "score_aesthetic", 48))
+    visual = [r for r in rows.values() if r["modality"] in ("image", "video") and r["stage"] != "probe"]
+    failed = [r for r in visual if r["status"] == "rejected"]
+    assert failed and len(failed) < len(visual)
+    assert all((r["reason"], r["stage"]) == ("stage_error", "score_aesthetic") and "cannot score" in r["message"]
+               for r in failed)
+    assert all(r["score_aesthetic"] == 3.0 for r in visual if r["status"] == "ok")

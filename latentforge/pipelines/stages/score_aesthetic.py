@@ -160,7 +160,15 @@ def score_key_frames(stage: Stage, batch, model, column: str, size: int):
     todo = [i for i, f in enumerate(frames) if f is not None and decoded["status"][i] == "ok"]
     if todo:
         scores = np.asarray(decoded[column], dtype=np.float64)
-        scores[todo] = model([frames[i] for i in todo])
+        try:
+            scores[todo] = model([frames[i] for i in todo])
+        except Exception:  # one frame the model chokes on must cost its row, not the batch: score one by one
+            for i in todo:
+                try:
+                    scores[i] = model([frames[i]])[0]
+                except Exception as e:
+                    decoded["status"][i], decoded["reason"][i] = "rejected", "stage_error"
+                    decoded["stage"][i], decoded["message"][i] = stage.name, f"{type(e).__name__}: {e}"
         decoded[column] = scores
     return decoded
 
