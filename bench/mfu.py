@@ -236,7 +236,7 @@ def main(argv=None) -> None:
             base = None
             if reference is not None:
                 # input_size is the latent side (the reference's sample.py passes image_size // 8)
-                base = measure("reference", lambda: reference.DiT_models[ref_name](input_size=case.latent_hw),
+                base = measure("reference", lambda hw=case.latent_hw: reference.DiT_models[ref_name](input_size=hw),
                                reference_step, reference_spec, case, args, device, compile_model)
                 print_row(base, None)
             ours = measure("ours", lambda: build_ours(preset, 4), our_step, lambda m, hw: our_spec(m.cfg, hw),

@@ -15,8 +15,8 @@ def save_tiny_dinov2(root: Path, registers: int = 0) -> str:
         Dinov2WithRegistersModel,
     )
 
-    common = dict(hidden_size=DIM, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                  patch_size=ENCODER_PATCH, image_size=16)
+    common = {"hidden_size": DIM, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+              "patch_size": ENCODER_PATCH, "image_size": 16}
     if registers:
         model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=registers, **common))
     else:
