@@ -21,7 +21,7 @@ from latentforge.datasets.demo_corpus import DemoCorpusSpec, generate_demo_corpu
 from latentforge.datasets.manifest import channel_stats
 from latentforge.datasets.shards import iter_shards, load_npy, sha256_file
 from latentforge.pipelines.config import CurationConfig, FilterConfig
-from latentforge.pipelines.curate import SCAN_STAGES, STAGES
+from latentforge.pipelines.curate import SCAN_STAGES, STAGES, active_stages
 from latentforge.pipelines.discover import discover, orphan_captions, sample_id
 from latentforge.pipelines.stage import Reject, Stage, map_ok_rows, rows_of
 from latentforge.pipelines.stages.caption_sidecar import CaptionSidecar, read_sidecar_caption
@@ -113,7 +113,7 @@ def snapshots(cfg: CurationConfig, text_stage: EncodeText) -> list[tuple[str, di
     rows = discover(cfg.input_dir, cfg.samples_per_shard)
     batch = to_batch(rows)
     out = [("discover", batch)]
-    for stage_cls in SCAN_STAGES + STAGES:
+    for stage_cls in SCAN_STAGES + active_stages(STAGES, cfg):
         stage = text_stage if stage_cls is EncodeText else stage_cls(cfg)
         batch = stage(batch)
         out.append((stage_cls.name, batch))
