@@ -149,7 +149,7 @@ def train_stage(config: dict) -> None:
     rank, world = acc.process_index, acc.num_processes
     torch.manual_seed(job.seed)  # the same initial weights on every rank
     model_cfg = DiTConfig.from_dict(job.model)
-    datasets = open_datasets([Dataset(Path(d)) for d in job.datasets])
+    datasets = open_datasets([Dataset(d) for d in job.datasets])
     normalizer = LatentNormalizer([d.card for d in datasets])
     batches = rank_plan(datasets, stage, normalizer, job.seed, world, patch=model_cfg.visual_patch,
                         repa=stage.repa is not None)  # the rank's stream plan: nothing is read yet

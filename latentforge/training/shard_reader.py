@@ -104,7 +104,9 @@ def iter_raw_samples(uri: str, wanted_key=None) -> Iterator[tuple[str, dict[str,
 
     with open_shard(uri) as f:
         for name, data in iter_members(f, uri, wanted):
-            k, _, member = name.rpartition("/")[2].partition(".")
+            k, _, member = name.partition(".")
+            if "/" in k or not k:  # our writer never writes directories: `../x`, `/abs/x` or `d/x` is hostile
+                raise ShardFormatError(f"{uri}: member name {name!r} is not KEY.MEMBER (no directories allowed)")
             if member not in ALLOWED:
                 raise ShardFormatError(f"{uri}: sample {k}: unexpected member {member!r} "
                                        f"(only {sorted(ALLOWED)} allowed)")

@@ -147,3 +147,22 @@ def test_a_symlink_out_of_the_input_root_is_rejected_not_read(tmp_path):
     assert set(rows) == {"images/inside.png", "images/link.png"}
     assert rows["images/link.png"]["status"] == "rejected" and rows["images/link.png"]["reason"] == "outside_root"
     assert rows["images/inside.png"]["status"] == "ok"
+
+
+def test_training_reader_refuses_member_names_with_directories(tmp_path) -> None:
+    """The training loader's lean tar reader: `../x.latent.npy` is hostile, not sample `x`."""
+    import io
+    import tarfile
+
+    from latentforge.datasets.shards import ShardFormatError
+    from latentforge.training.shard_reader import iter_raw_samples
+
+    for name in ("../x.latent.npy", "/abs/x.latent.npy", "d/x.latent.npy"):
+        path = tmp_path / "shard-000000-00.tar"
+        with tarfile.open(path, "w") as tar:
+            data = b"\x93NUMPY"
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        with pytest.raises(ShardFormatError, match="no directories"):
+            list(iter_raw_samples(str(path)))
