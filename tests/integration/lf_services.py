@@ -8,6 +8,14 @@ import time
 import requests
 
 
+def init_local_ray():
+    """The single-node Ray of conftest.ray_local (keep the two alike): test_multinode puts it back with this."""
+    import ray
+
+    ray.init(num_cpus=4, object_store_memory=512 * 2**20, include_dashboard=False, log_to_driver=False)
+    return ray
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

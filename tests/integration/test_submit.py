@@ -17,7 +17,7 @@ from lf_services import ray_auth_headers, ray_token_env, start_ray_head, stop_ra
 from latentforge.datasets import manifest as mf
 from latentforge.datasets.demo_corpus import DemoCorpusSpec, generate_demo_corpus
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BIN = Path(sys.executable).parent
 
 
