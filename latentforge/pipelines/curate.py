@@ -24,7 +24,7 @@ from latentforge.pipelines.stages.caption_select import CaptionSelect
 from latentforge.pipelines.stages.caption_sidecar import CaptionSidecar
 from latentforge.pipelines.stages.caption_vlm import CaptionVLM
 from latentforge.pipelines.stages.dedup import ContentHash, find_duplicates, mark_duplicates
-from latentforge.pipelines.stages.encode_latents import EncodeLatents
+from latentforge.pipelines.stages.encode_latents import EncodeLatents, parse_shape
 from latentforge.pipelines.stages.encode_repa import EncodeRepa, repa_description
 from latentforge.pipelines.stages.encode_text import EncodeText
 from latentforge.pipelines.stages.filter_audio import FilterAudioQuality
@@ -183,7 +183,7 @@ def write_dataset(meta: list[dict], rows: list[dict], cfg: CurationConfig, datas
     # In id order: float sums (latent statistics) then do not depend on the order Ray returned the rows in.
     kept = sorted((m for m in meta if m["status"] == "ok"), key=lambda m: m["id"])
     for m in kept:
-        m["shard"], m["latent_shape"] = m["shard_name"], [int(s) for s in m["latent_shape"]]
+        m["shard"], m["latent_shape"] = m["shard_name"], parse_shape(m["latent_shape"])
     others = [m for m in meta if m["status"] != "ok"]
     local = staging_dir(dataset_dir) if storage.is_remote(dataset_dir) else dataset_dir
     mf.write_table(mf.to_table(kept, mf.MANIFEST_SCHEMA), local / mf.MANIFEST)

@@ -26,7 +26,7 @@ from latentforge.pipelines.discover import discover, orphan_captions, sample_id
 from latentforge.pipelines.stage import Reject, Stage, map_ok_rows, rows_of
 from latentforge.pipelines.stages.caption_sidecar import CaptionSidecar, read_sidecar_caption
 from latentforge.pipelines.stages.dedup import find_duplicates, mark_duplicates
-from latentforge.pipelines.stages.encode_latents import EncodeLatents
+from latentforge.pipelines.stages.encode_latents import EncodeLatents, parse_shape
 from latentforge.pipelines.stages.encode_text import EncodeText, default_text_model
 from latentforge.pipelines.stages.filter_basic import FilterBasic
 from latentforge.pipelines.stages.probe_media import ProbeMedia
@@ -278,7 +278,7 @@ def test_kept_latents_decode_to_the_expected_shape_and_content(final: dict[str, 
         latent = load_npy(row["latent"])
         expected_shape = LATENT_SHAPES[row["modality"]]
         assert latent.dtype == np.float32 and latent.shape == expected_shape, relpath
-        assert list(row["latent_shape"]) == list(expected_shape)
+        assert parse_shape(row["latent_shape"]) == list(expected_shape)
         assert row["bucket"] == BUCKETS[row["modality"]]
         np.testing.assert_allclose(load_npy(row["lat_stats"]), channel_stats(latent))
         # The codecs are exact, so the latent holds precisely the decoded media.

@@ -26,10 +26,25 @@ def check_buckets(cfg: CurationConfig, visual) -> None:
         visual.check_size(b.height, b.width, b.frames)
 
 
+def shape_text(shape) -> str:
+    """A latent shape as the pipeline carries it: JSON text, e.g. "[4, 1, 32, 32]".
+
+    A list column would reach Arrow as lists in some blocks and as a fixed-shape tensor in others (a block
+    whose rows all have one shape), and Ray Data's shuffle before the shard write then fails with "Found
+    columns with both objects and tensors"; a string column has one Arrow type everywhere.
+    """
+    return json.dumps([int(s) for s in shape])
+
+
+def parse_shape(value) -> list[int]:
+    """The inverse of shape_text; lists and arrays (manifest rows) pass through as ints."""
+    return [int(s) for s in (json.loads(value) if isinstance(value, str) else value)]
+
+
 class EncodeLatents(Stage):
     name = "encode_latents"
     resources = StageResources(num_cpus=0.5, batch_size=8, pool=2)
-    outputs = {"latent": b"", "latent_shape": [], "bucket": "", "lat_stats": b"", "latent_encoder": "",
+    outputs = {"latent": b"", "latent_shape": "", "bucket": "", "lat_stats": b"", "latent_encoder": "",
                "_pixels": None}
 
     def __init__(self, cfg: CurationConfig):
@@ -59,7 +74,7 @@ class EncodeLatents(Stage):
                 continue
             for i, latent in zip(idx, latents):
                 decoded["latent"][i] = npy_bytes(latent.astype(np.float32))
-                decoded["latent_shape"][i] = list(latent.shape)
+                decoded["latent_shape"][i] = shape_text(latent.shape)
                 decoded["lat_stats"][i] = npy_bytes(channel_stats(latent))
                 decoded["latent_encoder"][i] = self.descriptions[encoder.family]
         return decoded

@@ -30,6 +30,7 @@ from latentforge.datasets.encoders.pretrained import resolve_device, resolve_dty
 from latentforge.datasets.shards import npy_bytes
 from latentforge.pipelines.resources import StageResources
 from latentforge.pipelines.stage import Reject, Stage
+from latentforge.pipelines.stages.encode_latents import parse_shape
 from latentforge.pipelines.stages.split_clips import decode_clip
 
 if TYPE_CHECKING:
@@ -43,10 +44,10 @@ TOKENS_RULE = ("N = (T // pt) * (H // p) * (W // p) for a (C, T, H, W) latent, r
 
 def token_grid(latent_shape, patch: int, temporal_patch: int) -> tuple[int, int, int]:
     """(T // pt, H // p, W // p): the DiT's token grid of a (C, T, H, W) latent."""
-    _, t, h, w = (int(s) for s in latent_shape)
+    _, t, h, w = parse_shape(latent_shape)
     grid = (t // temporal_patch, h // patch, w // patch)
     if min(grid) < 1:
-        raise ValueError(f"latent {list(latent_shape)} has no whole (pt={temporal_patch}, p={patch}) token")
+        raise ValueError(f"latent {parse_shape(latent_shape)} has no whole (pt={temporal_patch}, p={patch}) token")
     return grid
 
 
