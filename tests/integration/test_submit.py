@@ -3,6 +3,7 @@ its logs streamed back and its status as the exit code."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,7 @@ def ray_head():
         yield url, env
     finally:
         stop_ray_head(proc)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def submit(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
