@@ -159,7 +159,8 @@ def submit(
     address: Annotated[Optional[str], typer.Option(
         help="the cluster's Ray Jobs API (dashboard) URL; default: RAY_API_SERVER_ADDRESS, else RAY_ADDRESS, "
              "else http://127.0.0.1:8265")] = None,
-    command: Annotated[str, typer.Option(help="latentforge command the job runs: run, curate, train or validate")] = "run",
+    command: Annotated[str, typer.Option(
+        help="latentforge command the job runs: run, curate, train or validate")] = "run",
     working_dir: Annotated[Optional[Path], typer.Option(
         help="directory uploaded as the job's working dir (files in .gitignore are skipped)", file_okay=False,
         exists=True)] = Path("."),
@@ -172,8 +173,7 @@ def submit(
     wait: Annotated[bool, typer.Option(help="stream the job's logs and exit with its status")] = True,
 ) -> None:
     """Submit `latentforge run CONFIG` (or --command) to a Ray cluster as a Ray Job, then stream its logs."""
-    from latentforge.orchestration.submit import (JobSpec, follow, forwarded_env, job_client, job_config_path,
-                                                  submit_job)
+    from latentforge.orchestration.submit import JobSpec, follow, forwarded_env, job_client, job_config_path, submit_job
 
     _load(config, set_)  # a bad config fails here, before anything is uploaded
     wd = None if no_upload else working_dir

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 import requests
+import yaml
 from lf_services import ray_auth_headers, ray_token_env, start_ray_head, stop_ray_head
 
 from latentforge.datasets import manifest as mf
