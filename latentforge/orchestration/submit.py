@@ -93,9 +93,18 @@ def job_client(address: str | None):
         return JobSubmissionClient(address)
 
 
-def submit_job(client, spec: JobSpec) -> str:
-    return client.submit_job(entrypoint=spec.entrypoint(), runtime_env=spec.runtime_env(),
-                             metadata={"latentforge": spec.command})
+def submit_job(client, spec: JobSpec, agent_wait_s: float = 60.0) -> str:
+    """Submit; while a freshly started head's job agent is not up yet (the Jobs API answers 500 "No available
+    agent to submit job"), retry for up to `agent_wait_s` instead of failing the user's submission."""
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=spec.entrypoint(), runtime_env=spec.runtime_env(),
+                                     metadata={"latentforge": spec.command})
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
 
 
 def follow(client, job_id: str, write: Callable[[str], object]) -> str:

@@ -12,7 +12,7 @@ from latentforge.datasets.manifest import Dataset
 from latentforge.pipelines.config import CurationConfig
 from latentforge.pipelines.curate import run_curation
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.heavy, pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")]
 CPU = {"device": "cpu", "dtype": "float32"}
 SIDECAR_CASES = {"broken/missing_caption.png": "missing_caption", "broken/bad_caption.png": "caption_not_utf8"}
 

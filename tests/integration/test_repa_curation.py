@@ -14,7 +14,7 @@ from latentforge.datasets.shards import iter_shards
 from latentforge.pipelines.config import CurationConfig
 from latentforge.pipelines.curate import run_curation
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow,  # ~2.5 min on the loaded 2-core machine
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.heavy,  # ~1 min on a quiet 2-core machine
               pytest.mark.filterwarnings("ignore::FutureWarning")]
 
 
@@ -45,3 +45,22 @@ def test_curation_writes_repa_features_per_dit_token(tmp_path, ray_local):
         assert s.repa.dtype == np.float16 and s.repa.shape == (t * (h // 2) * (w // 2), DIM)
         assert np.isfinite(s.repa).all() and math.prod(s.repa.shape) > 0
     assert seen == {"image", "video", "audio"}
+
+    # The same shards feed a REPA stage through Ray Train: the projector exists only with REPA on, and it trains.
+    import torch
+    from safetensors.torch import load_file
+
+    from latentforge.training.config import PlanConfig
+    from latentforge.training.trainer import fit_stage
+
+    plan = PlanConfig.model_validate({
+        "model": {"preset": "DiT-T", "overrides": {"hidden": 64, "depth": 2, "visual_patch": 2}}, "num_workers": 1,
+        "stages": [{"name": "repa", "modalities": ["image", "video"], "steps": 3, "batch_size": 2,
+                    "checkpoint_every": 3, "log_every": 1, "num_samples": 0,
+                    "repa": {"weight": 0.5, "depth": 1}}]})
+    trained = fit_stage(plan, plan.stages[0], [out], tmp_path / "runs", "repa")
+    weights = load_file(str(trained.checkpoint_dir / "model.safetensors"))
+    projector = {k: v for k, v in weights.items() if k.startswith("repa_projector.")}
+    assert projector and all(torch.isfinite(v).all() for v in projector.values())
+    assert projector[sorted(projector)[-1]].shape[0] == DIM  # the projector maps to the card's feature width
+    assert torch.isfinite(torch.tensor(trained.metrics["loss"]))

@@ -18,7 +18,7 @@ from latentforge.training.config import PlanConfig
 from latentforge.training.trainer import fit_stage
 
 # slow: a curation job, a tracked rerun and two training runs: 165 s on the shared 2-core machine (load ~45)
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.heavy]
 
 
 @pytest.fixture(scope="module")
