@@ -56,13 +56,20 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120.0, headers:
 # A process that owns a real Ray head with its dashboard (the Jobs API server) on loopback, until its stdin
 # closes. `ray start` would daemonise the head, and `ray stop` kills every Ray process of the machine
 # (other people's included), so the head lives in a driver we own and ends with `ray.shutdown()`.
+# Through ray.cluster_utils.Cluster rather than ray.init: only RayParams takes the dashboard agent's port, and its
+# default (52365) is held by any other local Ray on the machine (the session's ray_local), whose agent would then
+# be the only one listening and this head's Jobs API would answer "No available agent to submit job".
 HEAD_SCRIPT = """
 import json, sys, ray
-ray.init(num_cpus=int(sys.argv[1]), object_store_memory=256 * 2**20, include_dashboard=True,
-         dashboard_host="127.0.0.1", dashboard_port=int(sys.argv[2]), _temp_dir=sys.argv[3])
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, connect=True, head_node_args=dict(
+    num_cpus=int(sys.argv[1]), object_store_memory=256 * 2**20, include_dashboard=True,
+    dashboard_host="127.0.0.1", dashboard_port=int(sys.argv[2]), dashboard_agent_listen_port=int(sys.argv[4]),
+    temp_dir=sys.argv[3]))
 print(json.dumps({"gcs": ray.get_runtime_context().gcs_address}), flush=True)
 sys.stdin.read()
 ray.shutdown()
+cluster.shutdown()
 """
 
 
@@ -72,7 +79,7 @@ def start_ray_head(temp_dir: str, num_cpus: int, env: dict) -> tuple[subprocess.
     import sys
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", HEAD_SCRIPT, str(num_cpus), str(port), temp_dir],
+    proc = subprocess.Popen([sys.executable, "-c", HEAD_SCRIPT, str(num_cpus), str(port), temp_dir, str(free_port())],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     line = proc.stdout.readline()
