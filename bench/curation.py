@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+from latentforge.pipelines.stage import batch_of, rows_of
 
 
 def make_aesthetic_models(root: Path) -> tuple[str, str]:
@@ -53,30 +53,16 @@ def make_config(corpus: Path, models: tuple[str, str], args):
     })
 
 
-def columns(rows: list[dict]) -> dict[str, np.ndarray]:
-    out = {}
-    for key in rows[0]:
-        column = np.empty(len(rows), dtype=object)
-        column[:] = [row[key] for row in rows]
-        out[key] = column
-    return out
-
-
 def run_stages(stages, batches: list[dict], cfg) -> list[dict]:
+    from latentforge.pipelines.curate import active_stages
     from latentforge.pipelines.stage import stage_resources
 
-    # As curate.active_stages: a stage whose `enabled(cfg)` says no is not in the job, so not in the loop either.
-    for stage_cls in [s for s in stages if getattr(s, "enabled", lambda _cfg: True)(cfg)]:
+    # A stage whose `enabled(cfg)` says no is not in the job, so not in the loop either.
+    for stage_cls in active_stages(stages, cfg):
         stage, size = stage_cls(cfg), stage_resources(stage_cls, cfg).batch_size
-        rows = [r for b in batches for r in _rows(b)]
-        batches = [stage(columns(rows[i:i + size])) for i in range(0, len(rows), size)]
+        rows = [r for b in batches for r in rows_of(b)]
+        batches = [stage(batch_of(rows[i:i + size])) for i in range(0, len(rows), size)]
     return batches
-
-
-def _rows(batch: dict) -> list[dict]:
-    from latentforge.pipelines.stage import rows_of
-
-    return rows_of(batch)
 
 
 def loop(cfg, out: Path) -> tuple[float, int, float]:
@@ -88,18 +74,18 @@ def loop(cfg, out: Path) -> tuple[float, int, float]:
 
     start = time.perf_counter()
     inputs = discover(cfg.input_dir, cfg.samples_per_shard)
-    scanned = [r for b in run_stages(curate.SCAN_STAGES, [columns(inputs)], cfg) for r in _rows(b)]
+    scanned = [r for b in run_stages(curate.SCAN_STAGES, [batch_of(inputs)], cfg) for r in rows_of(b)]
     hashes = [{k: r[k] for k in curate.HASH_COLUMNS} for r in scanned]
     dups = find_duplicates(hashes, cfg.dedup)
     where = {h["id"]: h["relpath"] for h in hashes}
     notes = {d: f"{kind} duplicate of {where[rep]} ({rep})" for d, (rep, kind) in dups.items()}
-    marked = curate.mark_and_explain(columns(scanned), dups, notes)
-    rows = [r for b in run_stages(curate.STAGES, [marked], cfg) for r in _rows(b)]
+    marked = curate.mark_and_explain(batch_of(scanned), dups, notes)
+    rows = [r for b in run_stages(curate.STAGES, [marked], cfg) for r in rows_of(b)]
     (out / "shards").mkdir(parents=True)
     meta = []
     for group in sorted({int(r["shard"]) for r in rows}):
-        part = columns([r for r in rows if int(r["shard"]) == group])
-        meta += _rows(write_shard_group(part, str(out / "shards"), int(cfg.max_shard_mb * 2**20),
+        part = batch_of([r for r in rows if int(r["shard"]) == group])
+        meta += rows_of(write_shard_group(part, str(out / "shards"), int(cfg.max_shard_mb * 2**20),
                                         curate.config_hash(cfg)))
     result = curate.write_dataset(meta, inputs, cfg, out)
     elapsed = time.perf_counter() - start

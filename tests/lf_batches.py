@@ -3,15 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def to_batch(rows: list[dict]) -> dict[str, np.ndarray]:
-    """Row dicts -> a dict of numpy object arrays (one column per key of the first row)."""
-    batch = {}
-    for key in rows[0]:
-        column = np.empty(len(rows), dtype=object)
-        column[:] = [row[key] for row in rows]
-        batch[key] = column
-    return batch
+from latentforge.pipelines.stage import batch_of as to_batch  # noqa: F401  (the tests' name for it)
 
 
 def by_relpath(batch: dict[str, np.ndarray]) -> dict[str, dict]:

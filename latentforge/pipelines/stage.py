@@ -46,6 +46,17 @@ def rows_of(batch: Batch) -> list[dict]:
     return [{k: v[i] for k, v in batch.items()} for i in range(n)]
 
 
+def batch_of(rows: list[dict]) -> Batch:
+    """The inverse of rows_of: one numpy object column per key of the first row, as Ray Data hands a stage."""
+    batch = {}
+    for key in rows[0]:
+        column = np.empty(len(rows), dtype=object)
+        for i, row in enumerate(rows):  # element-wise: a list of equal-shape arrays must not broadcast
+            column[i] = row[key]
+        batch[key] = column
+    return batch
+
+
 # Columns naming an input file. Decoders (PIL, decord, PyAV, soundfile) need a local file, so for inputs at a
 # URI (s3://...) these are staged per row; see StagedRow.
 PATH_COLUMNS = ("uri", "caption_path")
