@@ -309,8 +309,6 @@ class DiT(nn.Module):
         DiTOutput including REPA projections. Going through forward keeps DDP/FSDP wrappers in the loop.
         """
         if features:
-            if self.repa_projector is None:
-                raise ValueError("features=True needs repa_depth > 0 and repa_dim > 0 in DiTConfig")
             return self.forward_output(x, t, text, text_mask, modality, mask_ratio=mask_ratio, generator=generator,
                                        features=True)
         if mask_ratio > 0:
@@ -341,8 +339,6 @@ class DiT(nn.Module):
         self, x: Tensor, t: Tensor, text: Tensor, text_mask: Tensor, modality: Tensor
     ) -> tuple[Tensor, Tensor]:
         """(v, features): REPA projections (B, N, repa_dim) of the hidden states after block repa_depth."""
-        if self.repa_projector is None:
-            raise ValueError("forward_with_features needs repa_depth > 0 and repa_dim > 0 in DiTConfig")
         out = self.forward_output(x, t, text, text_mask, modality, features=True)
         return out.velocity, out.features
 
@@ -359,6 +355,8 @@ class DiT(nn.Module):
         features: bool = False,
     ) -> DiTOutput:
         """The whole forward pass as a DiTOutput; forward, forward_masked and forward_with_features pick from it."""
+        if features and self.repa_projector is None:
+            raise ValueError("REPA features need repa_depth > 0 and repa_dim > 0 in DiTConfig")
         io = self.family(modality)
         grid = io.grid(x)
         ctx, ctx_mask, pooled = self.encode_text(text, text_mask)
