@@ -213,3 +213,86 @@ def test_stage_graph_shows_captioners_only_when_enabled(models: dict) -> None:
     only_audio = config(models, vlm={"enabled": False})
     assert [s.name for s in active_stages(STAGES, only_audio) if s.name.startswith("caption")] == \
         ["caption_prep", "caption_audio", "caption_select"]
+
+
+# ---- Florence-2 and Qwen2-VL: transformers' native classes on tiny random-weight checkpoints ----
+
+@pytest.fixture(scope="module")
+def vlms(tmp_path_factory) -> dict[str, str]:
+    from tiny_captioners import save_tiny_florence2, save_tiny_qwen2_vl
+
+    root = tmp_path_factory.mktemp("vlms")
+    return {"florence2": save_tiny_florence2(root / "florence2"), "qwen2_vl": save_tiny_qwen2_vl(root / "qwen2_vl")}
+
+
+def vlm_config(models: dict, vlms: dict, family: str, **vlm) -> CurationConfig:
+    return config(models, vlm={"family": family, "model": vlms[family], "max_new_tokens": 6, **vlm},
+                  clean={"enabled": False})
+
+
+@pytest.mark.parametrize("family", ["florence2", "qwen2_vl"])
+def test_vlm_family_captions_images_and_clips(family: str, prepared: dict, models: dict, vlms: dict) -> None:
+    from tiny_captioners import BLIP_WORDS
+
+    out = by_relpath(CaptionVLM(vlm_config(models, vlms, family))(dict(prepared)))
+    visual = {r: row for r, row in out.items() if row["modality"] != "audio"}
+    assert {row["modality"] for row in visual.values()} == {"image", "video"}
+    for relpath, row in out.items():
+        text = row["caption_generated"]
+        assert isinstance(text, str)
+        if row["modality"] == "audio":
+            assert text == "" and row["caption_error"] == ""
+            continue
+        parts = text.split(", then ")
+        assert text and 1 <= len(parts) <= (1 if row["modality"] == "image" else 3), (relpath, text)
+        # Only the new tokens, decoded without specials: no prompt, task token or chat markup, just caption words.
+        assert set(" ".join(parts).split()) <= set(BLIP_WORDS), (relpath, text)
+
+
+@pytest.mark.parametrize("family", ["florence2", "qwen2_vl"])
+def test_vlm_family_batches_frames_like_one_at_a_time(family: str, models: dict, vlms: dict) -> None:
+    from latentforge.pipelines.stages.caption_vlm import CAPTIONERS
+
+    rng = np.random.default_rng(0)
+    # Two sizes: Qwen2-VL gives them different token counts, so a batch pads (on the left) and must not change them.
+    frames = [rng.integers(0, 256, (32, 32, 3), np.uint8) for _ in range(3)] + \
+        [rng.integers(0, 256, (48, 32, 3), np.uint8) for _ in range(2)]
+    cfg = vlm_config(models, vlms, family, chunk=4).captioning.vlm
+    captioner = CAPTIONERS[family](cfg)
+    batched = captioner.caption(frames)  # 5 frames: one call of 4, one of 1
+    assert batched == [captioner.caption([f])[0] for f in frames]
+    assert all(isinstance(t, str) and t and t == t.strip() and "<" not in t for t in batched), batched
+
+
+def test_qwen2_vl_runs_in_bfloat16(models: dict, vlms: dict) -> None:
+    from latentforge.pipelines.stages.caption_vlm import Qwen2VLCaptioner
+
+    captioner = Qwen2VLCaptioner(vlm_config(models, vlms, "qwen2_vl", dtype="bfloat16").captioning.vlm)
+    assert next(captioner.model.parameters()).dtype == captioner.torch.bfloat16
+    assert captioner.caption([np.full((32, 32, 3), 200, np.uint8)])[0]
+
+
+def test_vlm_family_bad_model_or_prompt_is_a_clear_error(models: dict, vlms: dict, tmp_path: Path) -> None:
+    from latentforge.pipelines.stages.caption_vlm import Florence2Captioner, Qwen2VLCaptioner
+
+    def cfg(family: str, **vlm):
+        return vlm_config(models, vlms, family, **vlm).captioning.vlm
+
+    with pytest.raises(ValueError, match=r"captioning\.vlm\.model=.*missing.*no such directory"):
+        Florence2Captioner(cfg("florence2", model=str(tmp_path / "missing")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"captioning\.vlm\.model=.*empty.*cannot load"):
+        Qwen2VLCaptioner(cfg("qwen2_vl", model=str(tmp_path / "empty")))
+    with pytest.raises(ValueError, match=r"family qwen2_vl.*'blip' model"):
+        Qwen2VLCaptioner(cfg("qwen2_vl", model=models["blip"]))
+    with pytest.raises(ValueError, match=r"captioning\.vlm\.prompt='<CAPTION> of a cat'"):
+        Florence2Captioner(cfg("florence2", prompt="<CAPTION> of a cat"))
+
+
+def test_vlm_family_defaults_replace_blips() -> None:
+    from latentforge.pipelines.stages.caption_vlm import VLMCaptionConfig
+
+    assert VLMCaptionConfig(family="florence2").model == "florence-community/Florence-2-base"
+    assert VLMCaptionConfig(family="qwen2_vl").image_size == 448
+    assert VLMCaptionConfig(family="qwen2_vl", model="/m", image_size=64).model_dump()["image_size"] == 64
+    assert VLMCaptionConfig().model == "Salesforce/blip-image-captioning-base"

@@ -10,10 +10,11 @@ what changes over the clip.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from latentforge.datasets.shards import load_npy
 from latentforge.pipelines.caption_clean import clean_caption, merge_captions
@@ -49,14 +50,29 @@ class VLMCaptionConfig(Strict):
     chunk: int = Field(32, ge=1, description="most frames per generate call (bounds activation memory)")
     trust_remote_code: bool = Field(False, description="needed only by repositories with custom code")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _family_defaults(cls, data):
+        """`model` and `image_size` left out take the family's own (BLIP's defaults fit no other family)."""
+        if isinstance(data, dict):
+            data = {**FAMILY_DEFAULTS.get(data.get("family", "blip"), {}), **data}
+        return data
 
-def device_and_dtype(cfg: VLMCaptionConfig):
+
+FAMILY_DEFAULTS: dict[str, dict] = {
+    "florence2": {"model": "florence-community/Florence-2-base", "image_size": 768},  # its processor's 768 px
+    "qwen2_vl": {"model": "Qwen/Qwen2-VL-2B-Instruct", "image_size": 448},  # dynamic size; 448 = 16x16 tokens
+}
+
+
+def device_and_dtype(cfg: VLMCaptionConfig, gpu_dtype: str = "float16"):
+    """`auto` resolves to `gpu_dtype` on CUDA, float32 on CPU."""
     import torch
 
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
-    if cfg.dtype == "auto":  # float16 rather than bfloat16: captioners were released and evaluated in fp16
-        return device, torch.float16 if device.type == "cuda" else torch.float32
+    if cfg.dtype == "auto":
+        return device, getattr(torch, gpu_dtype) if device.type == "cuda" else torch.float32
     return device, getattr(torch, cfg.dtype)
 
 
@@ -67,21 +83,54 @@ def _image_text_model_class():
     return getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
 
 
+def _looks_like_path(model: str) -> bool:
+    return model.startswith(("/", "./", "../", "~")) or Path(model).expanduser().exists()
+
+
 class Captioner:
     """Loads a family's processor + model once; `caption(frames) -> texts`, one per uint8 (H, W, 3) frame."""
 
     default_prompt: ClassVar[str | None] = None
+    # model_type values (config.json) this family knows how to prompt; None: any.
+    model_types: ClassVar[tuple[str, ...] | None] = None
+    # float16 rather than bfloat16: BLIP and Florence-2 were released and evaluated in fp16.
+    gpu_dtype: ClassVar[str] = "float16"
 
     def __init__(self, cfg: VLMCaptionConfig):
         import torch
-        from transformers import AutoProcessor
 
         self.cfg, self.torch = cfg, torch
-        self.device, self.dtype = device_and_dtype(cfg)
-        kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
-        self.processor = AutoProcessor.from_pretrained(cfg.model, **kwargs)
-        self.model = self.load_model(kwargs).to(self.device, self.dtype).eval()
+        self.device, self.dtype = device_and_dtype(cfg, self.gpu_dtype)
         self.prompt = cfg.prompt if cfg.prompt is not None else self.default_prompt
+        kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+        where = f"captioning.vlm.model={cfg.model!r} (family {cfg.family})"
+        if _looks_like_path(cfg.model) and not Path(cfg.model).expanduser().is_dir():
+            raise ValueError(f"{where}: no such directory")
+        try:
+            self.check_model_type(kwargs)
+            self.load_processor(kwargs)
+            model = self.load_model(kwargs)
+        except (OSError, ValueError) as e:  # transformers' messages name files, not our config key
+            raise ValueError(f"{where}: cannot load the captioner: {e}") from e
+        self.model = model.to(self.device, self.dtype).eval()
+        try:  # a prompt the processor refuses fails here once, not in every batch of the job
+            self.inputs([np.zeros((32, 32, 3), np.uint8)])
+        except ValueError as e:
+            raise ValueError(f"captioning.vlm.prompt={self.prompt!r} (family {cfg.family}): {e}") from e
+
+    def check_model_type(self, kwargs: dict) -> None:
+        from transformers import AutoConfig
+
+        if self.model_types is None:
+            return
+        model_type = AutoConfig.from_pretrained(self.cfg.model, **kwargs).model_type
+        if model_type not in self.model_types:
+            raise ValueError(f"a {model_type!r} model, but family {self.cfg.family} loads {list(self.model_types)}")
+
+    def load_processor(self, kwargs: dict) -> None:
+        from transformers import AutoProcessor
+
+        self.processor = AutoProcessor.from_pretrained(self.cfg.model, **kwargs)
 
     def load_model(self, kwargs: dict):
         return _image_text_model_class().from_pretrained(self.cfg.model, **kwargs)
@@ -104,7 +153,7 @@ class Captioner:
                 generated = self.model.generate(**inputs, max_new_tokens=self.cfg.max_new_tokens,
                                                 min_new_tokens=self.cfg.min_new_tokens or None,
                                                 num_beams=self.cfg.num_beams)
-            out += [str(t) for t in self.decode(generated, inputs)]
+            out += [str(t).strip() for t in self.decode(generated, inputs)]
         return out
 
 
@@ -113,27 +162,51 @@ class BlipCaptioner(Captioner):
 
 
 class Florence2Captioner(Captioner):
-    """Florence-2: the prompt is a task token; captions come back without it."""
+    """Florence-2 (transformers' native class, e.g. florence-community/Florence-2-base): the prompt is a task token,
+    which the processor expands to its question; the BART decoder's output holds only the caption (its
+    </s><s> wrapping is skipped as special tokens)."""
 
     default_prompt = "<MORE_DETAILED_CAPTION>"
+    model_types = ("florence2",)
+
+
+QWEN2_VL_PROMPT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                   "<|vision_start|><|image_pad|><|vision_end|>{prompt}<|im_end|>\n<|im_start|>assistant\n")
 
 
 class Qwen2VLCaptioner(Captioner):
-    """Qwen2-VL class chat models: one user turn (image + instruction); only the new tokens are decoded."""
+    """Qwen2-VL class chat models: one user turn (image + instruction); only the new tokens are decoded.
+
+    Loads the image processor and tokenizer rather than Qwen2VLProcessor: that processor also builds a video
+    processor, which needs torchvision, and frames need none of it. What it would add for images is done here:
+    each <|image_pad|> repeated once per merged patch, and `mm_token_type_ids` marking them for M-RoPE.
+    """
 
     default_prompt = "Describe this image in one sentence."
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    gpu_dtype = "bfloat16"  # released in bf16; fp16 overflows to "!!!!" output (transformers issue 33294)
+    image_token = "<|image_pad|>"
 
-    def __init__(self, cfg: VLMCaptionConfig):
-        super().__init__(cfg)
-        self.processor.tokenizer.padding_side = "left"  # decoder-only: new tokens must follow every prompt directly
+    def load_processor(self, kwargs: dict) -> None:
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model, **kwargs)
+        self.tokenizer.padding_side = "left"  # decoder-only: new tokens must follow every prompt directly
+        self.image_processor = AutoImageProcessor.from_pretrained(self.cfg.model, **kwargs)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt}]}]
+        self.text = (self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                     if self.tokenizer.chat_template else QWEN2_VL_PROMPT.format(prompt=self.prompt))
 
     def inputs(self, frames: list[np.ndarray]) -> dict:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt}]}]
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        return self.processor(images=frames, text=[text] * len(frames), return_tensors="pt", padding=True)
+        images = self.image_processor(images=frames, return_tensors="pt")
+        tokens = images["image_grid_thw"].prod(-1) // self.image_processor.merge_size**2
+        texts = [self.text.replace(self.image_token, self.image_token * int(n)) for n in tokens]
+        text = self.tokenizer(texts, return_tensors="pt", padding=True)
+        return {**text, **images, "mm_token_type_ids": (text["input_ids"] == self.image_token_id).long()}
 
     def decode(self, generated, inputs) -> list[str]:
-        return self.processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        return self.tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 CAPTIONERS: dict[str, type[Captioner]] = {"blip": BlipCaptioner, "florence2": Florence2Captioner,
