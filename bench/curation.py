@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,7 +51,8 @@ def make_config(corpus: Path, models: tuple[str, str], args):
         "name": "bench", "input_dir": str(corpus), "samples_per_shard": args.per_shard,
         "aesthetic": {"enabled": True, "clip_model": models[0], "head": models[1]},
         "nsfw": {"enabled": extra_installed()},
-        "clips": {"enabled": args.split_clips},
+        "clips": {"enabled": args.split_clips}, "fusion": {"pool": args.pool},
+        "image_size": args.bucket_size, "video_frames": args.bucket_frames,
     })
 
 
@@ -72,7 +75,7 @@ def loop(cfg, out: Path) -> tuple[float, int, float]:
     from latentforge.pipelines.stages.dedup import find_duplicates
     from latentforge.pipelines.stages.write_shards import write_shard_group
 
-    start = time.perf_counter()
+    start, cpu, busy = time.perf_counter(), time.process_time(), busy_cores()
     inputs = discover(cfg.input_dir, cfg.samples_per_shard)
     scanned = [r for b in run_stages(curate.SCAN_STAGES, [batch_of(inputs)], cfg) for r in rows_of(b)]
     hashes = [{k: r[k] for k in curate.HASH_COLUMNS} for r in scanned]
@@ -89,15 +92,32 @@ def loop(cfg, out: Path) -> tuple[float, int, float]:
                                         curate.config_hash(cfg)))
     result = curate.write_dataset(meta, inputs, cfg, out)
     elapsed = time.perf_counter() - start
+    print(f"loop: CPU {time.process_time() - cpu:.1f} s in {elapsed:.1f} s, machine "
+          f"{machine_busy(busy, os.cpu_count()):.2f} cores busy on average", file=sys.stderr)
     video_s = sum(float(r["duration_s"]) for r in scanned if r["modality"] == "video" and r["status"] == "ok")
     return elapsed, result.samples, video_s
+
+
+def busy_cores() -> tuple[float, float]:
+    """(busy, total) jiffies of the whole machine from /proc/stat: every process, Ray's included."""
+    fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def machine_busy(before: tuple[float, float], cores: int) -> float:
+    """Average busy cores since `before`."""
+    busy, total = busy_cores()
+    return cores * (busy - before[0]) / max(total - before[1], 1.0)
 
 
 def pipeline(cfg, out: Path) -> tuple[float, int]:
     from latentforge.pipelines.curate import run_curation
 
-    start = time.perf_counter()
+    start, cpu, busy = time.perf_counter(), time.process_time(), busy_cores()
     result = run_curation(cfg, out)
+    print(f"pipeline: driver CPU {time.process_time() - cpu:.1f} s, machine {machine_busy(busy, os.cpu_count()):.2f} "
+          f"cores busy on average", file=sys.stderr)
     return time.perf_counter() - start, result.samples
 
 
@@ -110,6 +130,16 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray (quickstart: 4 on 2 cores)")
     parser.add_argument("--split-clips", action="store_true", help="also split videos into clips")
     parser.add_argument("--order", choices=["loop-first", "pipeline-first"], default="loop-first")
+    parser.add_argument("--pool", type=int, default=None, help="actors of the fused CPU chain (default: fill the CPUs)")
+    parser.add_argument("--only", choices=["loop", "pipeline"], help="run one side (for profiling; no ratio)")
+    media = parser.add_argument_group("media sizes (the demo corpus's defaults are tiny: per-sample work then "
+                                      "vanishes beside fixed costs)")
+    media.add_argument("--media-size", type=int, default=64, help="side of generated images and video frames")
+    media.add_argument("--video-frames", type=int, default=16)
+    media.add_argument("--video-fps", type=int, default=8)
+    media.add_argument("--audio-seconds", type=float, default=1.0)
+    media.add_argument("--bucket-size", type=int, default=32, help="curation image_size (the latent bucket side)")
+    media.add_argument("--bucket-frames", type=int, default=4, help="curation video_frames (frames per clip)")
     args = parser.parse_args()
     import ray
     import torch
@@ -118,8 +148,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        generate_demo_corpus(tmp / "corpus", DemoCorpusSpec(num_images=args.images, num_videos=args.videos,
-                                                            num_audio=args.audio))
+        generate_demo_corpus(tmp / "corpus", DemoCorpusSpec(
+            num_images=args.images, num_videos=args.videos, num_audio=args.audio, image_size=args.media_size,
+            video_frames=args.video_frames, video_fps=args.video_fps, audio_seconds=args.audio_seconds))
         cfg = make_config(tmp / "corpus", make_aesthetic_models(tmp), args)
         # address="local": a new cluster of our own, even when another one is running on this machine
         ray.init(address="local", num_cpus=args.cpus, object_store_memory=1024 * 2**20, include_dashboard=False,
@@ -129,12 +160,16 @@ def main() -> None:
         DataContext.get_current().enable_progress_bars = False
         torch.set_num_threads(max(1, torch.get_num_threads()))
         runs = {}
-        for side in (["loop", "pipeline"] if args.order == "loop-first" else ["pipeline", "loop"]):
+        sides = ["loop", "pipeline"] if args.order == "loop-first" else ["pipeline", "loop"]
+        for side in ([args.only] if args.only else sides):
             if side == "loop":
                 runs["loop"] = loop(cfg, tmp / "loop_out")
             else:
                 runs["pipeline"] = pipeline(cfg, tmp / "pipe_out")
         ray.shutdown()
+    if args.only:
+        print(json.dumps({args.only: runs[args.only]}))
+        return
     (loop_s, samples, video_s), (pipe_s, pipe_samples) = runs["loop"], runs["pipeline"]
     assert pipe_samples == samples, (pipe_samples, samples)
     print(json.dumps({

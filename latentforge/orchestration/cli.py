@@ -57,7 +57,7 @@ def curate(config: ConfigArg, set_: SetOpt = None,
     """Run the curation job only (its own MLflow run)."""
     cfg = _load(config, set_)
     if dry_run:
-        _print_stage_graph(cfg.curation)
+        _print_stage_graph(cfg)
         return
     _execute(cfg, do_curate=True, do_train=False, address=address)
 
@@ -199,14 +199,22 @@ def submit(
     raise typer.Exit(0 if status == "SUCCEEDED" else 1)
 
 
-def _print_stage_graph(cur) -> None:
+def _print_stage_graph(cfg) -> None:
+    from latentforge.orchestration.cluster import local_cpus
     from latentforge.pipelines.curate import stage_graph
 
-    table = Table(title=f"curation {cur.name}: {cur.input_dir} -> {cur.output_dir}")
-    for column in ("stage", "num_cpus", "num_gpus", "batch_size", "pool"):
+    cur = cfg.curation
+    # Sized for the local Ray this config starts; on a cluster, CPU pools grow to its CPUs.
+    cpus = local_cpus(cfg.ray)
+    table = Table(title=f"curation {cur.name}: {cur.input_dir} -> {cur.output_dir}",
+                  caption=f"one row per Ray Data map; CPU pools sized for {cpus} CPUs (a local Ray)")
+    for column in ("map", "stages", "runs as", "num_cpus", "num_gpus", "batch_size", "pool"):
         table.add_column(column)
-    for row in stage_graph(cur):
-        table.add_row(*(str(row[c]) for c in ("stage", "num_cpus", "num_gpus", "batch_size", "pool")))
+    for row in stage_graph(cur, cpus):
+        runs_as = "actors" if row["actors"] else ("driver" if not row["stages"] else "tasks")
+        table.add_row(str(len(table.rows) + 1), "\n".join(row["stages"]) or row["stage"], runs_as,
+                      *(f"{row[c]:g}" for c in ("num_cpus", "num_gpus", "batch_size")),
+                      str(row["pool"]) if row["actors"] else "-")
     console.print(table)
 
 

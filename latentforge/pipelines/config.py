@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import Field
 
@@ -28,6 +29,16 @@ class FilterConfig(Strict):
     min_duration_s: float = Field(0.25, ge=0, description="shortest accepted audio/video duration (s)")
     min_sample_rate: int = Field(16000, ge=1, description="lowest accepted audio sample rate (Hz)")
     max_pixels: int = Field(64_000_000, ge=1, description="larger images are refused as decompression bombs")
+
+
+class FusionConfig(Strict):
+    """How stages become Ray Data maps. Ray Data never fuses two actor maps, so by default consecutive stages
+    asking for the same GPUs run as one chain per actor: each actor loads the chain's models once and batches
+    pass from stage to stage in memory. Off: one actor pool (or task map) per stage, as declared."""
+
+    enabled: bool = Field(True, description="fuse consecutive stages with the same GPU request into one map")
+    pool: int | None = Field(None, ge=1, description=(
+        "actors of each CPU-only map; default: its share of the cluster's CPUs beside the GPU pools"))
 
 
 class CurationConfig(Strict):
@@ -62,6 +73,10 @@ class CurationConfig(Strict):
     resources: dict[str, StageResources] = Field(
         default_factory=dict, description="per-stage overrides of declared resources, by stage name"
     )
+    fusion: FusionConfig = FusionConfig()
+
+    # How the job runs, not what it produces: left out of the config hash, so a resumed job may change them.
+    EXECUTION_FIELDS: ClassVar[frozenset[str]] = frozenset({"resources", "fusion"})
 
     def bucket_table(self) -> list[Bucket]:
         return self.buckets or [Bucket(height=self.image_size, width=self.image_size, frames=self.video_frames)]

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from latentforge.datasets.shards import load_npy
 from latentforge.pipelines.config import CurationConfig
 from latentforge.pipelines.discover import discover, orphan_captions
 from latentforge.pipelines.resume import done_groups
-from latentforge.pipelines.stage import Stage, apply_stage, cpu_scale, stage_resources
+from latentforge.pipelines.stage import Segment, Stage, apply_segment, batch_of, cpu_scale, rows_of, segments
 from latentforge.pipelines.stages.caption_audio import CaptionAudio
 from latentforge.pipelines.stages.caption_prep import CaptionPrep
 from latentforge.pipelines.stages.caption_select import CaptionSelect
@@ -71,7 +72,8 @@ class CurationResult:
 
 
 def config_hash(cfg: CurationConfig) -> str:
-    return hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]
+    """What the job produces depends on: the config less how it runs (resources, fusion)."""
+    return hashlib.sha256(cfg.model_dump_json(exclude=set(cfg.EXECUTION_FIELDS)).encode()).hexdigest()[:16]
 
 
 def active_stages(stages: tuple[type[Stage], ...], cfg: CurationConfig) -> tuple[type[Stage], ...]:
@@ -80,11 +82,17 @@ def active_stages(stages: tuple[type[Stage], ...], cfg: CurationConfig) -> tuple
     return tuple(s for s in stages if getattr(s, "enabled", lambda _cfg: True)(cfg))
 
 
-def stage_graph(cfg: CurationConfig) -> list[dict]:
-    """The stage chain with each stage's resources, as it will be handed to Ray Data."""
-    rows = [{"stage": s.name, **stage_resources(s, cfg).model_dump()} for s in SCAN_STAGES]
-    rows.append({"stage": "dedup (global, on the driver)", "num_cpus": 0, "num_gpus": 0, "batch_size": 0, "pool": 0})
-    return rows + [{"stage": s.name, **stage_resources(s, cfg).model_dump()} for s in active_stages(STAGES, cfg)]
+def stage_graph(cfg: CurationConfig, cluster_cpus: float | None = None) -> list[dict]:
+    """The Ray Data maps, in order, with each one's stages and resources, as they will be handed to Ray Data
+    (`cluster_cpus`: size fused CPU pools for a cluster of that many CPUs)."""
+    def rows(parts: list[Segment]) -> list[dict]:
+        return [{"stage": p.name, "stages": [s.name for s in p.stages], "actors": p.holds_state,
+                 **p.resources.model_dump()} for p in parts]
+
+    dedup_row = {"stage": "dedup (global, on the driver)", "stages": [], "actors": False, "num_cpus": 0,
+                 "num_gpus": 0, "batch_size": 0, "pool": 0}
+    return (rows(segments(SCAN_STAGES, cfg, cluster_cpus)) + [dedup_row]
+            + rows(segments(active_stages(STAGES, cfg), cfg, cluster_cpus)))
 
 
 def scan(rows: list[dict], cfg: CurationConfig):
@@ -92,27 +100,32 @@ def scan(rows: list[dict], cfg: CurationConfig):
     import ray.data
 
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), len(rows) // 8)))
-    factor = fit_to_cluster(SCAN_STAGES, cfg)
-    for stage in SCAN_STAGES:
-        ds = apply_stage(ds, stage, cfg, factor, storage.ray_remote_args(cfg.input_dir))
-    return ds.materialize()
+    return map_stages(ds, SCAN_STAGES, cfg, storage.ray_remote_args(cfg.input_dir)).materialize()
 
 
-def fit_to_cluster(stages: tuple[type[Stage], ...], cfg: CurationConfig) -> float:
-    import logging
-
+def map_stages(ds, stages: tuple[type[Stage], ...], cfg: CurationConfig, remote: dict,
+               prelude: tuple[Callable, dict] | None = None):
+    """The stages as Ray Data maps (fused into chains as `cfg.fusion` says), sized to the connected cluster;
+    `prelude` runs in the first map's workers (see apply_segment)."""
     import ray
 
-    factor = cpu_scale(stages, cfg, ray.cluster_resources().get("CPU", 1.0))
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    parts = segments(stages, cfg, cpus)
+    factor = cpu_scale(parts, cpus)
     if factor < 1.0:
         logging.getLogger(__name__).warning(
             "stage actor pools ask for more CPUs than the cluster has; scaling their CPU requests by %.2f "
-            "(set curation.resources to choose yourself)", factor)
-    return factor
+            "(set curation.resources / curation.fusion.pool to choose yourself)", factor)
+    if not parts and prelude is not None:
+        return ds.map_batches(prelude[0], fn_kwargs=prelude[1], batch_format="numpy", **remote)
+    for i, part in enumerate(parts):
+        ds = apply_segment(ds, part, cfg, factor, remote, prelude if i == 0 else None)
+    return ds
 
 
-def dedup(ds, cfg: CurationConfig, done: list[dict] = ()):
+def dedup(ds, cfg: CurationConfig, done: list[dict] = ()) -> tuple[Callable, dict]:
     """Exact and near duplicates across the whole corpus (needs every hash at once, so it runs here).
+    Returns the marking as (function, keywords), for the first map after it to run on its batches.
 
     `done`: metadata rows of groups finished by an earlier run; they vote as they did then, so a resumed job
     picks the same representatives as an uninterrupted one.
@@ -121,8 +134,7 @@ def dedup(ds, cfg: CurationConfig, done: list[dict] = ()):
     dups = find_duplicates(hashes, cfg.dedup) if cfg.dedup.enabled else {}
     where = {h["id"]: h["relpath"] for h in hashes}
     notes = {d: f"{kind} duplicate of {where[rep]} ({rep})" for d, (rep, kind) in dups.items()}
-    return ds.map_batches(mark_and_explain, fn_kwargs={"dups": dups, "notes": notes}, batch_format="numpy",
-                          num_cpus=0.1)
+    return mark_and_explain, {"dups": dups, "notes": notes}
 
 
 def hashes_as_at_dedup(row: dict) -> dict:
@@ -140,18 +152,57 @@ def mark_and_explain(batch: dict, dups: dict, notes: dict) -> dict:
     return out
 
 
-def build_pipeline(rows: list[dict], cfg: CurationConfig, shard_dir: Path, done: list[dict] = ()):
-    ds = dedup(scan(rows, cfg), cfg, done)
-    stages = active_stages(STAGES, cfg)
-    factor = fit_to_cluster(stages, cfg)
-    remote = storage.ray_remote_args(cfg.input_dir, shard_dir)  # object-store settings for the workers
-    for stage in stages:
-        ds = apply_stage(ds, stage, cfg, factor, remote)
-    num_shards = rows[-1]["shard"] + 1
-    return ds.groupby("shard", num_partitions=num_shards).map_groups(
-        write_shard_group, fn_kwargs={"shard_dir": str(shard_dir), "max_bytes": int(cfg.max_shard_mb * 2**20),
-                                      "config_hash": config_hash(cfg)},
-        batch_format="numpy", num_cpus=0.25, **remote)
+def build_pipeline(rows: list[dict], cfg: CurationConfig, shard_dir: Path | str, done: list[dict] = ()):
+    """The dataset of finished rows (latents included), not yet executed: scan, dedup, then the stages."""
+    ds = scan(rows, cfg)
+    marking = dedup(ds, cfg, done)
+    return map_stages(ds, active_stages(STAGES, cfg), cfg, storage.ray_remote_args(cfg.input_dir, shard_dir), marking)
+
+
+def write_groups(ds, rows: list[dict], cfg: CurationConfig, shard_dir: Path | str, in_flight: int = 2) -> list[dict]:
+    """Stream the pipeline's rows and write each shard group as soon as all its rows are in; returns the
+    groups' metadata rows (latents left in the tars).
+
+    Each group is written by a Ray task while the pipeline goes on, so the first groups are on disk (with
+    their done-markers, for resume) long before the last input is decoded. Not `groupby("shard")`: that is a
+    hash shuffle, a barrier after the last stage (nothing written until everything is encoded) whose
+    aggregator actors cost seconds to start on a small machine.
+
+    A group is complete when each of its inputs has sent `source_rows` rows (its clips, or one row).
+    """
+    import ray
+
+    write = ray.remote(write_shard_group).options(num_cpus=0.25, **storage.ray_remote_args(shard_dir))
+    kwargs = {"shard_dir": str(shard_dir), "max_bytes": int(cfg.max_shard_mb * 2**20),
+              "config_hash": config_hash(cfg)}
+    inputs = Counter(int(r["shard"]) for r in rows)  # inputs per group
+    pending: dict[int, list[dict]] = {}
+    rows_left: dict[int, dict[str, int]] = {}  # group -> source id -> rows still to come
+    finished: Counter = Counter()  # group -> inputs whose rows are all in
+    futures, meta = [], []
+
+    def drain(keep: int) -> None:
+        nonlocal futures
+        while len(futures) > keep:
+            ready, futures = ray.wait(futures, num_returns=1)
+            meta.extend(rows_of(ray.get(ready[0])))
+
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for row in rows_of(batch):
+            group, source = int(row["shard"]), str(row["source_id"])
+            pending.setdefault(group, []).append(row)
+            left = rows_left.setdefault(group, {})
+            left[source] = left.get(source, int(row["source_rows"])) - 1
+            if left[source] == 0:
+                finished[group] += 1
+                if finished[group] == inputs[group]:
+                    futures.append(write.remote(batch_of(pending.pop(group)), **kwargs))
+                    drain(in_flight)
+    if pending:  # a group that never completed (source_rows disagreed): written with what came, then checked
+        for group in sorted(pending):
+            futures.append(write.remote(batch_of(pending.pop(group)), **kwargs))
+    drain(0)
+    return meta
 
 
 def run_curation(cfg: CurationConfig, dataset_dir: Path | str) -> CurationResult:
@@ -170,7 +221,7 @@ def run_curation(cfg: CurationConfig, dataset_dir: Path | str) -> CurationResult
     if done:
         logging.getLogger(__name__).warning("resuming: %d of %d shard groups already done, %d inputs to go",
                                             len(done), rows[-1]["shard"] + 1, len(pending))
-    meta = build_pipeline(pending, cfg, shard_dir, finished).take_all() if pending else []
+    meta = write_groups(build_pipeline(pending, cfg, shard_dir, finished), pending, cfg, shard_dir) if pending else []
     return write_dataset(finished + meta, rows, cfg, dataset_dir)
 
 

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+import dataclasses
+import os
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -153,13 +157,134 @@ def stage_resources(stage_cls: type[Stage], cfg: CurationConfig) -> StageResourc
     return cfg.resources.get(stage_cls.name, stage_cls.resources)
 
 
-def cpu_scale(stages: tuple[type[Stage], ...], cfg: CurationConfig, available: float, reserve: float = 0.5) -> float:
-    """1.0 when the stages' actor pools fit in `available` CPUs, else the factor that makes them fit.
+def worker_threads() -> int | None:
+    """Threads a stage's native libraries (torch, OpenCV, onnxruntime) should use: the CPUs Ray granted this
+    worker, which Ray exports as OMP_NUM_THREADS; None outside a Ray worker (the libraries' own defaults).
+
+    Each library otherwise starts one thread per core in every actor, and onnxruntime's threads spin while
+    they wait: three actors on two cores then spend most of their time fighting over them."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def limit_threads() -> None:
+    """Hold torch and OpenCV, where the stages imported them, to `worker_threads()` (onnxruntime sessions
+    take it when they are created)."""
+    threads = worker_threads()
+    if threads is None:
+        return
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    if "cv2" in sys.modules:
+        sys.modules["cv2"].setNumThreads(threads)
+
+
+class StageChain:
+    """Several stages run one after another in one process, batch by batch.
+
+    Ray Data fuses a task map into the next map, but never two actor maps (its operator fusion refuses
+    actor -> actor), so without this every stage that loads a model is an actor pool of its own: a process per
+    actor that starts Python, imports torch and loads its model before its first batch, and a hop through the
+    object store between every two stages. On a small machine those fixed costs outweigh the work. A chain
+    loads each of its stages once per actor and hands batches from stage to stage in memory.
+    """
+
+    stages: ClassVar[tuple[type[Stage], ...]] = ()
+    name: ClassVar[str] = ""
+
+    def __init__(self, cfg: CurationConfig):
+        self.parts = [stage_cls(cfg) for stage_cls in self.stages]
+        self.sizes = [stage_resources(stage_cls, cfg).batch_size for stage_cls in self.stages]
+        limit_threads()
+
+    def __call__(self, batch: Batch) -> Batch:
+        for part, size in zip(self.parts, self.sizes):
+            batch = in_slices(part, batch, size)
+        return batch
+
+
+def in_slices(stage: Callable[[Batch], Batch], batch: Batch, size: int) -> Batch:
+    """`stage` over `batch` in slices of at most `size` rows (its declared batch size), joined again."""
+    n = len(next(iter(batch.values()))) if batch else 0
+    if n <= size:
+        return stage(batch)
+    outs = [stage({k: v[i:i + size] for k, v in batch.items()}) for i in range(0, n, size)]
+    return {k: _joined([out[k] for out in outs]) for k in outs[0]}
+
+
+def _joined(parts: list) -> np.ndarray:
+    """Slices of one column end to end: typed arrays of one dtype and row shape stay typed."""
+    typed = all(isinstance(p, np.ndarray) and p.dtype != object for p in parts)
+    if typed and len({(p.dtype, p.shape[1:]) for p in parts}) == 1:
+        return np.concatenate(parts)
+    return _column([x for part in parts for x in part])
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """Consecutive stages that run as one Ray Data map (one stage alone, or a StageChain)."""
+
+    stages: tuple[type[Stage], ...]
+    resources: StageResources
+
+    @property
+    def name(self) -> str:
+        return "+".join(s.name for s in self.stages)
+
+    @property
+    def holds_state(self) -> bool:
+        return any(holds_state(s) for s in self.stages)
+
+    def callable(self) -> type:
+        """The StageChain class Ray Data constructs per actor (or per task batch), named after its stages so
+        the plan and progress bars say what runs."""
+        title = "+".join(s.__name__ for s in self.stages)
+        return type(title, (StageChain,), {"stages": self.stages, "name": self.name, "__qualname__": title})
+
+
+def segments(stages: tuple[type[Stage], ...], cfg: CurationConfig, cluster_cpus: float | None = None,
+             reserve: float = 0.5) -> list[Segment]:
+    """The stages as Ray Data maps. With `cfg.fusion.enabled`, consecutive stages asking for the same GPUs
+    (the CPU-only ones together; a GPU captioner apart from the CPU work around it, so the GPU never waits on
+    decoding) become one chain asking for the most CPUs / GPUs and the largest batch of its members (each member
+    still sees batches of its own size: see StageChain).
+
+    With fusion, each CPU-only map with actors gets `cfg.fusion.pool` actors, or its share of what
+    `cluster_cpus` hold beside the GPU pools and `reserve` (at least its declared pool). GPU maps keep their
+    largest member pool. Without fusion every stage keeps its declared resources."""
+    groups: list[list[type[Stage]]] = []
+    for stage_cls in stages:
+        gpus = stage_resources(stage_cls, cfg).num_gpus
+        if cfg.fusion.enabled and groups and stage_resources(groups[-1][-1], cfg).num_gpus == gpus:
+            groups[-1].append(stage_cls)
+        else:
+            groups.append([stage_cls])
+    out = []
+    for group in groups:
+        res = [stage_resources(s, cfg) for s in group]
+        out.append(Segment(tuple(group), res[0] if len(group) == 1 else StageResources(
+            num_cpus=max(r.num_cpus for r in res), num_gpus=res[0].num_gpus,
+            batch_size=max(r.batch_size for r in res), pool=max(r.pool for r in res))))
+    filling = [i for i, p in enumerate(out) if p.holds_state and not p.resources.num_gpus]
+    if not cfg.fusion.enabled or (cluster_cpus is None and cfg.fusion.pool is None):
+        return out
+    others = sum(p.resources.num_cpus * p.resources.pool for i, p in enumerate(out)
+                 if p.holds_state and i not in filling)
+    for i in filling:
+        res = out[i].resources
+        fill = int(max(0.0, (cluster_cpus or 0.0) - reserve - others) / len(filling) // res.num_cpus)
+        pool = cfg.fusion.pool or max(res.pool, fill)
+        out[i] = dataclasses.replace(out[i], resources=res.model_copy(update={"pool": pool}))
+    return out
+
+
+def cpu_scale(parts: list[Segment], available: float, reserve: float = 0.5) -> float:
+    """1.0 when the segments' actor pools fit in `available` CPUs, else the factor that makes them fit.
 
     Every actor pool of a streaming pipeline lives at once; pools that ask for more CPUs than the cluster has
     leave a stage's actors pending forever (a deadlock, not a slowdown). `reserve` keeps room for tasks.
     """
-    demand = sum(stage_resources(s, cfg).num_cpus * stage_resources(s, cfg).pool for s in stages)
+    demand = sum(p.resources.num_cpus * p.resources.pool for p in parts if p.holds_state)
     return min(1.0, max(available - reserve, 0.1) / demand) if demand else 1.0
 
 
@@ -168,34 +293,47 @@ def holds_state(stage_cls: type[Stage]) -> bool:
     return stage_cls.__init__ is not Stage.__init__
 
 
-def stateless_task(stage_cls: type[Stage]) -> Callable[[Batch, CurationConfig], Batch]:
-    """A function running one batch through a stage that holds no state (constructing it costs nothing),
-    named after the stage so Ray Data's plan and progress bars show which stage it is."""
-    def run(batch: Batch, cfg: CurationConfig) -> Batch:
-        return stage_cls(cfg)(batch)
+def stateless_task(segment: Segment) -> Callable[[Batch, CurationConfig], Batch]:
+    """A function running one batch through stages that hold no state (constructing them costs nothing),
+    named after them so Ray Data's plan and progress bars show which stages run."""
+    chain = segment.callable()
 
-    run.__name__ = run.__qualname__ = stage_cls.__name__
+    def run(batch: Batch, cfg: CurationConfig) -> Batch:
+        return chain(cfg)(batch)
+
+    run.__name__ = run.__qualname__ = chain.__name__
     return run
 
 
-def apply_stage(ds, stage_cls: type[Stage], cfg: CurationConfig, cpu_factor: float = 1.0,
-                remote_args: dict | None = None):
-    """Map a Stage onto a Ray Dataset: declared resources become `map_batches` keywords one-to-one
-    (CPUs times `cpu_factor`, which is below 1 only when the whole pipeline would not fit the cluster).
+def apply_segment(ds, segment: Segment, cfg: CurationConfig, cpu_factor: float = 1.0,
+                  remote_args: dict | None = None, prelude: tuple[Callable, dict] | None = None):
+    """Map a Segment onto a Ray Dataset: its resources become `map_batches` keywords one-to-one (CPUs times
+    `cpu_factor`, which is below 1 only when the whole pipeline would not fit the cluster).
     `remote_args`: extra Ray keywords, e.g. the storage runtime_env when inputs are at a URI.
 
-    A stage with state runs in an actor pool of `pool` actors. One without (it keeps `Stage.__init__`) runs
+    Stages with state run in an actor pool of `pool` actors. Stages without (each keeps `Stage.__init__`) run
     as Ray tasks: every actor is a process of its own that starts and imports its libraries before the first
     batch (seconds each on a small machine), while tasks share pooled worker processes, and Ray Data fuses
     a task map into the next map when their resources match (task -> task, task -> actor; never actor ->
     actor), so such a stage also skips a hop through the object store. `pool` does not apply to it.
+
+    `prelude`: (function, keyword arguments) mapped over each batch just before the segment, with the same
+    resources, so Ray Data fuses it into the segment's tasks or actors instead of starting workers of its own.
     """
     from ray.data import ActorPoolStrategy
 
-    res = stage_resources(stage_cls, cfg)
+    res = segment.resources
     keywords = dict(num_cpus=res.num_cpus * cpu_factor, num_gpus=res.num_gpus or None, batch_size=res.batch_size,
                     batch_format="numpy", **(remote_args or {}))
-    if not holds_state(stage_cls):
-        return ds.map_batches(stateless_task(stage_cls), fn_kwargs={"cfg": cfg}, **keywords)
-    return ds.map_batches(stage_cls, fn_constructor_args=(cfg,), compute=ActorPoolStrategy(size=res.pool),
+    if prelude is not None:
+        ds = ds.map_batches(prelude[0], fn_kwargs=prelude[1], **keywords)
+    if not segment.holds_state:
+        return ds.map_batches(stateless_task(segment), fn_kwargs={"cfg": cfg}, **keywords)
+    return ds.map_batches(segment.callable(), fn_constructor_args=(cfg,), compute=ActorPoolStrategy(size=res.pool),
                           **keywords)
+
+
+def apply_stage(ds, stage_cls: type[Stage], cfg: CurationConfig, cpu_factor: float = 1.0,
+                remote_args: dict | None = None):
+    """One stage alone as a Ray Data map (see apply_segment)."""
+    return apply_segment(ds, Segment((stage_cls,), stage_resources(stage_cls, cfg)), cfg, cpu_factor, remote_args)

@@ -319,10 +319,14 @@ def test_cli_curate_dry_run_prints_every_stage(runner: CliRunner, tmp_path: Path
 
 def test_cli_curate_dry_run_shows_resource_overrides(runner: CliRunner) -> None:
     result = runner.invoke(app, ["curate", str(QUICKSTART), "--dry-run",
-                                 "--set", "curation.resources={probe: {num_cpus: 3.5, pool: 7}}"], terminal_width=200)
+                                 "--set", "curation.resources={probe: {num_cpus: 3.5}, "
+                                 "encode_text: {num_cpus: 2.5, num_gpus: 1, pool: 7}}"], terminal_width=200)
     assert result.exit_code == 0, result.output
     probe_line = next(line for line in result.output.splitlines() if "probe" in line)
-    assert "3.5" in probe_line and "7" in probe_line
+    assert "3.5" in probe_line and "tasks" in probe_line  # the scan chain asks for its largest member's CPUs
+    # A stage on a GPU is a map of its own, with its own resources, apart from the fused CPU stages.
+    text_line = next(line for line in result.output.splitlines() if "encode_text" in line)
+    assert all(f" {v} " in text_line for v in ("2.5", "1", "7", "actors")), text_line
 
 
 def test_cli_train_without_training_section_exits_2(runner: CliRunner, tmp_path: Path) -> None:

@@ -152,7 +152,8 @@ def test_config_needs_a_head_when_enabled_and_resources_come_from_config() -> No
         next(s for s in STAGES if s.name == "filter_text_area")) + 1
     cfg = CurationConfig.model_validate({"aesthetic": {"enabled": True, "head": "some/head"},
                                          "resources": {"score_aesthetic": {"num_gpus": 1, "batch_size": 64}}})
-    row = next(r for r in stage_graph(cfg) if r["stage"] == "score_aesthetic")
+    row = next(r for r in stage_graph(cfg) if "score_aesthetic" in r["stages"])
+    assert row["stages"] == ["score_aesthetic"]  # on a GPU: a map of its own, apart from the CPU stages
     assert (row["num_gpus"], row["batch_size"]) == (1, 64)
     assert ScoreAesthetic.enabled(cfg) and not ScoreAesthetic.enabled(CurationConfig())  # off: no actor pool
 

@@ -13,6 +13,7 @@ import torch
 
 from latentforge.datasets.encoders.base import AudioEncoder, PixelEncoder, config_hash
 from latentforge.datasets.encoders.config import AutoencoderKLConfig, OobleckConfig, PretrainedRef, VideoVAEConfig
+from latentforge.datasets.encoders.devices import resolve_device, resolve_dtype
 
 MAX_CHUNK_FRAMES = 16  # frames (or waveforms) per VAE call, to bound activation memory
 VIDEO_VAE_CLASSES = {"ltx_video": "AutoencoderKLLTXVideo", "wan": "AutoencoderKLWan",
@@ -55,18 +56,6 @@ class LatentNorm:
         if self.mean is not None:
             d.update(latents_mean=list(self.mean), latents_std=list(self.std))
         return d
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)
 
 
 class PretrainedVAE:

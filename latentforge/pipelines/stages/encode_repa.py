@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from latentforge.datasets import media
-from latentforge.datasets.encoders.pretrained import resolve_device, resolve_dtype
+from latentforge.datasets.encoders.devices import resolve_device, resolve_dtype
 from latentforge.datasets.shards import npy_bytes
 from latentforge.pipelines.resources import StageResources
 from latentforge.pipelines.stage import Reject, Stage

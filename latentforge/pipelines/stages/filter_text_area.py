@@ -12,7 +12,7 @@ import numpy as np
 from pydantic import Field
 
 from latentforge.pipelines.resources import StageResources, Strict
-from latentforge.pipelines.stage import Stage
+from latentforge.pipelines.stage import Stage, worker_threads
 from latentforge.pipelines.stages.filter_sharpness import VISUAL, decode_still
 
 
@@ -36,6 +36,8 @@ def load_text_detector(size: int):
     det = dict(update_model_path(read_yaml(str(DEFAULT_CFG_PATH)))["Det"])
     # The package default upsamples so the *shorter* side is >= 736 px; we score at a fixed working size.
     det.update(limit_side_len=size, limit_type="max", use_cuda=False, use_dml=False)
+    # In a Ray worker, as many onnxruntime threads as CPUs granted (else one per core, spinning, per actor).
+    det.update(intra_op_num_threads=worker_threads() or -1, inter_op_num_threads=1 if worker_threads() else -1)
     return TextDetector(det)
 
 

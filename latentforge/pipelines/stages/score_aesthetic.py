@@ -109,7 +109,7 @@ class AestheticScorer:
         import torch
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-        from latentforge.datasets.encoders.pretrained import resolve_device, resolve_dtype
+        from latentforge.datasets.encoders.devices import resolve_device, resolve_dtype
 
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)

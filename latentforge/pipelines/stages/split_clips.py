@@ -23,7 +23,10 @@ from latentforge.pipelines.stage import Batch, Stage, rows_of, staged
 
 T = TypeVar("T")
 
-CLIP_COLUMNS: dict[str, Any] = {"clip_start_s": 0.0, "clip_end_s": 0.0, "clip_index": -1, "source_id": ""}
+# source_rows: how many rows the source input became (its clips, or 1), so a consumer of the stream knows when
+# every row of an input has arrived.
+CLIP_COLUMNS: dict[str, Any] = {"clip_start_s": 0.0, "clip_end_s": 0.0, "clip_index": -1, "source_id": "",
+                                "source_rows": 1}
 _DECODE_CHUNK = 64  # frames per decord batch: bounds memory when decoding at full resolution
 _HUE_BINS, _VALUE_BINS = 12, 16
 
@@ -257,7 +260,7 @@ class SplitClips(Stage):
 
     def expand(self, row: dict) -> list[dict]:
         whole = {**row, "clip_start_s": 0.0, "clip_end_s": float(row.get("duration_s", 0.0) or 0.0),
-                 "clip_index": -1, "source_id": row["id"]}
+                 "clip_index": -1, "source_id": row["id"], "source_rows": 1}
         if not self.cfg.clips.enabled or row["status"] != "ok" or row.get("modality") != "video":
             return [whole]
         try:
@@ -272,7 +275,7 @@ class SplitClips(Stage):
             return [{**whole, "status": "filtered", "reason": "no_clip_long_enough", "stage": self.name,
                      "message": f"no shot or piece reaches {self.cfg.clips.min_seconds:g}s"}]
         return [{**row, "id": f"{row['id']}c{i:03d}", "clip_start_s": float(a), "clip_end_s": float(b),
-                 "clip_index": i, "source_id": row["id"]} for i, (a, b) in enumerate(clips)]
+                 "clip_index": i, "source_id": row["id"], "source_rows": len(clips)} for i, (a, b) in enumerate(clips)]
 
     def clips_of(self, row: dict) -> list[tuple[float, float]]:
         duration = float(row.get("duration_s", 0.0) or 0.0)
