@@ -1,4 +1,5 @@
-"""Captions of audio rows from Whisper (transformers), batched, on 16 kHz mono waveforms CaptionPrep decoded.
+"""Captions of audio rows and videos' audio tracks from Whisper (transformers), batched, on 16 kHz mono waveforms
+CaptionPrep decoded.
 
 Whisper transcribes speech; on music or effects it says little (or hallucinates), so its text usually serves
 as a fallback behind sidecar captions in `captioning.prefer`, and cleaning drops what it cannot use.
@@ -71,7 +72,7 @@ class WhisperCaptioner:
 
 
 class CaptionAudio(Stage):
-    """Writes `caption_audio` for ok audio rows; a failed batch or empty text goes to `caption_error`."""
+    """Writes `caption_audio` for ok rows with a waveform (audio, videos with a track); failures: `caption_error`."""
 
     name = "caption_audio"
     resources = StageResources(num_cpus=1.0, num_gpus=0.0, batch_size=8, pool=1)

@@ -1,9 +1,10 @@
 """CPU preparation for the captioners: decode what they need into the row, so GPU actors never wait on decoding.
 
 Visual rows get `captioning.vlm.frames` evenly spaced frames of their clip (its [clip_start_s, clip_end_s) span
-from SplitClips; 1 frame for images) at the captioner's square input size; audio rows get a 16 kHz mono
-waveform. Both travel as npy bytes (a plain binary column, no Python objects in the blocks). A file that cannot
-be decoded here could not be encoded either, so it is rejected with the decoder's reason.
+from SplitClips; 1 frame for images) at the captioner's square input size; audio rows, and videos with an audio
+track (that clip's span of it), get a 16 kHz mono waveform. Both travel as npy bytes (a plain binary column, no
+Python objects in the blocks). A file that cannot be decoded here could not be encoded either, so it is rejected
+with the decoder's reason; a video's broken audio track only costs its transcript (noted in `caption_error`).
 """
 from __future__ import annotations
 
@@ -63,8 +64,20 @@ def decode_speech(row: dict, cfg: AudioCaptionConfig) -> np.ndarray:
     return resample_poly(mono, cfg.sample_rate // g, source // g).astype(np.float32)
 
 
+def decode_track(row: dict, cfg: AudioCaptionConfig, timeout_s: float) -> np.ndarray | None:
+    """A video's audio track over the row's clip span, at most cfg.max_seconds; None when the file has none."""
+    start, end = float(row.get("clip_start_s", 0.0) or 0.0), float(row.get("clip_end_s", 0.0) or 0.0)
+    if end <= start:  # no span known: the file from its start
+        end = start + cfg.max_seconds
+    return media.decode_video_audio(row["uri"], cfg.sample_rate, start, min(end, start + cfg.max_seconds),
+                                    timeout_s=timeout_s)
+
+
+TRACK_ERROR = "_caption_track_error"  # merged into caption_error by CaptionPrep itself
+
+
 class CaptionPrep(Stage):
-    """Adds `_caption_frames` (visual rows) and/or `_caption_audio` (audio rows) for the enabled captioners."""
+    """Adds `_caption_frames` (visual rows) and/or `_caption_audio` (audio rows, videos' audio tracks)."""
 
     name = "caption_prep"
     resources = StageResources(num_cpus=1.0, batch_size=8, pool=1)
@@ -78,18 +91,32 @@ class CaptionPrep(Stage):
         cap = cfg.captioning
         # Only the columns an enabled captioner consumes (and removes); every row gets them, empty if unused.
         self.columns = {**({FRAMES_COLUMN: b""} if cap.vlm.enabled else {}),
-                        **({AUDIO_COLUMN: b""} if cap.audio.enabled else {})}
+                        **({AUDIO_COLUMN: b"", TRACK_ERROR: ""} if cap.audio.enabled else {})}
 
     def __call__(self, batch: Batch) -> Batch:
-        return map_ok_rows(batch, self.process_row, self.columns, self.name)
+        out = map_ok_rows(batch, self.process_row, self.columns, self.name)
+        if TRACK_ERROR in out:
+            track = out.pop(TRACK_ERROR)
+            errors = np.array(out["caption_error"], dtype=object)
+            for i in np.flatnonzero(track != ""):
+                errors[i] = f"{errors[i]}; {track[i]}" if errors[i] else track[i]
+            out["caption_error"] = errors
+        return out
 
     def process_row(self, row: dict) -> dict:
-        cap, modality = self.cfg.captioning, row["modality"]
+        cap, modality, out = self.cfg.captioning, row["modality"], {}
         try:
             if modality in ("image", "video") and cap.vlm.enabled:
-                return {FRAMES_COLUMN: npy_bytes(decode_visual(row, cap.vlm, self.cfg.decode_timeout_s))}
+                out[FRAMES_COLUMN] = npy_bytes(decode_visual(row, cap.vlm, self.cfg.decode_timeout_s))
             if modality == "audio" and cap.audio.enabled:
-                return {AUDIO_COLUMN: npy_bytes(decode_speech(row, cap.audio))}
+                out[AUDIO_COLUMN] = npy_bytes(decode_speech(row, cap.audio))
         except media.MediaError as e:
             raise Reject(e.reason, str(e)) from e
-        return {}
+        if modality == "video" and cap.audio.enabled:
+            try:
+                track = decode_track(row, cap.audio, self.cfg.decode_timeout_s)
+            except media.MediaError as e:  # the pictures are fine: only the transcript is lost
+                return {**out, TRACK_ERROR: f"audio: {e.reason}: {e}"}
+            if track is not None and len(track):
+                out[AUDIO_COLUMN] = npy_bytes(track)
+        return out
