@@ -11,12 +11,18 @@ and loaded by from_pretrained), and NSFW when the `nsfw` extra is installed.
   call to the written dataset: actor start-up and model loads are inside the window, the Ray start is not.
 - loop: the same Stage classes constructed once and called in one Python process, batch by batch (each stage's
   declared batch size), the driver's global dedup between the halves, the same shard writer and dataset writer.
+  Its process is warm (torch and transformers already imported), which favours the loop. Its native libraries
+  use their default threads (one per core) unless `--loop-threads` says otherwise; each pipeline worker gets
+  its CPU share (1 thread).
 
-Prints samples/s and video-seconds/s for both and the ratio pipeline / loop.
+Prints samples/s and video-seconds/s for both, the ratio pipeline / loop, and on stderr how many cores the
+machine kept busy during each side (from /proc/stat: every process, Ray's included). The ceiling of the ratio
+on a machine of C cores is C / (the loop's busy cores).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -121,6 +127,27 @@ def pipeline(cfg, out: Path) -> tuple[float, int]:
     return time.perf_counter() - start, result.samples
 
 
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """Set environment variables for the block; `limit_threads` then holds the loaded libraries to them."""
+    import cv2  # noqa: F401 (imported first, so limit_threads reaches it)
+    import torch  # noqa: F401
+
+    from latentforge.pipelines.stage import limit_threads
+
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        limit_threads()
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=96)
@@ -131,6 +158,9 @@ def main() -> None:
     parser.add_argument("--split-clips", action="store_true", help="also split videos into clips")
     parser.add_argument("--order", choices=["loop-first", "pipeline-first"], default="loop-first")
     parser.add_argument("--pool", type=int, default=None, help="actors of the fused CPU chain (default: fill the CPUs)")
+    parser.add_argument("--loop-threads", type=int, default=0, help=(
+        "threads of torch/OpenCV/onnxruntime in the loop (0: the libraries' defaults, one per core); each "
+        "pipeline worker gets its CPU share, i.e. 1"))
     parser.add_argument("--only", choices=["loop", "pipeline"], help="run one side (for profiling; no ratio)")
     media = parser.add_argument_group("media sizes (the demo corpus's defaults are tiny: per-sample work then "
                                       "vanishes beside fixed costs)")
@@ -158,12 +188,15 @@ def main() -> None:
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False
-        torch.set_num_threads(max(1, torch.get_num_threads()))
+        threads = {}
+        if args.loop_threads:  # as a pipeline worker: torch, OpenCV and onnxruntime held to this many threads
+            threads = {"OMP_NUM_THREADS": str(args.loop_threads)}
         runs = {}
         sides = ["loop", "pipeline"] if args.order == "loop-first" else ["pipeline", "loop"]
         for side in ([args.only] if args.only else sides):
             if side == "loop":
-                runs["loop"] = loop(cfg, tmp / "loop_out")
+                with environment(threads):
+                    runs["loop"] = loop(cfg, tmp / "loop_out")
             else:
                 runs["pipeline"] = pipeline(cfg, tmp / "pipe_out")
         ray.shutdown()
@@ -174,6 +207,8 @@ def main() -> None:
     assert pipe_samples == samples, (pipe_samples, samples)
     print(json.dumps({
         "inputs": {"images": args.images, "videos": args.videos, "audio": args.audio}, "samples": samples,
+        "media": {"size": args.media_size, "video_frames": args.video_frames, "fps": args.video_fps,
+                  "audio_s": args.audio_seconds}, "loop_threads": args.loop_threads or "library defaults",
         "video_seconds": round(video_s, 2), "ray_cpus": args.cpus, "nsfw": cfg.nsfw.enabled,
         "loop_s": round(loop_s, 2), "pipeline_s": round(pipe_s, 2),
         "loop_samples_per_s": round(samples / loop_s, 2), "pipeline_samples_per_s": round(samples / pipe_s, 2),

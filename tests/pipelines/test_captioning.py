@@ -201,15 +201,18 @@ def test_captioning_config_errors_name_the_key(models: dict) -> None:
 
 
 def test_stage_graph_shows_captioners_only_when_enabled(models: dict) -> None:
-    names = [r["stage"] for r in stage_graph(CurationConfig())]
+    names = [n for r in stage_graph(CurationConfig()) for n in r["stages"]]
     assert not any(n.startswith("caption_") and n != "caption_sidecar" for n in names)
     cfg = CurationConfig.model_validate({**config(models).model_dump(),
                                          "resources": {"caption_vlm": {"num_gpus": 1.0, "num_cpus": 1.0}}})
-    graph = {r["stage"]: r for r in stage_graph(cfg)}
-    order = [r["stage"] for r in stage_graph(cfg)]
+    graph = {n: r for r in stage_graph(cfg) for n in r["stages"]}  # stage -> the map it runs in
+    order = [n for r in stage_graph(cfg) for n in r["stages"]]
     assert order.index("caption_prep") < order.index("caption_vlm") < order.index("caption_select") < \
         order.index("encode_latents")
-    assert graph["caption_vlm"]["num_gpus"] == 1.0 and graph["caption_audio"]["num_gpus"] == 0.0
+    # The GPU captioner is a map of its own; the CPU preparation before it and the audio captioner after it
+    # are fused with the CPU stages around them.
+    assert graph["caption_vlm"]["stages"] == ["caption_vlm"] and graph["caption_vlm"]["num_gpus"] == 1.0
+    assert "caption_prep" in graph["filter_sharpness"]["stages"] and graph["caption_audio"]["num_gpus"] == 0.0
     only_audio = config(models, vlm={"enabled": False})
     assert [s.name for s in active_stages(STAGES, only_audio) if s.name.startswith("caption")] == \
         ["caption_prep", "caption_audio", "caption_select"]
