@@ -66,6 +66,25 @@ def csrf_secret(workdir: Path) -> str:
     return path.read_text().strip()
 
 
+def check_driver(uri: str) -> None:
+    """The database driver SQLAlchemy would load for `uri` must be importable; otherwise `mlflow server` dies
+    with a traceback. SQLAlchemy picks the driver (2.1 loads psycopg 3 for a bare postgresql://, 2.0 psycopg2),
+    so ask it rather than restating its defaults."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        dialect = make_url(uri).get_dialect()
+    except (ArgumentError, NoSuchModuleError) as e:
+        raise UiError(f"--backend-store-uri: not a database URI SQLAlchemy can use ({e})") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as e:
+        extra = " (pip install 'latentforge[postgres]')" if dialect.name == "postgresql" else ""
+        raise UiError(f"--backend-store-uri: the {dialect.name} driver {dialect.driver!r} is not installed{extra}: "
+                      f"{e}") from None
+
+
 def server_command(workdir: Path, port: int, host: str = "127.0.0.1", backend_store_uri: str | None = None,
                    artifacts_destination: str | None = None, auth: bool = False,
                    environ: dict[str, str] | None = None) -> ServerCommand:
@@ -79,6 +98,8 @@ def server_command(workdir: Path, port: int, host: str = "127.0.0.1", backend_st
         backend_store_uri = default_tracking_uri(workdir)
     elif not backend_store_uri.startswith(("sqlite:", "postgresql:", "postgresql+", "mysql:", "mysql+")):
         raise UiError(f"--backend-store-uri {backend_store_uri!r}: expected sqlite:///... or postgresql://...")
+    else:
+        check_driver(backend_store_uri)
     mlflow = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or "mlflow"
     argv = [mlflow, "server", "--backend-store-uri", backend_store_uri,
             "--artifacts-destination", artifacts_destination or artifact_root(workdir), "--host", host,
