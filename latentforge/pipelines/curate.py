@@ -2,6 +2,7 @@
 shards + manifest + rejects + card."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -104,13 +105,16 @@ def scan(rows: list[dict], cfg: CurationConfig):
 
 
 def map_stages(ds, stages: tuple[type[Stage], ...], cfg: CurationConfig, remote: dict,
-               prelude: tuple[Callable, dict] | None = None):
-    """The stages as Ray Data maps (fused into chains as `cfg.fusion` says), sized to the connected cluster;
-    `prelude` runs in the first map's workers (see apply_segment)."""
+               prelude: tuple[Callable, dict] | None = None, rows: int | None = None):
+    """The stages as Ray Data maps (fused into chains as `cfg.fusion` says), sized to the connected cluster
+    and to `rows` (how many rows will come); `prelude` runs in the first map's workers (see apply_segment)."""
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 1.0)
     parts = segments(stages, cfg, cpus)
+    if rows is not None:  # never more actors than batches (a small job would start actors that get no work)
+        parts = [dataclasses.replace(p, resources=p.resources.model_copy(update={
+            "pool": max(1, min(p.resources.pool, -(-rows // p.resources.batch_size)))})) for p in parts]
     factor = cpu_scale(parts, cpus)
     if factor < 1.0:
         logging.getLogger(__name__).warning(
@@ -156,7 +160,8 @@ def build_pipeline(rows: list[dict], cfg: CurationConfig, shard_dir: Path | str,
     """The dataset of finished rows (latents included), not yet executed: scan, dedup, then the stages."""
     ds = scan(rows, cfg)
     marking = dedup(ds, cfg, done)
-    return map_stages(ds, active_stages(STAGES, cfg), cfg, storage.ray_remote_args(cfg.input_dir, shard_dir), marking)
+    return map_stages(ds, active_stages(STAGES, cfg), cfg, storage.ray_remote_args(cfg.input_dir, shard_dir), marking,
+                      rows=ds.count())
 
 
 def write_groups(ds, rows: list[dict], cfg: CurationConfig, shard_dir: Path | str, in_flight: int = 2) -> list[dict]:
