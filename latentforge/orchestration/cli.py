@@ -204,10 +204,11 @@ def _print_stage_graph(cfg) -> None:
     from latentforge.pipelines.curate import stage_graph
 
     cur = cfg.curation
-    # Sized for the local Ray this config starts; on a cluster, CPU pools grow to its CPUs.
-    cpus = local_cpus(cfg.ray)
+    # Sized for the local Ray this config starts (CPU pools to this machine's cores); on a cluster they grow to
+    # its CPUs.
+    cpus = min(local_cpus(cfg.ray), os.cpu_count() or 1)
     table = Table(title=f"curation {cur.name}: {cur.input_dir} -> {cur.output_dir}",
-                  caption=f"one row per Ray Data map; CPU pools sized for {cpus} CPUs (a local Ray)")
+                  caption=f"one row per Ray Data map; CPU pools sized for this machine's {cpus} cores")
     for column in ("map", "stages", "runs as", "num_cpus", "num_gpus", "batch_size", "pool"):
         table.add_column(column)
     for row in stage_graph(cur, cpus):

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -111,7 +112,7 @@ def map_stages(ds, stages: tuple[type[Stage], ...], cfg: CurationConfig, remote:
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 1.0)
-    parts = segments(stages, cfg, cpus)
+    parts = segments(stages, cfg, min(cpus, local_cores()) if ray_is_this_machine() else cpus)
     if rows is not None:  # never more actors than batches (a small job would start actors that get no work)
         parts = [dataclasses.replace(p, resources=p.resources.model_copy(update={
             "pool": max(1, min(p.resources.pool, -(-rows // p.resources.batch_size)))})) for p in parts]
@@ -125,6 +126,20 @@ def map_stages(ds, stages: tuple[type[Stage], ...], cfg: CurationConfig, remote:
     for i, part in enumerate(parts):
         ds = apply_segment(ds, part, cfg, factor, remote, prelude if i == 0 else None)
     return ds
+
+
+def ray_is_this_machine() -> bool:
+    """Whether the connected cluster is one node on this machine (a local Ray)."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return len(nodes) == 1 and nodes[0].get("NodeManagerAddress") == ray.util.get_node_ip_address()
+
+
+def local_cores() -> int:
+    """A local Ray is given more logical CPUs than cores (so Ray Data and Ray Train share a small machine);
+    CPU actor pools are sized to the cores, since actors beyond them only take turns on the same cores."""
+    return os.cpu_count() or 1
 
 
 def dedup(ds, cfg: CurationConfig, done: list[dict] = ()) -> tuple[Callable, dict]:
@@ -168,45 +183,49 @@ def write_groups(ds, rows: list[dict], cfg: CurationConfig, shard_dir: Path | st
     """Stream the pipeline's rows and write each shard group as soon as all its rows are in; returns the
     groups' metadata rows (latents left in the tars).
 
-    Each group is written by a Ray task while the pipeline goes on, so the first groups are on disk (with
-    their done-markers, for resume) long before the last input is decoded. Not `groupby("shard")`: that is a
-    hash shuffle, a barrier after the last stage (nothing written until everything is encoded) whose
-    aggregator actors cost seconds to start on a small machine.
+    Groups are written while the pipeline goes on, so the first groups are on disk (with their done-markers,
+    for resume) long before the last input is decoded. Not `groupby("shard")`: that is a hash shuffle, a
+    barrier after the last stage (nothing written until everything is encoded) whose aggregator actors cost
+    seconds to start on a small machine. Written by `in_flight` threads of this process, not Ray tasks: every
+    row already streams through here, and a task would send it back through the object store to a worker.
 
     A group is complete when each of its inputs has sent `source_rows` rows (its clips, or one row).
     """
-    import ray
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-    write = ray.remote(write_shard_group).options(num_cpus=0.25, **storage.ray_remote_args(shard_dir))
     kwargs = {"shard_dir": str(shard_dir), "max_bytes": int(cfg.max_shard_mb * 2**20),
               "config_hash": config_hash(cfg)}
     inputs = Counter(int(r["shard"]) for r in rows)  # inputs per group
     pending: dict[int, list[dict]] = {}
     rows_left: dict[int, dict[str, int]] = {}  # group -> source id -> rows still to come
     finished: Counter = Counter()  # group -> inputs whose rows are all in
-    futures, meta = [], []
+    futures, meta = set(), []
 
     def drain(keep: int) -> None:
         nonlocal futures
         while len(futures) > keep:
-            ready, futures = ray.wait(futures, num_returns=1)
-            meta.extend(rows_of(ray.get(ready[0])))
+            done, futures = wait(futures, return_when=FIRST_COMPLETED)
+            for future in done:
+                meta.extend(rows_of(future.result()))
 
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for row in rows_of(batch):
-            group, source = int(row["shard"]), str(row["source_id"])
-            pending.setdefault(group, []).append(row)
-            left = rows_left.setdefault(group, {})
-            left[source] = left.get(source, int(row["source_rows"])) - 1
-            if left[source] == 0:
-                finished[group] += 1
-                if finished[group] == inputs[group]:
-                    futures.append(write.remote(batch_of(pending.pop(group)), **kwargs))
-                    drain(in_flight)
-    if pending:  # a group that never completed (source_rows disagreed): written with what came, then checked
-        for group in sorted(pending):
-            futures.append(write.remote(batch_of(pending.pop(group)), **kwargs))
-    drain(0)
+    with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="lf-shard-writer") as pool:
+        def write(group: int) -> None:
+            futures.add(pool.submit(write_shard_group, batch_of(pending.pop(group)), **kwargs))
+            drain(in_flight)
+
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for row in rows_of(batch):
+                group, source = int(row["shard"]), str(row["source_id"])
+                pending.setdefault(group, []).append(row)
+                left = rows_left.setdefault(group, {})
+                left[source] = left.get(source, int(row["source_rows"])) - 1
+                if left[source] == 0:
+                    finished[group] += 1
+                    if finished[group] == inputs[group]:
+                        write(group)
+        for group in sorted(pending):  # never complete (source_rows disagreed): written with what came, checked
+            write(group)
+        drain(0)
     return meta
 
 
