@@ -162,6 +162,8 @@ def main() -> None:
     parser.add_argument("--loop-threads", type=int, default=0, help=(
         "threads of torch/OpenCV/onnxruntime in the loop (0: the libraries' defaults, one per core); each "
         "pipeline worker gets its CPU share, i.e. 1"))
+    parser.add_argument("--also-serial-loop", action="store_true",
+                        help="also time the loop with one thread per library (as each pipeline worker), same run")
     parser.add_argument("--only", choices=["loop", "pipeline"], help="run one side (for profiling; no ratio)")
     media = parser.add_argument_group("media sizes (the demo corpus's defaults are tiny: per-sample work then "
                                       "vanishes beside fixed costs)")
@@ -198,6 +200,9 @@ def main() -> None:
             if side == "loop":
                 with environment(threads):
                     runs["loop"] = loop(cfg, tmp / "loop_out")
+                if args.also_serial_loop:
+                    with environment({"OMP_NUM_THREADS": "1"}):
+                        runs["loop_serial"] = loop(cfg, tmp / "loop_serial_out")
             else:
                 runs["pipeline"] = pipeline(cfg, tmp / "pipe_out")
         ray.shutdown()
@@ -215,7 +220,10 @@ def main() -> None:
         "loop_s": round(loop_s, 2), "pipeline_s": round(pipe_s, 2),
         "loop_samples_per_s": round(samples / loop_s, 2), "pipeline_samples_per_s": round(samples / pipe_s, 2),
         "loop_video_s_per_s": round(video_s / loop_s, 2), "pipeline_video_s_per_s": round(video_s / pipe_s, 2),
-        "ratio_pipeline_over_loop": round(loop_s / pipe_s, 3)}))
+        "ratio_pipeline_over_loop": round(loop_s / pipe_s, 3),
+        **({"serial_loop_s": round(runs["loop_serial"][0], 2),
+            "ratio_pipeline_over_serial_loop": round(runs["loop_serial"][0] / pipe_s, 3)}
+           if "loop_serial" in runs else {})}))
 
 
 if __name__ == "__main__":
