@@ -59,14 +59,22 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120.0, headers:
 # Through ray.cluster_utils.Cluster rather than ray.init: only RayParams takes the dashboard agent's port, and its
 # default (52365) is held by any other local Ray on the machine (the session's ray_local), whose agent would then
 # be the only one listening and this head's Jobs API would answer "No available agent to submit job".
+# The job supervisor gives each driver RAY_ADDRESS from canonicalize_bootstrap_address_or_die("auto", temp_dir):
+# the address in <temp_dir>/ray_current_cluster, which only `ray start` writes; without it, any raylet's
+# --gcs-address found in `ps`. With another Ray on the machine (ray_local, the multinode Cluster, a colleague's)
+# the driver could then dial that cluster's GCS with this head's token and fail InvalidAuthToken. So the head
+# records its own address there, as `ray start` does (same call).
 HEAD_SCRIPT = """
 import json, sys, ray
+from ray._private.utils import write_ray_address
 from ray.cluster_utils import Cluster
 cluster = Cluster(initialize_head=True, connect=True, head_node_args=dict(
     num_cpus=int(sys.argv[1]), object_store_memory=256 * 2**20, include_dashboard=True,
     dashboard_host="127.0.0.1", dashboard_port=int(sys.argv[2]), dashboard_agent_listen_port=int(sys.argv[4]),
     temp_dir=sys.argv[3]))
-print(json.dumps({"gcs": ray.get_runtime_context().gcs_address}), flush=True)
+gcs = ray.get_runtime_context().gcs_address
+write_ray_address(gcs, sys.argv[3])
+print(json.dumps({"gcs": gcs}), flush=True)
 sys.stdin.read()
 ray.shutdown()
 cluster.shutdown()

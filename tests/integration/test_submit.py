@@ -18,9 +18,7 @@ from lf_services import ray_auth_headers, ray_token_env, start_ray_head, stop_ra
 from latentforge.datasets import manifest as mf
 from latentforge.datasets.demo_corpus import DemoCorpusSpec, generate_demo_corpus
 
-# heavy: in a full session (other local clusters, the 3-node Cluster tests before it) the job driver on this
-# head has failed to authenticate to its GCS (InvalidAuthToken); alone it passes. Skipped by .ci/run until fixed.
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.heavy]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BIN = Path(sys.executable).parent
 
 
@@ -34,7 +32,7 @@ def ray_head():
     env = ray_token_env(env)  # Ray 2.60 turns token auth on for new clusters: the head and the CLI share a token
     proc, url, gcs = start_ray_head(temp, num_cpus=4, env=env)
     try:
-        yield url, env
+        yield url, env, gcs
     finally:
         stop_ray_head(proc)
         shutil.rmtree(temp, ignore_errors=True)
@@ -42,7 +40,7 @@ def ray_head():
 
 def submit(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "latentforge"), "submit", *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, check=False)  # the exit code is what the tests check
 
 
 def jobs(url: str, env: dict) -> list[dict]:
@@ -51,7 +49,7 @@ def jobs(url: str, env: dict) -> list[dict]:
 
 
 def test_submit_runs_the_job_streams_its_logs_and_exits_with_its_status(tmp_path, ray_head):
-    url, env = ray_head
+    url, env, gcs = ray_head
     corpus, work, job_dir = tmp_path / "corpus", tmp_path / "work", tmp_path / "job"
     generate_demo_corpus(corpus, DemoCorpusSpec(num_images=4, num_videos=1, num_audio=1, seed=4, include_broken=False))
     job_dir.mkdir()
@@ -67,7 +65,9 @@ def test_submit_runs_the_job_streams_its_logs_and_exits_with_its_status(tmp_path
     done = submit("job/tiny.yaml", "--address", url, "--working-dir", str(job_dir), "--command", "curate",
                   "--set", "curation.samples_per_shard=3", env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "Ray: " in done.stdout and "MLflow parent run" in done.stdout  # the job's own output, streamed
+    assert "MLflow parent run" in done.stdout  # the job's own output, streamed
+    # ... from a driver on this head's cluster, not on another Ray of the machine (see lf_services.HEAD_SCRIPT)
+    assert f"Ray: {gcs} " in done.stdout
     assert "SUCCEEDED" in done.stdout
     ran = [j for j in jobs(url, env) if "latentforge curate tiny.yaml" in j["entrypoint"]]
     assert len(ran) == 1 and ran[0]["status"] == "SUCCEEDED"
@@ -80,7 +80,7 @@ def test_submit_runs_the_job_streams_its_logs_and_exits_with_its_status(tmp_path
 
 
 def test_no_wait_returns_at_once_with_the_job_id(tmp_path, ray_head):
-    url, env = ray_head
+    url, env, _ = ray_head
     (tmp_path / "ok.yaml").write_text(yaml.safe_dump({"name": "check", "workdir": str(tmp_path / "w")}))
     out = submit("ok.yaml", "--address", url, "--working-dir", str(tmp_path), "--command", "validate", "--no-wait",
                  env=env, cwd=tmp_path)
