@@ -28,6 +28,7 @@ import os
 import sys
 import tempfile
 import time
+import unittest.mock
 from pathlib import Path
 
 from latentforge.pipelines.stage import batch_of, rows_of
@@ -135,17 +136,9 @@ def environment(values: dict[str, str]):
 
     from latentforge.pipelines.stage import limit_threads
 
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
+    with unittest.mock.patch.dict(os.environ, values):  # the stdlib's set-and-restore of a dict, not a mock
         limit_threads()
         yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def main() -> None:
@@ -175,7 +168,6 @@ def main() -> None:
     media.add_argument("--bucket-frames", type=int, default=4, help="curation video_frames (frames per clip)")
     args = parser.parse_args()
     import ray
-    import torch
 
     from latentforge.datasets.demo_corpus import DemoCorpusSpec, generate_demo_corpus
 

@@ -201,12 +201,11 @@ def submit(
 
 def _print_stage_graph(cfg) -> None:
     from latentforge.orchestration.cluster import local_cpus
-    from latentforge.pipelines.curate import stage_graph
+    from latentforge.pipelines.curate import pool_cpus, stage_graph
 
     cur = cfg.curation
-    # Sized for the local Ray this config starts (CPU pools to this machine's cores); on a cluster they grow to
-    # its CPUs.
-    cpus = min(local_cpus(cfg.ray), os.cpu_count() or 1)
+    # Sized for the local Ray this config starts; on a cluster CPU pools grow to its CPUs.
+    cpus = int(pool_cpus(local_cpus(cfg.ray), local=True))
     table = Table(title=f"curation {cur.name}: {cur.input_dir} -> {cur.output_dir}",
                   caption=f"one row per Ray Data map; CPU pools sized for this machine's {cpus} cores")
     for column in ("map", "stages", "runs as", "num_cpus", "num_gpus", "batch_size", "pool"):

@@ -2,7 +2,6 @@
 shards + manifest + rejects + card."""
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -112,10 +111,7 @@ def map_stages(ds, stages: tuple[type[Stage], ...], cfg: CurationConfig, remote:
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 1.0)
-    parts = segments(stages, cfg, min(cpus, local_cores()) if ray_is_this_machine() else cpus)
-    if rows is not None:  # never more actors than batches (a small job would start actors that get no work)
-        parts = [dataclasses.replace(p, resources=p.resources.model_copy(update={
-            "pool": max(1, min(p.resources.pool, -(-rows // p.resources.batch_size)))})) for p in parts]
+    parts = segments(stages, cfg, pool_cpus(cpus, local=ray_is_this_machine()), rows=rows)
     factor = cpu_scale(parts, cpus)
     if factor < 1.0:
         logging.getLogger(__name__).warning(
@@ -136,10 +132,11 @@ def ray_is_this_machine() -> bool:
     return len(nodes) == 1 and nodes[0].get("NodeManagerAddress") == ray.util.get_node_ip_address()
 
 
-def local_cores() -> int:
-    """A local Ray is given more logical CPUs than cores (so Ray Data and Ray Train share a small machine);
-    CPU actor pools are sized to the cores, since actors beyond them only take turns on the same cores."""
-    return os.cpu_count() or 1
+def pool_cpus(cluster_cpus: float, local: bool) -> float:
+    """The CPUs that CPU actor pools are sized to. A local Ray is given more logical CPUs than cores (so Ray
+    Data and Ray Train share a small machine); there pools are sized to the cores, since actors beyond them
+    only take turns on the same cores."""
+    return min(cluster_cpus, os.cpu_count() or 1) if local else cluster_cpus
 
 
 def dedup(ds, cfg: CurationConfig, done: list[dict] = ()) -> tuple[Callable, dict]:

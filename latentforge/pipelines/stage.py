@@ -243,7 +243,7 @@ class Segment:
 
 
 def segments(stages: tuple[type[Stage], ...], cfg: CurationConfig, cluster_cpus: float | None = None,
-             reserve: float = 0.5) -> list[Segment]:
+             reserve: float = 0.5, rows: int | None = None) -> list[Segment]:
     """The stages as Ray Data maps. With `cfg.fusion.enabled`, consecutive stages asking for the same GPUs
     (the CPU-only ones together; a GPU captioner apart from the CPU work around it, so the GPU never waits on
     decoding) become one chain asking for the most CPUs / GPUs and the largest batch of its members (each member
@@ -251,7 +251,8 @@ def segments(stages: tuple[type[Stage], ...], cfg: CurationConfig, cluster_cpus:
 
     With fusion, each CPU-only map with actors gets `cfg.fusion.pool` actors, or its share of what
     `cluster_cpus` hold beside the GPU pools and `reserve` (at least its declared pool). GPU maps keep their
-    largest member pool. Without fusion every stage keeps its declared resources."""
+    largest member pool. Without fusion every stage keeps its declared resources. With `rows` (how many rows
+    will come), no pool is larger than the number of batches: a small job would start actors that get no work."""
     groups: list[list[type[Stage]]] = []
     for stage_cls in stages:
         gpus = stage_resources(stage_cls, cfg).num_gpus
@@ -266,16 +267,20 @@ def segments(stages: tuple[type[Stage], ...], cfg: CurationConfig, cluster_cpus:
             num_cpus=max(r.num_cpus for r in res), num_gpus=res[0].num_gpus,
             batch_size=max(r.batch_size for r in res), pool=max(r.pool for r in res))))
     filling = [i for i, p in enumerate(out) if p.holds_state and not p.resources.num_gpus]
-    if not cfg.fusion.enabled or (cluster_cpus is None and cfg.fusion.pool is None):
-        return out
-    others = sum(p.resources.num_cpus * p.resources.pool for i, p in enumerate(out)
-                 if p.holds_state and i not in filling)
-    for i in filling:
-        res = out[i].resources
-        fill = int(max(0.0, (cluster_cpus or 0.0) - reserve - others) / len(filling) // res.num_cpus)
-        pool = cfg.fusion.pool or max(res.pool, fill)
-        out[i] = dataclasses.replace(out[i], resources=res.model_copy(update={"pool": pool}))
+    if cfg.fusion.enabled and (cluster_cpus is not None or cfg.fusion.pool is not None):
+        others = sum(p.resources.num_cpus * p.resources.pool for i, p in enumerate(out)
+                     if p.holds_state and i not in filling)
+        for i in filling:
+            res = out[i].resources
+            fill = int(max(0.0, (cluster_cpus or 0.0) - reserve - others) / len(filling) // res.num_cpus)
+            out[i] = _with_pool(out[i], cfg.fusion.pool or max(res.pool, fill))
+    if rows is not None:
+        out = [_with_pool(p, max(1, min(p.resources.pool, -(-rows // p.resources.batch_size)))) for p in out]
     return out
+
+
+def _with_pool(segment: Segment, pool: int) -> Segment:
+    return dataclasses.replace(segment, resources=segment.resources.model_copy(update={"pool": pool}))
 
 
 def cpu_scale(parts: list[Segment], available: float, reserve: float = 0.5) -> float:

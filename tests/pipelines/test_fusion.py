@@ -58,6 +58,10 @@ def test_a_chain_asks_for_its_largest_member_and_its_cpu_pool_fills_the_cluster(
     assert segments(stages, cfg, cluster_cpus=1)[0].resources.pool == chain.resources.pool  # never below declared
     pinned = CurationConfig(fusion={"pool": 3})
     assert segments(stages, pinned, cluster_cpus=16)[0].resources.pool == 3
+    # Never more actors than batches to come: 40 rows in batches of the chain's size.
+    batches = -(-40 // chain.resources.batch_size)
+    assert segments(stages, cfg, cluster_cpus=16, rows=40)[0].resources.pool == min(15, batches)
+    assert segments(stages, cfg, cluster_cpus=16, rows=1)[0].resources.pool == 1
     # Beside a GPU stage's pool (2 actors x 1 CPU), the CPU chains share what is left.
     gpu = CurationConfig(resources={"encode_latents": {"num_gpus": 1, "num_cpus": 1, "pool": 2}})
     parts = segments(active_stages(STAGES, gpu), gpu, cluster_cpus=16)

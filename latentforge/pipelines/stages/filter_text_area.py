@@ -37,7 +37,8 @@ def load_text_detector(size: int):
     # The package default upsamples so the *shorter* side is >= 736 px; we score at a fixed working size.
     det.update(limit_side_len=size, limit_type="max", use_cuda=False, use_dml=False)
     # In a Ray worker, as many onnxruntime threads as CPUs granted (else one per core, spinning, per actor).
-    det.update(intra_op_num_threads=worker_threads() or -1, inter_op_num_threads=1 if worker_threads() else -1)
+    threads = worker_threads()
+    det.update(intra_op_num_threads=threads or -1, inter_op_num_threads=1 if threads else -1)
     return TextDetector(det)
 
 
