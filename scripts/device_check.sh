@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One short run on a lent GPU machine: the CUDA tests (tests/gpu), then the MFU bench beside facebookresearch/DiT.
+#
+# The machine is bare (its own python3 with torch, no project install, no network), so what the tests need that
+# it lacks travels as wheels in .whl/ (ignored by git; see tests/gpu/test_cuda.py's imports) and is installed
+# into /tmp/site. Run from the repository root, with .whl and .ref carried (.ref/DiT/models.py: the reference):
+#
+#     bash scripts/device_check.sh            # on the device machine; logs land in $OUT
+#
+# Locally (no GPU: the tests skip) to check the script itself:
+#     LF_DEVICE_CHECK_SKIP_INSTALL=1 OUT=$(mktemp -d) PATH=$PWD/.venv/bin:$PATH bash scripts/device_check.sh
+#
+# Exit status: the tests' (pytest's). A failing or timed-out bench is reported but does not fail the script.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+# 1. carried wheels (transformers 5.24 to match the project's venv; pydantic, diffusers, soundfile, ...)
+if [[ "${LF_DEVICE_CHECK_SKIP_INSTALL:-0}" != 1 ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "device_check: installing .whl/*.whl failed (was .whl carried?)" >&2; exit 2; }
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+nvidia-smi -L 2>&1 || echo "device_check: nvidia-smi not found"
+python3 - <<'EOF' 2>&1 | tee "$OUT/versions.log"
+import sys, torch, transformers
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda,
+      "| available", torch.cuda.is_available(), "| transformers", transformers.__version__, transformers.__file__)
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
+EOF
+
+# 2. the CUDA tests
+python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu -rs --durations=10 2>&1 | tee "$OUT/gpu_tests.log"
+tests_rc=${PIPESTATUS[0]}
+echo "device_check: tests exit status $tests_rc"
+
+# 3. the MFU bench beside the reference DiT (bounded; its failure is reported, not fatal)
+if [[ -f .ref/DiT/models.py ]]; then
+  timeout 300 python3 bench/mfu.py --reference .ref/DiT/models.py --compile off 2>&1 | tee "$OUT/mfu.log"
+  bench_rc=${PIPESTATUS[0]}
+  [[ $bench_rc == 124 ]] && echo "device_check: bench stopped after 300 s" | tee -a "$OUT/mfu.log"
+else
+  bench_rc=missing
+  echo "device_check: .ref/DiT/models.py not found (carry .ref); bench skipped" | tee "$OUT/mfu.log"
+fi
+echo "device_check: tests exit status $tests_rc, bench exit status $bench_rc"
+exit "$tests_rc"

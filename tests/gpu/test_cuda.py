@@ -1,0 +1,371 @@
+"""CUDA paths on tiny random-weight models: captioners, the DiT under bf16 autocast, the latent encoders.
+
+Every test is marked `gpu` and skips where torch sees no CUDA device, so CI (CPU only) collects and skips them.
+`scripts/device_check.sh` runs them on a GPU machine: `python3 -m pytest -m gpu tests/gpu -rs`.
+
+`LF_GPU_TESTS_DEVICE=cpu` runs the same bodies on the CPU instead of CUDA (device options "auto"/"cuda" become
+"cpu", and "auto" dtypes are then expected to resolve to float32, as the code documents for CPU), so the tests'
+own logic is checked without a GPU:
+
+    LF_GPU_TESTS_DEVICE=cpu .venv/bin/pytest -q -m gpu tests/gpu
+
+Nothing downloads weights: the models are built from configs (tests/tiny_*.py) and saved to a tmp dir, then
+loaded back by the real `from_pretrained` code.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny_captioners import save_tiny_blip, save_tiny_florence2, save_tiny_qwen2_vl, save_tiny_whisper
+from tiny_dinov2 import save_tiny_dinov2
+
+DEVICE = os.environ.get("LF_GPU_TESTS_DEVICE", "cuda")
+if DEVICE not in ("cuda", "cpu"):
+    raise ValueError(f"LF_GPU_TESTS_DEVICE={DEVICE!r}: expected 'cuda' or 'cpu'")
+ON_CUDA = DEVICE == "cuda"
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(ON_CUDA and not torch.cuda.is_available(),
+                       reason=f"no CUDA device (torch {torch.__version__}); "
+                              "LF_GPU_TESTS_DEVICE=cpu runs these bodies on the CPU"),
+    pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
+]
+
+
+def device_option(name: str) -> str:
+    """A config's device option: "auto" and "cuda" as given on CUDA; "cpu" when the tests run on the CPU."""
+    return name if ON_CUDA else "cpu"
+
+
+def auto_dtype(gpu_dtype: torch.dtype) -> torch.dtype:
+    """What dtype "auto" must resolve to here: the documented GPU dtype on CUDA, float32 on the CPU."""
+    return gpu_dtype if ON_CUDA else torch.float32
+
+
+def assert_params(model: torch.nn.Module, dtype: torch.dtype, keep_fp32: tuple[str, ...] = ()) -> None:
+    """Every parameter on DEVICE; floating ones in `dtype` (modules a model class may keep in float32 in either)."""
+    wrong = {}
+    for name, p in model.named_parameters():
+        want = {dtype, torch.float32} if any(f".{k}." in f".{name}" for k in keep_fp32) else {dtype}
+        if p.device.type != DEVICE or (p.is_floating_point() and p.dtype not in want):
+            wrong[name] = (p.device.type, p.dtype)
+    assert not wrong, f"expected {DEVICE} / {dtype}; {len(wrong)} differ, e.g. {list(wrong.items())[:3]}"
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+
+# ---- captioners (pipelines/stages/caption_vlm.py, caption_audio.py) ----------------------------------------
+
+@pytest.fixture(scope="module")
+def captioners(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("captioners")
+    return {"blip": save_tiny_blip(root / "blip"), "florence2": save_tiny_florence2(root / "florence2"),
+            "qwen2_vl": save_tiny_qwen2_vl(root / "qwen2_vl"), "whisper": save_tiny_whisper(root / "whisper")}
+
+
+def curation_config(tmp_path: Path, vlm: dict | None = None, audio: dict | None = None):
+    from latentforge.pipelines.config import CurationConfig
+
+    captioning: dict = {"clean": {"enabled": False}}  # raw model text: what generate returned, nothing dropped
+    if vlm is not None:
+        captioning["vlm"] = {"enabled": True, "image_size": 32, "frames": 3, "max_new_tokens": 6,
+                             "min_new_tokens": 2, "num_beams": 1, **vlm}
+    if audio is not None:
+        captioning["audio"] = {"enabled": True, "max_seconds": 2.0, "max_new_tokens": 6, **audio}
+    return CurationConfig(input_dir=tmp_path, captioning=captioning)
+
+
+def frame_rows(counts: list[int]) -> tuple[dict, list[np.ndarray]]:
+    """A stage batch of rows holding `counts[i]` random 32 px frames each, and all frames in order."""
+    from lf_batches import to_batch
+
+    from latentforge.datasets.shards import npy_bytes
+    from latentforge.pipelines.stages.caption_vlm import FRAMES_COLUMN
+
+    rng = np.random.default_rng(0)
+    stacks = [rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for n in counts]
+    rows = [{"id": f"r{i}", "status": "ok", "caption_error": "", FRAMES_COLUMN: npy_bytes(s)}
+            for i, s in enumerate(stacks)]
+    return to_batch(rows), [f for s in stacks for f in s]
+
+
+def assert_no_failed_batch(errors, prefix: str) -> None:
+    """A failed generate call is recorded as '<prefix>: <Exception>: ...'; only empty-text notes may appear."""
+    for e in errors:
+        assert e == "" or e.endswith("after cleaning"), e
+        assert not e.startswith(f"{prefix}: ") or "empty" in e, e
+
+
+VLM_CASES = [  # family, device option, dtype option, expected dtype
+    ("blip", "auto", "auto", auto_dtype(torch.float16)),
+    ("florence2", "cuda", "auto", auto_dtype(torch.float16)),
+    ("qwen2_vl", "auto", "auto", auto_dtype(torch.bfloat16)),
+    ("blip", "cuda", "bfloat16", torch.bfloat16),
+    ("qwen2_vl", "cuda", "float32", torch.float32),
+]
+
+
+@pytest.mark.parametrize("family,device,dtype,expected", VLM_CASES,
+                         ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in VLM_CASES])
+def test_vlm_captioner_on_device(captioners, tmp_path, family, device, dtype, expected) -> None:
+    from latentforge.pipelines.stages.caption_vlm import CaptionVLM
+
+    vlm = {"family": family, "model": captioners[family], "device": device_option(device), "dtype": dtype}
+    stage = CaptionVLM(curation_config(tmp_path, vlm=vlm))
+    captioner = stage.captioner
+    assert (captioner.device.type, captioner.dtype) == (DEVICE, expected)
+    assert_params(captioner.model, expected)
+    batch, frames = frame_rows([1, 1, 3])  # two images and a 3-frame clip: 5 frames in one generate call
+    texts = captioner.caption(frames)
+    assert len(texts) == len(frames) and all(isinstance(t, str) for t in texts), texts
+    assert all(t.strip() for t in texts), texts  # min_new_tokens=2 and words-only vocabularies: never empty
+    out = stage(batch)
+    assert_no_failed_batch(out["caption_error"], "vlm")
+    assert all(isinstance(c, str) and c for c in out["caption_generated"]), list(out["caption_generated"])
+
+
+@pytest.mark.parametrize("device,dtype,expected", [("cuda", "auto", auto_dtype(torch.float16)),
+                                                   ("auto", "float32", torch.float32)])
+def test_whisper_captioner_on_device(captioners, tmp_path, device, dtype, expected) -> None:
+    from lf_batches import to_batch
+
+    from latentforge.datasets.shards import npy_bytes
+    from latentforge.pipelines.stages.caption_audio import AUDIO_COLUMN, CaptionAudio
+
+    audio = {"model": captioners["whisper"], "device": device_option(device), "dtype": dtype}
+    stage = CaptionAudio(curation_config(tmp_path, audio=audio))
+    assert (stage.captioner.device.type, stage.captioner.dtype) == (DEVICE, expected)
+    assert_params(stage.captioner.model, expected)
+    t = np.arange(16000 * 2) / 16000
+    rng = np.random.default_rng(1)
+    waves = [(0.3 * np.sin(2 * np.pi * f * t[:n]) + 0.02 * rng.standard_normal(n)).astype(np.float32)
+             for f, n in ((220, 16000), (440, 24000), (880, 32000))]
+    texts = stage.captioner.transcribe(waves)
+    assert len(texts) == len(waves) and all(isinstance(x, str) for x in texts), texts
+    batch = to_batch([{"id": f"a{i}", "status": "ok", "caption_error": "", AUDIO_COLUMN: npy_bytes(w)}
+                      for i, w in enumerate(waves)])
+    out = stage(batch)
+    assert_no_failed_batch(out["caption_error"], "audio")
+    assert len(out["caption_audio"]) == len(waves)
+
+
+# ---- DiT training under bf16 autocast (training/dit.py, flow.py, attention.py, loop.py) ---------------------
+
+def tiny_dit():
+    from latentforge.training.dit import DiT, DiTConfig
+
+    torch.manual_seed(0)
+    return DiT(DiTConfig(hidden=64, depth=2, heads=4, visual_channels=4, audio_channels=8, text_dim=32,
+                         max_text_len=8, pos_embed="rope", qk_norm=True))
+
+
+def fixed_batch(device: str):
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(4, 4, 2, 8, 8, generator=g)  # a 2-frame video latent: 3D RoPE over (T, H, W)
+    text = torch.randn(4, 6, 32, generator=g)
+    mask = torch.arange(6)[None] < torch.tensor([[6], [3], [1], [4]])
+    modality = torch.ones(4, dtype=torch.long)
+    return tuple(v.to(device) for v in (x0, text, mask, modality))
+
+
+def test_dit_trains_under_bf16_autocast() -> None:
+    """As loop.build_accelerator / train_step do: Accelerator(mixed_precision="bf16"), acc.autocast()."""
+    from accelerate import Accelerator
+
+    from latentforge.training.flow import flow_loss
+
+    acc = Accelerator(cpu=not ON_CUDA, mixed_precision="bf16")
+    assert acc.device.type == DEVICE
+    model = tiny_dit()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model, opt = acc.prepare(model, opt)
+    assert next(model.parameters()).device.type == DEVICE
+    x0, text, mask, modality = fixed_batch(DEVICE)
+
+    def loss_at(seed: int, grad: bool) -> torch.Tensor:  # 4 fixed (t, noise) draws: a fixed target to fit
+        with torch.set_grad_enabled(grad), acc.autocast():
+            return flow_loss(model, x0, text, mask, modality, generator=torch.Generator().manual_seed(seed))
+
+    with acc.autocast():  # the autocast really computes in bf16 (params stay float32 for the optimiser)
+        out = model(x0, torch.rand(4, device=DEVICE), text, mask, modality)
+    assert out.shape == x0.shape and next(model.parameters()).dtype == torch.float32
+    initial = sum(loss_at(i, False).item() for i in range(4))
+    losses = []
+    for step in range(24):
+        loss = loss_at(step % 4, True)
+        opt.zero_grad()
+        acc.backward(loss)
+        acc.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+    assert all(np.isfinite(losses)), losses
+    final = sum(loss_at(i, False).item() for i in range(4))
+    assert np.isfinite(final) and final < 0.9 * initial, (initial, final, losses)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]), losses
+
+
+def test_attention_runs_on_the_kernels_the_code_aims_at() -> None:
+    """Self-attention passes no mask (so SDPA may take the flash kernel), cross-attention a key mask (the
+    memory-efficient kernel takes it); each forced alone must run and match the math kernel. On the CPU the
+    fused kernel is the CPU flash one for both."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from latentforge.training.attention import Attention, rope_tables
+
+    torch.manual_seed(0)
+    attn = Attention(64, 4, qk_norm=True).to(DEVICE)
+    x, ctx = torch.randn(2, 16, 64, device=DEVICE), torch.randn(2, 6, 64, device=DEVICE)
+    ctx_mask = torch.arange(6, device=DEVICE)[None] < torch.tensor([[6], [2]], device=DEVICE)
+    rope = rope_tables(16, (1, 4, 4), torch.device(DEVICE))
+    fused = {"self": SDPBackend.FLASH_ATTENTION,
+             "cross": SDPBackend.EFFICIENT_ATTENTION if ON_CUDA else SDPBackend.FLASH_ATTENTION}
+    calls = {"self": lambda: attn(x, rope=rope), "cross": lambda: attn(x, ctx, ctx_mask)}
+    for kind, call in calls.items():
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            with sdpa_kernel([fused[kind]]):
+                out = call()
+                out.float().square().mean().backward()  # the fused kernel's backward too
+            with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+                ref = call()
+        assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+        torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2, msg=f"{kind}-attention")
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in attn.parameters()
+                   if p.requires_grad and (kind == "self" or p is not attn.q_norm.weight))
+        attn.zero_grad()
+
+
+def test_dit_forward_and_backward_without_the_math_kernel() -> None:
+    """The whole DiT (rope self-attention, masked cross-attention) under autocast with only fused kernels."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = tiny_dit().to(DEVICE)
+    with torch.no_grad():  # zero-initialised gates would hide the attention from the output
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x0, text, mask, modality = fixed_batch(DEVICE)
+    t = torch.full((4,), 0.5, device=DEVICE)
+    kernels = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION] if ON_CUDA else [
+        SDPBackend.FLASH_ATTENTION]
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        with sdpa_kernel(kernels):
+            out = model(x0, t, text, mask, modality)
+            out.float().square().mean().backward()
+        with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+            ref = model(x0, t, text, mask, modality)
+    assert torch.isfinite(out).all() and out.abs().sum() > 0
+    assert rel_err(out.float().detach().cpu().numpy(), ref.float().cpu().numpy()) < 0.05
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+# ---- latent encoders with a device option (datasets/encoders/, REPA features) ------------------------------
+
+VAE_TOLERANCE = 0.05  # relative L2 error of bf16 latents against float32 ones (tiny VAEs: ~0.5-1% seen on CPU)
+
+
+@pytest.fixture(scope="module")
+def vae_dirs(tmp_path_factory) -> dict[str, str]:
+    pytest.importorskip("diffusers")
+    from tiny_models import save_vae
+
+    root = tmp_path_factory.mktemp("vaes")
+    return {kind: save_vae(kind, root / kind, subfolder="vae")
+            for kind in ("autoencoder_kl", "ltx_video", "wan", "cogvideox", "oobleck")}
+
+
+VISUAL = {"autoencoder_kl": (2, 2, 16, 16), "ltx_video": (1, 9, 16, 16), "wan": (1, 5, 16, 16),
+          "cogvideox": (1, 5, 16, 16)}  # (B, T, H, W) each family accepts
+
+
+@pytest.mark.parametrize("kind", list(VISUAL))
+def test_visual_vae_encodes_on_device_like_cpu(vae_dirs, kind) -> None:
+    from latentforge.datasets.encoders import build_visual_encoder
+    from latentforge.datasets.encoders.config import AutoencoderKLConfig, VideoVAEConfig
+
+    config = AutoencoderKLConfig if kind == "autoencoder_kl" else VideoVAEConfig
+    ref = {"kind": kind, "model": vae_dirs[kind], "subfolder": "vae"}
+    on_device = build_visual_encoder(config(**ref, device=device_option("auto"), dtype="auto"))
+    on_cpu = build_visual_encoder(config(**ref, device="cpu", dtype="float32"))
+    expected = auto_dtype(torch.bfloat16)
+    assert (on_device.vae.device.type, on_device.vae.dtype) == (DEVICE, expected)
+    assert_params(on_device.vae.model, expected)
+    assert on_device.describe()["dtype"] == str(expected).removeprefix("torch.")
+    b, t, h, w = VISUAL[kind]
+    frames = np.random.default_rng(0).integers(0, 256, (b, t, h, w, 3), dtype=np.uint8)
+    z, z_cpu = on_device.encode(frames), on_cpu.encode(frames)
+    assert z.dtype == np.float32 and z.shape == z_cpu.shape and np.isfinite(z).all()
+    assert rel_err(z, z_cpu) < VAE_TOLERANCE, rel_err(z, z_cpu)
+    decoded = on_device.decode(z)
+    assert decoded.dtype == np.uint8 and decoded.shape == frames.shape
+
+
+def test_oobleck_encodes_on_device_like_cpu(vae_dirs) -> None:
+    from latentforge.datasets.encoders import build_audio_encoder
+    from latentforge.datasets.encoders.config import OobleckConfig
+
+    ref = {"kind": "oobleck", "model": vae_dirs["oobleck"], "subfolder": "vae"}
+    on_device = build_audio_encoder(OobleckConfig(**ref, device=device_option("cuda"), dtype="auto"), 16000)
+    on_cpu = build_audio_encoder(OobleckConfig(**ref, device="cpu", dtype="float32"), 16000)
+    expected = auto_dtype(torch.bfloat16)
+    assert (on_device.vae.device.type, on_device.vae.dtype) == (DEVICE, expected)
+    assert_params(on_device.vae.model, expected)
+    t = np.arange(on_device.hop * 40) / 16000
+    waves = np.stack([0.5 * np.sin(2 * np.pi * f * t) for f in (220, 330, 550)]).astype(np.float32)
+    z, z_cpu = on_device.encode(waves), on_cpu.encode(waves)
+    assert z.shape == z_cpu.shape and np.isfinite(z).all()
+    assert rel_err(z, z_cpu) < VAE_TOLERANCE, rel_err(z, z_cpu)
+    assert on_device.decode(z).shape[0] == len(waves)
+
+
+@pytest.mark.parametrize("kind", ["t5", "clip"])
+def test_text_encoder_on_device_like_cpu(tmp_path, kind) -> None:
+    """T5 / CLIP run in bf16 on CUDA (BF16_ON_CUDA); T5 may keep its `wo` projections in float32
+    (`_keep_in_fp32_modules`; transformers 5.24 applies it to float16 only)."""
+    from tiny_captioners import BLIP_SPECIALS, BLIP_WORDS
+    from tiny_models import tiny_clip, tiny_t5
+    from transformers import BertTokenizer
+
+    from latentforge.datasets.encoders.config import TextEncoderConfig
+    from latentforge.datasets.encoders.text import TextEncoder
+
+    (tmp_path / "vocab.txt").write_text("\n".join(BLIP_SPECIALS + BLIP_WORDS) + "\n")
+    tokenizer = BertTokenizer(str(tmp_path / "vocab.txt"))  # a local word vocabulary: no MiniLM package needed
+    torch.manual_seed(0)
+    model = tiny_t5(tokenizer) if kind == "t5" else tiny_clip(tokenizer)
+    model.save_pretrained(str(tmp_path / "enc"))
+    tokenizer.save_pretrained(str(tmp_path / "enc"))
+    cfg = {"kind": kind, "model": str(tmp_path / "enc"), "max_len": 12}
+    on_device = TextEncoder(TextEncoderConfig(**cfg, device=device_option("auto")))
+    on_cpu = TextEncoder(TextEncoderConfig(**cfg, device="cpu"))
+    expected = auto_dtype(torch.bfloat16)
+    assert on_device.dtype == expected
+    assert_params(on_device.model, expected, keep_fp32=("wo",) if kind == "t5" else ())
+    captions = ["a red circle on the left", "blue square", "", "a small bright triangle moving up"]
+    (emb, mask), (emb_cpu, mask_cpu) = on_device.encode(captions), on_cpu.encode(captions)
+    assert emb.dtype == np.float32 and emb.shape == emb_cpu.shape and np.array_equal(mask, mask_cpu)
+    assert np.isfinite(emb).all() and rel_err(emb[mask], emb_cpu[mask]) < VAE_TOLERANCE
+
+
+def test_repa_features_on_device_like_cpu(tmp_path) -> None:
+    from latentforge.datasets.encoders.config import RepaEncoderConfig
+    from latentforge.pipelines.stages.encode_repa import RepaFeatures
+
+    torch.manual_seed(0)
+    model = save_tiny_dinov2(tmp_path / "dino", registers=2)
+    on_device = RepaFeatures(RepaEncoderConfig(model=model, patch=2, device=device_option("auto"), dtype="auto"))
+    on_cpu = RepaFeatures(RepaEncoderConfig(model=model, patch=2, device="cpu", dtype="float32"))
+    expected = auto_dtype(torch.bfloat16)
+    assert (on_device.device.type, on_device.dtype) == (DEVICE, expected)
+    assert_params(on_device.model, expected)
+    frames = np.random.default_rng(0).integers(0, 255, (3, 12, 20, 3), dtype=np.uint8)
+    out, out_cpu = on_device(frames, (3, 5)), on_cpu(frames, (3, 5))
+    assert out.shape == out_cpu.shape == (45, on_cpu.dim) and out.dtype == np.float16 and np.isfinite(out).all()
+    assert rel_err(out, out_cpu) < VAE_TOLERANCE, rel_err(out, out_cpu)
