@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -124,7 +126,8 @@ def pipeline(cfg, out: Path) -> tuple[float, int]:
     start, cpu, busy = time.perf_counter(), time.process_time(), busy_cores()
     result = run_curation(cfg, out)
     print(f"pipeline: driver CPU {time.process_time() - cpu:.1f} s, machine {machine_busy(busy, os.cpu_count()):.2f} "
-          f"cores busy on average", file=sys.stderr)
+          f"cores busy on average; phases (wall s): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()), file=sys.stderr)
     return time.perf_counter() - start, result.samples
 
 
@@ -158,6 +161,9 @@ def main() -> None:
     parser.add_argument("--also-serial-loop", action="store_true",
                         help="also time the loop with one thread per library (as each pipeline worker), same run")
     parser.add_argument("--only", choices=["loop", "pipeline"], help="run one side (for profiling; no ratio)")
+    parser.add_argument("--corpus", type=Path, help=(
+        "keep the generated corpus in this directory and reuse it when it is already there (repeated runs on "
+        "the same files; the media options must match the ones it was generated with)"))
     media = parser.add_argument_group("media sizes (the demo corpus's defaults are tiny: per-sample work then "
                                       "vanishes beside fixed costs)")
     media.add_argument("--media-size", type=int, default=64, help="side of generated images and video frames")
@@ -173,10 +179,16 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        generate_demo_corpus(tmp / "corpus", DemoCorpusSpec(
-            num_images=args.images, num_videos=args.videos, num_audio=args.audio, image_size=args.media_size,
-            video_frames=args.video_frames, video_fps=args.video_fps, audio_seconds=args.audio_seconds))
-        cfg = make_config(tmp / "corpus", make_aesthetic_models(tmp), args)
+        corpus = args.corpus or tmp / "corpus"
+        spec = DemoCorpusSpec(num_images=args.images, num_videos=args.videos, num_audio=args.audio,
+                              image_size=args.media_size, video_frames=args.video_frames, video_fps=args.video_fps,
+                              audio_seconds=args.audio_seconds)
+        stamp = corpus.parent / f"{corpus.name}.spec.json"  # beside it: not an input of the job
+        if not (stamp.exists() and json.loads(stamp.read_text()) == dataclasses.asdict(spec)):
+            shutil.rmtree(corpus, ignore_errors=True)
+            generate_demo_corpus(corpus, spec)
+            stamp.write_text(json.dumps(dataclasses.asdict(spec)))
+        cfg = make_config(corpus, make_aesthetic_models(tmp), args)
         # address="local": a new cluster of our own, even when another one is running on this machine
         ray.init(address="local", num_cpus=args.cpus, object_store_memory=1024 * 2**20, include_dashboard=False,
                  log_to_driver=False)

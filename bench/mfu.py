@@ -204,6 +204,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=None, help="images per step (default 64 and 16; --tiny: 2)")
     ap.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS, help="device peak for MFU")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--case", choices=["256", "1024"], help="only this case (tokens per image); default both")
+    ap.add_argument("--ours-first", action="store_true", help="time ours before the reference in each case")
     args = ap.parse_args(argv)
     if not math.isfinite(args.peak_tflops) or args.peak_tflops <= 0:
         ap.error("--peak-tflops must be a positive number")
@@ -215,7 +217,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def cases(args) -> list[Case]:
     if args.tiny:
         return [Case("16 tokens", 8, args.batch or 2), Case("64 tokens", 16, args.batch or 2)]
-    return [Case("256 tokens", 32, args.batch or 64), Case("1024 tokens", 64, args.batch or 16)]
+    both = [Case("256 tokens", 32, args.batch or 64), Case("1024 tokens", 64, args.batch or 16)]
+    return [c for c in both if args.case is None or c.name.startswith(args.case + " ")]
 
 
 def main(argv=None) -> None:
@@ -233,15 +236,26 @@ def main(argv=None) -> None:
           f"{'MFU':>8} {'vs ref':>8}")
     for case in cases(args):
         for compile_model in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
+            def run_reference():
+                # input_size is the latent side (the reference's sample.py passes image_size // 8)
+                return measure("reference", lambda hw=case.latent_hw: reference.DiT_models[ref_name](input_size=hw),
+                               reference_step, reference_spec, case, args, device, compile_model)
+
+            def run_ours():
+                return measure("ours", lambda: build_ours(preset, 4), our_step, lambda m, hw: our_spec(m.cfg, hw),
+                               case, args, device, compile_model)
+
+            if args.ours_first:  # ours printed first, without a ratio; the reference's row carries ref / ours
+                ours = run_ours()
+                print_row(ours, None)
+                if reference is not None:
+                    print_row(run_reference(), ours)
+                continue
             base = None
             if reference is not None:
-                # input_size is the latent side (the reference's sample.py passes image_size // 8)
-                base = measure("reference", lambda hw=case.latent_hw: reference.DiT_models[ref_name](input_size=hw),
-                               reference_step, reference_spec, case, args, device, compile_model)
+                base = run_reference()
                 print_row(base, None)
-            ours = measure("ours", lambda: build_ours(preset, 4), our_step, lambda m, hw: our_spec(m.cfg, hw),
-                           case, args, device, compile_model)
-            print_row(ours, base)
+            print_row(run_ours(), base)
 
 
 if __name__ == "__main__":

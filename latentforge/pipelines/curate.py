@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,10 +64,15 @@ class CurationResult:
 
     samples: int = 0  # rows out: one per input, or one per clip of a split video
     local_dir: Path | None = None  # a remote dataset's manifest, rejects and card, as written before upload
+    # Wall seconds per phase: scan (probe .. hashes, materialised), dedup (driver), first_row (stage actors
+    # starting and loading models, up to the first finished row), stages (the rest of the stream and the
+    # shard writes), tables (manifest, rejects, card).
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
         base = {"inputs": self.inputs, "samples": self.samples, "kept": self.kept, "rejected": self.rejected,
                 "filtered": self.filtered}
+        base.update({f"seconds_{phase}": s for phase, s in self.seconds.items()})
         base.update({f"kept_{m}": n for m, n in self.by_modality.items()})
         base.update({f"reason_{r}": n for r, n in self.reasons.items()})
         return {k: float(v) for k, v in base.items()}
@@ -168,15 +174,22 @@ def mark_and_explain(batch: dict, dups: dict, notes: dict) -> dict:
     return out
 
 
-def build_pipeline(rows: list[dict], cfg: CurationConfig, shard_dir: Path | str, done: list[dict] = ()):
-    """The dataset of finished rows (latents included), not yet executed: scan, dedup, then the stages."""
+def build_pipeline(rows: list[dict], cfg: CurationConfig, shard_dir: Path | str, done: list[dict] = (),
+                   seconds: dict[str, float] | None = None):
+    """The dataset of finished rows (latents included), not yet executed: scan, dedup, then the stages.
+    `seconds` gets the wall time of the scan and of the dedup pass."""
+    seconds = {} if seconds is None else seconds
+    start = time.perf_counter()
     ds = scan(rows, cfg)
+    seconds["scan"] = time.perf_counter() - start
     marking = dedup(ds, cfg, done)
+    seconds["dedup"] = time.perf_counter() - start - seconds["scan"]
     return map_stages(ds, active_stages(STAGES, cfg), cfg, storage.ray_remote_args(cfg.input_dir, shard_dir), marking,
                       rows=ds.count())
 
 
-def write_groups(ds, rows: list[dict], cfg: CurationConfig, shard_dir: Path | str, in_flight: int = 2) -> list[dict]:
+def write_groups(ds, rows: list[dict], cfg: CurationConfig, shard_dir: Path | str, in_flight: int = 2,
+                 seconds: dict[str, float] | None = None) -> list[dict]:
     """Stream the pipeline's rows and write each shard group as soon as all its rows are in; returns the
     groups' metadata rows (latents left in the tars).
 
@@ -187,6 +200,7 @@ def write_groups(ds, rows: list[dict], cfg: CurationConfig, shard_dir: Path | st
     row already streams through here, and a task would send it back through the object store to a worker.
 
     A group is complete when each of its inputs has sent `source_rows` rows (its clips, or one row).
+    `seconds` gets the wall time to the first row (actors starting, models loading) and from there to the end.
     """
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
@@ -210,7 +224,10 @@ def write_groups(ds, rows: list[dict], cfg: CurationConfig, shard_dir: Path | st
             futures.add(pool.submit(write_shard_group, batch_of(pending.pop(group)), **kwargs))
             drain(in_flight)
 
+        start = time.perf_counter()
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            if seconds is not None and "first_row" not in seconds:
+                seconds["first_row"] = time.perf_counter() - start
             for row in rows_of(batch):
                 group, source = int(row["shard"]), str(row["source_id"])
                 pending.setdefault(group, []).append(row)
@@ -223,6 +240,8 @@ def write_groups(ds, rows: list[dict], cfg: CurationConfig, shard_dir: Path | st
         for group in sorted(pending):  # never complete (source_rows disagreed): written with what came, checked
             write(group)
         drain(0)
+    if seconds is not None:
+        seconds["stages"] = time.perf_counter() - start - seconds.get("first_row", 0.0)
     return meta
 
 
@@ -242,8 +261,17 @@ def run_curation(cfg: CurationConfig, dataset_dir: Path | str) -> CurationResult
     if done:
         logging.getLogger(__name__).warning("resuming: %d of %d shard groups already done, %d inputs to go",
                                             len(done), rows[-1]["shard"] + 1, len(pending))
-    meta = write_groups(build_pipeline(pending, cfg, shard_dir, finished), pending, cfg, shard_dir) if pending else []
-    return write_dataset(finished + meta, rows, cfg, dataset_dir)
+    seconds: dict[str, float] = {}
+    meta = []
+    if pending:
+        ds = build_pipeline(pending, cfg, shard_dir, finished, seconds)
+        meta = write_groups(ds, pending, cfg, shard_dir, seconds=seconds)
+    start = time.perf_counter()
+    result = write_dataset(finished + meta, rows, cfg, dataset_dir)
+    result.seconds = {**seconds, "tables": time.perf_counter() - start}
+    logging.getLogger(__name__).info("curation phases (wall s): %s",
+                                     ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
+    return result
 
 
 def write_dataset(meta: list[dict], rows: list[dict], cfg: CurationConfig, dataset_dir: Path | str) -> CurationResult:

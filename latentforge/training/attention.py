@@ -70,6 +70,17 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.flatten(-2).to(x.dtype)
 
 
+class QKNorm(nn.RMSNorm):
+    """RMSNorm over a head's channels, run in the input's dtype.
+
+    Under autocast q and k arrive in bf16 while the weight stays float32, and torch's fused RMSNorm kernel
+    refuses mixed dtypes (it falls back to several unfused kernels, and warns); the weight is cast to the input's
+    dtype instead. The parameter is unchanged, so checkpoints load either way."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 class Attention(nn.Module):
     """Multi-head attention: self-attention when ctx is None, else cross-attention to ctx.
 
@@ -84,8 +95,8 @@ class Attention(nn.Module):
         self.kv = nn.Linear(hidden, 2 * hidden)
         self.proj = nn.Linear(hidden, hidden)
         head_dim = hidden // heads
-        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.q_norm = QKNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = QKNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
 
     def forward(
         self, x: Tensor, ctx: Tensor | None = None, ctx_mask: Tensor | None = None, *, rope: Rope | None = None

@@ -53,6 +53,10 @@ def test_split_videos_fill_their_groups_exactly_once(tmp_path, ray_local):
     assert sorted(clips.values()) == [1, 2, 3]  # one clip per shot
     assert result.inputs == 6 and {r["reason"] for r in rejects} == {"empty_file"}
     assert len(manifest) == 3 + 2 + 1 + 2 and result.samples == len(manifest) + len(rejects)
+    # Wall time per phase, logged to MLflow with the counts (seconds_scan, ...).
+    assert list(result.seconds) == ["scan", "dedup", "first_row", "stages", "tables"]
+    assert result.seconds["scan"] > 0 and all(v >= 0 for v in result.seconds.values())
+    assert result.metrics()["seconds_first_row"] == result.seconds["first_row"]
 
     # Every manifest row is in exactly one tar, every tar member is in the manifest, and each group's marker
     # lists all the rows of its inputs (clips included).
