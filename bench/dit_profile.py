@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mfu import Case, our_spec, our_step, time_training, train_flops  # noqa: E402
+from mfu import Case, our_spec, our_step, time_training, train_flops
 
-from latentforge.training import attention  # noqa: E402
-from latentforge.training.dit import build_dit  # noqa: E402
+from latentforge.training import attention
+from latentforge.training.dit import build_dit
 
 
 def plain_rmsnorm(self, x):  # torch's nn.RMSNorm.forward, as the model used it before QKNorm

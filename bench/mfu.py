@@ -236,12 +236,12 @@ def main(argv=None) -> None:
           f"{'MFU':>8} {'vs ref':>8}")
     for case in cases(args):
         for compile_model in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
-            def run_reference():
+            def run_reference(case=case, compile_model=compile_model):
                 # input_size is the latent side (the reference's sample.py passes image_size // 8)
                 return measure("reference", lambda hw=case.latent_hw: reference.DiT_models[ref_name](input_size=hw),
                                reference_step, reference_spec, case, args, device, compile_model)
 
-            def run_ours():
+            def run_ours(case=case, compile_model=compile_model):
                 return measure("ours", lambda: build_ours(preset, 4), our_step, lambda m, hw: our_spec(m.cfg, hw),
                                case, args, device, compile_model)
 
