@@ -275,6 +275,32 @@ def test_qwen2_vl_runs_in_bfloat16(models: dict, vlms: dict) -> None:
     assert captioner.caption([np.full((32, 32, 3), 200, np.uint8)])[0]
 
 
+def test_qwen2_vl_without_a_chat_template_falls_back_to_the_same_prompt(models: dict, vlms: dict,
+                                                                       tmp_path: Path) -> None:
+    """A checkpoint whose tokenizer has no chat template (older exports) gets Qwen2-VL's turn format written out
+    by hand: the same text the template renders, so it captions the same."""
+    import json
+    import shutil
+
+    from latentforge.pipelines.stages.caption_vlm import Qwen2VLCaptioner
+
+    bare = tmp_path / "qwen2_vl_no_template"
+    shutil.copytree(vlms["qwen2_vl"], bare)
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    for name in ("tokenizer_config.json", "chat_template.json"):
+        path = bare / name
+        if path.exists():
+            data = json.loads(path.read_text())
+            data.pop("chat_template", None)
+            path.write_text(json.dumps(data))
+    templated = Qwen2VLCaptioner(vlm_config(models, vlms, "qwen2_vl").captioning.vlm)
+    fallback = Qwen2VLCaptioner(vlm_config(models, {"qwen2_vl": str(bare)}, "qwen2_vl").captioning.vlm)
+    assert templated.tokenizer.chat_template and not fallback.tokenizer.chat_template
+    assert fallback.text == templated.text  # the hand-written turn is what the template renders
+    frames = [np.full((32, 32, 3), v, np.uint8) for v in (40, 200)]
+    assert fallback.caption(frames) == templated.caption(frames)
+
+
 def test_vlm_family_bad_model_or_prompt_is_a_clear_error(models: dict, vlms: dict, tmp_path: Path) -> None:
     from latentforge.pipelines.stages.caption_vlm import Florence2Captioner, Qwen2VLCaptioner
 
@@ -351,6 +377,41 @@ def test_prep_decodes_a_videos_audio_track_within_the_clip(av_rows: dict, models
     assert len(first) == len(second) == 16000
     assert 0.25 < np.abs(first).mean() < 0.4 and np.abs(second[800:]).mean() < 0.01  # the tone, then silence
     assert out[AUDIO_COLUMN][1] == b"" and load_npy(out[FRAMES_COLUMN][1]).shape == (3, 32, 32, 3)  # no track
+
+
+def damage_audio_packets(path: Path) -> int:
+    """Overwrite every audio packet's bytes in place with noise (the container and the video stream intact);
+    returns how many packets were damaged."""
+    import av
+
+    with av.open(str(path)) as container:
+        spans = [(p.pos, p.size) for p in container.demux(container.streams.audio[0]) if p.size and (p.pos or 0) > 0]
+    data, rng = bytearray(path.read_bytes()), np.random.default_rng(0)
+    for pos, size in spans:
+        data[pos:pos + size] = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    return len(spans)
+
+
+def test_a_damaged_audio_track_costs_only_the_transcript(tmp_path: Path, av_rows: dict, models: dict) -> None:
+    """A video whose AAC packets are noise: its frames are still captioned, the track's decode error is noted in
+    caption_error, Whisper gets no waveform for it, and the row stays ok (the transcript alone is lost)."""
+    import shutil
+
+    damaged = tmp_path / "damaged.mp4"
+    shutil.copy(av_rows["talk.mp4"]["uri"], damaged)
+    assert damage_audio_packets(damaged) > 10
+    row = {**av_rows["talk.mp4"], "uri": str(damaged), "relpath": "damaged.mp4", "id": "damaged"}
+    cfg = config(models, "av")
+    prepared = CaptionPrep(cfg)(to_batch([row, av_rows["talk.mp4"]]))
+    assert list(prepared["status"]) == ["ok", "ok"]
+    note = prepared["caption_error"][0]
+    assert note.startswith("audio: decode_error") and "damaged.mp4" in note
+    assert prepared[AUDIO_COLUMN][0] == b"" and prepared["caption_error"][1] == ""  # the intact copy keeps its track
+    assert load_npy(prepared[FRAMES_COLUMN][0]).shape == load_npy(prepared[FRAMES_COLUMN][1]).shape
+    out = CaptionAudio(cfg)(prepared)
+    assert out["caption_audio"][0] == "" and out["caption_audio"][1].strip()
+    assert out["caption_error"][0] == prepared["caption_error"][0] and out["status"][0] == "ok"
 
 
 def test_whisper_transcribes_a_videos_track_and_select_can_pick_it(av_rows: dict, models: dict) -> None:
