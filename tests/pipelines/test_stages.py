@@ -189,6 +189,14 @@ def test_orphan_captions_lists_captions_without_media(tmp_path: Path) -> None:
     (tmp_path / "d" / "x.txt").write_text("x")
     (tmp_path / "d" / "lonely.txt").write_text("no media")
     assert orphan_captions(tmp_path) == ["d/lonely.txt"]
+    # Paired as discover pairs them (media path with its suffix replaced by .txt): dotted stems, and names with
+    # glob characters, which a per-caption glob got wrong.
+    for name in ("clip.v2.mp4", "clip.v2.txt", "[a].png", "[a].txt", "a.png", "clip.txt", "e/only.TXT"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    assert orphan_captions(tmp_path) == ["clip.txt", "d/lonely.txt", "e/only.TXT"]
+    assert {r["caption_path"] for r in discover(tmp_path, 4)} >= {str(tmp_path.resolve() / n) for n in
+                                                                   ("clip.v2.txt", "[a].txt", "d/x.txt")}
 
 
 # ---------------------------------------------------------------- the stage chain on the corpus
