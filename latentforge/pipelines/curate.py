@@ -117,8 +117,7 @@ def map_stages(ds, stages: tuple[type[Stage], ...], cfg: CurationConfig, remote:
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 1.0)
-    local = ray_is_this_machine()
-    parts = segments(stages, cfg, pool_cpus(cpus, local=local), rows=rows)
+    parts = segments(stages, cfg, pool_cpus(cpus, local=ray_is_this_machine()), rows=rows)
     factor = cpu_scale(parts, cpus)
     if factor < 1.0:
         logging.getLogger(__name__).warning(
@@ -126,13 +125,8 @@ def map_stages(ds, stages: tuple[type[Stage], ...], cfg: CurationConfig, remote:
             "(set curation.resources / curation.fusion.pool to choose yourself)", factor)
     if not parts and prelude is not None:
         return ds.map_batches(prelude[0], fn_kwargs=prelude[1], batch_format="numpy", **remote)
-    # On a local Ray task maps get no more tasks at once than the machine has cores, as actor pools get no more
-    # actors (pool_cpus): the quickstart's Ray has twice as many logical CPUs as cores, and each extra task is
-    # a worker process importing the media libraries to take turns on the same cores (bench/curation.py, 976
-    # samples, 2 cores, four runs each: 27.7-33.5 s with the cap, 33.1-34.7 s without).
-    tasks = int(pool_cpus(cpus, local=True)) if local else None
     for i, part in enumerate(parts):
-        ds = apply_segment(ds, part, cfg, factor, remote, prelude if i == 0 else None, task_concurrency=tasks)
+        ds = apply_segment(ds, part, cfg, factor, remote, prelude if i == 0 else None)
     return ds
 
 

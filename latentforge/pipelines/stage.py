@@ -311,8 +311,7 @@ def stateless_task(segment: Segment) -> Callable[[Batch, CurationConfig], Batch]
 
 
 def apply_segment(ds, segment: Segment, cfg: CurationConfig, cpu_factor: float = 1.0,
-                  remote_args: dict | None = None, prelude: tuple[Callable, dict] | None = None,
-                  task_concurrency: int | None = None):
+                  remote_args: dict | None = None, prelude: tuple[Callable, dict] | None = None):
     """Map a Segment onto a Ray Dataset: its resources become `map_batches` keywords one-to-one (CPUs times
     `cpu_factor`, which is below 1 only when the whole pipeline would not fit the cluster).
     `remote_args`: extra Ray keywords, e.g. the storage runtime_env when inputs are at a URI.
@@ -325,7 +324,6 @@ def apply_segment(ds, segment: Segment, cfg: CurationConfig, cpu_factor: float =
 
     `prelude`: (function, keyword arguments) mapped over each batch just before the segment, with the same
     resources, so Ray Data fuses it into the segment's tasks or actors instead of starting workers of its own.
-    `task_concurrency`: at most this many tasks of a stateless segment at once (None: as the CPUs allow).
     """
     from ray.data import ActorPoolStrategy
 
@@ -335,8 +333,7 @@ def apply_segment(ds, segment: Segment, cfg: CurationConfig, cpu_factor: float =
     if prelude is not None:
         ds = ds.map_batches(prelude[0], fn_kwargs=prelude[1], **keywords)
     if not segment.holds_state:
-        limit = {"concurrency": task_concurrency} if task_concurrency else {}
-        return ds.map_batches(stateless_task(segment), fn_kwargs={"cfg": cfg}, **keywords, **limit)
+        return ds.map_batches(stateless_task(segment), fn_kwargs={"cfg": cfg}, **keywords)
     return ds.map_batches(segment.callable(), fn_constructor_args=(cfg,), compute=ActorPoolStrategy(size=res.pool),
                           **keywords)
 
