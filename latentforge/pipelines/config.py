@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from latentforge.datasets.buckets import Bucket
 from latentforge.datasets.encoders.config import EncodersConfig
@@ -77,6 +77,19 @@ class CurationConfig(Strict):
 
     # How the job runs, not what it produces: left out of the config hash, so a resumed job may change them.
     EXECUTION_FIELDS: ClassVar[frozenset[str]] = frozenset({"resources", "fusion"})
+
+    @field_validator("resources")
+    @classmethod
+    def _known_stages(cls, value: dict[str, StageResources]) -> dict[str, StageResources]:
+        """A misspelt stage name would otherwise be ignored (stages look their name up)."""
+        if value:
+            from latentforge.pipelines.curate import SCAN_STAGES, STAGES  # here: curate imports this module
+
+            known = sorted({s.name for s in SCAN_STAGES + STAGES})
+            unknown = sorted(set(value) - set(known))
+            if unknown:
+                raise ValueError(f"unknown stage {', '.join(map(repr, unknown))} (stages: {', '.join(known)})")
+        return value
 
     def bucket_table(self) -> list[Bucket]:
         return self.buckets or [Bucket(height=self.image_size, width=self.image_size, frames=self.video_frames)]

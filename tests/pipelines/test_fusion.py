@@ -69,6 +69,25 @@ def test_a_chain_asks_for_its_largest_member_and_its_cpu_pool_fills_the_cluster(
     assert cpu_scale(parts, 16) == 1.0 and cpu_scale(parts, 8) == pytest.approx(7.5 / 14)
 
 
+def test_a_task_map_takes_batches_of_at_least_task_batch_rows() -> None:
+    """The scan's stateless chain runs as Ray tasks of TASK_BATCH_ROWS rows (each member still slices its own
+    batch size inside the chain); actor chains keep their largest member's batch; unfused stages their own."""
+    from latentforge.pipelines.stage import TASK_BATCH_ROWS
+
+    cfg = CurationConfig()
+    (scan,) = segments(SCAN_STAGES, cfg)
+    assert not scan.holds_state
+    assert max(stage_resources(s, cfg).batch_size for s in SCAN_STAGES) < TASK_BATCH_ROWS
+    assert scan.resources.batch_size == TASK_BATCH_ROWS
+    big = CurationConfig(resources={ProbeMedia.name: {"batch_size": 4 * TASK_BATCH_ROWS}})
+    assert segments(SCAN_STAGES, big)[0].resources.batch_size == 4 * TASK_BATCH_ROWS  # a larger one stays
+    (chain,) = segments(active_stages(STAGES, cfg), cfg)
+    assert chain.holds_state and chain.resources.batch_size < TASK_BATCH_ROWS
+    unfused = CurationConfig(fusion={"enabled": False})
+    assert [p.resources.batch_size for p in segments(SCAN_STAGES, unfused)] == [
+        stage_resources(s, unfused).batch_size for s in SCAN_STAGES]
+
+
 def test_a_chain_gives_what_its_stages_give_one_after_another(tmp_path: Path) -> None:
     generate_demo_corpus(tmp_path, DemoCorpusSpec(num_images=5, num_videos=3, num_audio=3))
     cfg = CurationConfig(input_dir=tmp_path)
@@ -119,3 +138,10 @@ def test_an_unknown_fusion_key_is_refused_with_its_path() -> None:
     with pytest.raises(ValueError, match="fusion.pools"):
         CurationConfig.model_validate({"fusion": {"pools": 2}})
 
+
+
+def test_a_misspelt_stage_in_resources_is_refused_naming_it() -> None:
+    """Stages look their own name up in `resources`, so a typo would silently leave the declared resources."""
+    with pytest.raises(ValueError, match=r"resources\n.*unknown stage 'probe_media' \(stages: .*\bprobe\b"):
+        CurationConfig.model_validate({"resources": {"probe_media": {"batch_size": 512}, "probe": {}}})
+    assert CurationConfig.model_validate({"resources": {"probe": {"batch_size": 512}}}).resources["probe"].batch_size == 512
