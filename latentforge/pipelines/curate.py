@@ -107,7 +107,7 @@ def scan(rows: list[dict], cfg: CurationConfig):
     import ray.data
 
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), len(rows) // 8)))
-    return map_stages(ds, SCAN_STAGES, cfg, storage.ray_remote_args(cfg.input_dir)).materialize()
+    return map_stages(ds, SCAN_STAGES, cfg, storage.ray_remote_args(cfg.input_dir), rows=len(rows)).materialize()
 
 
 def map_stages(ds, stages: tuple[type[Stage], ...], cfg: CurationConfig, remote: dict,

@@ -255,8 +255,8 @@ def segments(stages: tuple[type[Stage], ...], cfg: CurationConfig, cluster_cpus:
     """The stages as Ray Data maps. With `cfg.fusion.enabled`, consecutive stages asking for the same GPUs
     (the CPU-only ones together; a GPU captioner apart from the CPU work around it, so the GPU never waits on
     decoding) become one chain asking for the most CPUs / GPUs and the largest batch of its members (each member
-    still sees batches of its own size: see StageChain); a fused map without actors (Ray tasks) takes batches of
-    at least TASK_BATCH_ROWS rows.
+    still sees batches of its own size: see StageChain). Given `rows` and `cluster_cpus`, a fused map without
+    actors (Ray tasks) takes batches of up to TASK_BATCH_ROWS rows, as long as that leaves 4 tasks per CPU.
 
     With fusion, each CPU-only map with actors gets `cfg.fusion.pool` actors, or its share of what
     `cluster_cpus` hold beside the GPU pools and `reserve` (at least its declared pool). GPU maps keep their
@@ -275,8 +275,11 @@ def segments(stages: tuple[type[Stage], ...], cfg: CurationConfig, cluster_cpus:
         seg = Segment(tuple(group), res[0] if len(group) == 1 else StageResources(
             num_cpus=max(r.num_cpus for r in res), num_gpus=res[0].num_gpus,
             batch_size=max(r.batch_size for r in res), pool=max(r.pool for r in res)))
-        if cfg.fusion.enabled and not seg.holds_state and seg.resources.batch_size < TASK_BATCH_ROWS:
-            seg = _with(seg, batch_size=TASK_BATCH_ROWS)
+        if cfg.fusion.enabled and not seg.holds_state and rows is not None and cluster_cpus:
+            # at least 4 tasks per CPU, so the last tasks leave no CPU idle for long (clip splitting makes
+            # scan rows heavy)
+            target = min(TASK_BATCH_ROWS, int(rows // (4 * cluster_cpus)))
+            seg = _with(seg, batch_size=max(seg.resources.batch_size, target))
         out.append(seg)
     filling = [i for i, p in enumerate(out) if p.holds_state and not p.resources.num_gpus]
     if cfg.fusion.enabled and (cluster_cpus is not None or cfg.fusion.pool is not None):

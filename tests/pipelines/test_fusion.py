@@ -69,22 +69,30 @@ def test_a_chain_asks_for_its_largest_member_and_its_cpu_pool_fills_the_cluster(
     assert cpu_scale(parts, 16) == 1.0 and cpu_scale(parts, 8) == pytest.approx(7.5 / 14)
 
 
-def test_a_task_map_takes_batches_of_at_least_task_batch_rows() -> None:
-    """The scan's stateless chain runs as Ray tasks of TASK_BATCH_ROWS rows (each member still slices its own
-    batch size inside the chain); actor chains keep their largest member's batch; unfused stages their own."""
+def test_a_task_map_takes_larger_batches_while_each_cpu_keeps_four_tasks() -> None:
+    """The scan's stateless chain runs as Ray tasks of up to TASK_BATCH_ROWS rows (each member still slices its
+    own batch size inside the chain), as long as every CPU gets 4 tasks; actor chains keep their largest
+    member's batch; unfused stages their own."""
     from latentforge.pipelines.stage import TASK_BATCH_ROWS
 
     cfg = CurationConfig()
-    (scan,) = segments(SCAN_STAGES, cfg)
-    assert not scan.holds_state
-    assert max(stage_resources(s, cfg).batch_size for s in SCAN_STAGES) < TASK_BATCH_ROWS
-    assert scan.resources.batch_size == TASK_BATCH_ROWS
+    declared = max(stage_resources(s, cfg).batch_size for s in SCAN_STAGES)
+    assert declared < TASK_BATCH_ROWS
+
+    def batch(config: CurationConfig, rows: int | None, cpus: float | None = 4) -> int:
+        (scan,) = segments(SCAN_STAGES, config, cluster_cpus=cpus, rows=rows)
+        assert not scan.holds_state
+        return scan.resources.batch_size
+
+    assert batch(cfg, 100_000) == TASK_BATCH_ROWS
+    assert batch(cfg, 900) == 900 // 16  # 16 tasks for 4 CPUs
+    assert batch(cfg, 100) == declared and batch(cfg, None) == declared and batch(cfg, 10**6, None) == declared
     big = CurationConfig(resources={ProbeMedia.name: {"batch_size": 4 * TASK_BATCH_ROWS}})
-    assert segments(SCAN_STAGES, big)[0].resources.batch_size == 4 * TASK_BATCH_ROWS  # a larger one stays
-    (chain,) = segments(active_stages(STAGES, cfg), cfg)
+    assert batch(big, 100_000) == 4 * TASK_BATCH_ROWS  # a larger declared batch stays
+    (chain,) = segments(active_stages(STAGES, cfg), cfg, cluster_cpus=4, rows=100_000)
     assert chain.holds_state and chain.resources.batch_size < TASK_BATCH_ROWS
     unfused = CurationConfig(fusion={"enabled": False})
-    assert [p.resources.batch_size for p in segments(SCAN_STAGES, unfused)] == [
+    assert [p.resources.batch_size for p in segments(SCAN_STAGES, unfused, cluster_cpus=4, rows=10**5)] == [
         stage_resources(s, unfused).batch_size for s in SCAN_STAGES]
 
 
