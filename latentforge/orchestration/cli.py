@@ -202,12 +202,15 @@ def submit(
 def _print_stage_graph(cfg) -> None:
     from latentforge.orchestration.cluster import local_cpus
     from latentforge.pipelines.curate import pool_cpus, stage_graph
+    from latentforge.pipelines.stage import TASK_BATCH_ROWS
 
     cur = cfg.curation
     # Sized for the local Ray this config starts; on a cluster CPU pools grow to its CPUs.
     cpus = int(pool_cpus(local_cpus(cfg.ray), local=True))
     table = Table(title=f"curation {cur.name}: {cur.input_dir} -> {cur.output_dir}",
-                  caption=f"one row per Ray Data map; CPU pools sized for this machine's {cpus} cores")
+                  caption=f"one row per Ray Data map; CPU pools sized for this machine's {cpus} cores; task maps "
+                          f"take batches of up to {TASK_BATCH_ROWS} rows when the job has inputs enough for "
+                          f"4 tasks per CPU")
     for column in ("map", "stages", "runs as", "num_cpus", "num_gpus", "batch_size", "pool"):
         table.add_column(column)
     for row in stage_graph(cur, cpus):

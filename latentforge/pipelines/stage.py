@@ -288,14 +288,10 @@ def segments(stages: tuple[type[Stage], ...], cfg: CurationConfig, cluster_cpus:
         for i in filling:
             res = out[i].resources
             fill = int(max(0.0, (cluster_cpus or 0.0) - reserve - others) / len(filling) // res.num_cpus)
-            out[i] = _with_pool(out[i], cfg.fusion.pool or max(res.pool, fill))
+            out[i] = _with(out[i], pool=cfg.fusion.pool or max(res.pool, fill))
     if rows is not None:
-        out = [_with_pool(p, max(1, min(p.resources.pool, -(-rows // p.resources.batch_size)))) for p in out]
+        out = [_with(p, pool=max(1, min(p.resources.pool, -(-rows // p.resources.batch_size)))) for p in out]
     return out
-
-
-def _with_pool(segment: Segment, pool: int) -> Segment:
-    return _with(segment, pool=pool)
 
 
 def _with(segment: Segment, **resources) -> Segment:
