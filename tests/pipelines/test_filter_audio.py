@@ -21,6 +21,7 @@ from latentforge.pipelines.stages.filter_audio import (
     load_silero_vad,
     silero_model_path,
     speech_ratio,
+    speech_ratios,
 )
 from latentforge.pipelines.stages.probe_media import ProbeMedia
 
@@ -180,3 +181,36 @@ def test_config_forbids_unknown_keys_and_unsupported_rates() -> None:
         AudioQualityConfig(min_loudness=-30.0)
     with pytest.raises(ValidationError):
         AudioQualityConfig(sample_rate=44100)
+
+
+def test_batched_vad_gives_each_clip_its_own_ratio() -> None:
+    """One batched pass over clips of different lengths (one shorter than a window) equals one clip at a time,
+    at both rates: each batch row carries its own state and context."""
+    session = load_silero_vad()
+    rng = np.random.default_rng(0)
+    clips = [synthetic_voice(1.3, seed=1), 0.2 * rng.standard_normal(RATE).astype(np.float32),
+             np.zeros(100, np.float32), synthetic_voice(0.7, seed=2), 0.5 * np.sin(np.arange(9000) / 10.0)]
+    clips = [c.astype(np.float32) for c in clips]
+    for rate, step in ((16000, 1), (8000, 2)):
+        alone = [speech_ratio(session, c[::step], rate) for c in clips]
+        together = speech_ratios(session, [c[::step] for c in clips], rate)
+        assert together == alone
+        assert together[2] == 0.0 and together[0] > 0.5 > together[1]
+    assert speech_ratios(session, [], 16000) == []
+
+
+def test_a_failed_vad_pass_rejects_its_rows_and_keeps_the_rest(stage, probed: dict) -> None:
+    class Broken:  # an onnxruntime session whose run raises, as a corrupt model would
+        def run(self, *args, **kwargs):
+            raise RuntimeError("vad exploded")
+
+    vad, stage.vad = stage.vad, Broken()
+    try:
+        rows = run(stage, probed)
+    finally:
+        stage.vad = vad
+    audio = {name: r for name, r in rows.items() if r["modality"] == "audio" and name in ("voice.wav", "tone.wav")}
+    assert audio and all((r["status"], r["reason"], r["stage"]) == ("rejected", "stage_error", "filter_audio")
+                         for r in audio.values())
+    assert all("vad exploded" in r["message"] for r in audio.values())
+    assert all(r["status"] == "ok" for r in rows.values() if r["modality"] in ("image", "video"))

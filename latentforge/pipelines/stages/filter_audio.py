@@ -99,27 +99,52 @@ def load_silero_vad():
 
 def speech_ratio(session, signal: np.ndarray, sample_rate: int) -> float:
     """Fraction of whole VAD windows whose speech probability exceeds SPEECH_PROBABILITY (0 if none fit)."""
+    return speech_ratios(session, [signal], sample_rate)[0]
+
+
+def speech_ratios(session, signals: list[np.ndarray], sample_rate: int) -> list[float]:
+    """`speech_ratio` of several signals in one pass: window j of every signal goes through the model as one
+    batch (Silero's state is per batch row), so a batch of B clips costs max(windows) session calls, not the
+    sum. Each row sees exactly the inputs it would alone, so the probabilities are the same as one clip at a
+    time; rows past their own last window are zero-padded and their outputs ignored.
+
+    One call per 32 ms window made VAD the costliest score in curation (about 170 us per call, most of it
+    onnxruntime's per-call overhead); 16 clips per pass took 3.4x less CPU for the same ratios (bench/vad.py,
+    BENCHMARKS.md)."""
     window, context_size = _VAD_WINDOW[sample_rate], _VAD_CONTEXT[sample_rate]
-    count = len(signal) // window
-    if count == 0:
-        return 0.0
-    state = np.zeros((2, 1, 128), dtype=np.float32)
-    context = np.zeros((1, context_size), dtype=np.float32)
+    counts = [len(s) // window for s in signals]
+    longest = max(counts, default=0)
+    if longest == 0:
+        return [0.0] * len(signals)
+    windows = np.zeros((len(signals), longest, window), dtype=np.float32)
+    for i, (signal, count) in enumerate(zip(signals, counts, strict=True)):
+        windows[i, :count] = signal[: count * window].reshape(count, window)
+    state = np.zeros((2, len(signals), 128), dtype=np.float32)
+    context = np.zeros((len(signals), context_size), dtype=np.float32)
     rate = np.array(sample_rate, dtype=np.int64)
-    speech = 0
-    for chunk in signal[: count * window].astype(np.float32).reshape(count, 1, window):
-        x = np.concatenate([context, chunk], axis=1)
+    speech = np.zeros((len(signals), longest), dtype=bool)
+    for j in range(longest):
+        x = np.concatenate([context, windows[:, j]], axis=1)
         probability, state = session.run(None, {"input": x, "state": state, "sr": rate})
         context = x[:, -context_size:]
-        speech += int(probability[0, 0] > SPEECH_PROBABILITY)
-    return speech / count
+        speech[:, j] = probability[:, 0] > SPEECH_PROBABILITY
+    return [float(speech[i, :count].sum()) / count if count else 0.0 for i, count in enumerate(counts)]
+
+
+class _PendingSpeech:
+    """A row's decoded signal waiting for the batch's one VAD pass (see FilterAudioQuality.__call__)."""
+
+    def __init__(self, signal: np.ndarray):
+        self.signal = signal
 
 
 class FilterAudioQuality(Stage):
     """Scores audio loudness, silence, clipping and speech; image and video rows pass with default scores."""
 
     name = "filter_audio"
-    resources = StageResources(num_cpus=0.5, batch_size=16, pool=1)
+    # 64 rows: VAD runs once per batch over its audio rows (speech_ratios), and in a mixed corpus a quarter of
+    # the rows may be audio; the other rows cost nothing here.
+    resources = StageResources(num_cpus=0.5, batch_size=64, pool=1)
     outputs = {"score_loudness": 0.0, "score_silence_ratio": 0.0, "score_clipping_ratio": 0.0,
                "score_speech_ratio": 0.0}
 
@@ -130,7 +155,27 @@ class FilterAudioQuality(Stage):
     def __call__(self, batch):
         # Scores first for every ok row, the verdict afterwards, so a filtered row keeps its scores.
         scored = super().__call__(batch)
-        return self._verdicts(scored) if self.cfg.audio_quality.enabled else scored
+        if not self.cfg.audio_quality.enabled:
+            return scored
+        return self._verdicts(self._speech(scored))
+
+    def _speech(self, batch):
+        """Fill score_speech_ratio of the rows process_row left pending, with one batched VAD pass."""
+        column = list(batch["score_speech_ratio"])
+        pending = [i for i, v in enumerate(column) if isinstance(v, _PendingSpeech)]
+        if pending:
+            try:
+                ratios = speech_ratios(self.vad, [column[i].signal for i in pending], self.cfg.audio_quality.sample_rate)
+            except Exception as e:  # noqa: BLE001 - as map_ok_rows does per row: the rows are lost, never the job
+                for i in pending:
+                    column[i] = 0.0
+                    batch["status"][i], batch["reason"][i], batch["stage"][i] = "rejected", "stage_error", self.name
+                    batch["message"][i] = f"{type(e).__name__}: {e}"
+            else:
+                for i, ratio in zip(pending, ratios, strict=True):
+                    column[i] = ratio
+        batch["score_speech_ratio"] = np.asarray(column, dtype=np.float64)
+        return batch
 
     def process_row(self, row: dict) -> dict:
         cfg = self.cfg.audio_quality
@@ -142,7 +187,7 @@ class FilterAudioQuality(Stage):
             "score_loudness": integrated_loudness(signal, rate),
             "score_silence_ratio": silence_ratio(signal, rate),
             "score_clipping_ratio": clipping_ratio(signal),
-            "score_speech_ratio": speech_ratio(self.vad, signal, rate),
+            "score_speech_ratio": _PendingSpeech(signal.astype(np.float32, copy=False)),
         }
 
     @staticmethod
