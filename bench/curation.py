@@ -65,15 +65,20 @@ def make_config(corpus: Path, models: tuple[str, str], args):
     })
 
 
-def run_stages(stages, batches: list[dict], cfg) -> list[dict]:
+def run_stages(stages, batches: list[dict], cfg, cpu: dict[str, float] | None = None) -> list[dict]:
+    """Each stage over all rows in its declared batches, one stage after the other; `cpu` gets each stage's
+    process CPU seconds (construction included), as the job reports its stages'."""
     from latentforge.pipelines.curate import active_stages
     from latentforge.pipelines.stage import stage_resources
 
     # A stage whose `enabled(cfg)` says no is not in the job, so not in the loop either.
     for stage_cls in active_stages(stages, cfg):
+        start = time.process_time()
         stage, size = stage_cls(cfg), stage_resources(stage_cls, cfg).batch_size
         rows = [r for b in batches for r in rows_of(b)]
         batches = [stage(batch_of(rows[i:i + size])) for i in range(0, len(rows), size)]
+        if cpu is not None:
+            cpu[stage_cls.name] = time.process_time() - start
     return batches
 
 
@@ -86,13 +91,14 @@ def loop(cfg, out: Path) -> tuple[float, int, float]:
 
     start, cpu, busy = time.perf_counter(), time.process_time(), busy_cores()
     inputs = discover(cfg.input_dir, cfg.samples_per_shard)
-    scanned = [r for b in run_stages(curate.SCAN_STAGES, [batch_of(inputs)], cfg) for r in rows_of(b)]
+    spent: dict[str, float] = {}
+    scanned = [r for b in run_stages(curate.SCAN_STAGES, [batch_of(inputs)], cfg, spent) for r in rows_of(b)]
     hashes = [{k: r[k] for k in curate.HASH_COLUMNS} for r in scanned]
     dups = find_duplicates(hashes, cfg.dedup)
     where = {h["id"]: h["relpath"] for h in hashes}
     notes = {d: f"{kind} duplicate of {where[rep]} ({rep})" for d, (rep, kind) in dups.items()}
     marked = curate.mark_and_explain(batch_of(scanned), dups, notes)
-    rows = [r for b in run_stages(curate.STAGES, [marked], cfg) for r in rows_of(b)]
+    rows = [r for b in run_stages(curate.STAGES, [marked], cfg, spent) for r in rows_of(b)]
     (out / "shards").mkdir(parents=True)
     meta = []
     for group in sorted({int(r["shard"]) for r in rows}):
@@ -103,6 +109,7 @@ def loop(cfg, out: Path) -> tuple[float, int, float]:
     elapsed = time.perf_counter() - start
     print(f"loop: CPU {time.process_time() - cpu:.1f} s in {elapsed:.1f} s, machine "
           f"{machine_busy(busy, os.cpu_count()):.2f} cores busy on average", file=sys.stderr)
+    print("loop: CPU s per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in spent.items()), file=sys.stderr)
     video_s = sum(float(r["duration_s"]) for r in scanned if r["modality"] == "video" and r["status"] == "ok")
     return elapsed, result.samples, video_s
 
@@ -128,6 +135,8 @@ def pipeline(cfg, out: Path) -> tuple[float, int]:
     print(f"pipeline: driver CPU {time.process_time() - cpu:.1f} s, machine {machine_busy(busy, os.cpu_count()):.2f} "
           f"cores busy on average; phases (wall s): "
           + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()), file=sys.stderr)
+    print("pipeline: CPU s per stage, all workers: "
+          + ", ".join(f"{k} {v['cpu_s']:.1f}" for k, v in result.stage_seconds.items()), file=sys.stderr)
     return time.perf_counter() - start, result.samples
 
 

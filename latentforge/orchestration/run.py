@@ -117,6 +117,20 @@ def curate(cfg: LatentforgeConfig, tracker: Tracker, parent_id: str | None, summ
                   "dataset_dir": str(result.dataset_dir)})
     console.print(f"[green]curated[/] {result.kept}/{result.inputs} kept, {result.rejected} rejected, "
                   f"{result.filtered} filtered -> {result.dataset_dir}")
+    console.print(stage_time_table(result.stage_seconds))
+
+
+def stage_time_table(stage_seconds: dict[str, dict[str, float]]):
+    """Where a curation job's time went, stage by stage (also logged to MLflow as stage_<name>_cpu_s / _wall_s)."""
+    from rich.table import Table
+
+    total = sum(s["cpu_s"] for s in stage_seconds.values()) or 1.0
+    table = Table(title="time per stage (all workers)", title_justify="left")
+    for column in ("stage", "CPU s", "share", "wall s"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for name, spent in stage_seconds.items():
+        table.add_row(name, f"{spent['cpu_s']:.1f}", f"{spent['cpu_s'] / total:.0%}", f"{spent['wall_s']:.1f}")
+    return table
 
 
 def log_tables(tracker: Tracker, run_id: str, dataset_dir: Path) -> None:

@@ -20,7 +20,16 @@ from latentforge.datasets.shards import load_npy
 from latentforge.pipelines.config import CurationConfig
 from latentforge.pipelines.discover import discover, orphan_captions
 from latentforge.pipelines.resume import done_groups
-from latentforge.pipelines.stage import Segment, Stage, apply_segment, batch_of, cpu_scale, rows_of, segments
+from latentforge.pipelines.stage import (
+    Segment,
+    Stage,
+    add_timing,
+    apply_segment,
+    batch_of,
+    cpu_scale,
+    rows_of,
+    segments,
+)
 from latentforge.pipelines.stages.caption_audio import CaptionAudio
 from latentforge.pipelines.stages.caption_prep import CaptionPrep
 from latentforge.pipelines.stages.caption_select import CaptionSelect
@@ -68,11 +77,16 @@ class CurationResult:
     # starting and loading models, up to the first finished row), stages (the rest of the stream and the
     # shard writes), tables (manifest, rejects, card).
     seconds: dict[str, float] = field(default_factory=dict)
+    # Per stage, summed over every worker: {"cpu_s": process CPU seconds, "wall_s": wall seconds}, in the order
+    # the stages ran. A stage's CPU includes its libraries' threads; wall is what the batches waited on it.
+    stage_seconds: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
         base = {"inputs": self.inputs, "samples": self.samples, "kept": self.kept, "rejected": self.rejected,
                 "filtered": self.filtered}
         base.update({f"seconds_{phase}": s for phase, s in self.seconds.items()})
+        for stage, spent in self.stage_seconds.items():
+            base.update({f"stage_{stage}_{kind}": s for kind, s in spent.items()})
         base.update({f"kept_{m}": n for m, n in self.by_modality.items()})
         base.update({f"reason_{r}": n for r, n in self.reasons.items()})
         return {k: float(v) for k, v in base.items()}
@@ -189,7 +203,8 @@ def build_pipeline(rows: list[dict], cfg: CurationConfig, shard_dir: Path | str,
 
 
 def write_groups(ds, rows: list[dict], cfg: CurationConfig, shard_dir: Path | str, in_flight: int = 2,
-                 seconds: dict[str, float] | None = None) -> list[dict]:
+                 seconds: dict[str, float] | None = None, stage_seconds: dict[str, list[float]] | None = None,
+                 ) -> list[dict]:
     """Stream the pipeline's rows and write each shard group as soon as all its rows are in; returns the
     groups' metadata rows (latents left in the tars).
 
@@ -200,7 +215,8 @@ def write_groups(ds, rows: list[dict], cfg: CurationConfig, shard_dir: Path | st
     row already streams through here, and a task would send it back through the object store to a worker.
 
     A group is complete when each of its inputs has sent `source_rows` rows (its clips, or one row).
-    `seconds` gets the wall time to the first row (actors starting, models loading) and from there to the end.
+    `seconds` gets the wall time to the first row (actors starting, models loading) and from there to the end;
+    `stage_seconds` the rows' time per stage (stage -> [cpu_s, wall_s]; see stage.TIMING_COLUMN).
     """
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
@@ -211,6 +227,7 @@ def write_groups(ds, rows: list[dict], cfg: CurationConfig, shard_dir: Path | st
     rows_left: dict[int, dict[str, int]] = {}  # group -> source id -> rows still to come
     finished: Counter = Counter()  # group -> inputs whose rows are all in
     futures, meta = set(), []
+    timing = {} if stage_seconds is None else stage_seconds
 
     def drain(keep: int) -> None:
         nonlocal futures
@@ -229,6 +246,7 @@ def write_groups(ds, rows: list[dict], cfg: CurationConfig, shard_dir: Path | st
             if seconds is not None and "first_row" not in seconds:
                 seconds["first_row"] = time.perf_counter() - start
             for row in rows_of(batch):
+                add_timing(timing, row)
                 group, source = int(row["shard"]), str(row["source_id"])
                 pending.setdefault(group, []).append(row)
                 left = rows_left.setdefault(group, {})
@@ -262,15 +280,19 @@ def run_curation(cfg: CurationConfig, dataset_dir: Path | str) -> CurationResult
         logging.getLogger(__name__).warning("resuming: %d of %d shard groups already done, %d inputs to go",
                                             len(done), rows[-1]["shard"] + 1, len(pending))
     seconds: dict[str, float] = {}
+    stage_seconds: dict[str, list[float]] = {}
     meta = []
     if pending:
         ds = build_pipeline(pending, cfg, shard_dir, finished, seconds)
-        meta = write_groups(ds, pending, cfg, shard_dir, seconds=seconds)
+        meta = write_groups(ds, pending, cfg, shard_dir, seconds=seconds, stage_seconds=stage_seconds)
     start = time.perf_counter()
     result = write_dataset(finished + meta, rows, cfg, dataset_dir)
     result.seconds = {**seconds, "tables": time.perf_counter() - start}
-    logging.getLogger(__name__).info("curation phases (wall s): %s",
-                                     ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
+    result.stage_seconds = {name: {"cpu_s": cpu, "wall_s": wall} for name, (cpu, wall) in stage_seconds.items()}
+    log = logging.getLogger(__name__)
+    log.info("curation phases (wall s): %s", ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
+    log.info("curation stages (CPU s, all workers): %s",
+             ", ".join(f"{k} {v['cpu_s']:.1f}" for k, v in result.stage_seconds.items()))
     return result
 
 

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -198,9 +200,45 @@ class StageChain:
         limit_threads()
 
     def __call__(self, batch: Batch) -> Batch:
+        spent = {}
         for part, size in zip(self.parts, self.sizes):
+            cpu, wall = time.process_time(), time.perf_counter()
             batch = in_slices(part, batch, size)
+            spent[part.name] = (time.process_time() - cpu, time.perf_counter() - wall)
+        return with_timing(batch, spent)
+
+
+# Per row, JSON {stage: [cpu_s, wall_s]}: the row's share of each batch's time in each stage it went through
+# (the batch's time over its rows out). The job sums it over all rows (the time each stage took, across every
+# worker) and drops it before the shards are written. Ray Data's own stats stop at the map, and a map here
+# runs a whole chain of stages; this column follows the rows through every map and every node.
+TIMING_COLUMN = "stage_seconds"
+
+
+def with_timing(batch: Batch, spent: dict[str, tuple[float, float]]) -> Batch:
+    """`batch` with each row's share of `spent` (stage -> (process CPU s, wall s)) added to its TIMING_COLUMN."""
+    n = len(next(iter(batch.values()))) if batch else 0
+    if n == 0:
         return batch
+    share = {name: (cpu / n, wall / n) for name, (cpu, wall) in spent.items()}
+    before = batch.get(TIMING_COLUMN)
+    column = np.empty(n, dtype=object)
+    for i in range(n):
+        times = json.loads(before[i]) if before is not None and before[i] else {}
+        for name, (cpu, wall) in share.items():
+            old = times.get(name, (0.0, 0.0))
+            times[name] = [old[0] + cpu, old[1] + wall]
+        column[i] = json.dumps(times)
+    return {**batch, TIMING_COLUMN: column}
+
+
+def add_timing(totals: dict[str, list[float]], row: dict) -> None:
+    """Add a row's TIMING_COLUMN (removed from the row) into `totals` (stage -> [cpu_s, wall_s])."""
+    value = row.pop(TIMING_COLUMN, None)
+    for name, (cpu, wall) in (json.loads(value) if value else {}).items():
+        total = totals.setdefault(name, [0.0, 0.0])
+        total[0] += cpu
+        total[1] += wall
 
 
 def in_slices(stage: Callable[[Batch], Batch], batch: Batch, size: int) -> Batch:

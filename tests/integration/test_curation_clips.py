@@ -57,6 +57,13 @@ def test_split_videos_fill_their_groups_exactly_once(tmp_path, ray_local):
     assert list(result.seconds) == ["scan", "dedup", "first_row", "stages", "tables"]
     assert result.seconds["scan"] > 0 and all(v >= 0 for v in result.seconds.values())
     assert result.metrics()["seconds_first_row"] == result.seconds["first_row"]
+    # Time per stage, summed over the workers from the rows (stage.TIMING_COLUMN), in the order they ran.
+    names = list(result.stage_seconds)
+    assert names[:5] == ["probe", "filter_basic", "caption_sidecar", "split_clips", "content_hash"]
+    assert names.index("encode_latents") > names.index("filter_sharpness") > names.index("content_hash")
+    assert result.stage_seconds["probe"]["cpu_s"] > 0 and result.stage_seconds["split_clips"]["wall_s"] > 0
+    assert result.metrics()["stage_encode_latents_cpu_s"] == result.stage_seconds["encode_latents"]["cpu_s"]
+    assert "stage_seconds" not in mf.Dataset(tmp_path / "out").manifest().column_names
 
     # Every manifest row is in exactly one tar, every tar member is in the manifest, and each group's marker
     # lists all the rows of its inputs (clips included).

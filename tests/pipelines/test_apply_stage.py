@@ -9,7 +9,7 @@ from PIL import Image
 
 from latentforge.pipelines.config import CurationConfig
 from latentforge.pipelines.discover import discover
-from latentforge.pipelines.stage import Segment, holds_state, stage_resources, stateless_task
+from latentforge.pipelines.stage import TIMING_COLUMN, Segment, holds_state, stage_resources, stateless_task
 from latentforge.pipelines.stages.encode_text import EncodeText
 from latentforge.pipelines.stages.filter_basic import FilterBasic
 from latentforge.pipelines.stages.filter_text_area import FilterTextArea
@@ -30,6 +30,7 @@ def test_the_task_form_is_named_after_the_stage_and_gives_the_same_batch(tmp_pat
     task = stateless_task(Segment((ProbeMedia,), stage_resources(ProbeMedia, cfg)))
     assert task.__name__ == "ProbeMedia"
     got, expected = task(batch, cfg), ProbeMedia(cfg)(batch)
+    assert got.pop(TIMING_COLUMN) is not None  # the task form also times the stage (stage.with_timing)
     assert got.keys() == expected.keys()
     assert all(list(got[k]) == list(expected[k]) for k in got)
     assert list(got["status"]) == ["ok", "rejected"]

@@ -2,6 +2,7 @@
 resources, and that a chain gives exactly what the stages give one after another."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from latentforge.datasets.demo_corpus import DemoCorpusSpec, generate_demo_corpu
 from latentforge.pipelines.config import CurationConfig
 from latentforge.pipelines.curate import SCAN_STAGES, STAGES, active_stages, config_hash, stage_graph
 from latentforge.pipelines.discover import discover
-from latentforge.pipelines.stage import Segment, cpu_scale, in_slices, segments, stage_resources
+from latentforge.pipelines.stage import TIMING_COLUMN, Segment, cpu_scale, in_slices, segments, stage_resources
 from latentforge.pipelines.stages.dedup import ContentHash
 from latentforge.pipelines.stages.filter_basic import FilterBasic
 from latentforge.pipelines.stages.probe_media import ProbeMedia
@@ -106,6 +107,9 @@ def test_a_chain_gives_what_its_stages_give_one_after_another(tmp_path: Path) ->
     expected = batch
     for stage_cls in stages:
         expected = stage_cls(cfg)(expected)
+    timing = [json.loads(t) for t in chained.pop(TIMING_COLUMN)]  # what each stage cost, per row
+    assert all(list(t) == ["probe", "filter_basic", "content_hash"] for t in timing)
+    assert sum(t["probe"][0] for t in timing) > 0
     assert chained.keys() == expected.keys()
     for key in expected:
         assert list(chained[key]) == list(expected[key]), key
