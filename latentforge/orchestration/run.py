@@ -117,7 +117,8 @@ def curate(cfg: LatentforgeConfig, tracker: Tracker, parent_id: str | None, summ
                   "dataset_dir": str(result.dataset_dir)})
     console.print(f"[green]curated[/] {result.kept}/{result.inputs} kept, {result.rejected} rejected, "
                   f"{result.filtered} filtered -> {result.dataset_dir}")
-    console.print(stage_time_table(result.stage_seconds))
+    if result.stage_seconds:  # none when every group was already done
+        console.print(stage_time_table(result.stage_seconds))
 
 
 def stage_time_table(stage_seconds: dict[str, dict[str, float]]):

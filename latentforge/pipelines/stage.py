@@ -47,8 +47,22 @@ class Stage:
         raise NotImplementedError
 
 
+def num_rows(batch: Batch) -> int:
+    return len(next(iter(batch.values()))) if batch else 0
+
+
+def mark_row(batch: Batch, i: int, stage: str, status: str, reason: str, message: str) -> None:
+    """Row `i` of `batch` leaves the pipeline at `stage` (status `rejected` or `filtered`) with this reason."""
+    batch["status"][i], batch["reason"][i], batch["message"][i], batch["stage"][i] = status, reason, message, stage
+
+
+def error_message(error: BaseException) -> str:
+    """The `message` of a row a stage's unforeseen error cost (reason `stage_error`)."""
+    return f"{type(error).__name__}: {error}"
+
+
 def rows_of(batch: Batch) -> list[dict]:
-    n = len(next(iter(batch.values()))) if batch else 0
+    n = num_rows(batch)
     return [{k: v[i] for k, v in batch.items()} for i in range(n)]
 
 
@@ -133,7 +147,7 @@ def map_ok_rows(batch: Batch, fn: Callable[[dict], dict], outputs: dict[str, Any
         except Reject as r:
             status[i], reason[i], message[i], where[i] = r.status, r.reason, r.message, stage
         except Exception as e:  # a bug or an unforeseen file must cost one sample, never the job
-            status[i], reason[i], message[i], where[i] = "rejected", "stage_error", f"{type(e).__name__}: {e}", stage
+            status[i], reason[i], message[i], where[i] = "rejected", "stage_error", error_message(e), stage
         finally:
             if isinstance(row, StagedRow):
                 message[i] = row.in_terms_of_uris(str(message[i]))
@@ -217,7 +231,7 @@ TIMING_COLUMN = "stage_seconds"
 
 def with_timing(batch: Batch, spent: dict[str, tuple[float, float]]) -> Batch:
     """`batch` with each row's share of `spent` (stage -> (process CPU s, wall s)) added to its TIMING_COLUMN."""
-    n = len(next(iter(batch.values()))) if batch else 0
+    n = num_rows(batch)
     if n == 0:
         return batch
     share = {name: (cpu / n, wall / n) for name, (cpu, wall) in spent.items()}
@@ -243,7 +257,7 @@ def add_timing(totals: dict[str, list[float]], row: dict) -> None:
 
 def in_slices(stage: Callable[[Batch], Batch], batch: Batch, size: int) -> Batch:
     """`stage` over `batch` in slices of at most `size` rows (its declared batch size), joined again."""
-    n = len(next(iter(batch.values()))) if batch else 0
+    n = num_rows(batch)
     if n <= size:
         return stage(batch)
     outs = [stage({k: v[i:i + size] for k, v in batch.items()}) for i in range(0, n, size)]

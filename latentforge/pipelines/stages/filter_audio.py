@@ -23,7 +23,7 @@ from pydantic import Field
 
 from latentforge.datasets import media
 from latentforge.pipelines.resources import StageResources, Strict
-from latentforge.pipelines.stage import Reject, Stage
+from latentforge.pipelines.stage import Reject, Stage, error_message, mark_row
 
 LOUDNESS_FLOOR_LUFS = -120.0
 SILENCE_DBFS = -50.0
@@ -171,8 +171,7 @@ class FilterAudioQuality(Stage):
             except Exception as e:  # noqa: BLE001 - as map_ok_rows does per row: the rows are lost, never the job
                 for i in pending:
                     column[i] = 0.0
-                    batch["status"][i], batch["reason"][i], batch["stage"][i] = "rejected", "stage_error", self.name
-                    batch["message"][i] = f"{type(e).__name__}: {e}"
+                    mark_row(batch, i, self.name, "rejected", "stage_error", error_message(e))
             else:
                 for i, ratio in zip(pending, ratios, strict=True):
                     column[i] = ratio
@@ -209,8 +208,7 @@ class FilterAudioQuality(Stage):
             scores = {k: float(batch[k][i]) for k in self.outputs}
             verdict = self._verdict(scores, self.cfg.audio_quality)
             if verdict:
-                batch["status"][i], batch["stage"][i] = "filtered", self.name
-                batch["reason"][i], batch["message"][i] = verdict
+                mark_row(batch, i, self.name, "filtered", *verdict)
         return batch
 
     @staticmethod

@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from latentforge.pipelines.resources import StageResources, Strict
-from latentforge.pipelines.stage import Reject, Stage, map_ok_rows
+from latentforge.pipelines.stage import Reject, Stage, error_message, map_ok_rows, mark_row
 from latentforge.pipelines.stages.filter_sharpness import VISUAL, decode_still
 from latentforge.pipelines.stages.split_clips import decode_clip
 
@@ -167,8 +167,7 @@ def score_key_frames(stage: Stage, batch, model, column: str, size: int):
                 try:
                     scores[i] = model([frames[i]])[0]
                 except Exception as e:
-                    decoded["status"][i], decoded["reason"][i] = "rejected", "stage_error"
-                    decoded["stage"][i], decoded["message"][i] = stage.name, f"{type(e).__name__}: {e}"
+                    mark_row(decoded, i, stage.name, "rejected", "stage_error", error_message(e))
         decoded[column] = scores
     return decoded
 
@@ -179,8 +178,7 @@ def mark_filtered(stage: Stage, batch, keep, reason: str, message):
     for i, status in enumerate(batch["status"]):
         score = float(batch[column][i])
         if status == "ok" and batch["modality"][i] in VISUAL and not keep(score):
-            batch["status"][i], batch["stage"][i] = "filtered", stage.name
-            batch["reason"][i], batch["message"][i] = reason, message(score)
+            mark_row(batch, i, stage.name, "filtered", reason, message(score))
     return batch
 
 

@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 
 from latentforge.datasets import media
 from latentforge.pipelines.resources import StageResources, Strict
-from latentforge.pipelines.stage import Batch, Stage, rows_of, staged
+from latentforge.pipelines.stage import Batch, Stage, error_message, rows_of, staged
 
 T = TypeVar("T")
 
@@ -270,7 +270,7 @@ class SplitClips(Stage):
             return [{**whole, "status": "rejected", "reason": e.reason, "message": str(e), "stage": self.name}]
         except Exception as e:  # a bug or an unforeseen file must cost one sample, never the job
             return [{**whole, "status": "rejected", "reason": "stage_error", "stage": self.name,
-                     "message": f"{type(e).__name__}: {e}"}]
+                     "message": error_message(e)}]
         if not clips:
             return [{**whole, "status": "filtered", "reason": "no_clip_long_enough", "stage": self.name,
                      "message": f"no shot or piece reaches {self.cfg.clips.min_seconds:g}s"}]
