@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from latentforge.datasets import storage
-from latentforge.datasets.shards import sha256_file
 
 DONE_DIR = "_done"
 BYTES_TAG = "__b64__"
@@ -43,8 +42,10 @@ def _restore(value):
 
 
 def write_marker(shard_dir: Path, group: int, rows: list[dict], config_hash: str) -> None:
-    shards = sorted({r["shard_name"] for r in rows if r.get("shard_name")})
-    body = {"config_hash": config_hash, "shards": {s: sha256_file(Path(shard_dir) / s) for s in shards},
+    """The group's marker, naming each tar with the sha256 its rows carry (`shard_sha256`, taken as the tar
+    was written: not read back here)."""
+    shards = {r["shard_name"]: r["shard_sha256"] for r in rows if r.get("shard_name")}
+    body = {"config_hash": config_hash, "shards": dict(sorted(shards.items())),
             "rows": [{k: _plain(v) for k, v in r.items()} for r in rows]}
     path = marker_path(shard_dir, group)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -13,6 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from latentforge.datasets import storage
+from latentforge.datasets.media import worker_threads
 from latentforge.pipelines.resources import StageResources
 
 if TYPE_CHECKING:
@@ -171,16 +171,6 @@ def _column(values) -> np.ndarray:
 
 def stage_resources(stage_cls: type[Stage], cfg: CurationConfig) -> StageResources:
     return cfg.resources.get(stage_cls.name, stage_cls.resources)
-
-
-def worker_threads() -> int | None:
-    """Threads a stage's native libraries (torch, OpenCV, onnxruntime) should use: the CPUs Ray granted this
-    worker, which Ray exports as OMP_NUM_THREADS; None outside a Ray worker (the libraries' own defaults).
-
-    Each library otherwise starts one thread per core in every actor, and onnxruntime's threads spin while
-    they wait: three actors on two cores then spend most of their time fighting over them."""
-    value = os.environ.get("OMP_NUM_THREADS", "")
-    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def limit_threads() -> None:

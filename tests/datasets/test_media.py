@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import time
 from pathlib import Path
 
@@ -202,7 +203,7 @@ def _decord_broken(path: Path):
 
 def test_pyav_fallback_when_decord_fails(video_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     by_decord, decord_fps = decode_video(video_path, 4, (16, 16))
-    monkeypatch.setattr(media, "_open_decord", _decord_broken)
+    monkeypatch.setattr(media, "open_decord", _decord_broken)
     result = probe(video_path)
     assert (result.decoder, result.num_frames, result.width, result.height) == ("pyav", 12, VIDEO_W, VIDEO_H)
     assert result.fps == pytest.approx(VIDEO_FPS)
@@ -292,7 +293,7 @@ def test_error_decode_timeout_does_not_fall_back(video_path: Path, monkeypatch: 
         time.sleep(1.0)
         raise AssertionError("the caller should have stopped waiting")
 
-    monkeypatch.setattr(media, "_open_decord", stuck_decord)
+    monkeypatch.setattr(media, "open_decord", stuck_decord)
     started = time.monotonic()
     expect_error(video_path, "decode_timeout", timeout_s=0.1)
     assert time.monotonic() - started < 0.8
@@ -315,3 +316,35 @@ def test_media_error_survives_copy() -> None:
     # Ray ships exceptions between workers through the same reduce protocol copy uses.
     error = copy.deepcopy(MediaError("too_large", "9000x9000 is too many pixels"))
     assert (error.reason, str(error)) == ("too_large", "9000x9000 is too many pixels")
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir() or (os.cpu_count() or 1) < 2, reason="needs Linux, 2+ cores")
+def test_decoders_in_a_ray_worker_use_the_threads_it_was_granted(video_path: Path, monkeypatch) -> None:
+    """Ray exports a worker's CPUs as OMP_NUM_THREADS; decord and PyAV then decode on that many threads instead
+    of FFmpeg's one per core (which start on every open), and give the same frames."""
+    import av
+
+    def opened(threads: str | None) -> tuple[int, np.ndarray]:
+        if threads is None:
+            monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        else:
+            monkeypatch.setenv("OMP_NUM_THREADS", threads)
+        before, reader = _threads(), media.open_decord(video_path)
+        frames = reader.get_batch([0, len(reader) - 1]).asnumpy()
+        started = _threads() - before
+        del reader
+        return started, frames
+
+    default, frames = opened(None)
+    one, same = opened("1")
+    assert one < default and one <= 1
+    assert np.array_equal(frames, same)
+    assert media.worker_threads() == 1
+    with av.open(str(video_path)) as container:
+        assert media._pyav_video_stream(container).codec_context.thread_count == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert media.worker_threads() is None

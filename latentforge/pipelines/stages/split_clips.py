@@ -82,12 +82,9 @@ def _fit(frame: np.ndarray, size: tuple[int, int] | None, stretch: bool) -> np.n
 
 
 def _decord_frames_at(path: Path, times_s: np.ndarray, size, stretch: bool) -> tuple[np.ndarray, float]:
-    import decord  # lazy: heavy, and most workers never decode video
-
-    decord.bridge.set_bridge("native")  # process-global; another library may have switched it
     # decord resizes while decoding when asked to stretch: far cheaper than decoding full frames.
     h, w = size if (stretch and size) else (-1, -1)
-    reader = decord.VideoReader(str(path), ctx=decord.cpu(0), width=w, height=h)
+    reader = media.open_decord(path, width=w, height=h)
     total, fps = len(reader), float(reader.get_avg_fps())
     if total == 0:
         raise media.MediaError("no_content", "video has no frames")
