@@ -12,8 +12,8 @@ and loaded by from_pretrained), and NSFW when the `nsfw` extra is installed.
 - loop: the same Stage classes constructed once and called in one Python process, batch by batch (each stage's
   declared batch size), the driver's global dedup between the halves, the same shard writer and dataset writer.
   Its process is warm (torch and transformers already imported), which favours the loop. Its native libraries
-  use their default threads (one per core) unless `--loop-threads` says otherwise; each pipeline worker gets
-  its CPU share (1 thread).
+  (decoders, torch, OpenCV, onnxruntime) use their default threads (one per core) unless `--loop-threads` says
+  otherwise; each pipeline worker gets its CPU share (1 thread).
 
 Prints samples/s and video-seconds/s for both, the ratio pipeline / loop, and on stderr how many cores the
 machine kept busy during each side (from /proc/stat: every process, Ray's included). The ceiling of the ratio
@@ -165,8 +165,8 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=None, help="actors of the fused CPU chain (default: fill the CPUs)")
     parser.add_argument("--no-fusion", action="store_true", help="one Ray Data map per stage, as declared")
     parser.add_argument("--loop-threads", type=int, default=0, help=(
-        "threads of torch/OpenCV/onnxruntime in the loop (0: the libraries' defaults, one per core); each "
-        "pipeline worker gets its CPU share, i.e. 1"))
+        "threads of the decoders, torch, OpenCV and onnxruntime in the loop (0: the libraries' defaults, one per "
+        "core); each pipeline worker gets its CPU share, i.e. 1"))
     parser.add_argument("--also-serial-loop", action="store_true",
                         help="also time the loop with one thread per library (as each pipeline worker), same run")
     parser.add_argument("--only", choices=["loop", "pipeline"], help="run one side (for profiling; no ratio)")

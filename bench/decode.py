@@ -9,11 +9,18 @@ decoder, RGB uint8 out, one process:
   `media._decord_decode`; PyAV decodes sequentially up to the last wanted frame in `media._pyav_decode`, the
   fallback path the project uses when decord fails), resized to 64x64.
 Prints frames/s for each and the ratio decord / PyAV. The first file is decoded once beforehand (warm-up).
+
+Then decoder threads (`--rounds` alternating rounds, medians): the project's decord paths, the probe (open,
+decode the first and last frame) and the sampled decode, once with FFmpeg's default threads (what a process
+outside Ray gets) and once on one thread (what a curation worker granted one CPU gets, `media.open_decord`);
+CPU and wall milliseconds per video, and the ratio default / one thread.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -58,12 +65,49 @@ def timed(fn, paths: list[Path]) -> float:
     return frames / (time.perf_counter() - start)
 
 
+def per_video(fn, paths: list[Path], threads: str | None) -> tuple[float, float]:
+    """(CPU ms, wall ms) per video of `fn` over `paths`, with OMP_NUM_THREADS (what open_decord reads) set to
+    `threads` or unset."""
+    saved = os.environ.pop("OMP_NUM_THREADS", None)
+    if threads is not None:
+        os.environ["OMP_NUM_THREADS"] = threads
+    try:
+        cpu, wall = time.process_time(), time.perf_counter()
+        for path in paths:
+            fn(path)
+        return (1000 * (time.process_time() - cpu) / len(paths), 1000 * (time.perf_counter() - wall) / len(paths))
+    finally:
+        os.environ.pop("OMP_NUM_THREADS", None)
+        if saved is not None:
+            os.environ["OMP_NUM_THREADS"] = saved
+
+
+def thread_figures(paths: list[Path], sampled: int, rounds: int) -> dict:
+    from latentforge.datasets import media
+
+    cases = {"probe": media._decord_probe, "sampled": lambda path: media._decord_decode(path, sampled, (64, 64))}
+    out = {}
+    for name, fn in cases.items():
+        fn(paths[0])
+        got = {"default": [], "one": []}
+        for _ in range(rounds):  # alternating, so drift in the machine's speed hits both alike
+            got["default"].append(per_video(fn, paths, None))
+            got["one"].append(per_video(fn, paths, "1"))
+        med = {k: (statistics.median(c for c, _ in v), statistics.median(w for _, w in v)) for k, v in got.items()}
+        out[name] = {"default_threads_cpu_ms": round(med["default"][0], 2), "default_threads_wall_ms": round(med["default"][1], 2),
+                     "one_thread_cpu_ms": round(med["one"][0], 2), "one_thread_wall_ms": round(med["one"][1], 2),
+                     "cpu_ratio_default_over_one": round(med["default"][0] / med["one"][0], 3),
+                     "wall_ratio_default_over_one": round(med["default"][1] / med["one"][1], 3)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--videos", type=int, default=16)
     parser.add_argument("--frames", type=int, default=96, help="frames per video")
     parser.add_argument("--size", type=int, default=256, help="video side (px)")
     parser.add_argument("--sampled", type=int, default=8, help="evenly spaced frames per video in the sampled mode")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the decoder-threads comparison")
     args = parser.parse_args()
     from latentforge.datasets import media
 
@@ -77,11 +121,13 @@ def main() -> None:
             "sampled": {"decord": timed(sampled(media._decord_decode), paths),
                         "pyav": timed(sampled(media._pyav_decode), paths)},
         }
+        threads = thread_figures(paths, args.sampled, args.rounds)
     out = {"videos": args.videos, "frames": args.frames, "size": args.size, "sampled_per_video": args.sampled}
     for mode, fps in figures.items():
         out[f"{mode}_decord_frames_per_s"] = round(fps["decord"], 1)
         out[f"{mode}_pyav_frames_per_s"] = round(fps["pyav"], 1)
         out[f"{mode}_ratio_decord_over_pyav"] = round(fps["decord"] / fps["pyav"], 3)
+    out["decoder_threads"] = threads
     print(json.dumps(out))
 
 
