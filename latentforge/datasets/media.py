@@ -314,7 +314,8 @@ def _pyav_video_stream(container: Any) -> Any:
         raise MediaError("no_content", "file has no video stream")
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
-    if threads := worker_threads():  # see open_decord
+    # No codec context when FFmpeg has no decoder for the stream: decoding then raises DecoderNotFoundError.
+    if (threads := worker_threads()) and stream.codec_context is not None:  # see open_decord
         stream.codec_context.thread_count = threads
     return stream
 

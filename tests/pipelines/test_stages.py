@@ -376,6 +376,17 @@ def test_probe_turns_a_vanished_file_into_a_rejection(cfg: CurationConfig, tmp_p
     assert out["width"][0] == 0 and out["modality"][0] == ""
 
 
+def test_a_worker_granted_one_thread_rejects_the_broken_files_for_the_same_reasons(
+        corpus: tuple[Path, dict], cfg: CurationConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a Ray worker (OMP_NUM_THREADS set) the decoders are held to its threads (media.open_decord); an
+    undecodable codec must still read as unsupported_codec, not as a failure of setting the threads."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    probed = {rel: row for rel, row in BROKEN.items() if row[0] == "probe"}
+    rows = [r for r in discover(corpus[0], SAMPLES_PER_SHARD) if r["relpath"] in probed]
+    out = rows_by_relpath(ProbeMedia(cfg)(to_batch(rows)))
+    assert {rel: (r["stage"], r["reason"]) for rel, r in out.items()} == probed
+
+
 def test_filter_thresholds_come_from_config(cfg: CurationConfig, snapshots: list[tuple[str, dict]]) -> None:
     probed = dict(snapshots)["probe"]
     strict = cfg.model_copy(update={"filters": FilterConfig(min_side=65, min_sample_rate=1000)})
