@@ -27,6 +27,7 @@ import dataclasses
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -170,6 +171,9 @@ def main() -> None:
     parser.add_argument("--also-serial-loop", action="store_true",
                         help="also time the loop with one thread per library (as each pipeline worker), same run")
     parser.add_argument("--only", choices=["loop", "pipeline"], help="run one side (for profiling; no ratio)")
+    parser.add_argument("--rounds", type=int, default=1, help=(
+        "rounds of both sides, each on a fresh local Ray, the order alternating; prints medians and the ratio's "
+        "range (one run of either side moves by 5-15%% on a 2-core machine)"))
     parser.add_argument("--corpus", type=Path, help=(
         "keep the generated corpus in this directory and reuse it when it is already there (repeated runs on "
         "the same files; the media options must match the ones it was generated with)"))
@@ -182,8 +186,6 @@ def main() -> None:
     media.add_argument("--bucket-size", type=int, default=32, help="curation image_size (the latent bucket side)")
     media.add_argument("--bucket-frames", type=int, default=4, help="curation video_frames (frames per clip)")
     args = parser.parse_args()
-    import ray
-
     from latentforge.datasets.demo_corpus import DemoCorpusSpec, generate_demo_corpus
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -198,46 +200,68 @@ def main() -> None:
             generate_demo_corpus(corpus, spec)
             stamp.write_text(json.dumps(dataclasses.asdict(spec)))
         cfg = make_config(corpus, make_aesthetic_models(tmp), args)
-        # address="local": a new cluster of our own, even when another one is running on this machine
-        ray.init(address="local", num_cpus=args.cpus, object_store_memory=1024 * 2**20, include_dashboard=False,
-                 log_to_driver=False)
-        from ray.data import DataContext
-
-        DataContext.get_current().enable_progress_bars = False
         threads = {}
         if args.loop_threads:  # as a pipeline worker: torch, OpenCV and onnxruntime held to this many threads
             threads = {"OMP_NUM_THREADS": str(args.loop_threads)}
-        runs = {}
         sides = ["loop", "pipeline"] if args.order == "loop-first" else ["pipeline", "loop"]
-        for side in ([args.only] if args.only else sides):
-            if side == "loop":
-                with environment(threads):
-                    runs["loop"] = loop(cfg, tmp / "loop_out")
-                if args.also_serial_loop:
-                    with environment({"OMP_NUM_THREADS": "1"}):
-                        runs["loop_serial"] = loop(cfg, tmp / "loop_serial_out")
-            else:
-                runs["pipeline"] = pipeline(cfg, tmp / "pipe_out")
-        ray.shutdown()
+        rounds = []
+        for r in range(args.rounds):
+            # Every round on a fresh local Ray (no worker warmed by the round before), the sides' order
+            # alternating, so drift in the machine's speed and order effects hit both sides alike.
+            order = sides if r % 2 == 0 else sides[::-1]
+            rounds.append(one_round(cfg, args, tmp / f"round{r}", [args.only] if args.only else order, threads))
     if args.only:
-        print(json.dumps({args.only: runs[args.only]}))
+        print(json.dumps({args.only: rounds[0][args.only]} if args.rounds == 1 else
+                         {args.only: [runs[args.only] for runs in rounds]}))
         return
-    (loop_s, samples, video_s), (pipe_s, pipe_samples) = runs["loop"], runs["pipeline"]
-    assert pipe_samples == samples, (pipe_samples, samples)
+    samples, video_s = rounds[0]["loop"][1], rounds[0]["loop"][2]
+    for runs in rounds:
+        assert runs["pipeline"][1] == runs["loop"][1] == samples, (runs, samples)
+    loop_s = statistics.median(runs["loop"][0] for runs in rounds)
+    pipe_s = statistics.median(runs["pipeline"][0] for runs in rounds)
+    ratios = [runs["loop"][0] / runs["pipeline"][0] for runs in rounds]
+    serial = [runs["loop_serial"][0] for runs in rounds if "loop_serial" in runs]
     print(json.dumps({
         "inputs": {"images": args.images, "videos": args.videos, "audio": args.audio}, "samples": samples,
         "media": {"size": args.media_size, "video_frames": args.video_frames, "fps": args.video_fps,
                   "audio_s": args.audio_seconds}, "loop_threads": args.loop_threads or "library defaults",
         "fusion": not args.no_fusion,
         "video_seconds": round(video_s, 2), "ray_cpus": args.cpus, "nsfw": cfg.nsfw.enabled,
-        "loop_s": round(loop_s, 2), "pipeline_s": round(pipe_s, 2),
+        "rounds": args.rounds, "loop_s": round(loop_s, 2), "pipeline_s": round(pipe_s, 2),
         "loop_samples_per_s": round(samples / loop_s, 2), "pipeline_samples_per_s": round(samples / pipe_s, 2),
         "loop_video_s_per_s": round(video_s / loop_s, 2), "pipeline_video_s_per_s": round(video_s / pipe_s, 2),
-        "ratio_pipeline_over_loop": round(loop_s / pipe_s, 3),
-        **({"serial_loop_s": round(runs["loop_serial"][0], 2),
-            "ratio_pipeline_over_serial_loop": round(runs["loop_serial"][0] / pipe_s, 3)}
-           if "loop_serial" in runs else {})}))
+        "ratio_pipeline_over_loop": round(statistics.median(ratios), 3),
+        **({"ratio_range": [round(min(ratios), 3), round(max(ratios), 3)],
+            "per_round": [{"loop_s": round(runs["loop"][0], 2), "pipeline_s": round(runs["pipeline"][0], 2)}
+                          for runs in rounds]} if args.rounds > 1 else {}),
+        **({"serial_loop_s": round(statistics.median(serial), 2),
+            "ratio_pipeline_over_serial_loop": round(statistics.median(serial) / pipe_s, 3)}
+           if serial else {})}))
 
+
+def one_round(cfg, args, out: Path, sides: list[str], threads: dict[str, str]) -> dict:
+    """Each side once on a local Ray of its own: side -> what loop() / pipeline() returned."""
+    import ray
+    from ray.data import DataContext
+
+    # address="local": a new cluster of our own, even when another one is running on this machine
+    ray.init(address="local", num_cpus=args.cpus, object_store_memory=1024 * 2**20, include_dashboard=False,
+             log_to_driver=False)
+    DataContext.get_current().enable_progress_bars = False
+    runs = {}
+    try:
+        for side in sides:
+            if side == "loop":
+                with environment(threads):
+                    runs["loop"] = loop(cfg, out / "loop_out")
+                if args.also_serial_loop:
+                    with environment({"OMP_NUM_THREADS": "1"}):
+                        runs["loop_serial"] = loop(cfg, out / "loop_serial_out")
+            else:
+                runs["pipeline"] = pipeline(cfg, out / "pipe_out")
+    finally:
+        ray.shutdown()
+    return runs
 
 if __name__ == "__main__":
     main()
