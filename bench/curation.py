@@ -201,7 +201,7 @@ def main() -> None:
             stamp.write_text(json.dumps(dataclasses.asdict(spec)))
         cfg = make_config(corpus, make_aesthetic_models(tmp), args)
         threads = {}
-        if args.loop_threads:  # as a pipeline worker: torch, OpenCV and onnxruntime held to this many threads
+        if args.loop_threads:  # as a pipeline worker: decoders, torch, OpenCV and onnxruntime held to this many
             threads = {"OMP_NUM_THREADS": str(args.loop_threads)}
         sides = ["loop", "pipeline"] if args.order == "loop-first" else ["pipeline", "loop"]
         rounds = []

@@ -23,6 +23,7 @@ import os
 import statistics
 import tempfile
 import time
+import unittest.mock
 from pathlib import Path
 
 import numpy as np
@@ -68,18 +69,14 @@ def timed(fn, paths: list[Path]) -> float:
 def per_video(fn, paths: list[Path], threads: str | None) -> tuple[float, float]:
     """(CPU ms, wall ms) per video of `fn` over `paths`, with OMP_NUM_THREADS (what open_decord reads) set to
     `threads` or unset."""
-    saved = os.environ.pop("OMP_NUM_THREADS", None)
-    if threads is not None:
-        os.environ["OMP_NUM_THREADS"] = threads
-    try:
+    with unittest.mock.patch.dict(os.environ):  # the stdlib's set-and-restore of a dict, not a mock
+        os.environ.pop("OMP_NUM_THREADS", None)
+        if threads is not None:
+            os.environ["OMP_NUM_THREADS"] = threads
         cpu, wall = time.process_time(), time.perf_counter()
         for path in paths:
             fn(path)
         return (1000 * (time.process_time() - cpu) / len(paths), 1000 * (time.perf_counter() - wall) / len(paths))
-    finally:
-        os.environ.pop("OMP_NUM_THREADS", None)
-        if saved is not None:
-            os.environ["OMP_NUM_THREADS"] = saved
 
 
 def thread_figures(paths: list[Path], sampled: int, rounds: int) -> dict:
@@ -89,15 +86,16 @@ def thread_figures(paths: list[Path], sampled: int, rounds: int) -> dict:
     out = {}
     for name, fn in cases.items():
         fn(paths[0])
-        got = {"default": [], "one": []}
+        got = {"default_threads": [], "one_thread": []}
         for _ in range(rounds):  # alternating, so drift in the machine's speed hits both alike
-            got["default"].append(per_video(fn, paths, None))
-            got["one"].append(per_video(fn, paths, "1"))
-        med = {k: (statistics.median(c for c, _ in v), statistics.median(w for _, w in v)) for k, v in got.items()}
-        out[name] = {"default_threads_cpu_ms": round(med["default"][0], 2), "default_threads_wall_ms": round(med["default"][1], 2),
-                     "one_thread_cpu_ms": round(med["one"][0], 2), "one_thread_wall_ms": round(med["one"][1], 2),
-                     "cpu_ratio_default_over_one": round(med["default"][0] / med["one"][0], 3),
-                     "wall_ratio_default_over_one": round(med["default"][1] / med["one"][1], 3)}
+            got["default_threads"].append(per_video(fn, paths, None))
+            got["one_thread"].append(per_video(fn, paths, "1"))
+        medians = {f"{setting}_{kind}_ms": statistics.median(run[k] for run in runs)
+                   for setting, runs in got.items() for k, kind in enumerate(("cpu", "wall"))}
+        out[name] = {key: round(value, 2) for key, value in medians.items()}
+        for kind in ("cpu", "wall"):
+            ratio = medians[f"default_threads_{kind}_ms"] / medians[f"one_thread_{kind}_ms"]
+            out[name][f"{kind}_ratio_default_over_one"] = round(ratio, 3)
     return out
 
 

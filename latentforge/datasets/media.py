@@ -284,9 +284,8 @@ def worker_threads() -> int | None:
 
 def open_decord(path: str | Path, **kwargs: Any) -> Any:
     """A decord VideoReader on the CPU with `worker_threads()` decoder threads (FFmpeg's choice outside a
-    worker). On the demo corpus's 2 s clips at 256 px, opening and decoding the first and last frame took
-    9.3 CPU-ms on one thread against 12.3 with FFmpeg's default (and less wall time too, 8.7 vs 9.7 ms):
-    frame threads pay to start on every open, and a few frames per clip never keep them busy."""
+    worker). FFmpeg's frame threads start on every open, and a few frames per clip never keep them busy: on
+    2 s clips at 256 px one thread probes with 1.5x less CPU and less wall time (bench/decode.py, BENCHMARKS)."""
     import decord  # lazy: heavy import most workers never need
 
     # The bridge is process-global; another library may have switched it to torch.
