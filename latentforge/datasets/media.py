@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,9 +177,11 @@ def _run_with_timeout(fn: Callable[[], T], timeout_s: float, what: str) -> T:
 
 
 def _short(exc: BaseException) -> str:
-    """First line of an exception, capped: decord appends whole C++ backtraces to its messages."""
+    """First line of an exception, capped: decord appends whole C++ backtraces to its messages, and starts
+    them with the time of day (`[22:10:55] `), dropped so the same file is rejected with the same message."""
     lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+    first = re.sub(r"^\[\d{2}:\d{2}:\d{2}\] ", "", lines[0]) if lines else ""
+    return f"{type(exc).__name__}: {first[:300]}"
 
 
 # ---------------------------------------------------------------- images

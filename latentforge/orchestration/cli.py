@@ -210,7 +210,7 @@ def _print_stage_graph(cfg) -> None:
     table = Table(title=f"curation {cur.name}: {cur.input_dir} -> {cur.output_dir}",
                   caption=f"one row per Ray Data map; CPU pools sized for this machine's {cpus} cores; task maps "
                           f"take batches of up to {TASK_BATCH_ROWS} rows when the job has inputs enough for "
-                          f"4 tasks per CPU")
+                          f"4 tasks per CPU; shard tars written by: {_shard_writer(cur.shard_writes)}")
     for column in ("map", "stages", "runs as", "num_cpus", "num_gpus", "batch_size", "pool"):
         table.add_column(column)
     for row in stage_graph(cur, cpus):
@@ -219,6 +219,11 @@ def _print_stage_graph(cfg) -> None:
                       *(f"{row[c]:g}" for c in ("num_cpus", "num_gpus", "batch_size")),
                       str(row["pool"]) if row["actors"] else "-")
     console.print(table)
+
+
+def _shard_writer(mode: str) -> str:
+    return {"workers": "the last map's workers", "driver": "the driver",
+            "auto": "the last map's workers on a local Ray or to a URI, else the driver"}[mode]
 
 
 def _execute(cfg, *, do_curate: bool, do_train: bool, address: str | None = None) -> None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
@@ -74,9 +74,14 @@ class CurationConfig(Strict):
         default_factory=dict, description="per-stage overrides of declared resources, by stage name"
     )
     fusion: FusionConfig = FusionConfig()
+    shard_writes: Literal["auto", "workers", "driver"] = Field("auto", description=(
+        "who writes the shard tars: the workers of the last stage map (each writes the groups it finished; "
+        "no latent crosses to the driver) or the driver (every row streams to it). auto: the workers when "
+        "they can all reach the output (a URI, or a one-node local Ray), else the driver; choose workers for "
+        "a local path every node mounts (NFS)"))
 
     # How the job runs, not what it produces: left out of the config hash, so a resumed job may change them.
-    EXECUTION_FIELDS: ClassVar[frozenset[str]] = frozenset({"resources", "fusion"})
+    EXECUTION_FIELDS: ClassVar[frozenset[str]] = frozenset({"resources", "fusion", "shard_writes"})
 
     @field_validator("resources")
     @classmethod

@@ -48,7 +48,7 @@ from latentforge.pipelines.stages.probe_media import ProbeMedia
 from latentforge.pipelines.stages.score_aesthetic import ScoreAesthetic
 from latentforge.pipelines.stages.score_nsfw import ScoreNsfw
 from latentforge.pipelines.stages.split_clips import SplitClips
-from latentforge.pipelines.stages.write_shards import write_shard_group
+from latentforge.pipelines.stages.write_shards import HEAVY, WRITTEN, write_finished_groups, write_shard_group
 
 # Before the global dedup pass (the pipeline materialises here), and after it.
 SCAN_STAGES: tuple[type[Stage], ...] = (ProbeMedia, FilterBasic, CaptionSidecar, SplitClips, ContentHash)
@@ -77,6 +77,8 @@ class CurationResult:
     # starting and loading models, up to the first finished row), stages (the rest of the stream and the
     # shard writes), tables (manifest, rejects, card).
     seconds: dict[str, float] = field(default_factory=dict)
+    # Shard groups written by the last map's workers and by the driver (see CurationConfig.shard_writes).
+    groups_written: dict[str, int] = field(default_factory=dict)
     # Per stage, summed over every worker: {"cpu_s": process CPU seconds, "wall_s": wall seconds}, in the order
     # the stages ran. A stage's CPU includes its libraries' threads; wall is what the batches waited on it.
     stage_seconds: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -85,6 +87,7 @@ class CurationResult:
         base = {"inputs": self.inputs, "samples": self.samples, "kept": self.kept, "rejected": self.rejected,
                 "filtered": self.filtered}
         base.update({f"seconds_{phase}": s for phase, s in self.seconds.items()})
+        base.update({f"groups_written_{where}": n for where, n in self.groups_written.items()})
         for stage, spent in self.stage_seconds.items():
             base.update({f"stage_{stage}_{kind}": s for kind, s in spent.items()})
         base.update({f"kept_{m}": n for m, n in self.by_modality.items()})
@@ -116,23 +119,37 @@ def stage_graph(cfg: CurationConfig, cluster_cpus: float | None = None) -> list[
             + rows(segments(active_stages(STAGES, cfg), cfg, cluster_cpus)))
 
 
-def scan(rows: list[dict], cfg: CurationConfig):
-    """Probe, basic filters, clip splitting and content hashes, materialised for the global dedup pass."""
-    return map_stages(input_dataset(rows, cfg), SCAN_STAGES, cfg, storage.ray_remote_args(cfg.input_dir),
+def scan(rows: list[dict], cfg: CurationConfig, whole_groups: bool = False):
+    """Probe, basic filters, clip splitting and content hashes, materialised for the global dedup pass
+    (`whole_groups`: every block holds whole shard groups, see input_dataset)."""
+    return map_stages(input_dataset(rows, cfg, whole_groups), SCAN_STAGES, cfg, storage.ray_remote_args(cfg.input_dir),
                       rows=len(rows)).materialize()
 
 
-def input_dataset(rows: list[dict], cfg: CurationConfig):
+def input_dataset(rows: list[dict], cfg: CurationConfig, whole_groups: bool = False):
     """The discovered rows as a Ray Dataset of one block per task of the scan's first map.
 
     Ray Data bundles blocks into a task until they hold its batch, and every block is an object the driver puts
     and the executor and its stats actor track: blocks of 8 rows cost the driver 5.8 s for 23,056 inputs
     before the first task ran, with the other core idle, against 0.5 s for blocks of 128. Each block holds at
-    least a batch (rows // batch blocks): one row short, and every task would take two blocks."""
+    least a batch (rows // batch blocks): one row short, and every task would take two blocks.
+
+    `whole_groups`: blocks end at shard-group boundaries (whole groups until a block holds a batch). A task
+    takes whole blocks and returns its rows as one block, so every block after the scan holds whole groups
+    too: what lets the last stage map write the shards itself (write_finished_groups)."""
     import ray.data
 
     per_block = plan(SCAN_STAGES, cfg, len(rows))[0][0].resources.batch_size
-    return ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // per_block))
+    if not whole_groups:
+        return ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // per_block))
+    import pyarrow as pa
+
+    table = pa.Table.from_pylist(rows)  # one schema for all blocks (from_items infers one per block)
+    starts = [0]
+    for i in range(1, len(rows)):
+        if rows[i]["shard"] != rows[i - 1]["shard"] and i - starts[-1] >= per_block:
+            starts.append(i)
+    return ray.data.from_arrow([table.slice(a, b - a) for a, b in zip(starts, starts[1:] + [len(rows)])])
 
 
 def plan(stages: tuple[type[Stage], ...], cfg: CurationConfig, rows: int | None = None) -> tuple[list[Segment], float]:
@@ -144,20 +161,36 @@ def plan(stages: tuple[type[Stage], ...], cfg: CurationConfig, rows: int | None 
 
 
 def map_stages(ds, stages: tuple[type[Stage], ...], cfg: CurationConfig, remote: dict,
-               prelude: tuple[Callable, dict] | None = None, rows: int | None = None):
+               prelude: tuple[Callable, dict] | None = None, rows: int | None = None,
+               postlude: tuple[Callable, dict] | None = None):
     """The stages as Ray Data maps (fused into chains as `cfg.fusion` says), sized to the connected cluster
-    and to `rows` (how many rows will come); `prelude` runs in the first map's workers (see apply_segment)."""
+    and to `rows` (how many rows will come); `prelude` runs in the first map's workers, `postlude` in the
+    last map's (see apply_segment). With a postlude every map takes whole blocks."""
     parts, cpus = plan(stages, cfg, rows)
     factor = cpu_scale(parts, cpus)
     if factor < 1.0:
         logging.getLogger(__name__).warning(
             "stage actor pools ask for more CPUs than the cluster has; scaling their CPU requests by %.2f "
             "(set curation.resources / curation.fusion.pool to choose yourself)", factor)
-    if not parts and prelude is not None:
-        return ds.map_batches(prelude[0], fn_kwargs=prelude[1], batch_format="numpy", **remote)
+    whole = postlude is not None
+    if not parts:
+        for step in (prelude, postlude):
+            if step is not None:
+                ds = ds.map_batches(step[0], fn_kwargs=step[1], batch_format="numpy",
+                                    **({"batch_size": None} if whole else {}), **remote)
+        return ds
     for i, part in enumerate(parts):
-        ds = apply_segment(ds, part, cfg, factor, remote, prelude if i == 0 else None)
+        ds = apply_segment(ds, part, cfg, factor, remote, prelude if i == 0 else None,
+                           postlude if i == len(parts) - 1 else None, whole_blocks=whole)
     return ds
+
+
+def writes_in_workers(cfg: CurationConfig, shard_dir: Path | str) -> bool:
+    """Whether the last stage map's workers write the shards (see CurationConfig.shard_writes): with `auto`,
+    when every worker reaches the shard directory: a URI, or a one-node local Ray."""
+    if cfg.shard_writes != "auto":
+        return cfg.shard_writes == "workers"
+    return storage.is_remote(shard_dir) or ray_is_this_machine()
 
 
 def ray_is_this_machine() -> bool:
@@ -205,22 +238,29 @@ def mark_and_explain(batch: dict, dups: dict, notes: dict) -> dict:
 
 
 def build_pipeline(rows: list[dict], cfg: CurationConfig, shard_dir: Path | str, done: list[dict] = (),
-                   seconds: dict[str, float] | None = None):
-    """The dataset of finished rows (latents included), not yet executed: scan, dedup, then the stages.
-    `seconds` gets the wall time of the scan and of the dedup pass."""
+                   seconds: dict[str, float] | None = None, in_workers: bool = False):
+    """The dataset of finished rows, not yet executed: scan, dedup, then the stages. `seconds` gets the wall
+    time of the scan and of the dedup pass. `in_workers`: the last map writes the groups it holds whole
+    (write_finished_groups), whose rows then come without latents; otherwise every row keeps its latents."""
     seconds = {} if seconds is None else seconds
     start = time.perf_counter()
-    ds = scan(rows, cfg)
+    ds = scan(rows, cfg, whole_groups=in_workers)
     seconds["scan"] = time.perf_counter() - start
     marking = dedup(ds, cfg, done)
     seconds["dedup"] = time.perf_counter() - start - seconds["scan"]
+    writer = (write_finished_groups, {"group_inputs": dict(Counter(int(r["shard"]) for r in rows)),
+                                      **shard_writer_args(cfg, shard_dir)}) if in_workers else None
     return map_stages(ds, active_stages(STAGES, cfg), cfg, storage.ray_remote_args(cfg.input_dir, shard_dir), marking,
-                      rows=ds.count())
+                      rows=ds.count(), postlude=writer)
+
+
+def shard_writer_args(cfg: CurationConfig, shard_dir: Path | str) -> dict:
+    return {"shard_dir": str(shard_dir), "max_bytes": int(cfg.max_shard_mb * 2**20), "config_hash": config_hash(cfg)}
 
 
 def write_groups(ds, rows: list[dict], cfg: CurationConfig, shard_dir: Path | str, in_flight: int = 2,
                  seconds: dict[str, float] | None = None, stage_seconds: dict[str, list[float]] | None = None,
-                 ) -> list[dict]:
+                 written: dict[str, int] | None = None) -> list[dict]:
     """Stream the pipeline's rows and write each shard group as soon as all its rows are in; returns the
     groups' metadata rows (latents left in the tars).
 
@@ -230,20 +270,24 @@ def write_groups(ds, rows: list[dict], cfg: CurationConfig, shard_dir: Path | st
     seconds to start on a small machine. Written by `in_flight` threads of this process, not Ray tasks: every
     row already streams through here, and a task would send it back through the object store to a worker.
 
-    A group is complete when each of its inputs has sent `source_rows` rows (its clips, or one row).
+    A group is complete when each of its inputs has sent `source_rows` rows (its clips, or one row). Rows
+    that come WRITTEN (the last map's workers wrote their group: build_pipeline's `in_workers`) only add
+    their metadata; the threads write what the workers could not (a group split across blocks), and
+    everything when the workers write nothing. `written` gets how many groups each wrote.
     `seconds` gets the wall time to the first row (actors starting, models loading) and from there to the end;
     `stage_seconds` the rows' time per stage (stage -> [cpu_s, wall_s]; see stage.TIMING_COLUMN).
     """
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-    kwargs = {"shard_dir": str(shard_dir), "max_bytes": int(cfg.max_shard_mb * 2**20),
-              "config_hash": config_hash(cfg)}
+    kwargs = shard_writer_args(cfg, shard_dir)
     inputs = Counter(int(r["shard"]) for r in rows)  # inputs per group
     pending: dict[int, list[dict]] = {}
     rows_left: dict[int, dict[str, int]] = {}  # group -> source id -> rows still to come
     finished: Counter = Counter()  # group -> inputs whose rows are all in
     futures, meta = set(), []
     timing = {} if stage_seconds is None else stage_seconds
+    by_workers: set[int] = set()
+    on_driver: list[int] = []
 
     def drain(keep: int) -> None:
         nonlocal futures
@@ -254,6 +298,7 @@ def write_groups(ds, rows: list[dict], cfg: CurationConfig, shard_dir: Path | st
 
     with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="lf-shard-writer") as pool:
         def write(group: int) -> None:
+            on_driver.append(group)
             futures.add(pool.submit(write_shard_group, batch_of(pending.pop(group)), **kwargs))
             drain(in_flight)
 
@@ -263,6 +308,10 @@ def write_groups(ds, rows: list[dict], cfg: CurationConfig, shard_dir: Path | st
                 seconds["first_row"] = time.perf_counter() - start
             for row in rows_of(batch):
                 add_timing(timing, row)
+                if row.pop(WRITTEN, False):  # its group is in its tars already (write_finished_groups)
+                    meta.append({k: v for k, v in row.items() if k not in HEAVY})
+                    by_workers.add(int(row["shard"]))
+                    continue
                 group, source = int(row["shard"]), str(row["source_id"])
                 pending.setdefault(group, []).append(row)
                 left = rows_left.setdefault(group, {})
@@ -274,6 +323,8 @@ def write_groups(ds, rows: list[dict], cfg: CurationConfig, shard_dir: Path | st
         for group in sorted(pending):  # never complete (source_rows disagreed): written with what came, checked
             write(group)
         drain(0)
+    if written is not None:
+        written.update({"workers": len(by_workers), "driver": len(on_driver)})
     if seconds is not None:
         seconds["stages"] = time.perf_counter() - start - seconds.get("first_row", 0.0)
     return meta
@@ -297,16 +348,20 @@ def run_curation(cfg: CurationConfig, dataset_dir: Path | str) -> CurationResult
                                             len(done), rows[-1]["shard"] + 1, len(pending))
     seconds: dict[str, float] = {}
     stage_seconds: dict[str, list[float]] = {}
+    written: dict[str, int] = {}
     meta = []
     if pending:
-        ds = build_pipeline(pending, cfg, shard_dir, finished, seconds)
-        meta = write_groups(ds, pending, cfg, shard_dir, seconds=seconds, stage_seconds=stage_seconds)
+        ds = build_pipeline(pending, cfg, shard_dir, finished, seconds, in_workers=writes_in_workers(cfg, shard_dir))
+        meta = write_groups(ds, pending, cfg, shard_dir, seconds=seconds, stage_seconds=stage_seconds,
+                            written=written)
     start = time.perf_counter()
     result = write_dataset(finished + meta, rows, cfg, dataset_dir)
     result.seconds = {**seconds, "tables": time.perf_counter() - start}
+    result.groups_written = written
     result.stage_seconds = {name: {"cpu_s": cpu, "wall_s": wall} for name, (cpu, wall) in stage_seconds.items()}
     log = logging.getLogger(__name__)
     log.info("curation phases (wall s): %s", ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
+    log.info("shard groups written: %s", ", ".join(f"{n} by the {k}" for k, n in written.items()) or "none")
     log.info("curation stages (CPU s, all workers): %s",
              ", ".join(f"{k} {v['cpu_s']:.1f}" for k, v in result.stage_seconds.items()))
     return result

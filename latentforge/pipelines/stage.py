@@ -198,9 +198,10 @@ class StageChain:
     stages: ClassVar[tuple[type[Stage], ...]] = ()
     name: ClassVar[str] = ""
 
-    def __init__(self, cfg: CurationConfig):
+    def __init__(self, cfg: CurationConfig, then: tuple[Callable, dict] | None = None):
         self.parts = [stage_cls(cfg) for stage_cls in self.stages]
         self.sizes = [stage_resources(stage_cls, cfg).batch_size for stage_cls in self.stages]
+        self.then = then
         limit_threads()
 
     def __call__(self, batch: Batch) -> Batch:
@@ -209,7 +210,8 @@ class StageChain:
             cpu, wall = time.process_time(), time.perf_counter()
             batch = in_slices(part, batch, size)
             spent[part.name] = (time.process_time() - cpu, time.perf_counter() - wall)
-        return with_timing(batch, spent)
+        batch = with_timing(batch, spent)
+        return batch if self.then is None else self.then[0](batch, **self.then[1])
 
 
 # Per row, JSON {stage: [cpu_s, wall_s]}: the row's share of each batch's time in each stage it went through
@@ -360,15 +362,16 @@ def stateless_task(segment: Segment) -> Callable[[Batch, CurationConfig], Batch]
     named after them so Ray Data's plan and progress bars show which stages run."""
     chain = segment.callable()
 
-    def run(batch: Batch, cfg: CurationConfig) -> Batch:
-        return chain(cfg)(batch)
+    def run(batch: Batch, cfg: CurationConfig, then: tuple[Callable, dict] | None = None) -> Batch:
+        return chain(cfg, then)(batch)
 
     run.__name__ = run.__qualname__ = chain.__name__
     return run
 
 
 def apply_segment(ds, segment: Segment, cfg: CurationConfig, cpu_factor: float = 1.0,
-                  remote_args: dict | None = None, prelude: tuple[Callable, dict] | None = None):
+                  remote_args: dict | None = None, prelude: tuple[Callable, dict] | None = None,
+                  postlude: tuple[Callable, dict] | None = None, whole_blocks: bool = False):
     """Map a Segment onto a Ray Dataset: its resources become `map_batches` keywords one-to-one (CPUs times
     `cpu_factor`, which is below 1 only when the whole pipeline would not fit the cluster).
     `remote_args`: extra Ray keywords, e.g. the storage runtime_env when inputs are at a URI.
@@ -381,18 +384,22 @@ def apply_segment(ds, segment: Segment, cfg: CurationConfig, cpu_factor: float =
 
     `prelude`: (function, keyword arguments) mapped over each batch just before the segment, with the same
     resources, so Ray Data fuses it into the segment's tasks or actors instead of starting workers of its own.
+    `postlude`: (function, keyword arguments) called on each batch the segment's chain returns, in the same
+    call (a task map after an actor map would not be fused into it: Ray Data fuses task -> actor, not back).
+    `whole_blocks`: each call gets one whole block (`batch_size=None`) instead of batches cut from the blocks;
+    the chain still hands each stage slices of its own batch size.
     """
     from ray.data import ActorPoolStrategy
 
     res = segment.resources
-    keywords = dict(num_cpus=res.num_cpus * cpu_factor, num_gpus=res.num_gpus or None, batch_size=res.batch_size,
-                    batch_format="numpy", **(remote_args or {}))
+    keywords = dict(num_cpus=res.num_cpus * cpu_factor, num_gpus=res.num_gpus or None,
+                    batch_size=None if whole_blocks else res.batch_size, batch_format="numpy", **(remote_args or {}))
     if prelude is not None:
         ds = ds.map_batches(prelude[0], fn_kwargs=prelude[1], **keywords)
     if not segment.holds_state:
-        return ds.map_batches(stateless_task(segment), fn_kwargs={"cfg": cfg}, **keywords)
-    return ds.map_batches(segment.callable(), fn_constructor_args=(cfg,), compute=ActorPoolStrategy(size=res.pool),
-                          **keywords)
+        return ds.map_batches(stateless_task(segment), fn_kwargs={"cfg": cfg, "then": postlude}, **keywords)
+    return ds.map_batches(segment.callable(), fn_constructor_args=(cfg, postlude),
+                          compute=ActorPoolStrategy(size=res.pool), **keywords)
 
 
 def apply_stage(ds, stage_cls: type[Stage], cfg: CurationConfig, cpu_factor: float = 1.0,

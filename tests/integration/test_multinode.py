@@ -135,10 +135,13 @@ def assert_exactly_once(dataset: Path, corpus: Path, samples_per_shard: int) -> 
     return len(kept), len(rejects)
 
 
-def test_a_worker_node_lost_mid_curation_costs_no_sample(cluster, tmp_path):
+@pytest.mark.parametrize("writes", ["auto", "workers"])
+def test_a_worker_node_lost_mid_curation_costs_no_sample(cluster, tmp_path, writes):
+    """`auto` on a multi-node cluster with a local output path: the driver writes the shards. `workers` (a path
+    every node mounts, as here): the stage actors write them, so the lost node may take a half-written group."""
     corpus = tmp_path / "corpus"
     generate_demo_corpus(corpus, DemoCorpusSpec(num_images=10, num_videos=3, num_audio=3, seed=21))
-    cfg = CurationConfig(input_dir=corpus, samples_per_shard=4)
+    cfg = CurationConfig(input_dir=corpus, samples_per_shard=4, shard_writes=writes)
     names = tuple(s.__name__ for s in STAGES)
     # The main pipeline's stage actors (after the scan and the driver-side dedup) are up: kill their node.
     killer = NodeKiller(cluster, ready=lambda: True, match=lambda cls: any(n in cls for n in names))
@@ -152,6 +155,9 @@ def test_a_worker_node_lost_mid_curation_costs_no_sample(cluster, tmp_path):
     assert killer.error is None and killer.removed, killer.error or "the job ended before a node could be removed"
     kept, rejected = assert_exactly_once(tmp_path / "ds", corpus, cfg.samples_per_shard)
     assert result.kept == kept and result.rejected + result.filtered == rejected and kept >= 10
+    groups = -(-result.inputs // cfg.samples_per_shard)
+    assert result.groups_written == ({"workers": groups, "driver": 0} if writes == "workers"
+                                     else {"workers": 0, "driver": groups})
 
 
 def test_training_survives_a_lost_node_and_resumes_from_its_checkpoint(cluster, tmp_path):

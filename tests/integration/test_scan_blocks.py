@@ -30,3 +30,26 @@ def test_the_scan_input_has_one_block_per_task(ray_local) -> None:
     (scan, *_), _ = plan(SCAN_STAGES, cfg, 100_000)
     assert scan.resources.batch_size == TASK_BATCH_ROWS
     assert input_dataset(rows(100_000), cfg).num_blocks() == 100_000 // TASK_BATCH_ROWS  # not 12,500 blocks of 8
+
+
+def test_whole_group_blocks_end_at_group_boundaries_and_stay_whole_through_the_scan(ray_local) -> None:
+    """What lets the last stage map write the shards: no shard group spans two blocks, before or after a map."""
+    def scanned(batch: dict) -> dict:  # a map as the scan's, cutting its task's rows into batches
+        return {"shard": batch["shard"]}
+
+    def groups_per_block(ds) -> list[list[int]]:
+        return [sorted({int(s) for s in b["shard"]}) for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
+
+    cfg = CurationConfig()
+    for n, per_shard in ((900, 64), (900, 7), (5_776, 64), (300, 1000), (10, 3)):
+        inputs = [{**r, "shard": i // per_shard} for i, r in enumerate(rows(n))]
+        (scan, *_), _ = plan(SCAN_STAGES, cfg, n)
+        per_task = scan.resources.batch_size
+        ds = input_dataset(inputs, cfg, whole_groups=True)
+        groups = sorted({r["shard"] for r in inputs})
+        blocks = groups_per_block(ds)
+        assert sorted(g for b in blocks for g in b) == groups  # no group in two blocks
+        sizes = [sum(1 for r in inputs if r["shard"] in set(b)) for b in blocks]
+        assert all(s >= min(per_task, per_shard) for s in sizes[:-1])  # a batch, or one group larger than it
+        after = groups_per_block(ds.map_batches(scanned, batch_size=per_task, batch_format="numpy").materialize())
+        assert sorted(g for b in after for g in b) == groups  # still none after a map

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,10 @@ import numpy as np
 from latentforge.datasets import storage
 from latentforge.datasets.shards import LatentShardWriter, load_npy, npy_bytes, sha256_file
 from latentforge.pipelines.resume import marker_path, write_marker
-from latentforge.pipelines.stage import rows_of
+from latentforge.pipelines.stage import TIMING_COLUMN, num_rows, rows_of, with_timing
 
 HEAVY = ("latent", "text_emb", "text_mask", "repa")
+WRITTEN = "group_written"  # set by write_finished_groups: the row's group is in its tars, its heavy columns empty
 META_KEYS = ("id", "relpath", "modality", "width", "height", "num_frames", "fps", "duration_s", "sample_rate",
              "bucket")
 
@@ -98,3 +100,48 @@ def publish(local: Path, shard_dir: str, tars: list[str], group: int | None) -> 
     if group is not None:
         marker = marker_path(local, group)
         storage.upload(marker, storage.join(shard_dir, marker.relative_to(local).as_posix()))
+
+
+def finished_groups(batch: dict, group_inputs: dict[int, int]) -> dict[int, list[int]]:
+    """The shard groups whose every row is in `batch`: group -> row indices. A group is finished when each of
+    its `group_inputs[group]` inputs has sent all its `source_rows` rows (its clips, or one row)."""
+    rows: dict[int, list[int]] = {}
+    sent: dict[int, dict[str, list[int]]] = {}  # group -> source id -> [rows here, rows it makes]
+    for i, (group, source, total) in enumerate(zip(batch["shard"], batch["source_id"], batch["source_rows"])):
+        rows.setdefault(int(group), []).append(i)
+        count = sent.setdefault(int(group), {}).setdefault(str(source), [0, int(total)])
+        count[0] += 1
+    return {g: idx for g, idx in rows.items()
+            if len(sent[g]) == group_inputs.get(g, -1) and all(n == total for n, total in sent[g].values())}
+
+
+def write_finished_groups(batch: dict, group_inputs: dict[int, int], shard_dir: str, max_bytes: int,
+                          config_hash: str | None = None) -> dict:
+    """Write the groups `batch` holds whole (`finished_groups`) where the batch is, and return every row:
+    a written row with its shard name and digest, empty heavy columns and WRITTEN true; any other row as it
+    came (WRITTEN false), for the driver to write once the rest of its group has come in.
+
+    The last stage map calls this on each whole block it finished, so on a cluster the latents go from the
+    worker to the shard directory and never through the driver. A retried task rewrites the same tars and
+    marker (the bytes are deterministic, and each file appears under its name only once complete).
+    """
+    cpu, wall = time.process_time(), time.perf_counter()
+    n = num_rows(batch)
+    out = {k: v for k, v in batch.items() if k != TIMING_COLUMN}
+    out["shard_name"] = np.array([""] * n, dtype=object)
+    out["shard_sha256"] = np.array([""] * n, dtype=object)
+    out[WRITTEN] = np.zeros(n, dtype=bool)
+    heavy = [k for k in HEAVY if k in out]
+    for k in heavy:
+        out[k] = np.array(list(out[k]), dtype=object)  # a copy: written rows' entries are emptied below
+    for group, idx in finished_groups(batch, group_inputs).items():
+        part = {k: v[idx] for k, v in batch.items() if k != TIMING_COLUMN}  # the marker holds no timings
+        meta = write_shard_group(part, shard_dir, max_bytes, config_hash)
+        for j, i in enumerate(idx):
+            out["shard_name"][i], out["shard_sha256"][i] = meta["shard_name"][j], meta["shard_sha256"][j]
+            for k in heavy:
+                out[k][i] = b""
+        out[WRITTEN][idx] = True
+    if TIMING_COLUMN in batch:
+        out[TIMING_COLUMN] = batch[TIMING_COLUMN]
+    return with_timing(out, {"write_shards": (time.process_time() - cpu, time.perf_counter() - wall)})
