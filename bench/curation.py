@@ -62,6 +62,7 @@ def make_config(corpus: Path, models: tuple[str, str], args):
         "aesthetic": {"enabled": True, "clip_model": models[0], "head": models[1]},
         "nsfw": {"enabled": extra_installed()},
         "clips": {"enabled": args.split_clips}, "fusion": {"pool": args.pool, "enabled": not args.no_fusion},
+        "shard_writes": args.shard_writes,
         "image_size": args.bucket_size, "video_frames": args.bucket_frames,
     })
 
@@ -165,6 +166,9 @@ def main() -> None:
     parser.add_argument("--order", choices=["loop-first", "pipeline-first"], default="loop-first")
     parser.add_argument("--pool", type=int, default=None, help="actors of the fused CPU chain (default: fill the CPUs)")
     parser.add_argument("--no-fusion", action="store_true", help="one Ray Data map per stage, as declared")
+    parser.add_argument("--shard-writes", choices=["auto", "workers", "driver"], default="auto",
+                        help="who writes the pipeline's shard tars (curation.shard_writes; auto: the driver "
+                             "here, a local path)")
     parser.add_argument("--loop-threads", type=int, default=0, help=(
         "threads of the decoders, torch, OpenCV and onnxruntime in the loop (0: the libraries' defaults, one per "
         "core); each pipeline worker gets its CPU share, i.e. 1"))
@@ -225,7 +229,7 @@ def main() -> None:
         "inputs": {"images": args.images, "videos": args.videos, "audio": args.audio}, "samples": samples,
         "media": {"size": args.media_size, "video_frames": args.video_frames, "fps": args.video_fps,
                   "audio_s": args.audio_seconds}, "loop_threads": args.loop_threads or "library defaults",
-        "fusion": not args.no_fusion,
+        "fusion": not args.no_fusion, "shard_writes": args.shard_writes,
         "video_seconds": round(video_s, 2), "ray_cpus": args.cpus, "nsfw": cfg.nsfw.enabled,
         "rounds": args.rounds, "loop_s": round(loop_s, 2), "pipeline_s": round(pipe_s, 2),
         "loop_samples_per_s": round(samples / loop_s, 2), "pipeline_samples_per_s": round(samples / pipe_s, 2),

@@ -223,7 +223,7 @@ def _print_stage_graph(cfg) -> None:
 
 def _shard_writer(mode: str) -> str:
     return {"workers": "the last map's workers", "driver": "the driver",
-            "auto": "the last map's workers on a local Ray or to a URI, else the driver"}[mode]
+            "auto": "the last map's workers when the output is a URI, else the driver"}[mode]
 
 
 def _execute(cfg, *, do_curate: bool, do_train: bool, address: str | None = None) -> None:

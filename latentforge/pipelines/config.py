@@ -76,9 +76,9 @@ class CurationConfig(Strict):
     fusion: FusionConfig = FusionConfig()
     shard_writes: Literal["auto", "workers", "driver"] = Field("auto", description=(
         "who writes the shard tars: the workers of the last stage map (each writes the groups it finished; "
-        "no latent crosses to the driver) or the driver (every row streams to it). auto: the workers when "
-        "they can all reach the output (a URI, or a one-node local Ray), else the driver; choose workers for "
-        "a local path every node mounts (NFS)"))
+        "no latent crosses to the driver) or the driver (every row streams to it). auto: the workers when the "
+        "output is a URI (s3://...), else the driver; choose workers on a cluster writing to a path every "
+        "node mounts (NFS)"))
 
     # How the job runs, not what it produces: left out of the config hash, so a resumed job may change them.
     EXECUTION_FIELDS: ClassVar[frozenset[str]] = frozenset({"resources", "fusion", "shard_writes"})

@@ -137,8 +137,8 @@ def assert_exactly_once(dataset: Path, corpus: Path, samples_per_shard: int) -> 
 
 @pytest.mark.parametrize("writes", ["auto", "workers"])
 def test_a_worker_node_lost_mid_curation_costs_no_sample(cluster, tmp_path, writes):
-    """`auto` on a multi-node cluster with a local output path: the driver writes the shards. `workers` (a path
-    every node mounts, as here): the stage actors write them, so the lost node may take a half-written group."""
+    """`auto` with a local output path: the driver writes the shards. `workers` (a path every node mounts, as
+    here): the stage actors write them, so the lost node may take a half-written group."""
     corpus = tmp_path / "corpus"
     generate_demo_corpus(corpus, DemoCorpusSpec(num_images=10, num_videos=3, num_audio=3, seed=21))
     cfg = CurationConfig(input_dir=corpus, samples_per_shard=4, shard_writes=writes)

@@ -40,6 +40,8 @@ def test_curation_reads_and_writes_s3(curated):
     bucket, cfg, result = curated
     root = f"s3://{bucket}/ds"
     assert result.dataset_dir == root and result.local_dir is not None and result.kept > 0
+    # auto: to a URI the stage actors write (and upload) the groups, so no latent goes through the driver
+    assert result.groups_written == {"workers": -(-result.inputs // cfg.samples_per_shard), "driver": 0}
     files = storage.list_files(root)
     tars = [f for f in files if f.startswith("shards/") and f.endswith(".tar")]
     assert {mf.MANIFEST, mf.REJECTS, mf.CARD} <= set(files) and tars

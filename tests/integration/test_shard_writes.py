@@ -38,9 +38,11 @@ def test_workers_and_driver_write_the_same_dataset(ray_local, tmp_path) -> None:
     _, mismatch, errors = filecmp.cmpfiles(tmp_path / "workers" / mf.SHARDS, tmp_path / "driver" / mf.SHARDS, tars,
                                            shallow=False)
     assert not mismatch and not errors
-    # the auto default on this one-node local Ray: the workers
-    assert writes_in_workers(CurationConfig(), tmp_path) and not writes_in_workers(
-        CurationConfig(shard_writes="driver"), tmp_path)
+    # auto: the workers when the output is a URI every worker reaches, else the driver
+    assert writes_in_workers(CurationConfig(), "s3://bucket/ds/shards") and not writes_in_workers(
+        CurationConfig(), tmp_path)
+    assert writes_in_workers(CurationConfig(shard_writes="workers"), tmp_path)
+    assert not writes_in_workers(CurationConfig(shard_writes="driver"), "s3://bucket/ds/shards")
 
 
 def sample(source: str, clip: int, clips: int, group: int) -> dict:
