@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +61,9 @@ class LatentShardWriter:
 
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_suffix(".tar.partial")
+        # A name of its own per writer: a worker of a killed job still finishing this shard while a rerun writes
+        # it again must not interleave with it (each replaces the shard with the same, complete bytes).
+        self._tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}-{threading.get_ident()}.partial")
         self._stream = open(self._tmp, "wb")
         # encoder=False: members are written as the bytes we give, so webdataset never picks a pickling encoder.
         self._tar = wds.TarWriter(self._stream, encoder=False, mtime=0.0)

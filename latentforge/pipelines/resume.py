@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +51,7 @@ def write_marker(shard_dir: Path, group: int, rows: list[dict], config_hash: str
             "rows": [{k: _plain(v) for k, v in r.items()} for r in rows]}
     path = marker_path(shard_dir, group)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.partial")  # see LatentShardWriter
     tmp.write_text(json.dumps(body))
     tmp.replace(path)
 

@@ -123,8 +123,7 @@ def test_bad_keys_are_refused_and_no_shard_appears(tmp_path: Path, key: str) -> 
         with LatentShardWriter(path) as writer:
             writer.write_sample(make_sample("ok", 0))
             writer.write_sample(make_sample(key, 1))
-    assert not path.exists()
-    assert not (tmp_path / "bad.tar.partial").exists()
+    assert list(tmp_path.iterdir()) == []  # no shard, no temporary file left
 
 
 def test_missing_member_is_refused_by_the_writer(tmp_path: Path) -> None:
@@ -141,7 +140,8 @@ def test_exception_inside_with_removes_partial_and_creates_no_shard(tmp_path: Pa
     with pytest.raises(RuntimeError, match="boom"):
         with LatentShardWriter(path) as writer:
             writer.write_sample(make_sample("k", 0))
-            assert path.with_suffix(".tar.partial").exists()  # written under a temporary name meanwhile
+            (tmp,) = path.parent.iterdir()  # written under a temporary name of this writer's meanwhile
+            assert tmp.name.startswith("shard-000000.tar.") and tmp.name.endswith(".partial")
             assert not path.exists()
             raise RuntimeError("boom")
     assert list(path.parent.iterdir()) == []
@@ -236,3 +236,27 @@ def test_undecodable_member_becomes_a_format_error(member: str, data: bytes) -> 
 def test_npy_bytes_refuses_object_arrays() -> None:
     with pytest.raises(ValueError):
         npy_bytes(np.array([{"a": 1}], dtype=object))
+
+
+def test_two_writers_of_the_same_shard_do_not_share_a_temporary_file(tmp_path: Path) -> None:
+    """A worker of a killed job may still be writing a shard its rerun writes again: each writes a file of its
+    own and the last to finish replaces the shard, whole."""
+    import threading
+
+    path = tmp_path / "shard-000001-00.tar"
+    first = LatentShardWriter(path)
+    first.write_sample(make_sample("a", 0))
+    done = threading.Event()
+
+    def second() -> None:
+        with LatentShardWriter(path) as writer:
+            writer.write_sample(make_sample("a", 0))
+        done.set()
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    thread.join()
+    assert done.is_set() and [s.key for s in iter_shards([path])] == ["a"]
+    first.write_sample(make_sample("b", 1))
+    first.close()
+    assert [s.key for s in iter_shards([path])] == ["a", "b"] and list(tmp_path.iterdir()) == [path]

@@ -228,12 +228,15 @@ def latentforge(*args: str) -> list[str]:
     return [str(Path(sys.executable).parent / "latentforge"), *args]
 
 
-def test_a_killed_curation_driver_reruns_to_an_exactly_once_dataset(cluster, tmp_path, repo_root):
+@pytest.mark.parametrize("writes", ["auto", "workers"])
+def test_a_killed_curation_driver_reruns_to_an_exactly_once_dataset(cluster, tmp_path, repo_root, writes):
+    """With `workers`, the stage actors may die (with the driver's job) between a group's tars and its marker."""
     corpus, work = tmp_path / "corpus", tmp_path / "work"
     generate_demo_corpus(corpus, DemoCorpusSpec(num_images=10, num_videos=2, num_audio=2, seed=22))
     args = latentforge("curate", str(repo_root / "configs" / "quickstart.yaml"), "--address", cluster.address,
                        "--set", f"workdir={work}", "--set", f"curation.input_dir={corpus}",
-                       "--set", "curation.samples_per_shard=2", "--set", "curation.generate_demo_corpus=false")
+                       "--set", "curation.samples_per_shard=2", "--set", "curation.generate_demo_corpus=false",
+                       "--set", f"curation.shard_writes={writes}")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     done_dir = work / "datasets" / "demo" / mf.SHARDS / DONE_DIR
     log = open(tmp_path / "first.log", "wb")
