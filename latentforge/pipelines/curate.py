@@ -20,14 +20,12 @@ from latentforge.datasets.shards import load_npy
 from latentforge.pipelines.config import CurationConfig
 from latentforge.pipelines.discover import discover, orphan_captions
 from latentforge.pipelines.resume import done_groups
+from latentforge.pipelines.shard_writes import write_groups, writes_in_workers
 from latentforge.pipelines.stage import (
     Segment,
     Stage,
-    add_timing,
     apply_segment,
-    batch_of,
     cpu_scale,
-    rows_of,
     segments,
 )
 from latentforge.pipelines.stages.caption_audio import CaptionAudio
@@ -48,7 +46,7 @@ from latentforge.pipelines.stages.probe_media import ProbeMedia
 from latentforge.pipelines.stages.score_aesthetic import ScoreAesthetic
 from latentforge.pipelines.stages.score_nsfw import ScoreNsfw
 from latentforge.pipelines.stages.split_clips import SplitClips
-from latentforge.pipelines.stages.write_shards import HEAVY, WRITTEN, write_finished_groups, write_shard_group
+from latentforge.pipelines.stages.write_shards import write_finished_groups
 
 # Before the global dedup pass (the pipeline materialises here), and after it.
 SCAN_STAGES: tuple[type[Stage], ...] = (ProbeMedia, FilterBasic, CaptionSidecar, SplitClips, ContentHash)
@@ -185,16 +183,6 @@ def map_stages(ds, stages: tuple[type[Stage], ...], cfg: CurationConfig, remote:
     return ds
 
 
-def writes_in_workers(cfg: CurationConfig, shard_dir: Path | str) -> bool:
-    """Whether the last stage map's workers write the shards (see CurationConfig.shard_writes): with `auto`,
-    when the shard directory is a URI, which every worker reaches. A local path may be one node's disk, and on
-    one machine the driver's writes cost no more: 70.4-73.6 s against 74.0-75.9 s for the job at 5,776
-    samples on 2 cores (BENCHMARKS.md), where the workers' whole blocks deliver their first rows later."""
-    if cfg.shard_writes != "auto":
-        return cfg.shard_writes == "workers"
-    return storage.is_remote(shard_dir)
-
-
 def ray_is_this_machine() -> bool:
     """Whether the connected cluster is one node on this machine (a local Ray)."""
     import ray
@@ -260,78 +248,6 @@ def shard_writer_args(cfg: CurationConfig, shard_dir: Path | str) -> dict:
     return {"shard_dir": str(shard_dir), "max_bytes": int(cfg.max_shard_mb * 2**20), "config_hash": config_hash(cfg)}
 
 
-def write_groups(ds, rows: list[dict], cfg: CurationConfig, shard_dir: Path | str, in_flight: int = 2,
-                 seconds: dict[str, float] | None = None, stage_seconds: dict[str, list[float]] | None = None,
-                 written: dict[str, int] | None = None) -> list[dict]:
-    """Stream the pipeline's rows and write each shard group as soon as all its rows are in; returns the
-    groups' metadata rows (latents left in the tars).
-
-    Groups are written while the pipeline goes on, so the first groups are on disk (with their done-markers,
-    for resume) long before the last input is decoded. Not `groupby("shard")`: that is a hash shuffle, a
-    barrier after the last stage (nothing written until everything is encoded) whose aggregator actors cost
-    seconds to start on a small machine. Written by `in_flight` threads of this process, not Ray tasks: every
-    row already streams through here, and a task would send it back through the object store to a worker.
-
-    A group is complete when each of its inputs has sent `source_rows` rows (its clips, or one row). Rows
-    that come WRITTEN (the last map's workers wrote their group: build_pipeline's `in_workers`) only add
-    their metadata; the threads write what the workers could not (a group split across blocks), and
-    everything when the workers write nothing. `written` gets how many groups each wrote.
-    `seconds` gets the wall time to the first row (actors starting, models loading) and from there to the end;
-    `stage_seconds` the rows' time per stage (stage -> [cpu_s, wall_s]; see stage.TIMING_COLUMN).
-    """
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-
-    kwargs = shard_writer_args(cfg, shard_dir)
-    inputs = Counter(int(r["shard"]) for r in rows)  # inputs per group
-    pending: dict[int, list[dict]] = {}
-    rows_left: dict[int, dict[str, int]] = {}  # group -> source id -> rows still to come
-    finished: Counter = Counter()  # group -> inputs whose rows are all in
-    futures, meta = set(), []
-    timing = {} if stage_seconds is None else stage_seconds
-    by_workers: set[int] = set()
-    on_driver: list[int] = []
-
-    def drain(keep: int) -> None:
-        nonlocal futures
-        while len(futures) > keep:
-            done, futures = wait(futures, return_when=FIRST_COMPLETED)
-            for future in done:
-                meta.extend(rows_of(future.result()))
-
-    with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="lf-shard-writer") as pool:
-        def write(group: int) -> None:
-            on_driver.append(group)
-            futures.add(pool.submit(write_shard_group, batch_of(pending.pop(group)), **kwargs))
-            drain(in_flight)
-
-        start = time.perf_counter()
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            if seconds is not None and "first_row" not in seconds:
-                seconds["first_row"] = time.perf_counter() - start
-            for row in rows_of(batch):
-                add_timing(timing, row)
-                if row.pop(WRITTEN, False):  # its group is in its tars already (write_finished_groups)
-                    meta.append({k: v for k, v in row.items() if k not in HEAVY})
-                    by_workers.add(int(row["shard"]))
-                    continue
-                group, source = int(row["shard"]), str(row["source_id"])
-                pending.setdefault(group, []).append(row)
-                left = rows_left.setdefault(group, {})
-                left[source] = left.get(source, int(row["source_rows"])) - 1
-                if left[source] == 0:
-                    finished[group] += 1
-                    if finished[group] == inputs[group]:
-                        write(group)
-        for group in sorted(pending):  # never complete (source_rows disagreed): written with what came, checked
-            write(group)
-        drain(0)
-    if written is not None:
-        written.update({"workers": len(by_workers), "driver": len(on_driver)})
-    if seconds is not None:
-        seconds["stages"] = time.perf_counter() - start - seconds.get("first_row", 0.0)
-    return meta
-
-
 def run_curation(cfg: CurationConfig, dataset_dir: Path | str) -> CurationResult:
     """Run the job on the connected Ray cluster and write the dataset to `dataset_dir` (a directory or a URI;
     `cfg.input_dir` may be a URI too)."""
@@ -354,8 +270,8 @@ def run_curation(cfg: CurationConfig, dataset_dir: Path | str) -> CurationResult
     meta = []
     if pending:
         ds = build_pipeline(pending, cfg, shard_dir, finished, seconds, in_workers=writes_in_workers(cfg, shard_dir))
-        meta = write_groups(ds, pending, cfg, shard_dir, seconds=seconds, stage_seconds=stage_seconds,
-                            written=written)
+        meta = write_groups(ds, pending, shard_writer_args(cfg, shard_dir), seconds=seconds,
+                            stage_seconds=stage_seconds, written=written)
     start = time.perf_counter()
     result = write_dataset(finished + meta, rows, cfg, dataset_dir)
     result.seconds = {**seconds, "tables": time.perf_counter() - start}

@@ -11,7 +11,8 @@ from latentforge.datasets import manifest as mf
 from latentforge.datasets.demo_corpus import DemoCorpusSpec, generate_demo_corpus
 from latentforge.datasets.shards import iter_shards, npy_bytes
 from latentforge.pipelines.config import CurationConfig
-from latentforge.pipelines.curate import run_curation, write_groups, writes_in_workers
+from latentforge.pipelines.curate import run_curation
+from latentforge.pipelines.shard_writes import write_groups, writes_in_workers
 from latentforge.pipelines.stage import batch_of, rows_of
 from latentforge.pipelines.stages.write_shards import HEAVY, write_finished_groups
 
@@ -58,12 +59,12 @@ def test_the_driver_finishes_a_group_split_across_blocks(ray_local, tmp_path) ->
     first = [sample("a", 0, 1, 0), sample("b", 0, 1, 0), sample("c", 0, 3, 1)]
     second = [sample("c", 1, 3, 1), sample("c", 2, 3, 1)]
     inputs = {0: 2, 1: 1}
-    cfg = CurationConfig(samples_per_shard=2)
     shards = tmp_path / "shards"
     blocks = [write_finished_groups(batch_of(rows), inputs, str(shards), 2**30, None) for rows in (first, second)]
     ds = ray_local.data.from_items([r for b in blocks for r in rows_of(b)], override_num_blocks=2)
     written: dict[str, int] = {}
-    meta = write_groups(ds, [{"shard": 0}, {"shard": 0}, {"shard": 1}], cfg, shards, written=written)
+    args = {"shard_dir": str(shards), "max_bytes": 2**30, "config_hash": None}
+    meta = write_groups(ds, [{"shard": 0}, {"shard": 0}, {"shard": 1}], args, written=written)
     assert written == {"workers": 1, "driver": 1}
     assert sorted(m["id"] for m in meta) == ["a-c0", "b-c0", "c-c0", "c-c1", "c-c2"]
     assert all(not set(HEAVY) & set(m) and m["shard_name"] for m in meta)
