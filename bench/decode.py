@@ -14,6 +14,10 @@ Then decoder threads (`--rounds` alternating rounds, medians): the project's dec
 decode the first and last frame) and the sampled decode, once with FFmpeg's default threads (what a process
 outside Ray gets) and once on one thread (what a curation worker granted one CPU gets, `media.open_decord`);
 CPU and wall milliseconds per video, and the ratio default / one thread.
+
+Last, the scan's probe and near-duplicate hash of a whole video on one thread (`probe_and_hash`): the probe
+decoding both ends and the hash opening the video again for its middle frame (the code before), against the
+probe decoding the middle frame on the same open and the hash taking it from the probe (`key_frame`).
 """
 from __future__ import annotations
 
@@ -99,6 +103,34 @@ def thread_figures(paths: list[Path], sampled: int, rounds: int) -> dict:
     return out
 
 
+def key_frame_figures(paths: list[Path], rounds: int) -> dict:
+    """Probe + the near-duplicate hash of a whole video, on one decoder thread (a curation worker's), two ways:
+    the probe decoding the first and last frame and the hash opening the video again for its middle frame
+    (before), against the probe decoding the middle frame too and the hash taking it from there (now)."""
+    from latentforge.datasets import media
+    from latentforge.pipelines.stages.dedup import grey_thumbnail, phash, phash_of_grey
+
+    def before(path: Path) -> str:
+        reader = media.open_decord(path)  # the probe as it was: both ends
+        n = len(reader)
+        ends = reader.get_batch([0, n - 1]).asnumpy()
+        return phash(media.decode_video(path, 1, ends.shape[1:3])[0][0])  # the hash's own open and decode
+
+    def now(path: Path) -> str:
+        return phash_of_grey(grey_thumbnail(media._decord_probe(path).key_frame))
+
+    assert all(before(p) == now(p) for p in paths)  # the same hashes
+    got: dict[str, list[tuple[float, float]]] = {"two_opens": [], "one_open": []}
+    for _ in range(rounds):
+        got["two_opens"].append(per_video(before, paths, "1"))
+        got["one_open"].append(per_video(now, paths, "1"))
+    out = {f"{name}_{kind}_ms": round(statistics.median(run[k] for run in runs), 2)
+           for name, runs in got.items() for k, kind in enumerate(("cpu", "wall"))}
+    for kind in ("cpu", "wall"):
+        out[f"{kind}_ratio_two_over_one"] = round(out[f"two_opens_{kind}_ms"] / out[f"one_open_{kind}_ms"], 3)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--videos", type=int, default=16)
@@ -120,12 +152,14 @@ def main() -> None:
                         "pyav": timed(sampled(media._pyav_decode), paths)},
         }
         threads = thread_figures(paths, args.sampled, args.rounds)
+        key_frame = key_frame_figures(paths, args.rounds)
     out = {"videos": args.videos, "frames": args.frames, "size": args.size, "sampled_per_video": args.sampled}
     for mode, fps in figures.items():
         out[f"{mode}_decord_frames_per_s"] = round(fps["decord"], 1)
         out[f"{mode}_pyav_frames_per_s"] = round(fps["pyav"], 1)
         out[f"{mode}_ratio_decord_over_pyav"] = round(fps["decord"] / fps["pyav"], 3)
     out["decoder_threads"] = threads
+    out["probe_and_hash"] = key_frame
     print(json.dumps(out))
 
 

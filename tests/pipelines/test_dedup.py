@@ -211,3 +211,30 @@ def test_config_is_strict():
         DedupConfig(max_dist=3)
     with pytest.raises(ValidationError):
         DedupConfig(hash_size=4, max_distance=16)
+
+
+def test_a_whole_video_is_hashed_from_the_probes_middle_frame_without_a_second_open(tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    from latentforge.datasets import media
+    from latentforge.pipelines.stages.dedup import KEY_GREY
+
+    frames = np.stack([textured(seed, (64, 80)) for seed in range(9)])  # a different picture each frame
+    encode_video(tmp_path / "v.mp4", frames, 8)
+    encode_video(tmp_path / "w.mp4", frames[::-1], 8)
+    Image.fromarray(textured(1)).save(tmp_path / "a.png")
+    cfg = stage_cfg()
+    probed = FilterBasic(cfg)(ProbeMedia(cfg)(to_batch(discover(tmp_path, samples_per_shard=8))))
+    videos = [i for i, m in enumerate(probed["modality"]) if m == "video"]
+    assert videos and all(len(probed[KEY_GREY][i]) == (4 * DEDUP.hash_size) ** 2 for i in videos)
+    assert all(probed[KEY_GREY][i] == b"" for i, m in enumerate(probed["modality"]) if m != "video")
+    # the baseline: the same rows with the key frame taken away, so the hash decodes the video itself
+    opened = ContentHash(cfg)({**probed, KEY_GREY: np.array([b""] * len(probed["id"]), dtype=object)})
+
+    def no_open(*_a, **_k):
+        raise AssertionError("the video was opened again")
+
+    monkeypatch.setattr(media, "decode_video", no_open)  # the hash's own decode of a whole video
+    hashed = ContentHash(cfg)(probed)
+    assert KEY_GREY not in hashed and KEY_GREY not in opened  # the column ends at the hash
+    assert list(hashed["phash"]) == list(opened["phash"]) and list(hashed["status"]) == list(opened["status"])
+    assert all(hashed["phash"][i] for i in videos)

@@ -53,6 +53,10 @@ def file_sha256(path: str | Path, extra: bytes = b"") -> str:
     return digest.hexdigest()
 
 
+# Set by the probe (ProbeMedia): the grey thumbnail `phash` takes of a video's middle frame, uint8 bytes.
+KEY_GREY = "key_grey"
+
+
 @lru_cache(maxsize=8)
 def _dct_matrix(n: int) -> np.ndarray:
     """Orthonormal DCT-II matrix: `C @ x` is the DCT of x, so `C @ X @ C.T` is the 2D DCT of X."""
@@ -68,9 +72,20 @@ def phash(pixels: np.ndarray | Image.Image, hash_size: int = 8) -> str:
     Low frequencies survive re-encoding and resizing, so near copies differ in few bits. It sees structure
     only, in grey: a uniform frame hashes to (nearly) all zeros whatever its colour.
     """
+    return phash_of_grey(grey_thumbnail(pixels, hash_size), hash_size)
+
+
+def grey_thumbnail(pixels: np.ndarray | Image.Image, hash_size: int = 8) -> np.ndarray:
+    """What `phash` looks at: the image in grey at (4*hash_size)^2, uint8."""
     image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(np.asarray(pixels))
     side = 4 * hash_size
-    grey = np.asarray(image.convert("L").resize((side, side), Image.Resampling.LANCZOS), dtype=np.float64)
+    return np.asarray(image.convert("L").resize((side, side), Image.Resampling.LANCZOS), dtype=np.uint8)
+
+
+def phash_of_grey(grey: np.ndarray, hash_size: int = 8) -> str:
+    """`phash` of a `grey_thumbnail`."""
+    side = 4 * hash_size
+    grey = np.asarray(grey, dtype=np.float64).reshape(side, side)
     c = _dct_matrix(side)
     low = (c @ grey @ c.T)[:hash_size, :hash_size]
     bits = (low > np.median(low)).ravel()
@@ -100,7 +115,9 @@ def visual_phash(row: dict, hash_size: int, timeout_s: float) -> str:
 
 
 class ContentHash(Stage):
-    """Write `content_sha256` (all ok rows) and `phash` (images and videos; "" for audio)."""
+    """Write `content_sha256` (all ok rows) and `phash` (images and videos; "" for audio). A whole video's
+    hash comes from the probe's KEY_GREY when it left one (its middle frame, decoded on the probe's open);
+    the column ends here."""
 
     name = "content_hash"
     resources = StageResources(num_cpus=0.5, batch_size=16, pool=1)
@@ -109,15 +126,21 @@ class ContentHash(Stage):
     def __call__(self, batch):
         if not self.cfg.dedup.enabled:  # the columns still exist, so the schema does not depend on the config
             n = len(batch["id"])
-            return {**batch, **{k: np.array([v] * n, dtype=object) for k, v in self.outputs.items()}}
-        return super().__call__(batch)
+            out = {**batch, **{k: np.array([v] * n, dtype=object) for k, v in self.outputs.items()}}
+        else:
+            out = super().__call__(batch)
+        out.pop(KEY_GREY, None)
+        return out
 
     def process_row(self, row: dict) -> dict:
         cfg = self.cfg.dedup
         clip = int(row.get("clip_index", -1)) >= 0
         extra = f"|{float(row['clip_start_s']):.6f}|{float(row['clip_end_s']):.6f}".encode() if clip else b""
         out = {"content_sha256": file_sha256(row["uri"], extra), "phash": ""}
-        if row.get("modality") in ("image", "video"):
+        grey = row.get(KEY_GREY) or b""
+        if row.get("modality") == "video" and not clip and len(grey) == (4 * cfg.hash_size) ** 2:
+            out["phash"] = phash_of_grey(np.frombuffer(grey, dtype=np.uint8), cfg.hash_size)
+        elif row.get("modality") in ("image", "video"):
             try:
                 out["phash"] = visual_phash(row, cfg.hash_size, self.cfg.decode_timeout_s)
             except media.MediaError as e:
