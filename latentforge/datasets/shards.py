@@ -53,6 +53,13 @@ def check_key(key: str) -> str:
     return key
 
 
+def partial_path(path: Path) -> Path:
+    """Where a writer of `path` writes before it replaces `path` with the finished file: a name of its own per
+    process and thread, so a worker of a killed job still finishing a file while a rerun writes it again never
+    interleaves with it (each replaces the file with the same, complete bytes)."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.partial")
+
+
 class LatentShardWriter:
     """Writes one tar of latent samples; a context manager. Member bytes are given already encoded."""
 
@@ -61,9 +68,7 @@ class LatentShardWriter:
 
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # A name of its own per writer: a worker of a killed job still finishing this shard while a rerun writes
-        # it again must not interleave with it (each replaces the shard with the same, complete bytes).
-        self._tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}-{threading.get_ident()}.partial")
+        self._tmp = partial_path(self.path)
         self._stream = open(self._tmp, "wb")
         # encoder=False: members are written as the bytes we give, so webdataset never picks a pickling encoder.
         self._tar = wds.TarWriter(self._stream, encoder=False, mtime=0.0)

@@ -228,18 +228,19 @@ def mark_and_explain(batch: dict, dups: dict, notes: dict) -> dict:
 
 
 def build_pipeline(rows: list[dict], cfg: CurationConfig, shard_dir: Path | str, done: list[dict] = (),
-                   seconds: dict[str, float] | None = None, in_workers: bool = False):
+                   seconds: dict[str, float] | None = None, writer_args: dict | None = None):
     """The dataset of finished rows, not yet executed: scan, dedup, then the stages. `seconds` gets the wall
-    time of the scan and of the dedup pass. `in_workers`: the last map writes the groups it holds whole
-    (write_finished_groups), whose rows then come without latents; otherwise every row keeps its latents."""
+    time of the scan and of the dedup pass. `writer_args` (write_shard_group's keywords): the last map writes
+    the groups it holds whole (write_finished_groups), whose rows then come without latents; without them
+    every row keeps its latents."""
     seconds = {} if seconds is None else seconds
     start = time.perf_counter()
-    ds = scan(rows, cfg, whole_groups=in_workers)
+    ds = scan(rows, cfg, whole_groups=writer_args is not None)
     seconds["scan"] = time.perf_counter() - start
     marking = dedup(ds, cfg, done)
     seconds["dedup"] = time.perf_counter() - start - seconds["scan"]
     writer = (write_finished_groups, {"group_inputs": dict(Counter(int(r["shard"]) for r in rows)),
-                                      **shard_writer_args(cfg, shard_dir)}) if in_workers else None
+                                      **writer_args}) if writer_args is not None else None
     return map_stages(ds, active_stages(STAGES, cfg), cfg, storage.ray_remote_args(cfg.input_dir, shard_dir), marking,
                       rows=ds.count(), postlude=writer)
 
@@ -269,9 +270,10 @@ def run_curation(cfg: CurationConfig, dataset_dir: Path | str) -> CurationResult
     written: dict[str, int] = {}
     meta = []
     if pending:
-        ds = build_pipeline(pending, cfg, shard_dir, finished, seconds, in_workers=writes_in_workers(cfg, shard_dir))
-        meta = write_groups(ds, pending, shard_writer_args(cfg, shard_dir), seconds=seconds,
-                            stage_seconds=stage_seconds, written=written)
+        writer_args = shard_writer_args(cfg, shard_dir)
+        ds = build_pipeline(pending, cfg, shard_dir, finished, seconds,
+                            writer_args if writes_in_workers(cfg, shard_dir) else None)
+        meta = write_groups(ds, pending, writer_args, seconds=seconds, stage_seconds=stage_seconds, written=written)
     start = time.perf_counter()
     result = write_dataset(finished + meta, rows, cfg, dataset_dir)
     result.seconds = {**seconds, "tables": time.perf_counter() - start}

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import threading
 from pathlib import Path
 
 import numpy as np
 
 from latentforge.datasets import storage
+from latentforge.datasets.shards import partial_path
 
 DONE_DIR = "_done"
 BYTES_TAG = "__b64__"
@@ -51,7 +50,7 @@ def write_marker(shard_dir: Path, group: int, rows: list[dict], config_hash: str
             "rows": [{k: _plain(v) for k, v in r.items()} for r in rows]}
     path = marker_path(shard_dir, group)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.partial")  # see LatentShardWriter
+    tmp = partial_path(path)
     tmp.write_text(json.dumps(body))
     tmp.replace(path)
 

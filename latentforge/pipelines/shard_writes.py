@@ -40,7 +40,7 @@ def write_groups(ds, rows: list[dict], writer_args: dict, in_flight: int = 2,
 
     `writer_args`: write_shard_group's keywords (shard_dir, max_bytes, config_hash).
     A group is complete when each of its inputs has sent `source_rows` rows (its clips, or one row). Rows
-    that come WRITTEN (the last map's workers wrote their group: build_pipeline's `in_workers`) only add
+    that come WRITTEN (the last map's workers wrote their group: build_pipeline's `writer_args`) only add
     their metadata; the threads write what the workers could not (a group split across blocks), and
     everything when the workers write nothing. `written` gets how many groups each wrote.
     `seconds` gets the wall time to the first row (actors starting, models loading) and from there to the end;

@@ -127,13 +127,13 @@ def write_finished_groups(batch: dict, group_inputs: dict[int, int], shard_dir: 
     """
     cpu, wall = time.process_time(), time.perf_counter()
     n = num_rows(batch)
-    out = {k: v for k, v in batch.items() if k != TIMING_COLUMN}
+    out = dict(batch)
     out["shard_name"] = np.array([""] * n, dtype=object)
     out["shard_sha256"] = np.array([""] * n, dtype=object)
     out[WRITTEN] = np.zeros(n, dtype=bool)
     heavy = [k for k in HEAVY if k in out]
     for k in heavy:
-        out[k] = np.array(list(out[k]), dtype=object)  # a copy: written rows' entries are emptied below
+        out[k] = out[k].astype(object)  # a copy: written rows' entries are emptied below
     for group, idx in finished_groups(batch, group_inputs).items():
         part = {k: v[idx] for k, v in batch.items() if k != TIMING_COLUMN}  # the marker holds no timings
         meta = write_shard_group(part, shard_dir, max_bytes, config_hash)
@@ -142,6 +142,4 @@ def write_finished_groups(batch: dict, group_inputs: dict[int, int], shard_dir: 
             for k in heavy:
                 out[k][i] = b""
         out[WRITTEN][idx] = True
-    if TIMING_COLUMN in batch:
-        out[TIMING_COLUMN] = batch[TIMING_COLUMN]
     return with_timing(out, {"write_shards": (time.process_time() - cpu, time.perf_counter() - wall)})
