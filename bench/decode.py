@@ -6,13 +6,13 @@ Writes `--videos` H.264 files (moving shapes, as the demo corpus does) and decod
 decoder, RGB uint8 out, one process:
 - all frames in order (decord `get_batch` over every index; PyAV `container.decode` + `to_ndarray`);
 - `--sampled` evenly spaced frames per video, as curation's stages ask for them (decord seeks by index through
-  `media._decord_decode`; PyAV decodes sequentially up to the last wanted frame in `media._pyav_decode`, the
+  `video._decord_decode`; PyAV decodes sequentially up to the last wanted frame in `video._pyav_decode`, the
   fallback path the project uses when decord fails), resized to 64x64.
 Prints frames/s for each and the ratio decord / PyAV. The first file is decoded once beforehand (warm-up).
 
 Then decoder threads (`--rounds` alternating rounds, medians): the project's decord paths, the probe (open,
 decode the first and last frame) and the sampled decode, once with FFmpeg's default threads (what a process
-outside Ray gets) and once on one thread (what a curation worker granted one CPU gets, `media.open_decord`);
+outside Ray gets) and once on one thread (what a curation worker granted one CPU gets, `video.open_decord`);
 CPU and wall milliseconds per video, and the ratio default / one thread.
 
 Last, the scan's probe and near-duplicate hash of a whole video on one thread (`probe_and_hash`): the probe
@@ -84,9 +84,9 @@ def per_video(fn, paths: list[Path], threads: str | None) -> tuple[float, float]
 
 
 def thread_figures(paths: list[Path], sampled: int, rounds: int) -> dict:
-    from latentforge.datasets import media
+    from latentforge.datasets import video
 
-    cases = {"probe": media._decord_probe, "sampled": lambda path: media._decord_decode(path, sampled, (64, 64))}
+    cases = {"probe": video.decord_probe, "sampled": lambda path: video._decord_decode(path, sampled, (64, 64))}
     out = {}
     for name, fn in cases.items():
         fn(paths[0])
@@ -107,17 +107,17 @@ def key_frame_figures(paths: list[Path], rounds: int) -> dict:
     """Probe + the near-duplicate hash of a whole video, on one decoder thread (a curation worker's), two ways:
     the probe decoding the first and last frame and the hash opening the video again for its middle frame
     (before), against the probe decoding the middle frame too and the hash taking it from there (now)."""
-    from latentforge.datasets import media
+    from latentforge.datasets import video
     from latentforge.pipelines.stages.dedup import grey_thumbnail, phash, phash_of_grey
 
     def before(path: Path) -> str:
-        reader = media.open_decord(path)  # the probe as it was: both ends
+        reader = video.open_decord(path)  # the probe as it was: both ends
         n = len(reader)
         ends = reader.get_batch([0, n - 1]).asnumpy()
-        return phash(media.decode_video(path, 1, ends.shape[1:3])[0][0])  # the hash's own open and decode
+        return phash(video.decode_video(path, 1, ends.shape[1:3])[0][0])  # the hash's own open and decode
 
     def now(path: Path) -> str:
-        return phash_of_grey(grey_thumbnail(media._decord_probe(path).key_frame))
+        return phash_of_grey(grey_thumbnail(video.decord_probe(path).key_frame))
 
     assert all(before(p) == now(p) for p in paths)  # the same hashes
     got: dict[str, list[tuple[float, float]]] = {"two_opens": [], "one_open": []}
@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--sampled", type=int, default=8, help="evenly spaced frames per video in the sampled mode")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the decoder-threads comparison")
     args = parser.parse_args()
-    from latentforge.datasets import media
+    from latentforge.datasets import video
 
     def sampled(decode):
         return lambda path: len(decode(path, args.sampled, (64, 64))[0])
@@ -148,8 +148,8 @@ def main() -> None:
         paths = make_videos(Path(tmp), args.videos, args.frames, args.size)
         figures = {
             "all_frames": {"decord": timed(decord_all, paths), "pyav": timed(pyav_all, paths)},
-            "sampled": {"decord": timed(sampled(media._decord_decode), paths),
-                        "pyav": timed(sampled(media._pyav_decode), paths)},
+            "sampled": {"decord": timed(sampled(video._decord_decode), paths),
+                        "pyav": timed(sampled(video._pyav_decode), paths)},
         }
         threads = thread_figures(paths, args.sampled, args.rounds)
         key_frame = key_frame_figures(paths, args.rounds)

@@ -1,30 +1,27 @@
-"""Probe and decode images, videos and audio with real decoders.
+"""Probe media files with real decoders; decode images and audio (videos: `latentforge.datasets.video`).
 
 `probe` is the gate a curation pipeline puts in front of everything else: it either returns a
 `ProbeResult` or raises `MediaError` whose `reason` is a short code a filter can count and route on.
 The `decode_*` functions return model-ready numpy arrays and raise `MediaError` on failure too, so
 callers handle a single exception type.
 
-Video goes through decord first and falls back to PyAV; both are imported lazily because they are
-heavy and most workers never touch video.
+Video goes through decord first and falls back to PyAV (`video.py`); both are imported lazily because
+they are heavy and most workers never touch video.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import logging
 import os
 import re
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import numpy as np
 import soundfile as sf
 from PIL import Image, ImageOps
-
-logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -133,10 +130,12 @@ def probe(path: str | Path, *, max_pixels: int = 64_000_000, timeout_s: float = 
     path = Path(path)
     modality = _check_container(path)
     if modality == "image":
-        return _run_with_timeout(lambda: _probe_image(path, max_pixels), timeout_s, "PIL")
+        return run_with_timeout(lambda: _probe_image(path, max_pixels), timeout_s, "PIL")
     if modality == "video":
-        return _video_with_fallback(lambda: _decord_probe(path), lambda: _pyav_probe(path), timeout_s)
-    return _run_with_timeout(lambda: _probe_audio(path), timeout_s, "soundfile")
+        from latentforge.datasets import video  # lazy: video imports this module
+
+        return video.with_fallback(lambda: video.decord_probe(path), lambda: video.pyav_probe(path), timeout_s)
+    return run_with_timeout(lambda: _probe_audio(path), timeout_s, "soundfile")
 
 
 def _check_container(path: Path) -> str:
@@ -156,7 +155,7 @@ def _check_container(path: Path) -> str:
     return modality
 
 
-def _run_with_timeout(fn: Callable[[], T], timeout_s: float, what: str) -> T:
+def run_with_timeout(fn: Callable[[], T], timeout_s: float, what: str) -> T:
     """Run `fn` on a worker thread and give up waiting after `timeout_s`.
 
     A stuck decoder thread cannot be killed from Python; on timeout the caller simply moves on and
@@ -179,12 +178,23 @@ def _run_with_timeout(fn: Callable[[], T], timeout_s: float, what: str) -> T:
     return future.result()
 
 
-def _short(exc: BaseException) -> str:
+def short_error(exc: BaseException) -> str:
     """First line of an exception, capped: decord appends whole C++ backtraces to its messages, and starts
     them with the time of day (`[22:10:55] `), dropped so the same file is rejected with the same message."""
     lines = str(exc).strip().splitlines()
     first = re.sub(r"^\[\d{2}:\d{2}:\d{2}\] ", "", lines[0]) if lines else ""
     return f"{type(exc).__name__}: {first[:300]}"
+
+
+def worker_threads() -> int | None:
+    """Threads a worker's native libraries (decoders, torch, OpenCV, onnxruntime) should use: the CPUs Ray
+    granted this worker, which Ray exports as OMP_NUM_THREADS; None outside a Ray worker (the libraries' own
+    defaults, one thread per core).
+
+    Each library otherwise starts one thread per core in every worker, and onnxruntime's threads spin while
+    they wait: three actors on two cores then spend most of their time fighting over them."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 # ---------------------------------------------------------------- images
@@ -205,7 +215,7 @@ def _probe_image(path: Path, max_pixels: int) -> ProbeResult:
     except Image.DecompressionBombError as exc:
         raise MediaError("too_large", str(exc)) from exc
     except Exception as exc:  # PIL surfaces corrupt data as many types (OSError, SyntaxError, struct.error, ...)
-        raise MediaError("decode_error", f"PIL could not decode {path.name}: {_short(exc)}") from exc
+        raise MediaError("decode_error", f"PIL could not decode {path.name}: {short_error(exc)}") from exc
     return ProbeResult("image", width=width, height=height, num_frames=1, decoder="pil")
 
 
@@ -233,7 +243,7 @@ def decode_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
     except Image.DecompressionBombError as exc:
         raise MediaError("too_large", str(exc)) from exc
     except Exception as exc:  # see _probe_image
-        raise MediaError("decode_error", f"PIL could not decode {path.name}: {_short(exc)}") from exc
+        raise MediaError("decode_error", f"PIL could not decode {path.name}: {short_error(exc)}") from exc
     return resize_crop(np.array(rgb), size)  # a copy: arrays viewing PIL memory are read-only
 
 
@@ -252,164 +262,6 @@ def resize_crop(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(resized)[top : top + out_h, left : left + out_w].copy()  # writable, unlike PIL's buffer
 
 
-# ---------------------------------------------------------------- video
-
-
-def _video_with_fallback(read_decord: Callable[[], T], read_pyav: Callable[[], T], timeout_s: float) -> T:
-    """Try decord, then PyAV; a decord timeout is final so one bad file costs at most `timeout_s` there."""
-    try:
-        return _run_with_timeout(read_decord, timeout_s, "decord")
-    except MediaError as exc:
-        if exc.reason == "decode_timeout":
-            raise
-        first: BaseException = exc
-    except Exception as exc:  # decord raises its own DECORDError and plain RuntimeErrors
-        first = exc
-    logger.debug("decord failed (%s); falling back to PyAV", _short(first))
-    try:
-        return _run_with_timeout(read_pyav, timeout_s, "PyAV")
-    except MediaError:
-        raise
-    except Exception as exc:  # PyAV raises av.error.* (InvalidDataError, ...) and others
-        if type(exc).__name__ == "DecoderNotFoundError":  # av.error's; by name so av is not imported here
-            raise MediaError("unsupported_codec", f"no decoder for the video stream's codec (decord: "
-                             f"{_short(first)}; PyAV: {_short(exc)})") from exc
-        raise MediaError("decode_error", f"decord: {_short(first)}; PyAV: {_short(exc)}") from exc
-
-
-def worker_threads() -> int | None:
-    """Threads a worker's native libraries (decoders, torch, OpenCV, onnxruntime) should use: the CPUs Ray
-    granted this worker, which Ray exports as OMP_NUM_THREADS; None outside a Ray worker (the libraries' own
-    defaults, one thread per core).
-
-    Each library otherwise starts one thread per core in every worker, and onnxruntime's threads spin while
-    they wait: three actors on two cores then spend most of their time fighting over them."""
-    value = os.environ.get("OMP_NUM_THREADS", "")
-    return int(value) if value.isdigit() and int(value) > 0 else None
-
-
-def open_decord(path: str | Path, **kwargs: Any) -> Any:
-    """A decord VideoReader on the CPU with `worker_threads()` decoder threads (FFmpeg's choice outside a
-    worker). FFmpeg's frame threads start on every open, and a few frames per clip never keep them busy: on
-    2 s clips at 256 px one thread probes with 1.5x less CPU and less wall time (bench/decode.py, BENCHMARKS)."""
-    import decord  # lazy: heavy import most workers never need
-
-    # The bridge is process-global; another library may have switched it to torch.
-    decord.bridge.set_bridge("native")
-    return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=worker_threads() or 0, **kwargs)
-
-
-def _decord_probe(path: Path) -> ProbeResult:
-    reader = open_decord(path)
-    num_frames = len(reader)
-    if num_frames == 0:
-        raise MediaError("no_content", "video has no frames")
-    # The index can claim frames a truncated file does not have; decoding both ends proves it. The middle frame
-    # comes with them for no measurable CPU, against a second open for whoever wants it (bench/decode.py).
-    middle = int(_even_indices(num_frames, 1)[0])
-    frames = reader.get_batch([0, middle, num_frames - 1]).asnumpy()
-    result = _video_result(frames.shape[2], frames.shape[1], num_frames, float(reader.get_avg_fps()), "decord")
-    return replace(result, key_frame=frames[1])
-
-
-def _video_result(width: int, height: int, num_frames: int, fps: float, decoder: str) -> ProbeResult:
-    duration = num_frames / fps if fps > 0 else 0.0
-    return ProbeResult("video", width, height, num_frames, fps, duration, decoder=decoder)
-
-
-def _pyav_video_stream(container: Any) -> Any:
-    if not container.streams.video:
-        raise MediaError("no_content", "file has no video stream")
-    stream = container.streams.video[0]
-    stream.thread_type = "AUTO"
-    # No codec context when FFmpeg has no decoder for the stream: decoding then raises DecoderNotFoundError.
-    if (threads := worker_threads()) and stream.codec_context is not None:  # see open_decord
-        stream.codec_context.thread_count = threads
-    return stream
-
-
-def _pyav_fps(stream: Any) -> float:
-    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-    return float(rate) if rate else 0.0
-
-
-def _pyav_probe(path: Path) -> ProbeResult:
-    """Decode every frame: slower than decord's index, but this path only runs on files decord refused."""
-    import av  # lazy, see open_decord
-
-    with av.open(str(path)) as container:
-        stream = _pyav_video_stream(container)
-        fps, num_frames, width, height = _pyav_fps(stream), 0, 0, 0
-        for frame in container.decode(stream):
-            if num_frames == 0:
-                width, height = frame.width, frame.height
-            num_frames += 1
-    if num_frames == 0:
-        raise MediaError("no_content", "video has no decodable frames")
-    return _video_result(width, height, num_frames, fps, "pyav")
-
-
-def _even_indices(total: int, count: int) -> np.ndarray:
-    """Centres of `count` equal segments of the clip, so the returned frames are evenly spaced."""
-    indices = ((np.arange(count) + 0.5) * total / count).astype(np.int64)
-    return np.clip(indices, 0, total - 1)
-
-
-def decode_video(
-    path: str | Path, num_frames: int, size: tuple[int, int], *, timeout_s: float = 30.0
-) -> tuple[np.ndarray, float]:
-    """Decode `num_frames` evenly spaced frames as uint8 (T, H, W, 3); also return their frame rate."""
-    if num_frames < 1:
-        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-    path = Path(path)
-    return _video_with_fallback(
-        lambda: _decord_decode(path, num_frames, size), lambda: _pyav_decode(path, num_frames, size), timeout_s
-    )
-
-
-def _decord_decode(path: Path, num_frames: int, size: tuple[int, int]) -> tuple[np.ndarray, float]:
-    reader = open_decord(path)
-    total = len(reader)
-    if total == 0:
-        raise MediaError("no_content", "video has no frames")
-    batch = reader.get_batch(_even_indices(total, num_frames).tolist()).asnumpy()
-    frames = np.stack([resize_crop(frame, size) for frame in batch])
-    return frames, float(reader.get_avg_fps()) * num_frames / total  # frames are total/num_frames apart
-
-
-def _pyav_frame_count(path: Path) -> tuple[int, float]:
-    """(frame count, fps) from the header, or by demuxing packets (no decoding) when it has none."""
-    import av
-
-    with av.open(str(path)) as container:
-        stream = _pyav_video_stream(container)
-        total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
-        return total, _pyav_fps(stream)
-
-
-def _pyav_decode(path: Path, num_frames: int, size: tuple[int, int]) -> tuple[np.ndarray, float]:
-    """One decode pass that keeps only the wanted frames, so memory stays at num_frames, not the clip."""
-    import av
-
-    total, fps = _pyav_frame_count(path)
-    if total == 0:
-        raise MediaError("no_content", "video has no frames")
-    indices = _even_indices(total, num_frames)
-    wanted, kept = set(indices.tolist()), {}
-    with av.open(str(path)) as container:
-        for position, frame in enumerate(container.decode(_pyav_video_stream(container))):
-            if position in wanted:
-                kept[position] = resize_crop(frame.to_ndarray(format="rgb24"), size)
-            if position >= indices[-1]:
-                break
-    if not kept:
-        raise MediaError("no_content", "video has no decodable frames")
-    # A truncated file may hold fewer frames than its header says: clamp to the last one decoded.
-    last = max(kept)
-    frames = np.stack([kept[min(i, last)] for i in indices.tolist()])
-    return frames, fps * num_frames / total
-
-
 # ---------------------------------------------------------------- audio
 
 
@@ -419,7 +271,7 @@ def _probe_audio(path: Path) -> ProbeResult:
         if info.frames > 0:  # the header can promise samples a damaged body does not hold
             sf.read(str(path), frames=min(info.frames, 4096), dtype="float32")
     except Exception as exc:  # libsndfile errors, plus whatever a damaged header provokes
-        raise MediaError("decode_error", f"soundfile could not decode {path.name}: {_short(exc)}") from exc
+        raise MediaError("decode_error", f"soundfile could not decode {path.name}: {short_error(exc)}") from exc
     if info.frames == 0:
         raise MediaError("no_content", "audio has zero samples")
     duration = info.frames / info.samplerate
@@ -434,7 +286,7 @@ def decode_audio(path: str | Path, sample_rate: int, num_samples: int) -> np.nda
         needed = int(np.ceil(num_samples * source_rate / sample_rate)) + 1  # +1 for the interpolation edge
         data, _ = sf.read(str(path), frames=needed, dtype="float32", always_2d=True)
     except Exception as exc:  # see _probe_audio
-        raise MediaError("decode_error", f"soundfile could not decode {path.name}: {_short(exc)}") from exc
+        raise MediaError("decode_error", f"soundfile could not decode {path.name}: {short_error(exc)}") from exc
     mono = _resample(data.mean(axis=1), source_rate, sample_rate)[:num_samples]
     out = np.zeros(num_samples, dtype=np.float32)
     out[: len(mono)] = mono
@@ -448,41 +300,3 @@ def _resample(signal: np.ndarray, source_rate: int, target_rate: int) -> np.ndar
     count = int(round(len(signal) * target_rate / source_rate))
     positions = np.arange(count) * (source_rate / target_rate)
     return np.interp(positions, np.arange(len(signal)), signal).astype(np.float32)
-
-
-def decode_video_audio(path: str | Path, sample_rate: int, start_s: float = 0.0, end_s: float | None = None,
-                       *, timeout_s: float = 30.0) -> np.ndarray | None:
-    """float32 mono at `sample_rate` of a video's first audio track within [start_s, end_s); None if it has none."""
-    path = Path(path)
-
-    def read() -> np.ndarray | None:
-        import av  # lazy, see open_decord
-
-        with av.open(str(path)) as container:
-            if not container.streams.audio:
-                return None
-            stream = container.streams.audio[0]
-            # libswresample through PyAV: anti-aliased rate conversion, which _resample is not. Channels are
-            # averaged here, as decode_audio does (its mono downmix adds them at -3 dB and can clip).
-            resampler = av.AudioResampler(format="fltp", rate=sample_rate)
-            if start_s > 0:
-                container.seek(int(start_s / stream.time_base), stream=stream)  # lands at or before start_s
-            chunks, first = [], None
-            for frame in container.decode(stream):
-                if first is None:
-                    first = float(frame.time if frame.time is not None else 0.0)
-                if end_s is not None and frame.time is not None and frame.time >= end_s:
-                    break
-                chunks += [f.to_ndarray().mean(axis=0) for f in resampler.resample(frame)]
-            chunks += [f.to_ndarray().mean(axis=0) for f in resampler.resample(None)]
-        mono = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
-        skip = max(0, round((start_s - (first or 0.0)) * sample_rate))
-        stop = None if end_s is None else skip + max(0, round((end_s - start_s) * sample_rate))
-        return mono[skip:stop]
-
-    try:
-        return _run_with_timeout(read, timeout_s, "pyav audio")
-    except MediaError:
-        raise
-    except Exception as exc:  # PyAV/FFmpeg errors on a damaged track
-        raise MediaError("decode_error", f"pyav could not decode the audio of {path.name}: {_short(exc)}") from exc

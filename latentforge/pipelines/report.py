@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from PIL import Image, ImageDraw
 
 from latentforge.datasets import manifest as mf
-from latentforge.datasets import media, storage
+from latentforge.datasets import media, storage, video
 
 REPORT = "report.html"
 MODALITIES = ("image", "video", "audio")
@@ -278,7 +278,7 @@ def _thumbnail_png(row: dict) -> str:
     if modality == "image":
         pixels = _image_thumb(uri)
     elif modality == "video":
-        frames, _ = media.decode_video(uri, VIDEO_FRAMES, VIDEO_THUMB, timeout_s=DECODE_TIMEOUT_S)
+        frames, _ = video.decode_video(uri, VIDEO_FRAMES, VIDEO_THUMB, timeout_s=DECODE_TIMEOUT_S)
         pixels = np.concatenate(list(frames), axis=1)  # a left-to-right strip
     elif modality == "audio":
         pixels = _waveform(media.decode_audio(uri, AUDIO_RATE, int(AUDIO_RATE * AUDIO_SECONDS)))

@@ -12,18 +12,18 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from latentforge.datasets import media
+from latentforge.datasets import media, video
 from latentforge.datasets.demo_corpus import encode_video
 from latentforge.datasets.media import (
     MediaError,
     decode_audio,
     decode_image,
-    decode_video,
     modality_from_extension,
     probe,
     resize_crop,
     sniff_modality,
 )
+from latentforge.datasets.video import decode_video
 
 VIDEO_FRAMES, VIDEO_FPS, VIDEO_H, VIDEO_W = 12, 8, 32, 64
 
@@ -203,7 +203,7 @@ def _decord_broken(path: Path):
 
 def test_pyav_fallback_when_decord_fails(video_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     by_decord, decord_fps = decode_video(video_path, 4, (16, 16))
-    monkeypatch.setattr(media, "open_decord", _decord_broken)
+    monkeypatch.setattr(video, "open_decord", _decord_broken)
     result = probe(video_path)
     assert (result.decoder, result.num_frames, result.width, result.height) == ("pyav", 12, VIDEO_W, VIDEO_H)
     assert result.fps == pytest.approx(VIDEO_FPS)
@@ -293,7 +293,7 @@ def test_error_decode_timeout_does_not_fall_back(video_path: Path, monkeypatch: 
         time.sleep(1.0)
         raise AssertionError("the caller should have stopped waiting")
 
-    monkeypatch.setattr(media, "open_decord", stuck_decord)
+    monkeypatch.setattr(video, "open_decord", stuck_decord)
     started = time.monotonic()
     expect_error(video_path, "decode_timeout", timeout_s=0.1)
     assert time.monotonic() - started < 0.8
@@ -333,7 +333,7 @@ def test_decoders_in_a_ray_worker_use_the_threads_it_was_granted(video_path: Pat
             monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         else:
             monkeypatch.setenv("OMP_NUM_THREADS", threads)
-        before, reader = _threads(), media.open_decord(video_path)
+        before, reader = _threads(), video.open_decord(video_path)
         frames = reader.get_batch([0, len(reader) - 1]).asnumpy()
         started = _threads() - before
         del reader
@@ -345,7 +345,7 @@ def test_decoders_in_a_ray_worker_use_the_threads_it_was_granted(video_path: Pat
     assert np.array_equal(frames, same)
     assert media.worker_threads() == 1
     with av.open(str(video_path)) as container:
-        assert media._pyav_video_stream(container).codec_context.thread_count == 1
+        assert video.pyav_video_stream(container).codec_context.thread_count == 1
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert media.worker_threads() is None
 
@@ -353,5 +353,5 @@ def test_decoders_in_a_ray_worker_use_the_threads_it_was_granted(video_path: Pat
 def test_a_decoder_message_keeps_its_first_line_without_the_time_of_day() -> None:
     # decord's messages start with the time of day: the same broken file must get the same rejects row each run
     error = RuntimeError("[22:10:55] /src/video/video_reader.cc:151: Check failed: st_nb >= 0\nStack trace:\n  [bt] 0")
-    assert media._short(error) == "RuntimeError: /src/video/video_reader.cc:151: Check failed: st_nb >= 0"
-    assert media._short(ValueError("")) == "ValueError: "
+    assert media.short_error(error) == "RuntimeError: /src/video/video_reader.cc:151: Check failed: st_nb >= 0"
+    assert media.short_error(ValueError("")) == "ValueError: "

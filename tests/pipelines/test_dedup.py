@@ -14,6 +14,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from latentforge.datasets.demo_corpus import draw_shape, encode_video
+from latentforge.datasets.video import decode_clip
 from latentforge.pipelines.config import FilterConfig
 from latentforge.pipelines.discover import discover
 from latentforge.pipelines.stage import rows_of
@@ -28,7 +29,7 @@ from latentforge.pipelines.stages.dedup import (
 )
 from latentforge.pipelines.stages.filter_basic import FilterBasic
 from latentforge.pipelines.stages.probe_media import ProbeMedia
-from latentforge.pipelines.stages.split_clips import ClipSplitConfig, SplitClips, decode_clip
+from latentforge.pipelines.stages.split_clips import ClipSplitConfig, SplitClips
 
 DEDUP = DedupConfig()
 
@@ -215,7 +216,7 @@ def test_config_is_strict():
 
 def test_a_whole_video_is_hashed_from_the_probes_middle_frame_without_a_second_open(tmp_path: Path,
                                                                                     monkeypatch) -> None:
-    from latentforge.datasets import media
+    from latentforge.datasets import video
     from latentforge.pipelines.stages.dedup import KEY_GREY
 
     frames = np.stack([textured(seed, (64, 80)) for seed in range(9)])  # a different picture each frame
@@ -233,7 +234,7 @@ def test_a_whole_video_is_hashed_from_the_probes_middle_frame_without_a_second_o
     def no_open(*_a, **_k):
         raise AssertionError("the video was opened again")
 
-    monkeypatch.setattr(media, "decode_video", no_open)  # the hash's own decode of a whole video
+    monkeypatch.setattr(video, "decode_video", no_open)  # the hash's own decode of a whole video
     hashed = ContentHash(cfg)(probed)
     assert KEY_GREY not in hashed and KEY_GREY not in opened  # the column ends at the hash
     assert list(hashed["phash"]) == list(opened["phash"]) and list(hashed["status"]) == list(opened["status"])

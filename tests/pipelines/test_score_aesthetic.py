@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from tiny_models import save_clip_vision
 
 from latentforge.datasets.demo_corpus import DemoCorpusSpec, generate_demo_corpus
+from latentforge.datasets.video import decode_clip
 from latentforge.pipelines.config import CurationConfig
 from latentforge.pipelines.curate import STAGES, stage_graph
 from latentforge.pipelines.discover import discover
@@ -29,7 +30,7 @@ from latentforge.pipelines.stages.score_aesthetic import (
     load_head,
     save_head,
 )
-from latentforge.pipelines.stages.split_clips import SplitClips, decode_clip
+from latentforge.pipelines.stages.split_clips import SplitClips
 
 HEAD = {"input_dim": 16, "hidden_dims": [8, 4], "dropout": [0.2, 0.0]}
 

@@ -12,18 +12,17 @@ from lf_batches import to_batch
 from PIL import Image
 from pydantic import ValidationError
 
-from latentforge.datasets import media
+from latentforge.datasets import media, video
 from latentforge.datasets.demo_corpus import COLORS, draw_shape, encode_video
+from latentforge.datasets.video import decode_clip
 from latentforge.pipelines.config import FilterConfig
 from latentforge.pipelines.discover import discover
 from latentforge.pipelines.stage import rows_of
-from latentforge.pipelines.stages import split_clips as sc
 from latentforge.pipelines.stages.probe_media import ProbeMedia
 from latentforge.pipelines.stages.split_clips import (
     CLIP_COLUMNS,
     ClipSplitConfig,
     SplitClips,
-    decode_clip,
     detect_cuts,
     split_shot,
 )
@@ -151,8 +150,8 @@ def test_decode_clip_returns_frames_of_its_shot(corpus: Path, span, background):
 def test_pyav_fallback_decodes_the_same_frames(corpus: Path):
     times = np.array([0.3, 2.6, 6.2])
     path = corpus / "three_shots.mp4"
-    via_decord, fps_d = sc._decord_frames_at(path, times, (32, 32), stretch=False)
-    via_pyav, fps_p = sc._pyav_frames_at(path, times, (32, 32), stretch=False)
+    via_decord, fps_d = video._decord_frames_at(path, times, (32, 32), stretch=False)
+    via_pyav, fps_p = video._pyav_frames_at(path, times, (32, 32), stretch=False)
     assert fps_d == fps_p == FPS
     assert np.abs(via_decord.astype(int) - via_pyav.astype(int)).mean() < 2
 

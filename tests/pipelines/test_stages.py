@@ -15,7 +15,7 @@ import pytest
 from lf_batches import to_batch
 from PIL import Image
 
-from latentforge.datasets import media
+from latentforge.datasets import media, video
 from latentforge.datasets.codec import DctAudioCodec, HaarPixelCodec
 from latentforge.datasets.demo_corpus import DemoCorpusSpec, generate_demo_corpus
 from latentforge.datasets.manifest import channel_stats
@@ -293,7 +293,7 @@ def test_kept_latents_decode_to_the_expected_shape_and_content(final: dict[str, 
         if row["modality"] == "image":
             np.testing.assert_array_equal(HaarPixelCodec().decode(latent)[0], media.decode_image(row["uri"], size))
         elif row["modality"] == "video":
-            frames, _ = media.decode_video(row["uri"], VIDEO_FRAMES, size)
+            frames, _ = video.decode_video(row["uri"], VIDEO_FRAMES, size)
             np.testing.assert_array_equal(HaarPixelCodec().decode(latent), frames)
         else:
             wave = media.decode_audio(row["uri"], AUDIO_RATE, AUDIO_RATE)
@@ -378,7 +378,7 @@ def test_probe_turns_a_vanished_file_into_a_rejection(cfg: CurationConfig, tmp_p
 
 def test_a_worker_granted_one_thread_rejects_the_broken_files_for_the_same_reasons(
         corpus: tuple[Path, dict], cfg: CurationConfig, monkeypatch: pytest.MonkeyPatch) -> None:
-    """In a Ray worker (OMP_NUM_THREADS set) the decoders are held to its threads (media.open_decord); an
+    """In a Ray worker (OMP_NUM_THREADS set) the decoders are held to its threads (video.open_decord); an
     undecodable codec must still read as unsupported_codec, not as a failure of setting the threads."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     probed = {rel: row for rel, row in BROKEN.items() if row[0] == "probe"}

@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from latentforge.datasets import media
+from latentforge.datasets import media, video
 from latentforge.datasets.shards import npy_bytes
+from latentforge.datasets.video import decode_frames_at
 from latentforge.pipelines.resources import StageResources
 from latentforge.pipelines.stage import Batch, Reject, Stage, map_ok_rows
 from latentforge.pipelines.stages.caption_audio import AUDIO_COLUMN, AudioCaptionConfig
 from latentforge.pipelines.stages.caption_vlm import FRAMES_COLUMN, VLMCaptionConfig
-from latentforge.pipelines.stages.split_clips import decode_frames_at
 
 if TYPE_CHECKING:
     from latentforge.pipelines.config import CurationConfig
@@ -44,7 +44,7 @@ def decode_visual(row: dict, cfg: VLMCaptionConfig, timeout_s: float) -> np.ndar
         return np.asarray(Image.fromarray(native).resize(size[::-1], Image.Resampling.BICUBIC))[None]
     start, end = float(row.get("clip_start_s", 0.0) or 0.0), float(row.get("clip_end_s", 0.0) or 0.0)
     if end <= start:  # no duration known: spread the frames over the whole file
-        return media.decode_video(row["uri"], cfg.frames, size, timeout_s=timeout_s)[0]
+        return video.decode_video(row["uri"], cfg.frames, size, timeout_s=timeout_s)[0]
     times = frame_times(start, end, float(row.get("fps", 0.0) or 0.0), cfg.frames)
     return decode_frames_at(row["uri"], times, size, timeout_s=timeout_s, stretch=cfg.resize == "stretch")[0]
 
@@ -69,7 +69,7 @@ def decode_track(row: dict, cfg: AudioCaptionConfig, timeout_s: float) -> np.nda
     start, end = float(row.get("clip_start_s", 0.0) or 0.0), float(row.get("clip_end_s", 0.0) or 0.0)
     if end <= start:  # no span known: the file from its start
         end = start + cfg.max_seconds
-    return media.decode_video_audio(row["uri"], cfg.sample_rate, start, min(end, start + cfg.max_seconds),
+    return video.decode_video_audio(row["uri"], cfg.sample_rate, start, min(end, start + cfg.max_seconds),
                                     timeout_s=timeout_s)
 
 

@@ -16,10 +16,10 @@ import numpy as np
 from PIL import Image, ImageOps
 from pydantic import Field, model_validator
 
-from latentforge.datasets import media
+from latentforge.datasets import media, video
+from latentforge.datasets.video import decode_clip
 from latentforge.pipelines.resources import StageResources, Strict
 from latentforge.pipelines.stage import Reject, Stage
-from latentforge.pipelines.stages.split_clips import decode_clip
 
 _READ_CHUNK = 1 << 20
 
@@ -110,7 +110,7 @@ def visual_phash(row: dict, hash_size: int, timeout_s: float) -> str:
         frames, _ = decode_clip(row["uri"], float(row["clip_start_s"]), float(row["clip_end_s"]), 1, None, timeout_s)
     else:  # native size from probe, so the crop in decode_video keeps the whole frame
         size = (int(row.get("height") or 0) or 64, int(row.get("width") or 0) or 64)
-        frames, _ = media.decode_video(row["uri"], 1, size, timeout_s=timeout_s)
+        frames, _ = video.decode_video(row["uri"], 1, size, timeout_s=timeout_s)
     return phash(frames[0], hash_size)
 
 

@@ -6,14 +6,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from latentforge.datasets import media
+from latentforge.datasets import media, video
 from latentforge.datasets.buckets import Bucket, choose_bucket
 from latentforge.datasets.encoders import build_audio_encoder, build_visual_encoder
 from latentforge.datasets.manifest import channel_stats
 from latentforge.datasets.shards import npy_bytes
+from latentforge.datasets.video import decode_clip
 from latentforge.pipelines.resources import StageResources
 from latentforge.pipelines.stage import Reject, Stage
-from latentforge.pipelines.stages.split_clips import decode_clip
 
 if TYPE_CHECKING:
     from latentforge.pipelines.config import CurationConfig
@@ -106,5 +106,5 @@ class EncodeLatents(Stage):
             frames, _ = decode_clip(row["uri"], float(row["clip_start_s"]), float(row["clip_end_s"]), n, size,
                                     self.cfg.decode_timeout_s)
         else:
-            frames, _ = media.decode_video(row["uri"], n, size, timeout_s=self.cfg.decode_timeout_s)
+            frames, _ = video.decode_video(row["uri"], n, size, timeout_s=self.cfg.decode_timeout_s)
         return b.name(modality), frames

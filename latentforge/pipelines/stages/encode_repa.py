@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from latentforge.datasets import media
+from latentforge.datasets import media, video
 from latentforge.datasets.encoders.devices import resolve_device, resolve_dtype
 from latentforge.datasets.shards import npy_bytes
+from latentforge.datasets.video import decode_clip
 from latentforge.pipelines.resources import StageResources
 from latentforge.pipelines.stage import Reject, Stage
 from latentforge.pipelines.stages.encode_latents import parse_shape
-from latentforge.pipelines.stages.split_clips import decode_clip
 
 if TYPE_CHECKING:
     from latentforge.datasets.encoders.config import RepaEncoderConfig
@@ -138,7 +138,7 @@ class EncodeRepa(Stage):
             if int(row.get("clip_index", -1)) >= 0:
                 return decode_clip(row["uri"], float(row["clip_start_s"]), float(row["clip_end_s"]), count, size,
                                    self.cfg.decode_timeout_s)[0]
-            return media.decode_video(row["uri"], count, size, timeout_s=self.cfg.decode_timeout_s)[0]
+            return video.decode_video(row["uri"], count, size, timeout_s=self.cfg.decode_timeout_s)[0]
         except media.MediaError as e:
             raise Reject(e.reason, f"repa: {e}") from e
 

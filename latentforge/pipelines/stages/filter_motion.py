@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from latentforge.datasets import media
+from latentforge.datasets import media, video
 from latentforge.pipelines.resources import StageResources, Strict
 from latentforge.pipelines.stage import Reject, Stage
 
@@ -90,7 +90,7 @@ class FilterMotion(Stage):
         total = int(row.get("num_frames", 0) or 0)
         count = min(cfg.frames, total) if total > 0 else cfg.frames  # no duplicate frames on short clips
         try:
-            frames, _ = media.decode_video(row["uri"], count, (cfg.size, cfg.size),
+            frames, _ = video.decode_video(row["uri"], count, (cfg.size, cfg.size),
                                            timeout_s=self.cfg.decode_timeout_s)
         except media.MediaError as e:
             raise Reject(e.reason, str(e)) from e

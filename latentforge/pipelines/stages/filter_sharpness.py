@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from latentforge.datasets import media
+from latentforge.datasets import media, video
 from latentforge.pipelines.resources import StageResources, Strict
 from latentforge.pipelines.stage import Reject, Stage
 
@@ -40,7 +40,7 @@ def decode_still(row: dict, size: int, timeout_s: float) -> np.ndarray:
     try:
         if row["modality"] == "image":
             return media.decode_image(row["uri"], shape)
-        frames, _ = media.decode_video(row["uri"], 1, shape, timeout_s=timeout_s)  # one frame = the middle one
+        frames, _ = video.decode_video(row["uri"], 1, shape, timeout_s=timeout_s)  # one frame = the middle one
         return frames[0]
     except media.MediaError as e:
         raise Reject(e.reason, str(e)) from e

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field, model_validator
 
+from latentforge.datasets.video import decode_clip
 from latentforge.pipelines.resources import StageResources, Strict
 from latentforge.pipelines.stage import Reject, Stage, error_message, map_ok_rows, mark_row
 from latentforge.pipelines.stages.filter_sharpness import VISUAL, decode_still
-from latentforge.pipelines.stages.split_clips import decode_clip
 
 HEAD_WEIGHTS = "aesthetic_head.safetensors"
 HEAD_CONFIG = "aesthetic_head.json"

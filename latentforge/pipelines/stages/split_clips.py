@@ -8,26 +8,23 @@ piece at all stays as one `filtered` row, so every input is still accounted for.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from pydantic import Field, model_validator
 
 from latentforge.datasets import media
+from latentforge.datasets.video import decode_frames_at, frame_indices
 from latentforge.pipelines.resources import StageResources, Strict
 from latentforge.pipelines.stage import Batch, Stage, error_message, rows_of, staged
-
-T = TypeVar("T")
 
 # source_rows: how many rows the source input became (its clips, or 1), so a consumer of the stream knows when
 # every row of an input has arrived.
 CLIP_COLUMNS: dict[str, Any] = {"clip_start_s": 0.0, "clip_end_s": 0.0, "clip_index": -1, "source_id": "",
                                 "source_rows": 1}
-_DECODE_CHUNK = 64  # frames per decord batch: bounds memory when decoding at full resolution
 _HUE_BINS, _VALUE_BINS = 12, 16
 
 
@@ -47,108 +44,6 @@ class ClipSplitConfig(Strict):
         if self.min_seconds > self.max_seconds:
             raise ValueError(f"min_seconds {self.min_seconds} > max_seconds {self.max_seconds}")
         return self
-
-
-# ---------------------------------------------------------------- decoding frames at timestamps
-# media keeps its decoder plumbing private; these two wrappers are the only places this module reaches in,
-# so its timeout and fallback policy is shared rather than copied.
-
-
-def decode_with_fallback(read_decord: Callable[[], T], read_pyav: Callable[[], T], timeout_s: float) -> T:
-    """Run decord, then PyAV if decord fails, each under `timeout_s`; failures become `media.MediaError`."""
-    return media._video_with_fallback(read_decord, read_pyav, timeout_s)
-
-
-def pyav_video_stream(container: Any) -> tuple[Any, float]:
-    """The first video stream of an open PyAV container and its frame rate (MediaError if there is none)."""
-    stream = media._pyav_video_stream(container)
-    return stream, media._pyav_fps(stream)
-
-
-def _frame_indices(times_s: np.ndarray, fps: float, total: int | None) -> np.ndarray:
-    """The frame shown at each time; the epsilon keeps t = k/fps on frame k despite float rounding."""
-    if fps <= 0:
-        raise media.MediaError("decode_error", "video reports no frame rate")
-    indices = np.floor(np.asarray(times_s, dtype=np.float64) * fps + 1e-6).astype(np.int64)
-    return np.clip(indices, 0, None if total is None else total - 1)
-
-
-def _fit(frame: np.ndarray, size: tuple[int, int] | None, stretch: bool) -> np.ndarray:
-    if size is None or frame.shape[:2] == tuple(size):
-        return frame
-    if stretch:
-        return np.asarray(Image.fromarray(frame).resize((size[1], size[0]), Image.Resampling.BILINEAR))
-    return media.resize_crop(frame, size)
-
-
-def _decord_frames_at(path: Path, times_s: np.ndarray, size, stretch: bool) -> tuple[np.ndarray, float]:
-    # decord resizes while decoding when asked to stretch: far cheaper than decoding full frames.
-    h, w = size if (stretch and size) else (-1, -1)
-    reader = media.open_decord(path, width=w, height=h)
-    total, fps = len(reader), float(reader.get_avg_fps())
-    if total == 0:
-        raise media.MediaError("no_content", "video has no frames")
-    indices = _frame_indices(times_s, fps, total)
-    unique = np.unique(indices)
-    decoded = {}
-    for start in range(0, len(unique), _DECODE_CHUNK):
-        chunk = unique[start : start + _DECODE_CHUNK].tolist()
-        for index, frame in zip(chunk, reader.get_batch(chunk).asnumpy()):
-            decoded[index] = _fit(frame, size, stretch)
-    return np.stack([decoded[i] for i in indices.tolist()]), fps
-
-
-def _pyav_frames_at(path: Path, times_s: np.ndarray, size, stretch: bool) -> tuple[np.ndarray, float]:
-    """One sequential pass keeping only the wanted frames (this path only runs on files decord refused)."""
-    import av
-
-    with av.open(str(path)) as container:
-        stream, fps = pyav_video_stream(container)
-        indices = _frame_indices(times_s, fps, stream.frames or None)
-        wanted, last_wanted, kept = set(indices.tolist()), int(indices.max()), {}
-        for position, frame in enumerate(container.decode(stream)):
-            if position in wanted:
-                kept[position] = _fit(frame.to_ndarray(format="rgb24"), size, stretch)
-            if position >= last_wanted:
-                break
-    if not kept:
-        raise media.MediaError("no_content", "video has no decodable frames")
-    last = max(kept)
-    # One frame of slack: header frame counts are sometimes off by one. More missing means a truncated body.
-    if last_wanted > last + 1:
-        raise media.MediaError("decode_error", f"{path.name} ends at frame {last}, frame {last_wanted} was "
-                               "expected (truncated?)")
-    return np.stack([kept[min(i, last)] for i in indices.tolist()]), fps
-
-
-def decode_frames_at(path: str | Path, times_s, size: tuple[int, int] | None, *, timeout_s: float = 30.0,
-                     stretch: bool = False) -> tuple[np.ndarray, float]:
-    """uint8 (N, H, W, 3) frames shown at `times_s` and the source fps; raises `media.MediaError`.
-
-    `size` is (H, W): centre-cropped to it, or squashed when `stretch` (analysis frames, where aspect does not
-    matter); None keeps the native resolution.
-    """
-    path, times = Path(path), np.asarray(times_s, dtype=np.float64)
-    if times.size == 0:
-        raise ValueError("no timestamps to decode")
-    return decode_with_fallback(lambda: _decord_frames_at(path, times, size, stretch),
-                                lambda: _pyav_frames_at(path, times, size, stretch), timeout_s)
-
-
-def decode_clip(uri: str | Path, start_s: float, end_s: float, num_frames: int, size: tuple[int, int] | None,
-                timeout_s: float = 30.0) -> tuple[np.ndarray, float]:
-    """`num_frames` evenly spaced frames of [start_s, end_s) as uint8 (T, H, W, 3), and their frame rate.
-
-    Frames sit at the centres of `num_frames` equal segments (as `media.decode_video` does for whole videos),
-    so a one-frame clip gives its middle frame.
-    """
-    if num_frames < 1:
-        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-    if not end_s > start_s >= 0:
-        raise ValueError(f"need 0 <= start_s < end_s, got [{start_s}, {end_s})")
-    step = (end_s - start_s) / num_frames
-    frames, _ = decode_frames_at(uri, start_s + (np.arange(num_frames) + 0.5) * step, size, timeout_s=timeout_s)
-    return frames, 1.0 / step
 
 
 # ---------------------------------------------------------------- shot boundaries
@@ -197,7 +92,7 @@ def detect_cuts(uri: str | Path, duration_s: float, cfg: ClipSplitConfig, timeou
         return []
     side = cfg.analysis_size
     frames, fps = decode_frames_at(uri, times, (side, side), timeout_s=timeout_s, stretch=True)
-    starts = _frame_indices(times, fps, None) / fps  # the decoded frame's own time, not the asked-for one
+    starts = frame_indices(times, fps, None) / fps  # the decoded frame's own time, not the asked-for one
     diffs = frame_differences(frames)
     return sorted({float(starts[k + 1]) for k in np.flatnonzero(diffs > cfg.threshold)})
 

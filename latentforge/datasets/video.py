@@ -1,0 +1,309 @@
+"""Video: decord first, PyAV when decord refuses a file, every decode under a timeout.
+
+Frames either evenly spaced over a whole video (`decode_video`) or at given times (`decode_frames_at`,
+`decode_clip`: clips, shot detection), plus a video's own audio track (`decode_video_audio`). Failures raise
+`media.MediaError` like the image and audio decoders. decord and PyAV are imported lazily: they are heavy
+and most workers never touch video.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import numpy as np
+from PIL import Image
+
+from latentforge.datasets.media import (
+    MediaError,
+    ProbeResult,
+    resize_crop,
+    run_with_timeout,
+    short_error,
+    worker_threads,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_DECODE_CHUNK = 64  # frames per decord batch in decode_frames_at: bounds memory at full resolution
+
+
+def with_fallback(read_decord: Callable[[], T], read_pyav: Callable[[], T], timeout_s: float) -> T:
+    """Try decord, then PyAV; a decord timeout is final so one bad file costs at most `timeout_s` there."""
+    try:
+        return run_with_timeout(read_decord, timeout_s, "decord")
+    except MediaError as exc:
+        if exc.reason == "decode_timeout":
+            raise
+        first: BaseException = exc
+    except Exception as exc:  # decord raises its own DECORDError and plain RuntimeErrors
+        first = exc
+    logger.debug("decord failed (%s); falling back to PyAV", short_error(first))
+    try:
+        return run_with_timeout(read_pyav, timeout_s, "PyAV")
+    except MediaError:
+        raise
+    except Exception as exc:  # PyAV raises av.error.* (InvalidDataError, ...) and others
+        if type(exc).__name__ == "DecoderNotFoundError":  # av.error's; by name so av is not imported here
+            raise MediaError("unsupported_codec", f"no decoder for the video stream's codec (decord: "
+                             f"{short_error(first)}; PyAV: {short_error(exc)})") from exc
+        raise MediaError("decode_error", f"decord: {short_error(first)}; PyAV: {short_error(exc)}") from exc
+
+
+def open_decord(path: str | Path, **kwargs: Any) -> Any:
+    """A decord VideoReader on the CPU with `worker_threads()` decoder threads (FFmpeg's choice outside a
+    worker). FFmpeg's frame threads start on every open, and a few frames per clip never keep them busy: on
+    2 s clips at 256 px one thread probes with 1.5x less CPU and less wall time (bench/decode.py, BENCHMARKS)."""
+    import decord  # lazy: heavy import most workers never need
+
+    # The bridge is process-global; another library may have switched it to torch.
+    decord.bridge.set_bridge("native")
+    return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=worker_threads() or 0, **kwargs)
+
+
+def decord_probe(path: Path) -> ProbeResult:
+    reader = open_decord(path)
+    num_frames = len(reader)
+    if num_frames == 0:
+        raise MediaError("no_content", "video has no frames")
+    # The index can claim frames a truncated file does not have; decoding both ends proves it. The middle frame
+    # comes with them for no measurable CPU, against a second open for whoever wants it (bench/decode.py).
+    middle = int(_even_indices(num_frames, 1)[0])
+    frames = reader.get_batch([0, middle, num_frames - 1]).asnumpy()
+    result = _video_result(frames.shape[2], frames.shape[1], num_frames, float(reader.get_avg_fps()), "decord")
+    return replace(result, key_frame=frames[1])
+
+
+def _video_result(width: int, height: int, num_frames: int, fps: float, decoder: str) -> ProbeResult:
+    duration = num_frames / fps if fps > 0 else 0.0
+    return ProbeResult("video", width, height, num_frames, fps, duration, decoder=decoder)
+
+
+def pyav_video_stream(container: Any) -> Any:
+    if not container.streams.video:
+        raise MediaError("no_content", "file has no video stream")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    # No codec context when FFmpeg has no decoder for the stream: decoding then raises DecoderNotFoundError.
+    if (threads := worker_threads()) and stream.codec_context is not None:  # see open_decord
+        stream.codec_context.thread_count = threads
+    return stream
+
+
+def pyav_fps(stream: Any) -> float:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    return float(rate) if rate else 0.0
+
+
+def pyav_probe(path: Path) -> ProbeResult:
+    """Decode every frame: slower than decord's index, but this path only runs on files decord refused."""
+    import av  # lazy, see open_decord
+
+    with av.open(str(path)) as container:
+        stream = pyav_video_stream(container)
+        fps, num_frames, width, height = pyav_fps(stream), 0, 0, 0
+        for frame in container.decode(stream):
+            if num_frames == 0:
+                width, height = frame.width, frame.height
+            num_frames += 1
+    if num_frames == 0:
+        raise MediaError("no_content", "video has no decodable frames")
+    return _video_result(width, height, num_frames, fps, "pyav")
+
+
+def _even_indices(total: int, count: int) -> np.ndarray:
+    """Centres of `count` equal segments of the clip, so the returned frames are evenly spaced."""
+    indices = ((np.arange(count) + 0.5) * total / count).astype(np.int64)
+    return np.clip(indices, 0, total - 1)
+
+
+def decode_video(
+    path: str | Path, num_frames: int, size: tuple[int, int], *, timeout_s: float = 30.0
+) -> tuple[np.ndarray, float]:
+    """Decode `num_frames` evenly spaced frames as uint8 (T, H, W, 3); also return their frame rate."""
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    path = Path(path)
+    return with_fallback(
+        lambda: _decord_decode(path, num_frames, size), lambda: _pyav_decode(path, num_frames, size), timeout_s
+    )
+
+
+def _decord_decode(path: Path, num_frames: int, size: tuple[int, int]) -> tuple[np.ndarray, float]:
+    reader = open_decord(path)
+    total = len(reader)
+    if total == 0:
+        raise MediaError("no_content", "video has no frames")
+    batch = reader.get_batch(_even_indices(total, num_frames).tolist()).asnumpy()
+    frames = np.stack([resize_crop(frame, size) for frame in batch])
+    return frames, float(reader.get_avg_fps()) * num_frames / total  # frames are total/num_frames apart
+
+
+def _pyav_frame_count(path: Path) -> tuple[int, float]:
+    """(frame count, fps) from the header, or by demuxing packets (no decoding) when it has none."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = pyav_video_stream(container)
+        total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+        return total, pyav_fps(stream)
+
+
+def _pyav_decode(path: Path, num_frames: int, size: tuple[int, int]) -> tuple[np.ndarray, float]:
+    """One decode pass that keeps only the wanted frames, so memory stays at num_frames, not the clip."""
+    import av
+
+    total, fps = _pyav_frame_count(path)
+    if total == 0:
+        raise MediaError("no_content", "video has no frames")
+    indices = _even_indices(total, num_frames)
+    wanted, kept = set(indices.tolist()), {}
+    with av.open(str(path)) as container:
+        for position, frame in enumerate(container.decode(pyav_video_stream(container))):
+            if position in wanted:
+                kept[position] = resize_crop(frame.to_ndarray(format="rgb24"), size)
+            if position >= indices[-1]:
+                break
+    if not kept:
+        raise MediaError("no_content", "video has no decodable frames")
+    # A truncated file may hold fewer frames than its header says: clamp to the last one decoded.
+    last = max(kept)
+    frames = np.stack([kept[min(i, last)] for i in indices.tolist()])
+    return frames, fps * num_frames / total
+
+
+
+# ---------------------------------------------------------------- frames at given times
+
+
+def frame_indices(times_s: np.ndarray, fps: float, total: int | None) -> np.ndarray:
+    """The frame shown at each time; the epsilon keeps t = k/fps on frame k despite float rounding."""
+    if fps <= 0:
+        raise MediaError("decode_error", "video reports no frame rate")
+    indices = np.floor(np.asarray(times_s, dtype=np.float64) * fps + 1e-6).astype(np.int64)
+    return np.clip(indices, 0, None if total is None else total - 1)
+
+
+def _fit(frame: np.ndarray, size: tuple[int, int] | None, stretch: bool) -> np.ndarray:
+    if size is None or frame.shape[:2] == tuple(size):
+        return frame
+    if stretch:
+        return np.asarray(Image.fromarray(frame).resize((size[1], size[0]), Image.Resampling.BILINEAR))
+    return resize_crop(frame, size)
+
+
+def _decord_frames_at(path: Path, times_s: np.ndarray, size, stretch: bool) -> tuple[np.ndarray, float]:
+    # decord resizes while decoding when asked to stretch: far cheaper than decoding full frames.
+    h, w = size if (stretch and size) else (-1, -1)
+    reader = open_decord(path, width=w, height=h)
+    total, fps = len(reader), float(reader.get_avg_fps())
+    if total == 0:
+        raise MediaError("no_content", "video has no frames")
+    indices = frame_indices(times_s, fps, total)
+    unique = np.unique(indices)
+    decoded = {}
+    for start in range(0, len(unique), _DECODE_CHUNK):
+        chunk = unique[start : start + _DECODE_CHUNK].tolist()
+        for index, frame in zip(chunk, reader.get_batch(chunk).asnumpy()):
+            decoded[index] = _fit(frame, size, stretch)
+    return np.stack([decoded[i] for i in indices.tolist()]), fps
+
+
+def _pyav_frames_at(path: Path, times_s: np.ndarray, size, stretch: bool) -> tuple[np.ndarray, float]:
+    """One sequential pass keeping only the wanted frames (this path only runs on files decord refused)."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = pyav_video_stream(container)
+        fps = pyav_fps(stream)
+        indices = frame_indices(times_s, fps, stream.frames or None)
+        wanted, last_wanted, kept = set(indices.tolist()), int(indices.max()), {}
+        for position, frame in enumerate(container.decode(stream)):
+            if position in wanted:
+                kept[position] = _fit(frame.to_ndarray(format="rgb24"), size, stretch)
+            if position >= last_wanted:
+                break
+    if not kept:
+        raise MediaError("no_content", "video has no decodable frames")
+    last = max(kept)
+    # One frame of slack: header frame counts are sometimes off by one. More missing means a truncated body.
+    if last_wanted > last + 1:
+        raise MediaError("decode_error", f"{path.name} ends at frame {last}, frame {last_wanted} was "
+                               "expected (truncated?)")
+    return np.stack([kept[min(i, last)] for i in indices.tolist()]), fps
+
+
+def decode_frames_at(path: str | Path, times_s, size: tuple[int, int] | None, *, timeout_s: float = 30.0,
+                     stretch: bool = False) -> tuple[np.ndarray, float]:
+    """uint8 (N, H, W, 3) frames shown at `times_s` and the source fps; raises `MediaError`.
+
+    `size` is (H, W): centre-cropped to it, or squashed when `stretch` (analysis frames, where aspect does not
+    matter); None keeps the native resolution.
+    """
+    path, times = Path(path), np.asarray(times_s, dtype=np.float64)
+    if times.size == 0:
+        raise ValueError("no timestamps to decode")
+    return with_fallback(lambda: _decord_frames_at(path, times, size, stretch),
+                         lambda: _pyav_frames_at(path, times, size, stretch), timeout_s)
+
+
+def decode_clip(uri: str | Path, start_s: float, end_s: float, num_frames: int, size: tuple[int, int] | None,
+                timeout_s: float = 30.0) -> tuple[np.ndarray, float]:
+    """`num_frames` evenly spaced frames of [start_s, end_s) as uint8 (T, H, W, 3), and their frame rate.
+
+    Frames sit at the centres of `num_frames` equal segments (as `decode_video` does for whole videos),
+    so a one-frame clip gives its middle frame.
+    """
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if not end_s > start_s >= 0:
+        raise ValueError(f"need 0 <= start_s < end_s, got [{start_s}, {end_s})")
+    step = (end_s - start_s) / num_frames
+    frames, _ = decode_frames_at(uri, start_s + (np.arange(num_frames) + 0.5) * step, size, timeout_s=timeout_s)
+    return frames, 1.0 / step
+
+
+
+# ---------------------------------------------------------------- a video's audio track
+
+
+def decode_video_audio(path: str | Path, sample_rate: int, start_s: float = 0.0, end_s: float | None = None,
+                       *, timeout_s: float = 30.0) -> np.ndarray | None:
+    """float32 mono at `sample_rate` of a video's first audio track within [start_s, end_s); None if it has none."""
+    path = Path(path)
+
+    def read() -> np.ndarray | None:
+        import av  # lazy, see open_decord
+
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                return None
+            stream = container.streams.audio[0]
+            # libswresample through PyAV: anti-aliased rate conversion, which _resample is not. Channels are
+            # averaged here, as decode_audio does (its mono downmix adds them at -3 dB and can clip).
+            resampler = av.AudioResampler(format="fltp", rate=sample_rate)
+            if start_s > 0:
+                container.seek(int(start_s / stream.time_base), stream=stream)  # lands at or before start_s
+            chunks, first = [], None
+            for frame in container.decode(stream):
+                if first is None:
+                    first = float(frame.time if frame.time is not None else 0.0)
+                if end_s is not None and frame.time is not None and frame.time >= end_s:
+                    break
+                chunks += [f.to_ndarray().mean(axis=0) for f in resampler.resample(frame)]
+            chunks += [f.to_ndarray().mean(axis=0) for f in resampler.resample(None)]
+        mono = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+        skip = max(0, round((start_s - (first or 0.0)) * sample_rate))
+        stop = None if end_s is None else skip + max(0, round((end_s - start_s) * sample_rate))
+        return mono[skip:stop]
+
+    try:
+        return run_with_timeout(read, timeout_s, "pyav audio")
+    except MediaError:
+        raise
+    except Exception as exc:  # PyAV/FFmpeg errors on a damaged track
+        raise MediaError("decode_error", f"pyav could not decode the audio of {path.name}: {short_error(exc)}") from exc
