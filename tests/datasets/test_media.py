@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import os
 import time
 from pathlib import Path
@@ -149,6 +150,28 @@ def test_exif_rotation_is_applied(tmp_path: Path) -> None:
     Image.new("RGB", (40, 20), (0, 255, 0)).save(path, exif=exif)
     result = probe(path)
     assert (result.width, result.height) == (20, 40)
+
+
+def test_a_probe_asked_for_a_thumbnail_decodes_a_jpeg_at_a_reduced_scale(tmp_path: Path) -> None:
+    path = tmp_path / "photo.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated: 200 wide, 400 tall
+    Image.new("RGB", (400, 200), (10, 200, 30)).save(path, quality=95, exif=exif)
+    result = probe(path, thumb_side=32)
+    assert (result.width, result.height) == (200, 400)  # the full size, upright
+    assert result.key_frame.shape == (100, 50, 3)  # 1/4 scale: the smallest that keeps both sides >= 32
+    assert np.abs(result.key_frame.astype(int) - (10, 200, 30)).max() <= 4
+    assert probe(path).key_frame is None  # pixels only when asked for
+
+
+@pytest.mark.parametrize("thumb_side", [None, 32])
+def test_a_truncated_jpeg_is_refused_at_any_decode_scale(tmp_path: Path, thumb_side: int | None) -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    whole = io.BytesIO()
+    Image.fromarray(pixels).save(whole, format="JPEG", quality=90)
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(whole.getvalue()[: len(whole.getvalue()) * 9 // 10])
+    assert "truncated" in str(expect_error(path, "decode_error", thumb_side=thumb_side))
 
 
 def test_resize_crop_takes_the_centre() -> None:

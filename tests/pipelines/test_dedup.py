@@ -214,28 +214,35 @@ def test_config_is_strict():
         DedupConfig(hash_size=4, max_distance=16)
 
 
-def test_a_whole_video_is_hashed_from_the_probes_middle_frame_without_a_second_open(tmp_path: Path,
-                                                                                    monkeypatch) -> None:
+def test_images_and_whole_videos_are_hashed_from_the_probes_pixels_without_a_second_open(tmp_path: Path,
+                                                                                        monkeypatch) -> None:
     from latentforge.datasets import video
+    from latentforge.pipelines.stages import dedup
     from latentforge.pipelines.stages.dedup import KEY_GREY
 
     frames = np.stack([textured(seed, (64, 80)) for seed in range(9)])  # a different picture each frame
     encode_video(tmp_path / "v.mp4", frames, 8)
     encode_video(tmp_path / "w.mp4", frames[::-1], 8)
     Image.fromarray(textured(1)).save(tmp_path / "a.png")
+    # large enough for the probe to decode it at a reduced JPEG scale, and stored rotated (EXIF orientation 6)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(textured(2, (320, 480))).save(tmp_path / "b.jpg", quality=90, exif=exif)
     cfg = stage_cfg()
     probed = FilterBasic(cfg)(ProbeMedia(cfg)(to_batch(discover(tmp_path, samples_per_shard=8))))
-    videos = [i for i, m in enumerate(probed["modality"]) if m == "video"]
-    assert videos and all(len(probed[KEY_GREY][i]) == (4 * DEDUP.hash_size) ** 2 for i in videos)
-    assert all(probed[KEY_GREY][i] == b"" for i, m in enumerate(probed["modality"]) if m != "video")
-    # the baseline: the same rows with the key frame taken away, so the hash decodes the video itself
+    assert sorted(probed["modality"]) == ["image", "image", "video", "video"]
+    assert all(len(grey) == (4 * DEDUP.hash_size) ** 2 for grey in probed[KEY_GREY])
+    rotated = list(probed["relpath"]).index("b.jpg")
+    assert (probed["width"][rotated], probed["height"][rotated]) == (320, 480)  # full size, upright
+    # the baseline: the same rows with the pixels taken away, so the hash decodes every file itself
     opened = ContentHash(cfg)({**probed, KEY_GREY: np.array([b""] * len(probed["id"]), dtype=object)})
 
     def no_open(*_a, **_k):
-        raise AssertionError("the video was opened again")
+        raise AssertionError("the file was opened again")
 
     monkeypatch.setattr(video, "decode_video", no_open)  # the hash's own decode of a whole video
+    monkeypatch.setattr(dedup, "_image_for_hash", no_open)  # ... and of an image
     hashed = ContentHash(cfg)(probed)
     assert KEY_GREY not in hashed and KEY_GREY not in opened  # the column ends at the hash
     assert list(hashed["phash"]) == list(opened["phash"]) and list(hashed["status"]) == list(opened["status"])
-    assert all(hashed["phash"][i] for i in videos)
+    assert all(hashed["phash"]) and len(set(hashed["phash"])) == 4

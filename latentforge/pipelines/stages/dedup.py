@@ -13,7 +13,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 from pydantic import Field, model_validator
 
 from latentforge.datasets import media, video
@@ -53,7 +53,8 @@ def file_sha256(path: str | Path, extra: bytes = b"") -> str:
     return digest.hexdigest()
 
 
-# Set by the probe (ProbeMedia): the grey thumbnail `phash` takes of a video's middle frame, uint8 bytes.
+# Set by the probe (ProbeMedia): the grey thumbnail `phash` takes of an image or a video's middle frame, uint8
+# bytes.
 KEY_GREY = "key_grey"
 
 
@@ -95,8 +96,7 @@ def phash_of_grey(grey: np.ndarray, hash_size: int = 8) -> str:
 
 def _image_for_hash(path: str, side: int) -> Image.Image:
     with Image.open(path) as img:
-        img.draft("RGB", (side, side))  # JPEG decodes at 1/2..1/8 scale for free, still >= side
-        return ImageOps.exif_transpose(img).convert("RGB")
+        return media.upright_rgb(img, (side, side))  # as the probe's key frame (thumb_side), so hashes agree
 
 
 def visual_phash(row: dict, hash_size: int, timeout_s: float) -> str:
@@ -115,8 +115,8 @@ def visual_phash(row: dict, hash_size: int, timeout_s: float) -> str:
 
 
 class ContentHash(Stage):
-    """Write `content_sha256` (all ok rows) and `phash` (images and videos; "" for audio). A whole video's
-    hash comes from the probe's KEY_GREY when it left one (its middle frame, decoded on the probe's open);
+    """Write `content_sha256` (all ok rows) and `phash` (images and videos; "" for audio). An image's or a
+    whole video's hash comes from the probe's KEY_GREY when it left one (pixels decoded on the probe's open);
     the column ends here."""
 
     name = "content_hash"
@@ -138,7 +138,7 @@ class ContentHash(Stage):
         extra = f"|{float(row['clip_start_s']):.6f}|{float(row['clip_end_s']):.6f}".encode() if clip else b""
         out = {"content_sha256": file_sha256(row["uri"], extra), "phash": ""}
         grey = row.get(KEY_GREY) or b""
-        if row.get("modality") == "video" and not clip and len(grey) == (4 * cfg.hash_size) ** 2:
+        if not clip and len(grey) == (4 * cfg.hash_size) ** 2:  # images and whole videos the probe decoded
             out["phash"] = phash_of_grey(np.frombuffer(grey, dtype=np.uint8), cfg.hash_size)
         elif row.get("modality") in ("image", "video"):
             try:

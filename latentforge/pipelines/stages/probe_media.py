@@ -8,9 +8,10 @@ from latentforge.pipelines.stages.dedup import KEY_GREY, grey_thumbnail
 
 
 class ProbeMedia(Stage):
-    """Also leaves KEY_GREY, the near-duplicate hash's view of a video's middle frame, when the probe decoded
-    that frame anyway: ContentHash then does not open the video a second time (a decord open and seek cost
-    more CPU than the probe's three frames; bench/decode.py)."""
+    """Also leaves KEY_GREY, the near-duplicate hash's view of an image or a video's middle frame, decoded by
+    the probe anyway: ContentHash then does not open the file a second time (for a video a decord open and
+    seek cost more CPU than the probe's three frames, bench/decode.py; an image is decoded once, at the
+    hash's reduced JPEG scale, bench/probe_images.py)."""
 
     name = "probe"
     resources = StageResources(num_cpus=0.5, batch_size=8, pool=2)
@@ -18,13 +19,15 @@ class ProbeMedia(Stage):
                "duration_s": 0.0, "sample_rate": 0, "decoder": "", KEY_GREY: b""}
 
     def process_row(self, row: dict) -> dict:
+        dedup = getattr(self.cfg, "dedup", None)  # a stage config without one (tests) hashes nothing
+        hashing = dedup is not None and dedup.enabled
         try:
             info = media.probe(row["uri"], max_pixels=self.cfg.filters.max_pixels,
-                               timeout_s=self.cfg.decode_timeout_s)
+                               timeout_s=self.cfg.decode_timeout_s,
+                               thumb_side=4 * dedup.hash_size if hashing else None)
         except media.MediaError as e:
             raise Reject(e.reason, str(e)) from e
-        dedup = getattr(self.cfg, "dedup", None)  # a stage config without one (tests) hashes nothing
-        wants_key = info.key_frame is not None and dedup is not None and dedup.enabled
+        wants_key = info.key_frame is not None and hashing
         return {"modality": info.modality, "width": info.width, "height": info.height,
                 "num_frames": info.num_frames, "fps": float(info.fps), "duration_s": float(info.duration_s),
                 "sample_rate": info.sample_rate, "decoder": info.decoder,
