@@ -22,6 +22,9 @@ from latentforge.pipelines.stages.dedup import (
     ContentHash,
     DedupConfig,
     apply_duplicates,
+    clip_span,
+    file_digest,
+    file_sha256,
     find_duplicates,
     mark_duplicates,
     near_pairs,
@@ -205,6 +208,42 @@ def test_clip_rows_hash_their_own_span(tmp_path: Path):
     whole = hashed_rows(tmp_path, cfg)[0]  # without splitting: the whole video's middle frame
     assert "clip_index" not in whole
     assert len(whole["phash"]) == 16 and whole["content_sha256"] not in {r["content_sha256"] for r in rows}
+
+
+def test_a_video_cut_into_clips_is_read_and_opened_once_for_all_of_them(tmp_path: Path, monkeypatch):
+    from latentforge.pipelines.stages import dedup
+
+    shots = [draw_shape(64, shape, fg, bg, (24 + k, 32)) for shape, fg, bg in
+             (("circle", "red", "blue"), ("square", "white", "black"), ("circle", "yellow", "green"))
+             for k in range(16)]
+    encode_video(tmp_path / "three_shots.mp4", np.stack(shots), 8)
+    cfg = stage_cfg(clips=ClipSplitConfig(enabled=True, min_seconds=0.5, max_seconds=1.0))
+    clips = SplitClips(cfg)(FilterBasic(cfg)(ProbeMedia(cfg)(to_batch(discover(tmp_path, samples_per_shard=8)))))
+    assert len(clips["id"]) == 6  # three 2 s shots, each cut in two
+    # the old way, per clip: the whole file hashed with the clip's span, the clip's own middle frame
+    expected = [(file_sha256(r["uri"], clip_span(r)),
+                 phash(decode_clip(r["uri"], r["clip_start_s"], r["clip_end_s"], 1, None, timeout_s=30.0)[0][0]))
+                for r in rows_of(clips)]
+    reads = []
+
+    def counted(path):
+        reads.append(path)
+        return file_digest(path)
+
+    def no_open(*_a, **_k):
+        raise AssertionError("a clip opened the video on its own")
+
+    monkeypatch.setattr(dedup, "file_digest", counted)
+    monkeypatch.setattr(dedup, "decode_clip", no_open)
+    hashed = ContentHash(cfg)(clips)
+    assert list(zip(hashed["content_sha256"], hashed["phash"])) == expected
+    assert len(reads) == 1 and len(set(hashed["content_sha256"])) == 6
+
+    # a file the one-open decode fails on is hashed clip by clip, as before
+    monkeypatch.setattr(dedup, "decode_clip", decode_clip)
+    monkeypatch.setattr(dedup, "decode_frames_at", no_open)
+    again = ContentHash(cfg)(clips)
+    assert list(zip(again["content_sha256"], again["phash"])) == expected
 
 
 def test_config_is_strict():

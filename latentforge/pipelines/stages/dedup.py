@@ -7,19 +7,20 @@ driver calls `find_duplicates` over all ok rows and `apply_duplicates` to mark t
 from __future__ import annotations
 
 import hashlib
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from functools import lru_cache
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from pydantic import Field, model_validator
 
 from latentforge.datasets import media, video
-from latentforge.datasets.video import decode_clip
+from latentforge.datasets.video import decode_clip, decode_frames_at
 from latentforge.pipelines.resources import StageResources, Strict
-from latentforge.pipelines.stage import Reject, Stage
+from latentforge.pipelines.stage import Reject, Stage, rows_of, staged
 
 _READ_CHUNK = 1 << 20
 
@@ -43,14 +44,25 @@ class DedupConfig(Strict):
 # ---------------------------------------------------------------- hashes
 
 
-def file_sha256(path: str | Path, extra: bytes = b"") -> str:
-    """sha256 of the file's bytes followed by `extra` (a clip's time span), read in chunks."""
+def file_digest(path: str | Path) -> Any:
+    """A sha256 object fed the file's bytes (read in chunks), to `copy()` and extend with a clip's span."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(_READ_CHUNK):
             digest.update(chunk)
+    return digest
+
+
+def file_sha256(path: str | Path, extra: bytes = b"") -> str:
+    """sha256 of the file's bytes followed by `extra` (a clip's time span)."""
+    digest = file_digest(path)
     digest.update(extra)
     return digest.hexdigest()
+
+
+def clip_span(row: dict) -> bytes:
+    """What a clip's exact hash adds to its file's bytes: its time span."""
+    return f"|{float(row['clip_start_s']):.6f}|{float(row['clip_end_s']):.6f}".encode()
 
 
 # Set by the probe (ProbeMedia): the grey thumbnail `phash` takes of an image or a video's middle frame, uint8
@@ -117,35 +129,95 @@ def visual_phash(row: dict, hash_size: int, timeout_s: float) -> str:
 class ContentHash(Stage):
     """Write `content_sha256` (all ok rows) and `phash` (images and videos; "" for audio). An image's or a
     whole video's hash comes from the probe's KEY_GREY when it left one (pixels decoded on the probe's open);
-    the column ends here."""
+    the column ends here.
+
+    A video cut into many clips is read once for all of them, not once per clip: its bytes' sha256 is kept
+    (the last few files; a clip's hash extends a copy with its span) and the clips of a batch get their
+    middle frames from one open. A two-hour film cut into a thousand clips was otherwise hashed a thousand
+    times over (bench/clip_hash.py)."""
 
     name = "content_hash"
     resources = StageResources(num_cpus=0.5, batch_size=16, pool=1)
     outputs = {"content_sha256": "", "phash": ""}
+    _KEEP_DIGESTS = 4  # files whose digest is kept: clips of one video arrive together
+    _FRAMES_PER_OPEN = 8  # bounds the native-size frames held at once
 
     def __call__(self, batch):
         if not self.cfg.dedup.enabled:  # the columns still exist, so the schema does not depend on the config
             n = len(batch["id"])
             out = {**batch, **{k: np.array([v] * n, dtype=object) for k, v in self.outputs.items()}}
         else:
-            out = super().__call__(batch)
+            self._clip_greys = self._middle_frames_per_file(batch)
+            try:
+                out = super().__call__(batch)
+            finally:
+                self._clip_greys = {}
         out.pop(KEY_GREY, None)
         return out
 
     def process_row(self, row: dict) -> dict:
         cfg = self.cfg.dedup
         clip = int(row.get("clip_index", -1)) >= 0
-        extra = f"|{float(row['clip_start_s']):.6f}|{float(row['clip_end_s']):.6f}".encode() if clip else b""
-        out = {"content_sha256": file_sha256(row["uri"], extra), "phash": ""}
+        if clip:
+            digest = self._file_digest(row)
+            digest.update(clip_span(row))
+            out = {"content_sha256": digest.hexdigest(), "phash": ""}
+        else:
+            out = {"content_sha256": file_sha256(row["uri"]), "phash": ""}
         grey = row.get(KEY_GREY) or b""
         if not clip and len(grey) == (4 * cfg.hash_size) ** 2:  # images and whole videos the probe decoded
             out["phash"] = phash_of_grey(np.frombuffer(grey, dtype=np.uint8), cfg.hash_size)
+        elif clip and (key := _clip_key(row)) in getattr(self, "_clip_greys", {}):
+            out["phash"] = phash_of_grey(self._clip_greys[key], cfg.hash_size)
         elif row.get("modality") in ("image", "video"):
             try:
                 out["phash"] = visual_phash(row, cfg.hash_size, self.cfg.decode_timeout_s)
             except media.MediaError as e:
                 raise Reject(e.reason, str(e)) from e
         return out
+
+    def _file_digest(self, row: dict) -> Any:
+        # Created on first use, not in __init__: a stage with its own __init__ counts as holding state (a model)
+        # and runs on actors, while this one belongs in the scan's Ray tasks.
+        digests: OrderedDict[str, Any] = vars(self).setdefault("_digests", OrderedDict())  # URI -> sha256 object
+        uri = str(dict.get(row, "uri"))  # the URI itself, not a staged copy's path
+        if uri in digests:
+            digests.move_to_end(uri)
+        else:
+            digests[uri] = file_digest(row["uri"])  # row["uri"] fetches a remote file
+            while len(digests) > self._KEEP_DIGESTS:
+                digests.popitem(last=False)
+        return digests[uri].copy()
+
+    def _middle_frames_per_file(self, batch) -> dict[tuple[str, float, float], np.ndarray]:
+        """Grey thumbnails of the middle frames of the batch's ok clips, one open per file that has several.
+        A file that fails here is left to `visual_phash`, which rejects its clips one by one as before."""
+        clips: dict[str, list[dict]] = defaultdict(list)
+        for row in rows_of(batch):
+            if row["status"] == "ok" and row.get("modality") == "video" and int(row.get("clip_index", -1)) >= 0:
+                clips[str(row["uri"])].append(row)
+        greys = {}
+        for rows in clips.values():
+            # native-size frames, as the per-clip path decodes them (so the hashes are the same): a few per open
+            for part in (rows[i : i + self._FRAMES_PER_OPEN] for i in range(0, len(rows), self._FRAMES_PER_OPEN)):
+                if len(part) < 2:  # one clip: its own decode is the same single open
+                    continue
+                # the times decode_clip(..., num_frames=1) asks for, computed the same way
+                times = [float(r["clip_start_s"]) + 0.5 * (float(r["clip_end_s"]) - float(r["clip_start_s"]))
+                         for r in part]
+                try:
+                    with staged(part[0]) as local:
+                        frames, _ = decode_frames_at(local["uri"], times, None,
+                                                     timeout_s=self.cfg.decode_timeout_s)
+                except Exception:  # noqa: BLE001 - each clip then decodes (and is rejected) on its own
+                    continue
+                for row, frame in zip(part, frames):
+                    greys[_clip_key(row)] = grey_thumbnail(frame, self.cfg.dedup.hash_size)
+        return greys
+
+
+def _clip_key(row: dict) -> tuple[str, float, float]:
+    return str(dict.get(row, "uri")), float(row["clip_start_s"]), float(row["clip_end_s"])
 
 
 # ---------------------------------------------------------------- grouping (on the driver)
