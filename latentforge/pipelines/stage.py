@@ -1,7 +1,6 @@
 """The Stage shape: a plain callable over columnar batches that declares its Ray Data resources."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import sys
@@ -11,9 +10,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from latentforge.datasets import storage
 from latentforge.datasets.media import worker_threads
 from latentforge.pipelines.resources import StageResources
+from latentforge.pipelines.staging import BatchCopies, StagedRow, staged_row
 
 if TYPE_CHECKING:
     from latentforge.pipelines.config import CurationConfig
@@ -77,81 +76,29 @@ def batch_of(rows: list[dict]) -> Batch:
     return batch
 
 
-# Columns naming an input file. Decoders (PIL, decord, PyAV, soundfile) need a local file, so for inputs at a
-# URI (s3://...) these are staged per row; see StagedRow.
-PATH_COLUMNS = ("uri", "caption_path")
-
-
-class StagedRow(dict):
-    """A row whose remote input columns read as local scratch copies, fetched on first read: a stage that
-    never opens the file (a threshold filter, the text encoder) downloads nothing. `close()` deletes them.
-
-    Copies of the row (`{**row}`, `dict(row)`) keep the URIs: only reading a column gives the local path.
-    Staged per row, not cached per node: a later stage may run on another node, and a per-row copy keeps the
-    disk a worker needs at one batch of inputs whatever the corpus size (the price: each stage that decodes
-    the file fetches it again)."""
-
-    def __init__(self, row: dict):
-        super().__init__(row)
-        self._copies = contextlib.ExitStack()
-        self._local: dict[str, str] = {}
-
-    def __getitem__(self, key):
-        value = super().__getitem__(key)
-        if key not in PATH_COLUMNS or not storage.is_remote(str(value)):
-            return value
-        if key not in self._local:
-            self._local[key] = str(self._copies.enter_context(storage.local_copy(str(value))))
-        return self._local[key]
-
-    def get(self, key, default=None):
-        return self[key] if key in self else default
-
-    def in_terms_of_uris(self, message: str) -> str:
-        """A decoder's message with each scratch path replaced by the URI it stands for."""
-        for key, local in self._local.items():
-            message = message.replace(local, str(dict.__getitem__(self, key)))
-        return message
-
-    def close(self) -> None:
-        self._copies.close()
-
-
-def _staged(row: dict) -> dict:
-    remote = any(storage.is_remote(str(dict.get(row, c))) for c in PATH_COLUMNS if c in row)
-    return StagedRow(row) if remote else row
-
-
-@contextlib.contextmanager
-def staged(row: dict):
-    """For stages that read inputs outside `map_ok_rows`: `with staged(row) as r: decode(r["uri"])`."""
-    row = _staged(row)
-    try:
-        yield row
-    finally:
-        if isinstance(row, StagedRow):
-            row.close()
-
-
 def map_ok_rows(batch: Batch, fn: Callable[[dict], dict], outputs: dict[str, Any], stage: str) -> Batch:
     """Apply `fn` to each row still `ok`; a `Reject` marks that row and the rest go on."""
-    rows = [_staged(r) for r in rows_of(batch)]
+    copies = BatchCopies()
+    rows = [staged_row(r, copies) for r in rows_of(batch)]
     new = {name: [default] * len(rows) for name, default in outputs.items()}
     status, reason, message, where = (list(batch[c]) for c in ("status", "reason", "message", "stage"))
-    for i, row in enumerate(rows):
-        if row["status"] != "ok":
-            continue
-        try:
-            for name, value in fn(row).items():
-                new[name][i] = value
-        except Reject as r:
-            status[i], reason[i], message[i], where[i] = r.status, r.reason, r.message, stage
-        except Exception as e:  # a bug or an unforeseen file must cost one sample, never the job
-            status[i], reason[i], message[i], where[i] = "rejected", "stage_error", error_message(e), stage
-        finally:
-            if isinstance(row, StagedRow):
-                message[i] = row.in_terms_of_uris(str(message[i]))
-                row.close()
+    try:
+        for i, row in enumerate(rows):
+            try:
+                if row["status"] != "ok":
+                    continue
+                for name, value in fn(row).items():
+                    new[name][i] = value
+            except Reject as r:
+                status[i], reason[i], message[i], where[i] = r.status, r.reason, r.message, stage
+            except Exception as e:  # a bug or an unforeseen file must cost one sample, never the job
+                status[i], reason[i], message[i], where[i] = "rejected", "stage_error", error_message(e), stage
+            finally:
+                if isinstance(row, StagedRow):
+                    message[i] = row.in_terms_of_uris(str(message[i]))
+                    row.close()
+    finally:
+        copies.close()
     out = dict(batch)
     out.update({"status": status, "reason": reason, "message": message, "stage": where})
     out.update(new)

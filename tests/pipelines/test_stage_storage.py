@@ -11,9 +11,10 @@ from latentforge.datasets import storage
 from latentforge.datasets.demo_corpus import DemoCorpusSpec, generate_demo_corpus
 from latentforge.pipelines.config import CurationConfig
 from latentforge.pipelines.discover import discover, orphan_captions
-from latentforge.pipelines.stage import Reject, map_ok_rows, staged
+from latentforge.pipelines.stage import Reject, map_ok_rows
 from latentforge.pipelines.stages.caption_sidecar import CaptionSidecar
 from latentforge.pipelines.stages.probe_media import ProbeMedia
+from latentforge.pipelines.staging import staged
 
 
 @pytest.fixture
@@ -52,6 +53,34 @@ def test_a_row_is_fetched_only_when_read_and_removed_after(s3_bucket, scratch):
         kept = Path(row["uri"])
         assert kept.read_bytes() == bytes(10)
     assert not kept.exists()
+
+
+def test_rows_of_a_batch_naming_the_same_file_share_one_copy(s3_bucket, scratch, monkeypatch):
+    video, other = f"s3://{s3_bucket}/in/v.bin", f"s3://{s3_bucket}/in/w.bin"
+    storage.write_bytes(video, b"v" * 10)
+    storage.write_bytes(other, b"w" * 10)
+    fetched, download = [], storage.download
+
+    def counted(source, target):
+        fetched.append(source)
+        return download(source, target)
+
+    monkeypatch.setattr(storage, "download", counted)
+    rows = [{"id": f"c{i}", "uri": video, "status": "filtered" if i == 1 else "ok"} for i in range(3)]
+    rows.append({"id": "w", "uri": other, "status": "ok"})
+    batch = to_batch([{**r, "reason": "", "message": "", "stage": ""} for r in rows])  # three clips, one file
+    seen: dict[str, Path] = {}
+
+    def reads(row):
+        seen[row["id"]] = Path(row["uri"])
+        if row["id"] == "w":
+            assert not seen["c0"].exists()  # the clips' copy went when the last clip was done
+        return {"byte": seen[row["id"]].read_bytes()[0]}
+
+    out = map_ok_rows(batch, reads, {"byte": 0}, "test")
+    assert list(out["byte"]) == [ord("v"), 0, ord("v"), ord("w")]
+    assert fetched == [video, other] and seen["c0"] == seen["c2"]  # fetched once for both clips
+    assert not list(scratch.iterdir())
 
 
 def test_probe_captions_and_discovery_on_s3_match_local(s3_bucket, scratch, tmp_path):

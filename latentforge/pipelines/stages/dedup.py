@@ -20,7 +20,8 @@ from pydantic import Field, model_validator
 from latentforge.datasets import media, video
 from latentforge.datasets.video import decode_clip, decode_frames_at
 from latentforge.pipelines.resources import StageResources, Strict
-from latentforge.pipelines.stage import Reject, Stage, rows_of, staged
+from latentforge.pipelines.stage import Reject, Stage, rows_of
+from latentforge.pipelines.staging import staged
 
 _READ_CHUNK = 1 << 20
 

@@ -19,7 +19,8 @@ from pydantic import Field, model_validator
 from latentforge.datasets import media
 from latentforge.datasets.video import decode_frames_at, frame_indices
 from latentforge.pipelines.resources import StageResources, Strict
-from latentforge.pipelines.stage import Batch, Stage, error_message, rows_of, staged
+from latentforge.pipelines.stage import Batch, Stage, error_message, rows_of
+from latentforge.pipelines.staging import staged
 
 # source_rows: how many rows the source input became (its clips, or 1), so a consumer of the stream knows when
 # every row of an input has arrived.

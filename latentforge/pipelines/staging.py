@@ -1,0 +1,101 @@
+"""Inputs at a URI (s3://...) as local files for the decoders, which need one: per-row scratch copies,
+fetched when a stage first reads the path and shared by the rows of a batch that name the same file."""
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+
+from latentforge.datasets import storage
+
+# Columns naming an input file. Decoders (PIL, decord, PyAV, soundfile) need a local file, so for inputs at a
+# URI (s3://...) these are staged per row; see StagedRow.
+PATH_COLUMNS = ("uri", "caption_path")
+
+
+class BatchCopies:
+    """Scratch copies of remote inputs, shared by the rows of one batch that read the same file (a video's
+    clips): fetched on the first read, deleted once the last of those rows is done. Without it each clip of a
+    video fetched the whole video again, in every stage that decodes it."""
+
+    def __init__(self) -> None:
+        self._users: Counter[str] = Counter()  # URI -> rows not done with it yet
+        self._copies: dict[str, tuple[contextlib.ExitStack, str]] = {}
+
+    def expect(self, uri: str) -> None:
+        self._users[uri] += 1
+
+    def path(self, uri: str) -> str:
+        if uri not in self._copies:
+            stack = contextlib.ExitStack()
+            self._copies[uri] = (stack, str(stack.enter_context(storage.local_copy(uri))))
+        return self._copies[uri][1]
+
+    def release(self, uri: str) -> None:
+        self._users[uri] -= 1
+        if self._users[uri] <= 0 and uri in self._copies:
+            self._copies.pop(uri)[0].close()
+
+    def close(self) -> None:
+        for stack, _ in self._copies.values():
+            stack.close()
+        self._copies.clear()
+
+
+class StagedRow(dict):
+    """A row whose remote input columns read as local scratch copies, fetched on first read: a stage that
+    never opens the file (a threshold filter, the text encoder) downloads nothing. `close()` deletes them.
+
+    Copies of the row (`{**row}`, `dict(row)`) keep the URIs: only reading a column gives the local path.
+    Staged per batch, not cached per node: a later stage may run on another node, and the copies a worker
+    holds stay at one batch of inputs whatever the corpus size (the price: each stage that decodes the file
+    fetches it again). Rows of one batch that name the same file share its copy (`BatchCopies`)."""
+
+    def __init__(self, row: dict, shared: BatchCopies | None = None):
+        super().__init__(row)
+        self._shared = shared if shared is not None else BatchCopies()
+        self._owns_copies = shared is None
+        self._local: dict[str, str] = {}
+        self._remote = [str(v) for k, v in row.items() if k in PATH_COLUMNS and storage.is_remote(str(v))]
+        for uri in self._remote:
+            self._shared.expect(uri)
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        if key not in PATH_COLUMNS or not storage.is_remote(str(value)):
+            return value
+        if key not in self._local:
+            self._local[key] = self._shared.path(str(value))
+        return self._local[key]
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def in_terms_of_uris(self, message: str) -> str:
+        """A decoder's message with each scratch path replaced by the URI it stands for."""
+        for key, local in self._local.items():
+            message = message.replace(local, str(dict.__getitem__(self, key)))
+        return message
+
+    def close(self) -> None:
+        """Done with this row's files: a copy no other row of the batch still needs is deleted."""
+        remote, self._remote = self._remote, []
+        for uri in remote:
+            self._shared.release(uri)
+        if self._owns_copies:
+            self._shared.close()
+
+
+def staged_row(row: dict, shared: BatchCopies | None = None) -> dict:
+    remote = any(storage.is_remote(str(dict.get(row, c))) for c in PATH_COLUMNS if c in row)
+    return StagedRow(row, shared) if remote else row
+
+
+@contextlib.contextmanager
+def staged(row: dict):
+    """For stages that read inputs outside `map_ok_rows`: `with staged(row) as r: decode(r["uri"])`."""
+    row = staged_row(row)
+    try:
+        yield row
+    finally:
+        if isinstance(row, StagedRow):
+            row.close()
