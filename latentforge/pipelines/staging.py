@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 
-from latentforge.datasets import storage
+from latentforge.datasets import storage, video
 
 # Columns naming an input file. Decoders (PIL, decord, PyAV, soundfile) need a local file, so for inputs at a
 # URI (s3://...) these are staged per row; see StagedRow.
@@ -33,12 +33,17 @@ class BatchCopies:
     def release(self, uri: str) -> None:
         self._users[uri] -= 1
         if self._users[uri] <= 0 and uri in self._copies:
-            self._copies.pop(uri)[0].close()
+            self._delete(*self._copies.pop(uri))
 
     def close(self) -> None:
-        for stack, _ in self._copies.values():
-            stack.close()
+        for stack, local in self._copies.values():
+            self._delete(stack, local)
         self._copies.clear()
+
+    @staticmethod
+    def _delete(stack: contextlib.ExitStack, local: str) -> None:
+        video.READERS.forget(local)  # a kept decoder's open handle would hold the deleted file's disk space
+        stack.close()
 
 
 class StagedRow(dict):

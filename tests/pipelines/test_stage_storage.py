@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from lf_batches import by_relpath, to_batch
 
@@ -80,6 +81,29 @@ def test_rows_of_a_batch_naming_the_same_file_share_one_copy(s3_bucket, scratch,
     out = map_ok_rows(batch, reads, {"byte": 0}, "test")
     assert list(out["byte"]) == [ord("v"), 0, ord("v"), ord("w")]
     assert fetched == [video, other] and seen["c0"] == seen["c2"]  # fetched once for both clips
+    assert not list(scratch.iterdir())
+
+
+def test_a_decoded_scratch_copy_leaves_no_kept_reader_behind(s3_bucket, scratch, tmp_path):
+    from latentforge.datasets import video
+    from latentforge.datasets.demo_corpus import draw_shape, encode_video
+
+    frames = np.stack([draw_shape(64, "circle", "red", "blue", (16 + k, 32)) for k in range(16)])
+    encode_video(tmp_path / "v.mp4", frames, 8)
+    uri = f"s3://{s3_bucket}/in/v.mp4"
+    storage.write_bytes(uri, (tmp_path / "v.mp4").read_bytes())
+    batch = to_batch([{"id": f"c{i}", "uri": uri, "status": "ok", "reason": "", "message": "", "stage": ""}
+                      for i in range(2)])
+    kept = []
+
+    def decode(row):
+        frames, _ = video.decode_clip(row["uri"], 0.1, 0.9, 2, (32, 32))
+        kept.append([k[0] for k in video.READERS._idle])
+        return {"frames": len(frames)}
+
+    out = map_ok_rows(batch, decode, {"frames": 0}, "test")
+    assert list(out["frames"]) == [2, 2] and any(kept)  # the clips shared a kept reader of the copy
+    assert not any(str(scratch) in path for path in (k[0] for k in video.READERS._idle))
     assert not list(scratch.iterdir())
 
 

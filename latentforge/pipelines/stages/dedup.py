@@ -135,7 +135,7 @@ class ContentHash(Stage):
     A video cut into many clips is read once for all of them, not once per clip: its bytes' sha256 is kept
     (the last few files; a clip's hash extends a copy with its span) and the clips of a batch get their
     middle frames from one open. A two-hour film cut into a thousand clips was otherwise hashed a thousand
-    times over (bench/clip_hash.py)."""
+    times over (bench/long_videos.py)."""
 
     name = "content_hash"
     resources = StageResources(num_cpus=0.5, batch_size=16, pool=1)

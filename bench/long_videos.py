@@ -1,17 +1,21 @@
-"""Exact + near-duplicate hashes of a video cut into many clips: per clip (baseline) against per file, both
-measured in this run.
+"""A long video cut into many clips, the code before (baseline) against now, both measured in this run:
+(1) its clips' exact and near-duplicate hashes, per clip against per file; (2) decoding its clips one after
+another, a fresh decord open per clip against a kept reader.
 
-    .venv/bin/python bench/clip_hash.py [--videos 4] [--seconds 60] [--shot-seconds 2] [--size 256] [--noise 8]
+    .venv/bin/python bench/long_videos.py [--videos 4] [--seconds 60] [--shot-seconds 2] [--size 256] [--noise 8]
 
 Writes `--videos` H.264 files (24 fps, a new shot every `--shot-seconds`, `--noise` grain so the files have a
-camera's bitrate rather than a few KB), probes them and cuts them into
-clips with the project's `ProbeMedia` and `SplitClips` (one clip per shot), then hashes every clip two ways,
-one process, `--rounds` alternating rounds, medians:
-- per clip (the code before): `file_sha256(uri, span)` reads and hashes the whole file for each clip, and
-  `visual_phash` opens the video for each clip's middle frame;
-- `ContentHash`, in batches of its configured size: each file's bytes hashed once (a copy of the digest
-  extended per clip) and the middle frames of a batch's clips of one file decoded on one open.
-Checks that both ways give every clip the same `content_sha256` and `phash`. Reports CPU and wall ms per clip.
+camera's bitrate rather than a few KB), probes them and cuts them into clips with the project's `ProbeMedia`
+and `SplitClips` (one clip per shot), then, one process, `--rounds` alternating rounds, medians:
+- hashes: per clip (the code before), `file_sha256(uri, span)` reads and hashes the whole file for each clip,
+  and `visual_phash` opens the video for each clip's middle frame; `ContentHash`, in batches of its configured
+  size: each file's bytes hashed once (a copy of the digest extended per clip) and the middle frames of a
+  batch's clips of one file decoded on one open. Checks that both give every clip the same `content_sha256`
+  and `phash`.
+- decodes: `video.decode_clip` of every clip in order (4 frames at 128 px, what the encoders ask for), with the
+  kept readers dropped before each clip (`READERS.forget()`: a fresh open, the code before) or kept. Checks
+  that both give the same frames.
+Reports CPU and wall ms per clip.
 """
 from __future__ import annotations
 
@@ -59,11 +63,15 @@ def clips_of(root: Path, shot_seconds: float):
 
 
 def per_clip(cfg, clips) -> list[tuple[str, str]]:
+    from latentforge.datasets import video
     from latentforge.pipelines.stage import rows_of
     from latentforge.pipelines.stages.dedup import clip_span, file_sha256, visual_phash
 
-    return [(file_sha256(r["uri"], clip_span(r)), visual_phash(r, cfg.dedup.hash_size, cfg.decode_timeout_s))
-            for r in rows_of(clips)]
+    out = []
+    for r in rows_of(clips):
+        video.READERS.forget()  # a fresh open per clip, as before
+        out.append((file_sha256(r["uri"], clip_span(r)), visual_phash(r, cfg.dedup.hash_size, cfg.decode_timeout_s)))
+    return out
 
 
 def per_file(cfg, clips) -> list[tuple[str, str]]:
@@ -74,6 +82,18 @@ def per_file(cfg, clips) -> list[tuple[str, str]]:
     for start in range(0, n, size):
         hashed = stage({k: v[start : start + size] for k, v in clips.items()})
         out += list(zip(hashed["content_sha256"], hashed["phash"]))
+    return out
+
+
+def decode_all(clips, fresh: bool = False) -> list[np.ndarray]:
+    from latentforge.datasets import video
+    from latentforge.pipelines.stage import rows_of
+
+    out = []
+    for row in rows_of(clips):
+        if fresh:
+            video.READERS.forget()
+        out.append(video.decode_clip(row["uri"], row["clip_start_s"], row["clip_end_s"], 4, (128, 128))[0])
     return out
 
 
@@ -101,17 +121,27 @@ def main() -> None:
                 times[way].append(((time.process_time() - cpu) * 1e3 / n, (time.perf_counter() - wall) * 1e3 / n))
         if results["per_clip"] != results["per_file"] or not all(all(pair) for pair in results["per_file"]):
             raise SystemExit("the two ways gave different (or empty) hashes")
+        decodes = {"fresh_open": lambda: decode_all(clips, fresh=True), "kept_reader": lambda: decode_all(clips)}
+        for r in range(args.rounds):
+            for way in (("fresh_open", "kept_reader") if r % 2 == 0 else ("kept_reader", "fresh_open")):
+                cpu, wall = time.process_time(), time.perf_counter()
+                results[way] = decodes[way]()
+                times[way] = [*times.get(way, []),
+                              ((time.process_time() - cpu) * 1e3 / n, (time.perf_counter() - wall) * 1e3 / n)]
+        if any(not np.array_equal(a, b) for a, b in zip(results["fresh_open"], results["kept_reader"])):
+            raise SystemExit("a kept reader gave other frames than a fresh open")
         mb = sum(p.stat().st_size for p in root.glob("*.mp4")) / args.videos / 2**20
         report = {"videos": args.videos, "seconds": args.seconds, "clips": n, "size": args.size,
                   "noise": args.noise, "file_mb": round(mb, 2)}
         for way, t in times.items():
             report[f"{way}_cpu_ms"] = round(statistics.median(x[0] for x in t), 2)
             report[f"{way}_wall_ms"] = round(statistics.median(x[1] for x in t), 2)
-        report["cpu_ratio"] = round(report["per_clip_cpu_ms"] / report["per_file_cpu_ms"], 2)
-        report["wall_ratio"] = round(report["per_clip_wall_ms"] / report["per_file_wall_ms"], 2)
-        print(f"{n} clips of {args.videos} videos ({report['file_mb']} MB each): per clip "
-              f"{report['per_clip_cpu_ms']} CPU-ms, per file {report['per_file_cpu_ms']} CPU-ms per clip "
-              f"({report['cpu_ratio']}x); wall {report['wall_ratio']}x")
+        for name, before, now in (("hash", "per_clip", "per_file"), ("decode", "fresh_open", "kept_reader")):
+            report[f"{name}_cpu_ratio"] = round(report[f"{before}_cpu_ms"] / report[f"{now}_cpu_ms"], 2)
+            report[f"{name}_wall_ratio"] = round(report[f"{before}_wall_ms"] / report[f"{now}_wall_ms"], 2)
+            print(f"{n} clips of {args.videos} videos ({report['file_mb']} MB each), {name}: {before} "
+                  f"{report[f'{before}_cpu_ms']} CPU-ms, {now} {report[f'{now}_cpu_ms']} CPU-ms per clip "
+                  f"({report[f'{name}_cpu_ratio']}x); wall {report[f'{name}_wall_ratio']}x")
         print(json.dumps(report))
 
 

@@ -1,0 +1,82 @@
+"""Clips of one video decoded one after another reuse its decord reader, with the frames a fresh open gives."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from latentforge.datasets import video
+from latentforge.datasets.demo_corpus import COLORS, draw_shape, encode_video
+
+FPS = 8
+
+
+def shots(count: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    colors = list(COLORS)
+    frames = []
+    for _ in range(count):
+        fg, bg = rng.choice(len(colors), 2, replace=False)
+        frames += [draw_shape(64, "circle", colors[fg], colors[bg], (16 + 2 * k, 32)) for k in range(2 * FPS)]
+    noisy = np.stack(frames) + rng.normal(0, 6, (len(frames), 64, 64, 3))  # inter frames that differ
+    return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def clip_video(tmp_path: Path) -> Path:
+    video.READERS.forget()
+    encode_video(tmp_path / "film.mp4", shots(6, 0), FPS)
+    yield tmp_path / "film.mp4"
+    video.READERS.forget()
+
+
+def spans() -> list[tuple[float, float]]:
+    return [(2.0 * k + 0.1, 2.0 * k + 1.9) for k in range(6)]
+
+
+@pytest.mark.parametrize("size", [(32, 32), None])
+def test_clips_decoded_on_a_kept_reader_match_a_fresh_open_in_any_order(clip_video: Path, size, monkeypatch):
+    opens, open_decord = [], video.open_decord
+
+    def counted(path, **kwargs):
+        opens.append(path)
+        return open_decord(path, **kwargs)
+
+    monkeypatch.setattr(video, "open_decord", counted)
+    fresh = {}
+    for span in spans():
+        video.READERS.forget()
+        fresh[span] = video.decode_clip(clip_video, *span, 3, size)[0]
+    assert len(opens) == 6
+    for order in (spans(), spans()[::-1], [spans()[i] for i in (3, 0, 5, 1, 4, 2)]):
+        opens.clear()
+        for span in order:
+            np.testing.assert_array_equal(video.decode_clip(clip_video, *span, 3, size)[0], fresh[span])
+        assert len(opens) <= 1  # the reader of the previous order, or one open for all six clips
+
+
+def test_another_file_at_the_same_path_and_a_failed_decode_open_afresh(clip_video: Path, monkeypatch):
+    first = video.decode_clip(clip_video, 0.1, 1.9, 2, None)[0]
+    encode_video(clip_video, shots(6, 1), FPS)  # same path, other content (and size)
+    assert not np.array_equal(video.decode_clip(clip_video, 0.1, 1.9, 2, None)[0], first)
+
+    taken = []
+    real_take = video.READERS.take
+
+    def take(path, width, height):
+        key, reader = real_take(path, width, height)
+        taken.append(reader)
+        return key, reader
+
+    def broken_fit(*_a):
+        raise RuntimeError("a decode that fails half-way")
+
+    monkeypatch.setattr(video.READERS, "take", take)
+    with monkeypatch.context() as patched:
+        patched.setattr(video, "_fit", broken_fit)
+        with pytest.raises(RuntimeError):
+            video._decord_frames_at(clip_video, np.array([1.0]), None, False)
+    video.decode_clip(clip_video, 0.1, 1.9, 2, None)
+    video.decode_clip(clip_video, 2.1, 3.9, 2, None)
+    assert taken[1] is not taken[0] and taken[2] is taken[1]  # the reader that raised was not put back
