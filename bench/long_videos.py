@@ -9,8 +9,8 @@ camera's bitrate rather than a few KB), probes them and cuts them into clips wit
 and `SplitClips` (one clip per shot), then, one process, `--rounds` alternating rounds, medians:
 - hashes: per clip (the code before), `file_sha256(uri, span)` reads and hashes the whole file for each clip,
   and `visual_phash` opens the video for each clip's middle frame; `ContentHash`, in batches of its configured
-  size: each file's bytes hashed once (a copy of the digest extended per clip) and the middle frames of a
-  batch's clips of one file decoded on one open. Checks that both give every clip the same `content_sha256`
+  size: each file's bytes hashed once (a copy of the digest extended per clip) and the clips' middle frames
+  decoded on a kept reader (`video.READERS`). Checks that both give every clip the same `content_sha256`
   and `phash`.
 - decodes: `video.decode_clip` of every clip in order (4 frames at 128 px, what the encoders ask for), with the
   kept readers dropped before each clip (`READERS.forget()`: a fresh open, the code before) or kept. Checks

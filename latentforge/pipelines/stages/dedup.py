@@ -18,10 +18,9 @@ from PIL import Image
 from pydantic import Field, model_validator
 
 from latentforge.datasets import media, video
-from latentforge.datasets.video import decode_clip, decode_frames_at
+from latentforge.datasets.video import decode_clip
 from latentforge.pipelines.resources import StageResources, Strict
-from latentforge.pipelines.stage import Reject, Stage, rows_of
-from latentforge.pipelines.staging import staged
+from latentforge.pipelines.stage import Reject, Stage
 
 _READ_CHUNK = 1 << 20
 
@@ -133,26 +132,21 @@ class ContentHash(Stage):
     the column ends here.
 
     A video cut into many clips is read once for all of them, not once per clip: its bytes' sha256 is kept
-    (the last few files; a clip's hash extends a copy with its span) and the clips of a batch get their
-    middle frames from one open. A two-hour film cut into a thousand clips was otherwise hashed a thousand
-    times over (bench/long_videos.py)."""
+    (the last few files; a clip's hash extends a copy with its span). A two-hour film cut into a thousand clips
+    was otherwise hashed a thousand times over. Its clips' middle frames come from one kept decoder
+    (`video.READERS`), not an open each (bench/long_videos.py)."""
 
     name = "content_hash"
     resources = StageResources(num_cpus=0.5, batch_size=16, pool=1)
     outputs = {"content_sha256": "", "phash": ""}
     _KEEP_DIGESTS = 4  # files whose digest is kept: clips of one video arrive together
-    _FRAMES_PER_OPEN = 8  # bounds the native-size frames held at once
 
     def __call__(self, batch):
         if not self.cfg.dedup.enabled:  # the columns still exist, so the schema does not depend on the config
             n = len(batch["id"])
             out = {**batch, **{k: np.array([v] * n, dtype=object) for k, v in self.outputs.items()}}
         else:
-            self._clip_greys = self._middle_frames_per_file(batch)
-            try:
-                out = super().__call__(batch)
-            finally:
-                self._clip_greys = {}
+            out = super().__call__(batch)
         out.pop(KEY_GREY, None)
         return out
 
@@ -168,8 +162,6 @@ class ContentHash(Stage):
         grey = row.get(KEY_GREY) or b""
         if not clip and len(grey) == (4 * cfg.hash_size) ** 2:  # images and whole videos the probe decoded
             out["phash"] = phash_of_grey(np.frombuffer(grey, dtype=np.uint8), cfg.hash_size)
-        elif clip and (key := _clip_key(row)) in getattr(self, "_clip_greys", {}):
-            out["phash"] = phash_of_grey(self._clip_greys[key], cfg.hash_size)
         elif row.get("modality") in ("image", "video"):
             try:
                 out["phash"] = visual_phash(row, cfg.hash_size, self.cfg.decode_timeout_s)
@@ -189,36 +181,6 @@ class ContentHash(Stage):
             while len(digests) > self._KEEP_DIGESTS:
                 digests.popitem(last=False)
         return digests[uri].copy()
-
-    def _middle_frames_per_file(self, batch) -> dict[tuple[str, float, float], np.ndarray]:
-        """Grey thumbnails of the middle frames of the batch's ok clips, one open per file that has several.
-        A file that fails here is left to `visual_phash`, which rejects its clips one by one as before."""
-        clips: dict[str, list[dict]] = defaultdict(list)
-        for row in rows_of(batch):
-            if row["status"] == "ok" and row.get("modality") == "video" and int(row.get("clip_index", -1)) >= 0:
-                clips[str(row["uri"])].append(row)
-        greys = {}
-        for rows in clips.values():
-            # native-size frames, as the per-clip path decodes them (so the hashes are the same): a few per open
-            for part in (rows[i : i + self._FRAMES_PER_OPEN] for i in range(0, len(rows), self._FRAMES_PER_OPEN)):
-                if len(part) < 2:  # one clip: its own decode is the same single open
-                    continue
-                # the times decode_clip(..., num_frames=1) asks for, computed the same way
-                times = [float(r["clip_start_s"]) + 0.5 * (float(r["clip_end_s"]) - float(r["clip_start_s"]))
-                         for r in part]
-                try:
-                    with staged(part[0]) as local:
-                        frames, _ = decode_frames_at(local["uri"], times, None,
-                                                     timeout_s=self.cfg.decode_timeout_s)
-                except Exception:  # noqa: BLE001 - each clip then decodes (and is rejected) on its own
-                    continue
-                for row, frame in zip(part, frames):
-                    greys[_clip_key(row)] = grey_thumbnail(frame, self.cfg.dedup.hash_size)
-        return greys
-
-
-def _clip_key(row: dict) -> tuple[str, float, float]:
-    return str(dict.get(row, "uri")), float(row["clip_start_s"]), float(row["clip_end_s"])
 
 
 # ---------------------------------------------------------------- grouping (on the driver)
