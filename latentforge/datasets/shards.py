@@ -43,8 +43,17 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+# numpy parses an npy header with `ast.literal_eval`. On CPython 3.11 the AST constructor's recursion counter is
+# shared by the whole process, so two threads building ASTs at once (a garbage collection running a `__del__`
+# mid-parse is enough to switch threads) fail with "SystemError: AST constructor recursion depth mismatch"
+# (python/cpython#106905); the driver's shard-writer threads load npy members side by side and hit it in CI.
+# Every npy header parse of this package (load_npy, training.shard_reader.NpyDecoder) holds this lock.
+NPY_HEADER_LOCK = threading.Lock()
+
+
 def load_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    with NPY_HEADER_LOCK:
+        return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def check_key(key: str) -> str:

@@ -17,7 +17,7 @@ from typing import BinaryIO
 import numpy as np
 
 from latentforge.datasets import storage
-from latentforge.datasets.shards import MEMBERS, OPTIONAL_MEMBERS, ShardFormatError
+from latentforge.datasets.shards import MEMBERS, NPY_HEADER_LOCK, OPTIONAL_MEMBERS, ShardFormatError
 
 BLOCK = 512
 ALLOWED = frozenset(MEMBERS + OPTIONAL_MEMBERS)
@@ -157,7 +157,8 @@ class NpyDecoder:
             read = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}.get(version)
             if read is None:
                 raise ValueError(f"npy format version {version} is not supported")
-            shape, fortran, dtype = read(stream, max_header_size=1 << 16)  # the header parse np.load does
+            with NPY_HEADER_LOCK:  # literal_eval: see NPY_HEADER_LOCK
+                shape, fortran, dtype = read(stream, max_header_size=1 << 16)  # the header parse np.load does
         except ValueError as e:
             raise ShardFormatError(f"{what}: {e}") from e
         if dtype.hasobject:

@@ -260,3 +260,48 @@ def test_two_writers_of_the_same_shard_do_not_share_a_temporary_file(tmp_path: P
     first.write_sample(make_sample("b", 1))
     first.close()
     assert [s.key for s in iter_shards([path])] == ["a", "b"] and list(tmp_path.iterdir()) == [path]
+
+
+def test_npy_members_load_from_many_threads_at_once() -> None:
+    """numpy parses npy headers with ast.literal_eval, whose recursion counter CPython 3.11 shares across
+    threads: without NPY_HEADER_LOCK this fails within a fraction of a second ("AST constructor recursion
+    depth mismatch"), as the driver's shard-writer threads did in CI. Garbage with a __del__ makes a
+    collection switch threads in the middle of a parse; a tiny switch interval makes that likely."""
+    import gc
+    import sys
+    import threading
+
+    from latentforge.training.shard_reader import NpyDecoder
+
+    data = npy_bytes(np.arange(32 * 384, dtype=np.float16).reshape(32, 384))
+    errors: list[str] = []
+
+    class Cycle:
+        def __del__(self) -> None:
+            [i for i in range(10)]
+
+    def work() -> None:
+        try:
+            for _ in range(1500):
+                if errors:
+                    return
+                assert load_npy(data).shape == (32, 384)
+                assert NpyDecoder()(data).shape == (32, 384)  # a fresh decoder parses the header every time
+                a, b = Cycle(), Cycle()
+                a.other, b.other = b, a
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(repr(e))
+
+    interval, thresholds = sys.getswitchinterval(), gc.get_threshold()
+    sys.setswitchinterval(1e-6)
+    gc.set_threshold(20, 2, 2)
+    try:
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+        gc.set_threshold(*thresholds)
+    assert errors == []
