@@ -2,11 +2,14 @@
 
     .venv/bin/python bench/storage.py [--images 24] [--videos 6] [--audio 6] [--cpus 4]
 
-One local Ray, one demo corpus. In the same run, in this order:
+One local Ray, one demo corpus, one untimed local job first (worker start-up, page cache). Then, in the
+same run, in this order:
 - local: `run_curation` from a local directory to a local dataset (the baseline);
 - s3: the corpus uploaded to a bucket on `moto_server` (started here on 127.0.0.1), `run_curation` from
   s3:// to s3://: listing, per-row scratch copies for the decoding stages, shard groups written locally
-  and uploaded, tables and card uploaded;
+  and uploaded, tables and card uploaded; twice per round: with `fusion.keep_inputs_mb: 0` (every stage that
+  decodes an input fetches it: the code before chains kept their copies) and with the default budget,
+  alternating which goes first. moto's request log gives the GETs of input objects each made;
 - verify of each dataset (sha256 and decode of every shard: s3 fetches each shard once);
 - training reads: every shard through `storage.open_shard` (s3: cold cache, then warm) vs local files.
 
@@ -20,6 +23,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,6 +50,15 @@ def start_moto(log: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("moto_server did not start")
 
 
+def input_gets(log: Path, prefix: str) -> int:
+    """GET requests for objects under `prefix` in moto_server's request log so far."""
+    return sum(f"GET /{prefix}" in line for line in log.read_text(errors="replace").splitlines())
+
+
+def fmt(seconds: list[float]) -> str:
+    return "/".join(f"{x:.1f}" for x in seconds) + " s"
+
+
 def timed(fn, *args):
     t0 = time.perf_counter()
     out = fn(*args)
@@ -68,6 +81,7 @@ def main() -> None:
     ap.add_argument("--videos", type=int, default=6)
     ap.add_argument("--audio", type=int, default=6)
     ap.add_argument("--cpus", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3, help="curation rounds (medians reported)")
     args = ap.parse_args()
 
     import pyarrow.fs as pafs
@@ -93,17 +107,30 @@ def main() -> None:
         _, upload_s = timed(storage.upload, tmp / "corpus", "s3://bench/corpus")
         ray.init(address="local", num_cpus=args.cpus, object_store_memory=512 * 2**20, include_dashboard=False,
                  log_to_driver=False)
-        local, local_s = timed(run_curation, CurationConfig(input_dir=tmp / "corpus", samples_per_shard=8),
-                               tmp / "ds")
-        remote, remote_s = timed(run_curation, CurationConfig(input_dir="s3://bench/corpus", samples_per_shard=8),
-                                 "s3://bench/ds")
-        assert (local.kept, local.rejected, local.filtered) == (remote.kept, remote.rejected, remote.filtered)
-        v_local, v_local_s = timed(verify_dataset, tmp / "ds")
-        v_remote, v_remote_s = timed(verify_dataset, "s3://bench/ds")
+        run_curation(CurationConfig(input_dir=tmp / "corpus", samples_per_shard=8), tmp / "warm-up")  # not timed:
+        # the first job in a fresh Ray starts its workers and warms the page cache for all that follow
+        times: dict[str, list[float]] = {"local": [], "every": [], "kept": []}
+        gets: dict[str, int] = {}
+        keep = {"every": 0, "kept": CurationConfig().fusion.keep_inputs_mb}
+        for r in range(args.rounds):  # the two s3 variants alternate which goes first
+            local, seconds = timed(run_curation, CurationConfig(input_dir=tmp / "corpus", samples_per_shard=8),
+                                   tmp / f"ds-{r}")  # a new dataset each round: an existing one would resume
+            times["local"].append(seconds)
+            for variant in ("every", "kept") if r % 2 == 0 else ("kept", "every"):
+                before = input_gets(tmp / "moto.log", "bench/corpus/")
+                cfg = CurationConfig(input_dir="s3://bench/corpus", samples_per_shard=8,
+                                     fusion={"keep_inputs_mb": keep[variant]})
+                remote, seconds = timed(run_curation, cfg, f"s3://bench/ds-{variant}-{r}")
+                times[variant].append(seconds)
+                gets[variant] = input_gets(tmp / "moto.log", "bench/corpus/") - before
+                assert (local.kept, local.rejected, local.filtered) == (remote.kept, remote.rejected, remote.filtered)
+        local_s, every_s, remote_s = (statistics.median(times[k]) for k in ("local", "every", "kept"))
+        v_local, v_local_s = timed(verify_dataset, tmp / "ds-0")
+        v_remote, v_remote_s = timed(verify_dataset, "s3://bench/ds-kept-0")
         assert v_local.ok and v_remote.ok
         names = [s["name"] for s in local.card["shards"]]
-        local_shards = [Dataset(tmp / "ds").shard_path(n) for n in names]
-        remote_shards = [Dataset("s3://bench/ds").shard_path(n) for n in names]
+        local_shards = [Dataset(tmp / "ds-0").shard_path(n) for n in names]
+        remote_shards = [Dataset("s3://bench/ds-kept-0").shard_path(n) for n in names]
         nbytes, read_local_s = timed(read_all, local_shards)
         _, read_cold_s = timed(read_all, remote_shards)
         _, read_warm_s = timed(read_all, remote_shards)
@@ -115,15 +142,23 @@ def main() -> None:
 
     print(f"corpus: {local.inputs} inputs ({local.samples} samples, {local.kept} kept); "
           f"upload to s3 {upload_s:.1f}s; {len(names)} shards, {nbytes / 2**20:.1f} MiB")
+    print(f"curation: medians of {args.rounds} rounds; local {fmt(times['local'])}, s3 with keep_inputs_mb 0 "
+          f"{fmt(times['every'])}, s3 default {fmt(times['kept'])}")
     print("| what | local (baseline) | s3 (moto, loopback) | ratio s3 / local |")
     print("|---|---|---|---|")
-    print(f"| curation, run_curation wall time | {local_s:.1f} s | {remote_s:.1f} s | {remote_s / local_s:.2f} |")
+    print(f"| curation, every stage fetching its inputs (keep_inputs_mb 0) | {local_s:.1f} s | {every_s:.1f} s | "
+          f"{every_s / local_s:.2f} |")
+    print(f"| curation, run_curation wall time (default) | {local_s:.1f} s | {remote_s:.1f} s | "
+          f"{remote_s / local_s:.2f} |")
     print(f"| verify (hash + decode every shard) | {v_local_s:.2f} s | {v_remote_s:.2f} s | "
           f"{v_remote_s / v_local_s:.2f} |")
     print(f"| read every shard, cold cache | {read_local_s:.3f} s | {read_cold_s:.3f} s | "
           f"{read_cold_s / read_local_s:.1f} |")
     print(f"| read every shard, warm cache | {read_local_s:.3f} s | {read_warm_s:.3f} s | "
           f"{read_warm_s / read_local_s:.1f} |")
+    print(f"GETs of input objects: {gets['every']} with keep_inputs_mb 0, {gets['kept']} with the default "
+          f"({gets['every'] / max(gets['kept'], 1):.2f}x fewer; {local.inputs} inputs); s3 curation time, default / "
+          f"keep_inputs_mb 0: {remote_s / every_s:.2f}")
 
 
 if __name__ == "__main__":

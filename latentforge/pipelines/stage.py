@@ -12,7 +12,7 @@ import numpy as np
 
 from latentforge.datasets.media import worker_threads
 from latentforge.pipelines.resources import StageResources
-from latentforge.pipelines.staging import BatchCopies, StagedRow, staged_row
+from latentforge.pipelines.staging import BatchCopies, StagedRow, chain_copies, current_copies, staged_row
 
 if TYPE_CHECKING:
     from latentforge.pipelines.config import CurationConfig
@@ -78,7 +78,8 @@ def batch_of(rows: list[dict]) -> Batch:
 
 def map_ok_rows(batch: Batch, fn: Callable[[dict], dict], outputs: dict[str, Any], stage: str) -> Batch:
     """Apply `fn` to each row still `ok`; a `Reject` marks that row and the rest go on."""
-    copies = BatchCopies()
+    chain = current_copies()
+    copies = chain if chain is not None else BatchCopies()
     rows = [staged_row(r, copies) for r in rows_of(batch)]
     new = {name: [default] * len(rows) for name, default in outputs.items()}
     status, reason, message, where = (list(batch[c]) for c in ("status", "reason", "message", "stage"))
@@ -98,7 +99,8 @@ def map_ok_rows(batch: Batch, fn: Callable[[dict], dict], outputs: dict[str, Any
                     message[i] = row.in_terms_of_uris(str(message[i]))
                     row.close()
     finally:
-        copies.close()
+        if chain is None:
+            copies.close()
     out = dict(batch)
     out.update({"status": status, "reason": reason, "message": message, "stage": where})
     out.update(new)
@@ -148,15 +150,17 @@ class StageChain:
     def __init__(self, cfg: CurationConfig, then: tuple[Callable, dict] | None = None):
         self.parts = [stage_cls(cfg) for stage_cls in self.stages]
         self.sizes = [stage_resources(stage_cls, cfg).batch_size for stage_cls in self.stages]
+        self.keep_bytes = cfg.fusion.keep_inputs_mb << 20
         self.then = then
         limit_threads()
 
     def __call__(self, batch: Batch) -> Batch:
         spent = {}
-        for part, size in zip(self.parts, self.sizes):
-            cpu, wall = time.process_time(), time.perf_counter()
-            batch = in_slices(part, batch, size)
-            spent[part.name] = (time.process_time() - cpu, time.perf_counter() - wall)
+        with chain_copies(self.keep_bytes):  # remote inputs fetched once for all the chain's stages
+            for part, size in zip(self.parts, self.sizes):
+                cpu, wall = time.process_time(), time.perf_counter()
+                batch = in_slices(part, batch, size)
+                spent[part.name] = (time.process_time() - cpu, time.perf_counter() - wall)
         batch = with_timing(batch, spent)
         return batch if self.then is None else self.then[0](batch, **self.then[1])
 

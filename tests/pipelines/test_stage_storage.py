@@ -12,7 +12,7 @@ from latentforge.datasets import storage
 from latentforge.datasets.demo_corpus import DemoCorpusSpec, generate_demo_corpus
 from latentforge.pipelines.config import CurationConfig
 from latentforge.pipelines.discover import discover, orphan_captions
-from latentforge.pipelines.stage import Reject, map_ok_rows
+from latentforge.pipelines.stage import Reject, map_ok_rows, rows_of
 from latentforge.pipelines.stages.caption_sidecar import CaptionSidecar
 from latentforge.pipelines.stages.probe_media import ProbeMedia
 from latentforge.pipelines.staging import staged
@@ -131,3 +131,58 @@ def test_probe_captions_and_discovery_on_s3_match_local(s3_bucket, scratch, tmp_
     reasons = {r["reason"] for r in results[1].values()}
     assert "missing_caption" in reasons and any(r["status"] == "ok" for r in results[1].values())
     assert not list(scratch.iterdir())
+
+
+def test_stages_of_one_chain_fetch_a_remote_input_once_within_the_budget(s3_bucket, scratch, monkeypatch):
+    """A StageChain's stages share their scratch copies (staging.chain_copies): a video on s3 is fetched once
+    for every stage of the chain that reads it, not once per stage, as long as the kept copies fit
+    `fusion.keep_inputs_mb`; past it a stage fetches again, and nothing outlives the chain's batch."""
+    from latentforge.pipelines.stage import Stage, StageChain
+
+    small, large = f"s3://{s3_bucket}/in/small.bin", f"s3://{s3_bucket}/in/large.bin"
+    storage.write_bytes(small, b"s" * 1000)
+    storage.write_bytes(large, b"l" * (2 << 20))
+    fetched, download = [], storage.download
+
+    def counted(source, target):
+        fetched.append(source)
+        return download(source, target)
+
+    monkeypatch.setattr(storage, "download", counted)
+    seen: list[Path] = []
+
+    class ReadsFirst(Stage):
+        name = "reads_first"
+
+        def __call__(self, batch):
+            def first(row):
+                seen.append(Path(row["uri"]))
+                return {"first": seen[-1].read_bytes()[:1].decode()}
+            return map_ok_rows(batch, first, {"first": ""}, self.name)
+
+    class ReadsAll(Stage):
+        name = "reads_all"
+
+        def __call__(self, batch):
+            out = []
+            for row in rows_of(batch):  # a stage reading its inputs outside map_ok_rows (as SplitClips does)
+                with staged(row) as r:
+                    seen.append(Path(r["uri"]))
+                    out.append({**row, "size": seen[-1].stat().st_size})
+            return to_batch(out)
+
+    chain = type("Chain", (StageChain,), {"stages": (ReadsFirst, ReadsAll), "name": "chain"})
+    rows = [{"id": i, "uri": u, "status": "ok", "reason": "", "message": "", "stage": ""}
+            for i, u in enumerate([small, large, small])]  # two clips of `small`, one of `large`
+    out = chain(CurationConfig(fusion={"keep_inputs_mb": 1}))(to_batch(rows))
+    assert list(out["first"]) == ["s", "l", "s"] and list(out["size"]) == [1000, 2 << 20, 1000]
+    # `small` fits the 1 MiB budget: fetched once for both stages and both clips; `large` does not: each
+    # stage fetched its own copy and deleted it with its row, as without a chain
+    assert sorted(fetched) == sorted([small, large, large])
+    assert seen[0] == seen[2] == seen[3] == seen[5] and seen[1] != seen[4]
+    assert not any(p.exists() for p in seen) and not list(scratch.iterdir())
+
+    fetched.clear()
+    chain(CurationConfig(fusion={"keep_inputs_mb": 0}))(to_batch(rows))
+    # no budget: the old cost, a fetch per stage (and per row, for a stage that stages rows one at a time)
+    assert sorted(fetched) == sorted([small, large, small, large, small])
