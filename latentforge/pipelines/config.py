@@ -39,7 +39,7 @@ class FusionConfig(Strict):
     enabled: bool = Field(True, description="fuse consecutive stages with the same GPU request into one map")
     pool: int | None = Field(None, ge=1, description=(
         "actors of each CPU-only map; default: its share of the cluster's CPUs beside the GPU pools"))
-    keep_inputs_mb: int = Field(2048, ge=0, description=(
+    keep_inputs_mb: int = Field(1024, ge=0, description=(
         "scratch copies of remote inputs (s3://...) one chain's batch keeps for its later stages, per worker; "
         "past it, each stage that decodes a file fetches it again (0: always)"))
 
