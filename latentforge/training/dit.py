@@ -270,11 +270,25 @@ class DiT(nn.Module):
         mask = torch.ones(batch, 1, dtype=torch.bool, device=self.null_text_embed.device)
         return self.null_text_embed.expand(batch, -1, -1), mask
 
-    def family(self, modality: Tensor) -> LatentIO:
-        n_audio = int((modality == AUDIO).sum())
-        if n_audio not in (0, modality.numel()):
-            raise ValueError("a batch must not mix audio with image/video latents")
-        return self.audio if n_audio else self.visual
+    def family(self, x: Tensor, modality: Tensor) -> LatentIO:
+        """The batch's latent family, read from x's shape: audio latents are (B, audio_channels, T, 1, 1).
+
+        Shapes are static under torch.compile, so this costs no host sync and no graph break; reading the
+        modality ids did both, once per step. The ids decide only when both families fit the shape (equal
+        channel counts, visual_patch 1, a 1x1 latent). They are checked against the shape where that is free:
+        on CPU, outside compilation (the loader checks every batch it builds on the host).
+        """
+        audio = x.shape[1] == self.audio.channels and x.shape[-2:] == (1, 1)
+        if audio and x.shape[1] == self.visual.channels and self.visual.patch == 1:
+            audio = bool((modality == AUDIO).all())
+        if modality.device.type == "cpu" and not torch.compiler.is_compiling():
+            n_audio = int((modality == AUDIO).sum())
+            if n_audio not in (0, modality.numel()):
+                raise ValueError("a batch must not mix audio with image/video latents")
+            if bool(n_audio) != audio:
+                ids, shaped = ("audio", "image/video") if n_audio else ("image/video", "audio")
+                raise ValueError(f"modality ids say {ids} but latents of shape {tuple(x.shape)} are {shaped}")
+        return self.audio if audio else self.visual
 
     def encode_text(self, text: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Project text tokens; returns (tokens, mask, masked mean) with empty rows given the null token."""
@@ -357,7 +371,7 @@ class DiT(nn.Module):
         """The whole forward pass as a DiTOutput; forward, forward_masked and forward_with_features pick from it."""
         if features and self.repa_projector is None:
             raise ValueError("REPA features need repa_depth > 0 and repa_dim > 0 in DiTConfig")
-        io = self.family(modality)
+        io = self.family(x, modality)
         grid = io.grid(x)
         ctx, ctx_mask, pooled = self.encode_text(text, text_mask)
         m = self.modality_embed(modality)

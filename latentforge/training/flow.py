@@ -154,7 +154,7 @@ def flow_repa_loss(
         flow = F.mse_loss(out.velocity.float(), target)
     else:
         flow = ((out.velocity.float() - target).square() * out.keep_mask).sum() / out.keep_mask.sum()
-    grid = getattr(model, "module", model).family(modality).grid(x0)
+    grid = getattr(model, "module", model).family(x0, modality).grid(x0)
     return flow, repa_loss(out.features, align_repa_targets(repa_target, grid), out.keep_tokens)
 
 

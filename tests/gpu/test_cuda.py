@@ -179,9 +179,13 @@ def fixed_batch(device: str):
 def test_dit_trains_under_bf16_autocast() -> None:
     """As loop.build_accelerator / train_step do: Accelerator(mixed_precision="bf16"), acc.autocast()."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     from latentforge.training.flow import flow_loss
 
+    # Accelerate keeps one state per process and refuses another precision: a training test run earlier in this
+    # process (LF_GPU_TESTS_DEVICE=cpu after tests/training) made it "no". A Ray Train worker builds one.
+    AcceleratorState._reset_state(reset_partial_state=True)
     acc = Accelerator(cpu=not ON_CUDA, mixed_precision="bf16")
     assert acc.device.type == DEVICE
     model = tiny_dit()

@@ -98,6 +98,33 @@ def test_mixed_audio_and_visual_batch_is_rejected() -> None:
         model(torch.randn(2, 4, 1, 8, 8), torch.rand(2), *make_text(2), torch.tensor([0, 2]))
 
 
+def test_modality_ids_contradicting_the_latent_shape_are_refused() -> None:
+    model = make_model()
+    with pytest.raises(ValueError, match=r"ids say audio but latents of shape \(2, 4, 1, 8, 8\) are image/video"):
+        model(torch.randn(2, 4, 1, 8, 8), torch.rand(2), *make_text(2), torch.tensor([2, 2]))
+    with pytest.raises(ValueError, match="ids say image/video"):
+        model(torch.randn(2, 8, 10, 1, 1), torch.rand(2), *make_text(2), torch.tensor([0, 0]))
+
+
+def test_equal_channel_counts_and_unit_patches_let_the_ids_choose_the_family() -> None:
+    model = make_model(audio_channels=4, visual_patch=1)
+    x, t, text = torch.randn(2, 4, 3, 1, 1), torch.rand(2), make_text(2)
+    audio, image = model(x, t, *text, torch.tensor([2, 2])), model(x, t, *text, torch.tensor([0, 0]))
+    assert model.family(x, torch.tensor([2, 2])) is model.audio and model.family(x, torch.tensor([0, 0])) is model.visual
+    assert not torch.allclose(audio, image)
+
+
+@pytest.mark.parametrize("name,modality,shape", CASES, ids=[c[0] for c in CASES])
+def test_torch_compile_traces_each_family_without_a_graph_break(name: str, modality: int, shape: tuple) -> None:
+    """The family comes from the latent's shape: reading the modality ids on the host (`.item()`) broke the
+    compiled graph once per step and made every step wait for the device."""
+    model = make_model()
+    x = torch.randn(shape)
+    explained = torch._dynamo.explain(model)(x, torch.rand(2), *make_text(2), torch.full((2,), modality))
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
 def test_latent_that_does_not_fit_the_patch_is_rejected() -> None:
     model = make_model()
     with pytest.raises(ValueError, match="does not fit"):
