@@ -1,6 +1,6 @@
 """Curation and shard reads on s3:// (an S3-compatible server on loopback) vs the same work on local disk.
 
-    .venv/bin/python bench/storage.py [--images 24] [--videos 6] [--audio 6] [--cpus 4]
+    .venv/bin/python bench/storage.py [--images 24] [--videos 6] [--audio 6] [--cpus 4] [--rounds 3]
 
 One local Ray, one demo corpus, one untimed local job first (worker start-up, page cache). Then, in the
 same run, in this order:
