@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from latentforge.training.attention import Attention, Rope
 
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
