@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -214,12 +215,22 @@ def validate(raw, batches: list, stage: TrainStageConfig, patch: int, device) ->
     return out
 
 
+def say(line: str) -> None:
+    """One line to the worker's stdout, which Ray streams to the driver.
+
+    Not `print`: Ray Train 2.60 replaces `print` in its workers with one that logs the line through the root
+    logger and, because a Ray worker's sys.stdout is Ray's wrapper and not sys.__stdout__, also prints it,
+    so every line reached the driver twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def log_progress(sink, metrics: dict, scheduler, grad_norm, stage: TrainStageConfig, step: int, main: bool) -> None:
     metrics.update(lr=scheduler.get_last_lr()[0], grad_norm=fsdp.as_float(grad_norm))
     sink.log_metrics(metrics, step)
     if main:
-        print(f"[{stage.name}] step {step}/{stage.steps} loss {metrics['loss']:.4f} "
-              f"({metrics['samples_per_s']:.0f} samples/s)", flush=True)
+        say(f"[{stage.name}] step {step}/{stage.steps} loss {metrics['loss']:.4f} "
+            f"({metrics['samples_per_s']:.0f} samples/s)")
 
 
 def maybe_fail(job: StageJob, step: int, main: bool) -> None:
@@ -284,8 +295,8 @@ def restore(raw, ema, optimizer, scheduler, job: StageJob) -> int:
             state = ckpt.load_checkpoint(Path(d), raw, ema, optimizer, scheduler)
         saved = state.get("loader_workers", job.stage.loader.workers)
         if saved != job.stage.loader.workers:  # still resumes, but the data order is not the interrupted one's
-            print(f"[{job.stage.name}] warning: checkpoint was written with loader.workers={saved}, resuming with "
-                  f"{job.stage.loader.workers}: the sample order from here differs from an uninterrupted run", flush=True)
+            say(f"[{job.stage.name}] warning: checkpoint was written with loader.workers={saved}, resuming with "
+                f"{job.stage.loader.workers}: the sample order from here differs from an uninterrupted run")
         return int(state["step"])
     inherit = job.stage.inherit
     if job.init_from and inherit != "none":

@@ -37,7 +37,6 @@ def fit_stage(plan: PlanConfig, stage: TrainStageConfig, dataset_dirs: list[Path
     `storage_path` and `dataset_dirs` may be URIs (s3://...): Ray Train then writes checkpoints through a
     pyarrow filesystem with the configured endpoint, and workers get the storage settings in their env."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     datasets = open_datasets([Dataset(d) for d in dataset_dirs])  # refuses mixed encoders before any worker starts
     model = stage_model(model_config(plan, datasets[0].card), stage, datasets)  # REPA refused here, before workers
@@ -46,7 +45,7 @@ def fit_stage(plan: PlanConfig, stage: TrainStageConfig, dataset_dirs: list[Path
                    scratch=str(stage_scratch(storage_path, run_name)))
     ray_storage, filesystem = storage.train_storage(storage_path)
     worker_env = storage.ray_remote_args(storage_path, *dataset_dirs).get("runtime_env")
-    trainer = TorchTrainer(
+    trainer = stage_trainer_class()(
         train_stage,
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu,
@@ -70,6 +69,45 @@ def fit_stage(plan: PlanConfig, stage: TrainStageConfig, dataset_dirs: list[Path
     result.checkpoint.to_directory(str(local))
     return StageResult(name=stage.name, checkpoint_dir=local, metrics=dict(result.metrics),
                        checkpoint_uri=storage.join(str(storage_path), run_name, storage.name_of(result.checkpoint.path)))
+
+
+def state_api_answers(timeout_s: int = 5) -> bool:
+    """Whether Ray's State API (served by the cluster's dashboard) answers; the local head runs no dashboard."""
+    from ray.util.state import list_nodes
+    from ray.util.state.exception import RayStateApiException
+
+    try:
+        list_nodes(limit=1, timeout=timeout_s, raise_on_missing_output=False)
+    except RayStateApiException:
+        return False
+    return True
+
+
+def stage_trainer_class() -> type:
+    """TorchTrainer, without Ray Train's placement-group cleaner where the State API does not answer.
+
+    The cleaner is a detached actor that asks the State API once a second whether the train controller still
+    lives, to remove the workers' placement group if it died without cleaning up. With no dashboard every ask
+    fails: it logged a warning per second for the whole stage (over half of the quickstart's output), could
+    never see the controller die, and, being detached, outlived an ungraceful exit polling forever. Ray has no
+    switch for it, so this drops it from the trainer's default callbacks (a private hook, hence the fallback
+    to the plain TorchTrainer). On a local head the placement groups go with the cluster when the driver exits.
+    """
+    from ray.train.torch import TorchTrainer
+
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:
+        return TorchTrainer
+    if not hasattr(TorchTrainer, "_create_default_callbacks") or state_api_answers():
+        return TorchTrainer
+
+    class StageTrainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list:
+            callbacks = super()._create_default_callbacks()
+            return [cb for cb in callbacks if not isinstance(cb, PlacementGroupCleanerCallback)]
+
+    return StageTrainer
 
 
 def stage_scratch(storage_path: Path | str, run_name: str) -> Path:

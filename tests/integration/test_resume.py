@@ -99,3 +99,25 @@ def test_a_rerun_driver_resumes_from_the_last_checkpoint(dataset, uninterrupted,
     state = json.loads((result.checkpoint_dir / "state.json").read_text())
     assert state == {"step": 12, "stage": "s", "data_position": 24, "loader_workers": 1}
     assert_bitwise_equal(final_weights(result), uninterrupted)
+
+
+def test_no_placement_group_cleaner_polls_a_state_api_that_is_not_there(uninterrupted):
+    """The local head runs no dashboard, so Ray's State API does not answer. Ray Train's placement-group cleaner
+    asks it every second whether the controller lives: each ask logged a warning, and the detached cleaner could
+    never see the controller die. The stage trainer leaves it out there, and only there."""
+    from ray._private.state import actors  # the GCS actor table: ray.util.state needs the dashboard
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from latentforge.training.trainer import stage_trainer_class, state_api_answers
+
+    assert not state_api_answers()
+    ever = {a["ActorClassName"] for a in actors().values()}  # every actor of this Ray, dead ones included
+    assert "TrainController" in ever and "PlacementGroupCleaner" not in ever  # `uninterrupted` ran a stage
+
+    def callbacks(cls: type) -> set[str]:
+        trainer = cls(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+        return {type(cb).__name__ for cb in trainer._create_default_callbacks()}
+
+    assert callbacks(stage_trainer_class()) == callbacks(TorchTrainer) - {"PlacementGroupCleanerCallback"}
+    assert "PlacementGroupCleanerCallback" in callbacks(TorchTrainer)
