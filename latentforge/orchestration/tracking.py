@@ -6,6 +6,7 @@ import os
 import subprocess
 import tempfile
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,7 +214,11 @@ def dataset_record(run_id: str, dataset_dir: Path, context: str, name: str | Non
 
     card = json.loads(storage.read_text(storage.join(dataset_dir, "card.json")))
     manifest = storage.join(dataset_dir, "manifest.parquet")  # a URI stays one (mlflow has s3/gs sources)
-    source = resolve_dataset_source(manifest if storage.is_remote(manifest) else str(Path(manifest).resolve()))
+    with warnings.catch_warnings():
+        # MLflow 3.x registers its local-file source class twice, so every local path "can be interpreted in
+        # multiple ways" (a UserWarning per logged dataset): both candidates are the same class.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        source = resolve_dataset_source(manifest if storage.is_remote(manifest) else str(Path(manifest).resolve()))
     entity = MetaDataset(source, name=name or card["name"], digest=str(card["id"])[:36])._to_mlflow_entity()
     return {"kind": "input", "run_id": run_id, "name": entity.name, "digest": entity.digest,
             "source_type": entity.source_type, "source": entity.source, "schema": entity.schema,
