@@ -39,18 +39,3 @@ def test_batches_respect_mlflow_limits_and_run_boundaries():
     got = groups(records)
     assert [len(g) for g in got] == [1000, 500, 1, 1]
     assert describe(got[-1]) == "terminate FINISHED"
-
-
-def test_a_local_dataset_is_recorded_as_a_local_source_without_a_warning(tmp_path):
-    import warnings
-
-    from latentforge.orchestration.tracking import dataset_record
-
-    (tmp_path / "card.json").write_text(json.dumps({"id": "0123abcd" * 6, "name": "demo", "num_samples": 3}))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        record = dataset_record("r1", tmp_path, "training")
-    assert [str(w.message) for w in caught] == []  # MLflow's "interpreted in multiple ways" warned every time
-    assert record["source_type"] == "local" and record["name"] == "demo" and record["digest"] == "0123abcd" * 4 + "0123"
-    assert json.loads(record["source"])["uri"] == str((tmp_path / "manifest.parquet").resolve())
-    assert json.loads(record["profile"]) == {"num_samples": 3, "dataset_id": "0123abcd" * 6}
