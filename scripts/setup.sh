@@ -14,7 +14,8 @@ fi
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   echo "setup: installing $TORCH_SPEC (CPU build where one is offered)" >&2
-  "${PIP[@]}" install "$TORCH_SPEC" 2>&1 \
+  # numpy with it: torch does not require it, and imported without it torch warns that NumPy is missing.
+  "${PIP[@]}" install "$TORCH_SPEC" "numpy>=1.26" 2>&1 \
     | grep -v "is ignored" >&2 || true
   .venv/bin/python -c "import torch" || { echo "setup: torch failed to install" >&2; exit 1; }
 fi

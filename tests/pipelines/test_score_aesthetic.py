@@ -182,3 +182,20 @@ def test_a_frame_the_model_fails_on_costs_its_row_only(stage, probed, models) ->
     assert all((r["reason"], r["stage"]) == ("stage_error", "score_aesthetic") and "cannot score" in r["message"]
                for r in failed)
     assert all(r["score_aesthetic"] == 3.0 for r in visual if r["status"] == "ok")
+
+
+def test_loading_the_scorer_prints_no_image_processor_backend_warning(models) -> None:
+    """transformers 5 warns once per process when `CLIPImageProcessor` is named without torchvision (every
+    curation actor would print it); the scorer lets AutoImageProcessor choose the backend. A fresh process,
+    because the warning is printed once per process and earlier tests in this one may have printed it."""
+    import subprocess
+    import sys
+
+    clip, head = models
+    code = ("import sys; from latentforge.pipelines.stages.score_aesthetic import AestheticConfig, AestheticScorer;"
+            f"s = AestheticScorer(AestheticConfig(enabled=True, clip_model={clip!r}, head={head!r}));"
+            "print(type(s.processor).__name__, s([__import__('numpy').zeros((40, 56, 3), 'uint8')]).shape)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[0].startswith("CLIPImageProcessor") and done.stdout.split()[1] == "(1,)"
+    assert "torchvision" not in done.stderr and "falling back" not in done.stderr, done.stderr

@@ -1,8 +1,8 @@
 """Aesthetic score of images and of the middle frame of videos (clips): a CLIP image embedding, L2-normalised,
 then a small MLP head shaped like LAION's aesthetic predictor.
 
-The CLIP vision tower loads with transformers (`CLIPVisionModelWithProjection` + `CLIPImageProcessor`, by hub
-id or local directory). The head is a directory (or hub repository) holding `aesthetic_head.safetensors` and
+The CLIP vision tower loads with transformers (`CLIPVisionModelWithProjection` + its image processor through
+`AutoImageProcessor`, by hub id or local directory). The head is a directory (or hub repository) holding `aesthetic_head.safetensors` and
 `aesthetic_head.json` ({"input_dim": 768, "hidden_dims": [1024, 128, 64, 16], "dropout": [0.2, 0.2, 0.1, 0.0]}
 are the defaults): Linear layers, a Dropout module after each whose rate is above 0, and a last Linear to one
 output. With those defaults the module indices are LAION's improved-aesthetic-predictor's (`layers.0`,
@@ -107,13 +107,15 @@ class AestheticScorer:
 
     def __init__(self, cfg: AestheticConfig):
         import torch
-        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+        from transformers import AutoImageProcessor, CLIPVisionModelWithProjection
 
         from latentforge.datasets.encoders.devices import resolve_device, resolve_dtype
 
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
-        self.processor = CLIPImageProcessor.from_pretrained(cfg.clip_model, revision=cfg.clip_revision)
+        # AutoImageProcessor picks the torchvision backend where torchvision is installed and PIL otherwise;
+        # naming CLIPImageProcessor instead warns in every actor, on transformers 5, that it fell back to PIL.
+        self.processor = AutoImageProcessor.from_pretrained(cfg.clip_model, revision=cfg.clip_revision)
         self.clip = CLIPVisionModelWithProjection.from_pretrained(
             cfg.clip_model, revision=cfg.clip_revision, dtype=self.dtype).to(self.device).eval()
         self.head = load_head(cfg.head, cfg.head_revision).to(self.device)
