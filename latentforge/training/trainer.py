@@ -72,19 +72,30 @@ def fit_stage(plan: PlanConfig, stage: TrainStageConfig, dataset_dirs: list[Path
 
 
 def state_api_answers(timeout_s: int = 5) -> bool:
-    """Whether Ray's State API (served by the cluster's dashboard) answers; the local head runs no dashboard."""
+    """Whether Ray's State API (served by the cluster's dashboard) answers for *this* cluster.
+
+    The local head runs no dashboard, yet Ray still records the default 127.0.0.1:8265 as its State API
+    address. Where another cluster's dashboard holds that port (a colleague's Ray on a shared host), the
+    State API answers, about that cluster: asked for our train controller, it finds no such actor, and Ray's
+    placement-group cleaner would take the controller for dead and remove our workers' placement group in
+    the middle of the stage. So the answer only counts when it knows the node this driver runs on.
+    """
+    import ray
     from ray.util.state import list_nodes
     from ray.util.state.exception import RayStateApiException
 
+    node_id = ray.get_runtime_context().get_node_id()
     try:
-        list_nodes(limit=1, timeout=timeout_s, raise_on_missing_output=False)
+        nodes = list_nodes(filters=[("node_id", "=", node_id)], limit=1, timeout=timeout_s,
+                           raise_on_missing_output=False)
     except RayStateApiException:
         return False
-    return True
+    return len(nodes) == 1
 
 
 def stage_trainer_class() -> type:
-    """TorchTrainer, without Ray Train's placement-group cleaner where the State API does not answer.
+    """TorchTrainer, without Ray Train's placement-group cleaner where the State API does not answer for
+    this cluster (`state_api_answers`).
 
     The cleaner is a detached actor that asks the State API once a second whether the train controller still
     lives, to remove the workers' placement group if it died without cleaning up. With no dashboard every ask

@@ -95,3 +95,36 @@ def test_no_wait_returns_at_once_with_the_job_id(tmp_path, ray_head):
     assert job["status"] == "SUCCEEDED"
     logs = requests.get(f"{url}/api/jobs/{job_id}/logs", headers=headers, timeout=10).json()["logs"]
     assert "run 'check'" in logs
+
+
+# Whether the stage trainer keeps Ray Train's placement-group cleaner, from a fresh driver (Ray picks its
+# State API address once per process) connected to argv[1]: this head, or "local" for a new one with no
+# dashboard.
+PROBE = """
+import sys, ray
+from ray.train.torch import TorchTrainer
+from latentforge.training.trainer import stage_trainer_class, state_api_answers
+local = sys.argv[1] == "local"
+ray.init(address=sys.argv[1], logging_level="ERROR", **(dict(num_cpus=1, include_dashboard=False) if local else {}))
+print("answers", state_api_answers(), "plain", stage_trainer_class() is TorchTrainer)
+ray.shutdown()
+"""
+
+
+def test_the_placement_group_cleaner_stays_only_where_the_state_api_knows_this_cluster(ray_head):
+    """On this head the State API answers for its own cluster: the stage trainer is Ray's, cleaner included. A
+    local Ray without a dashboard whose State API address leads to this head's dashboard (as the default
+    127.0.0.1:8265 does on a machine where another Ray's dashboard holds it) gets answers about this cluster:
+    Ray's cleaner would find no controller there, take ours for dead and remove our workers' placement group
+    mid-stage. There the probe says no, and the cleaner is left out."""
+    url, env, gcs = ray_head
+
+    def probe(address: str, **extra: str) -> str:
+        done = subprocess.run([sys.executable, "-c", PROBE, address], env={**env, **extra}, capture_output=True,
+                              text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout.strip().splitlines()[-1]
+
+    assert probe(gcs) == "answers True plain True"
+    # The same user's token, so the other dashboard does answer (with another token it refuses: also "no").
+    assert probe("local", RAY_API_SERVER_ADDRESS=url) == "answers False plain False"
