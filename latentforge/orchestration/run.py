@@ -76,8 +76,9 @@ def curation_done(cfg: LatentforgeConfig) -> dict | None:
     return None
 
 
-def child_run(tracker: Tracker, name: str, parent_id: str | None, tags: dict[str, str]) -> str:
-    run_id, resumed = tracker.resume_or_start(name, parent_id, tags)
+def child_run(tracker: Tracker, name: str, parent_id: str | None, tags: dict[str, str],
+              match: dict[str, str] | None = None) -> str:
+    run_id, resumed = tracker.resume_or_start(name, parent_id, tags, match=match)
     if resumed:
         console.print(f"[bold]resuming[/] MLflow run {name} ({run_id})")
     return run_id
@@ -190,8 +191,8 @@ def train(cfg: LatentforgeConfig, tracker: Tracker, parent_id: str | None, summa
             console.print(f"[green]stage {stage.name} already done[/]: {done['export']}")
             run_id = done["run_id"]
         else:
-            run_id, checkpoint, export = train_stage_run(cfg, stage, tracker, parent_id, dataset_dirs, cards[0],
-                                                         lineage, previous)
+            run_id, checkpoint, export = train_stage_run(cfg, stage, key, tracker, parent_id, dataset_dirs,
+                                                         cards[0], lineage, previous)
             done = {"key": key, "run_id": run_id, "checkpoint": str(checkpoint), "export": str(export),
                     "weights_sha256": sha256_file(export / "model.safetensors")}
             write_marker(marker_path, done)
@@ -205,16 +206,22 @@ def train(cfg: LatentforgeConfig, tracker: Tracker, parent_id: str | None, summa
             write_marker(marker_path, {**done, "registered": list(summary.registered)})
 
 
-def train_stage_run(cfg: LatentforgeConfig, stage, tracker: Tracker, parent_id: str | None, dataset_dirs: list[Path],
-                    card: dict, lineage: dict, previous: Path | None) -> tuple[str, Path, Path]:
-    """One stage as an MLflow run (reopened when resuming): fit (resumes from its checkpoint), export, log."""
+def train_stage_run(cfg: LatentforgeConfig, stage, key: str, tracker: Tracker, parent_id: str | None,
+                    dataset_dirs: list[Path], card: dict, lineage: dict, previous: Path | None) -> tuple[str, Path, Path]:
+    """One stage as an MLflow run (reopened when resuming): fit (resumes from its checkpoint), export, log.
+
+    Both the MLflow run and Ray Train's run directory belong to the stage's key: a rerun after a failure
+    resumes them, a changed stage (or a changed stage before it) trains from its start in a run of its own.
+    Under the stage's name alone Ray Train would reload the old run's last checkpoint, find its step count
+    reached and hand back the old weights under the new key (and MLflow would append to the old run)."""
     from latentforge.training.trainer import fit_stage, model_config
 
     plan: PlanConfig = cfg.training
     run_id = child_run(tracker, f"train-{stage.name}", parent_id, {
-        "latentforge.kind": "training", "latentforge.stage": stage.name,
+        "latentforge.kind": "training", "latentforge.stage": stage.name, "latentforge.stage_key": key,
         "latentforge.datasets": ",".join(map(str, dataset_dirs)),
-        "latentforge.dataset_ids": ",".join(str(d["id"]) for d in lineage["datasets"])})
+        "latentforge.dataset_ids": ",".join(str(d["id"]) for d in lineage["datasets"])},
+        match={"latentforge.stage_key": key})
     tracker.log_dict(run_id, lineage, "lineage.json")
     log_stage_inputs(tracker, run_id, dataset_dirs, stage)
     tracker.log_params(run_id, {"stage": json.loads(stage.model_dump_json()), "model": model_config(plan, card),
@@ -224,7 +231,7 @@ def train_stage_run(cfg: LatentforgeConfig, stage, tracker: Tracker, parent_id: 
     interval = cfg.tracking.system_metrics_interval_s if cfg.tracking.system_metrics else None
     try:
         result = fit_stage(plan, stage, dataset_dirs, cfg.storage.checkpoint_uri or cfg.workdir / "checkpoints",
-                           f"{cfg.name}-{stage.name}", previous, tracker.sink(run_id, interval))
+                           f"{cfg.name}-{stage.name}-{key[:8]}", previous, tracker.sink(run_id, interval))
     except BaseException:
         tracker.replay(run_id)
         tracker.end_run(run_id, "FAILED")

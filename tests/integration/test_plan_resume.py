@@ -138,3 +138,36 @@ def test_the_resumed_stage_ends_with_the_weights_of_an_uninterrupted_one(resumed
         a = load_file(str(straight.checkpoint_dir / name))
         b = load_file(str(summary.checkpoints["second"] / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_a_changed_stage_trains_from_its_start_in_runs_of_its_own(resumed, mlflow_server):
+    """A new learning rate for the second stage: it trains again, all its steps, from the first stage's
+    weights, in a new MLflow run and a new checkpoint directory; the first stage and the old runs stay as
+    they were. (Under the stage's name alone Ray Train reloaded the finished run's last checkpoint: no step
+    ran and the old weights were recorded under the new key.) Its own experiment, so the tests above keep
+    theirs."""
+    import torch
+    from safetensors.torch import load_file
+
+    cfg, summary, _ = resumed
+    first, second = cfg.training.stages
+    second = second.model_copy(update={"fail_at_step": None,
+                                       "optim": second.optim.model_copy(update={"lr": second.optim.lr * 3})})
+    again = run_all(cfg.model_copy(update={
+        "tracking": cfg.tracking.model_copy(update={"experiment": "plan-resume-changed"}),
+        "training": cfg.training.model_copy(update={"stages": [first, second]})}))
+
+    assert again.stage_runs["first"] == summary.stage_runs["first"]  # not retrained
+    assert again.stage_runs["second"] != summary.stage_runs["second"]
+    assert again.checkpoints["second"] != summary.checkpoints["second"]
+    assert json.loads((again.checkpoints["second"] / "state.json").read_text())["step"] == 4
+    client = client_for(mlflow_server)
+    new = sorted(m.step for m in client.get_metric_history(again.stage_runs["second"], "loss"))
+    old = sorted(m.step for m in client.get_metric_history(summary.stage_runs["second"], "loss"))
+    assert new == [1, 2, 3, 4] and old == [1, 2, 3, 4]
+    assert float(client.get_run(again.stage_runs["second"]).data.params["stage.optim.lr"]) == second.optim.lr
+    a = load_file(str(again.checkpoints["second"] / "model.safetensors"))
+    b = load_file(str(summary.checkpoints["second"] / "model.safetensors"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    marker = json.loads((cfg.workdir / "state" / "stage-second.json").read_text())
+    assert marker["run_id"] == again.stage_runs["second"]
