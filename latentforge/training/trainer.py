@@ -84,11 +84,12 @@ def state_api_answers(timeout_s: int = 5) -> bool:
     from ray.util.state import list_nodes
     from ray.util.state.exception import RayStateApiException
 
-    node_id = ray.get_runtime_context().get_node_id()
+    context = ray.get_runtime_context()
     try:
-        nodes = list_nodes(filters=[("node_id", "=", node_id)], limit=1, timeout=timeout_s,
-                           raise_on_missing_output=False)
-    except RayStateApiException:
+        # The address named: left out, Ray looks for "the" local cluster and refuses when it finds several.
+        nodes = list_nodes(address=context.gcs_address, filters=[("node_id", "=", context.get_node_id())],
+                           limit=1, timeout=timeout_s, raise_on_missing_output=False)
+    except (RayStateApiException, ConnectionError, ValueError):  # ValueError: no API address in the GCS
         return False
     return len(nodes) == 1
 

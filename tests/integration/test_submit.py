@@ -111,12 +111,13 @@ ray.shutdown()
 """
 
 
-def test_the_placement_group_cleaner_stays_only_where_the_state_api_knows_this_cluster(ray_head):
+def test_the_placement_group_cleaner_stays_only_where_the_state_api_knows_this_cluster(ray_head, ray_local):
     """On this head the State API answers for its own cluster: the stage trainer is Ray's, cleaner included. A
     local Ray without a dashboard whose State API address leads to this head's dashboard (as the default
     127.0.0.1:8265 does on a machine where another Ray's dashboard holds it) gets answers about this cluster:
     Ray's cleaner would find no controller there, take ours for dead and remove our workers' placement group
-    mid-stage. There the probe says no, and the cleaner is left out."""
+    mid-stage. There the probe says no, and the cleaner is left out. `ray_local` is up too: with several Ray
+    clusters on the machine the probe must name its own (Ray refuses to guess: ConnectionError)."""
     url, env, gcs = ray_head
 
     def probe(address: str, **extra: str) -> str:
@@ -128,3 +129,5 @@ def test_the_placement_group_cleaner_stays_only_where_the_state_api_knows_this_c
     assert probe(gcs) == "answers True plain True"
     # The same user's token, so the other dashboard does answer (with another token it refuses: also "no").
     assert probe("local", RAY_API_SERVER_ADDRESS=url) == "answers False plain False"
+    # A driver that started its own Ray (as `latentforge run` does) beside the other two: no State API of its own.
+    assert probe("local") == "answers False plain False"
