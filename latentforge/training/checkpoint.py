@@ -86,17 +86,40 @@ def fit_repa(state: dict, module: torch.nn.Module) -> dict:
     return state | {k: v for k, v in own.items() if k.startswith("repa_projector.") and k not in state}
 
 
-def load_optimizer(directory: Path, optimizer, model: torch.nn.Module | None = None) -> None:
-    """Optimiser moments from another stage's checkpoint (inherit: full); its schedule is not carried over.
+def saved_parameter_names(directory: Path) -> list[str]:
+    """The parameter names, in order, of the model a checkpoint was written from (its model_config.json),
+    built on the meta device: no memory, no initialisation."""
+    from latentforge.training.dit import DiT, DiTConfig
 
-    `model` is needed only to read a checkpoint an FSDP stage wrote (optimiser keyed by parameter name)."""
+    cfg = DiTConfig.from_dict(json.loads((directory / "model_config.json").read_text()))
+    with torch.device("meta"):
+        return [n for n, _ in DiT(cfg).named_parameters()]
+
+
+def inherited_optimizer_state(directory: Path, optimizer, model: torch.nn.Module) -> dict:
+    """Another stage's optimiser moments (inherit: full), keyed by parameter name, under *this* stage's
+    hyperparameters.
+
+    torch's load_state_dict would also restore the saved param_groups: the previous stage's lr (its last
+    value, so the first step skipped this stage's warm-up), betas and weight decay for the whole stage. Here
+    the groups are this optimiser's own (with the lr its scheduler set). Moments are matched by name, so a
+    parameter only one of the two stages has (REPA's projector) starts fresh or is dropped, where matching
+    by index would fail on the count or pair moments with the wrong parameters."""
     blob = torch.load(directory / OPTIMIZER, weights_only=True)
     state = blob["optimizer"]
-    if blob.get("optimizer_format") == FQN_FORMAT:
-        if model is None:
-            raise ValueError(f"{directory / OPTIMIZER} is keyed by parameter name (FSDP); pass the model")
-        state = fqn_to_index(state, model)
-    optimizer.load_state_dict(state)
+    if blob.get("optimizer_format") != FQN_FORMAT:
+        names = saved_parameter_names(directory)
+        state = {"state": {names[i]: s for i, s in state["state"].items()}}
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [name_of[id(p)] for p in g["params"]]}
+              for g in optimizer.param_groups]
+    own = {n for g in groups for n in g["params"]}
+    return {"state": {n: s for n, s in state["state"].items() if n in own}, "param_groups": groups}
+
+
+def load_optimizer(directory: Path, optimizer, model: torch.nn.Module) -> None:
+    """`inherited_optimizer_state` into a plain (unsharded) optimiser; its schedule is not carried over."""
+    optimizer.load_state_dict(fqn_to_index(inherited_optimizer_state(directory, optimizer, model), model))
 
 
 def load_checkpoint(directory: Path, model, ema, optimizer, scheduler) -> dict:

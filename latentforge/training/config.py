@@ -105,7 +105,9 @@ class TrainStageConfig(Strict):
     cond_dropout: float = Field(0.1, ge=0, le=1, description="caption dropout, for classifier-free guidance")
     inherit: Literal["none", "weights", "weights+ema", "full"] = Field(
         "weights+ema", description=(
-            "what this stage takes from the previous stage's final checkpoint; full = weights, EMA and optimiser"))
+            "what this stage takes from the previous stage's final checkpoint: weights (its EMA restarts from them), "
+            "weights+ema (the model starts from the EMA weights, the EMA carries on), full (weights, EMA and "
+            "optimiser moments; this stage's lr, betas, weight decay and warm-up apply)"))
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
     num_samples: int = Field(4, ge=0, description="captions sampled at the end of the stage")

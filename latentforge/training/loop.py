@@ -68,12 +68,19 @@ def build_optimizer(model: torch.nn.Module, stage: TrainStageConfig):
 
 
 @torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int, warmup: bool = True) -> None:
     """EMA with warm-up: early on the average follows the model closely, so a short stage's EMA is not
-    dominated by its (zero-output) initial weights."""
-    decay = min(decay, (1.0 + step) / (10.0 + step))
+    dominated by its (zero-output) initial weights. No warm-up for an EMA a stage inherited (`ema_warmup`):
+    it would replace the inherited average with the new stage's first weights within ~10 steps."""
+    if warmup:
+        decay = min(decay, (1.0 + step) / (10.0 + step))
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p.detach(), 1.0 - decay)
+
+
+def ema_warmup(job: StageJob) -> bool:
+    """Whether the stage's EMA starts with a warm-up: not when it carries on the previous stage's EMA."""
+    return not (job.init_from and job.stage.inherit in ("weights+ema", "full"))
 
 
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
@@ -106,17 +113,19 @@ def train_step(acc, model, stream, stage: TrainStageConfig, generator, patch: in
     for micro in range(stage.grad_accum):
         batch = next(stream).to(acc.device)
         sync = micro == stage.grad_accum - 1
-        with contextlib.nullcontext() if sync else acc.no_sync(model), acc.autocast():
-            kwargs = {"generator": generator, "cond_dropout": stage.cond_dropout,
-                      "timestep_shift": batch_shift(stage, batch, patch), "mask_ratio": stage.mask_ratio}
-            if stage.repa is None:
-                loss = flow_loss(model, batch.latent, batch.text, batch.text_mask, batch.modality, **kwargs)
-            else:
-                flow, repa = flow_repa_loss(model, batch.latent, batch.text, batch.text_mask, batch.modality,
-                                            batch.repa, **kwargs)
-                loss = flow + stage.repa.weight * repa
-                repa_total += repa.item() / stage.grad_accum
-        acc.backward(loss / stage.grad_accum)
+        # The backward inside no_sync too: FSDP2 decides there whether to reduce-scatter (DDP at the forward).
+        with contextlib.nullcontext() if sync else acc.no_sync(model):
+            with acc.autocast():
+                kwargs = {"generator": generator, "cond_dropout": stage.cond_dropout,
+                          "timestep_shift": batch_shift(stage, batch, patch), "mask_ratio": stage.mask_ratio}
+                if stage.repa is None:
+                    loss = flow_loss(model, batch.latent, batch.text, batch.text_mask, batch.modality, **kwargs)
+                else:
+                    flow, repa = flow_repa_loss(model, batch.latent, batch.text, batch.text_mask, batch.modality,
+                                                batch.repa, **kwargs)
+                    loss = flow + stage.repa.weight * repa
+                    repa_total += repa.item() / stage.grad_accum
+            acc.backward(loss / stage.grad_accum)
         total += loss.item() / stage.grad_accum
         seen += batch.latent.shape[0]
     return total, seen, ({} if stage.repa is None else {"train/repa_loss": repa_total})
@@ -167,6 +176,7 @@ def train_stage(config: dict) -> None:
                                     acc.is_main_process or sharded)
     stream = build_stream(batches, rank, start * stage.grad_accum)  # what an uninterrupted run would see next
     meter = Meter()
+    warmup = ema_warmup(job)
     for step in range(start, stage.steps):
         maybe_fail(job, step + 1, acc.is_main_process)
         loss, seen, extra = train_step(acc, model, stream, stage, step_generator(job.seed, rank, step),
@@ -175,7 +185,7 @@ def train_stage(config: dict) -> None:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        update_ema(ema, raw, stage.ema_decay, step)
+        update_ema(ema, raw, stage.ema_decay, step, warmup)
         meter.update(loss, seen, extra)
         done = step + 1
         if done % stage.log_every == 0 or done == stage.steps:
@@ -254,7 +264,7 @@ def prepare(acc, raw, ema, optimizer, scheduler, job: StageJob):
     if not job.stage.fsdp.enabled:
         start = restore(raw, ema, optimizer, scheduler, job)
         model, optimizer = acc.prepare(raw, optimizer)
-        return start, model, optimizer, ema
+        return start, model, optimizer, ema.to(acc.device)  # prepare moved the model: the EMA goes with it
     import ray.train
 
     if job.stage.fsdp.activation_checkpointing:
@@ -269,7 +279,8 @@ def prepare(acc, raw, ema, optimizer, scheduler, job: StageJob):
         with checkpoint.as_directory() as d:
             fsdp.load_full_optimizer_state(raw, optimizer, ckpt.read_optimizer(Path(d), raw, by_name=True))
     elif job.init_from and job.stage.inherit == "full":
-        fsdp.load_full_optimizer_state(raw, optimizer, ckpt.read_optimizer(Path(job.init_from), raw, by_name=True))
+        fsdp.load_full_optimizer_state(raw, optimizer, ckpt.inherited_optimizer_state(Path(job.init_from), optimizer,
+                                                                                      raw))
     return start, model, optimizer, ema
 
 
@@ -300,7 +311,10 @@ def restore(raw, ema, optimizer, scheduler, job: StageJob) -> int:
         return int(state["step"])
     inherit = job.stage.inherit
     if job.init_from and inherit != "none":
-        ckpt.load_weights(Path(job.init_from), raw, ema, use_ema=inherit == "weights+ema")
+        carried = inherit in ("weights+ema", "full")  # the EMA carries on; with `weights` it restarts from them
+        ckpt.load_weights(Path(job.init_from), raw, ema if carried else None, use_ema=inherit == "weights+ema")
+        if not carried:
+            ema.load_state_dict(raw.state_dict())
         if inherit == "full" and optimizer is not None:
             ckpt.load_optimizer(Path(job.init_from), optimizer, raw)
     return 0
@@ -336,11 +350,13 @@ def log_samples(ema, batches: StreamPlan, normalizer, card: dict, job: StageJob,
 
     stage = job.stage
     visual, audio = decoders_from_card(card)
+    patch = DiTConfig.from_dict(job.model).visual_patch
     # The first batches of reader 0's first epoch: a few shards' worth, not the whole share.
     prompts = pick_prompts(list(itertools.islice(batches.read_epoch(0, 0), 4 * stage.num_samples)), stage.num_samples)
     with tempfile.TemporaryDirectory() as tmp:
         files = write_samples(ema.eval(), prompts, normalizer, visual, audio, Path(tmp), steps=stage.sample_steps,
-                              cfg_scale=stage.cfg_scale, seed=job.seed, method=stage.sampler)
+                              cfg_scale=stage.cfg_scale, seed=job.seed, method=stage.sampler,
+                              shift=lambda prompt: batch_shift(stage, prompt, patch))
         for f in files:
             sink.log_artifact(f, artifact_path)
     ema.train()

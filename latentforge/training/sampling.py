@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +36,14 @@ def pick_prompts(batches: list[Batch], count: int) -> list[Batch]:
     return out
 
 
-def generate(model, prompt: Batch, steps: int, cfg_scale: float, seed: int, method: str = "euler") -> torch.Tensor:
+def generate(model, prompt: Batch, steps: int, cfg_scale: float, seed: int, method: str = "euler",
+             timestep_shift: float | None = None) -> torch.Tensor:
+    """One latent from the prompt's caption, on the model's device (the noise is drawn there, from `seed`),
+    on the time grid the stage trained with (`timestep_shift`)."""
+    prompt = prompt.to(next(model.parameters()).device)
     generator = torch.Generator().manual_seed(seed)
     return sample(model, tuple(prompt.latent.shape), prompt.text, prompt.text_mask, prompt.modality,
-                  method=method, steps=steps, cfg_scale=cfg_scale, generator=generator)
+                  method=method, steps=steps, cfg_scale=cfg_scale, generator=generator, timestep_shift=timestep_shift)
 
 
 def _label(image: Image.Image, text: str) -> Image.Image:
@@ -58,16 +63,18 @@ def _upscale(frame: np.ndarray, factor: int = 4) -> Image.Image:
 
 def write_samples(model, prompts: list[Batch], normalizer: LatentNormalizer, visual: PixelEncoder,
                   audio: AudioEncoder, out_dir: Path, *, steps: int, cfg_scale: float, seed: int,
-                  method: str = "euler") -> list[Path]:
+                  method: str = "euler", shift: Callable[[Batch], float | None] | None = None) -> list[Path]:
     """Generate one sample per prompt; images go in one PNG grid (real above generated), videos to GIFs,
-    audio to WAVs. Returns the written files."""
+    audio to WAVs. `shift(prompt)`: the timestep shift the stage trained that latent shape with. Returns the
+    written files."""
     import soundfile as sf
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written, grid = [], []
     for i, prompt in enumerate(prompts):
         modality = MODALITY_NAMES[int(prompt.modality[0])]
-        fake = generate(model, prompt, steps, cfg_scale, seed + i, method)[0].float().cpu().numpy()
+        fake = generate(model, prompt, steps, cfg_scale, seed + i, method, shift(prompt) if shift else None)
+        fake = fake[0].float().cpu().numpy()
         real = prompt.latent[0].cpu().numpy()
         stem = f"{i:02d}_{modality}"
         if modality == "audio":
