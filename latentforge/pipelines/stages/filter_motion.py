@@ -2,9 +2,9 @@
 
 `score_motion`: mean optical-flow magnitude per source frame, as a percentage of the working frame side,
 so the number does not depend on the clip's resolution: 1.0 means content moves 1% of the frame width per
-frame. Flow is measured between `frames` evenly spaced frames and divided by their spacing in source frames,
-which assumes roughly constant speed between them; run it on short clips (after splitting), where a few
-frames apart is still trackable.
+frame. Flow is measured between `frames` evenly spaced frames (within the clip's span, for a clip row of a
+split video) and divided by their spacing in source frames, which assumes roughly constant speed between
+them; run it on short clips (after splitting), where a few frames apart is still trackable.
 
 `score_motion_jitter`: how much the frame-wide mean flow vector changes from one frame pair to the next
 (RMS deviation from its average over time), in units of the mean flow magnitude. A steady pan, a zoom or an
@@ -22,6 +22,7 @@ from pydantic import Field
 from latentforge.datasets import media, video
 from latentforge.pipelines.resources import StageResources, Strict
 from latentforge.pipelines.stage import Reject, Stage
+from latentforge.pipelines.stages.filter_sharpness import clip_span
 
 # Below this mean flow (pixels between sampled frames) a clip is static and its jitter is meaningless.
 _STATIC_FLOW_PX = 0.01
@@ -87,14 +88,24 @@ class FilterMotion(Stage):
         cfg = self.cfg.motion
         if not cfg.enabled or row["modality"] != "video":
             return {}
-        total = int(row.get("num_frames", 0) or 0)
-        count = min(cfg.frames, total) if total > 0 else cfg.frames  # no duplicate frames on short clips
+        span = clip_span(row)
         try:
-            frames, _ = video.decode_video(row["uri"], count, (cfg.size, cfg.size),
-                                           timeout_s=self.cfg.decode_timeout_s)
+            if span is None:  # an unsplit video: frames evenly spaced over the whole file
+                total = int(row.get("num_frames", 0) or 0)
+                count = min(cfg.frames, total) if total > 0 else cfg.frames  # no duplicate frames on short clips
+                frames, _ = video.decode_video(row["uri"], count, (cfg.size, cfg.size),
+                                               timeout_s=self.cfg.decode_timeout_s)
+                gap = total / count if total > 0 else 1.0
+            else:  # a clip of a split video: frames evenly spaced within [clip_start_s, clip_end_s)
+                start, end = span
+                fps = float(row.get("fps", 0.0) or 0.0)
+                total = round((end - start) * fps)  # source frames in the clip
+                count = min(cfg.frames, total) if total > 0 else cfg.frames
+                frames, _ = video.decode_clip(row["uri"], start, end, count, (cfg.size, cfg.size),
+                                              timeout_s=self.cfg.decode_timeout_s)
+                gap = (end - start) * fps / count if fps > 0 else 1.0  # source frames between analysed ones
         except media.MediaError as e:
             raise Reject(e.reason, str(e)) from e
-        gap = total / count if total > 0 else 1.0
         motion, jitter = motion_scores(flow_fields(to_gray(frames), cfg.method), cfg.size, gap)
         return {"score_motion": float(motion), "score_motion_jitter": float(jitter)}
 

@@ -1,4 +1,5 @@
-"""Sharpness of images and of the middle frame of videos: variance of the Laplacian of the grayscale frame.
+"""Sharpness of images and of the middle frame of videos (of each clip, for split videos): variance of the
+Laplacian of the grayscale frame.
 
 The frame is resized (aspect kept, longer side `size`) before scoring, so the score compares across source
 resolutions: it measures how much fine detail survives at that working size. Images smaller than the
@@ -34,13 +35,25 @@ def working_size(row: dict, size: int) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
+def clip_span(row: dict) -> tuple[float, float] | None:
+    """(clip_start_s, clip_end_s) of a clip row (a video split by SplitClips); None for any unsplit row."""
+    if row.get("modality") != "video" or int(row.get("clip_index", -1)) < 0:
+        return None
+    return float(row["clip_start_s"]), float(row["clip_end_s"])
+
+
 def decode_still(row: dict, size: int, timeout_s: float) -> np.ndarray:
-    """The image, or the middle frame of a video, as uint8 (H, W, 3) RGB at `working_size`."""
+    """The image, the middle frame of a clip (split videos) or of the whole video, as uint8 (H, W, 3) RGB at
+    `working_size`. Undecodable media raise `Reject` with the media reason."""
     shape = working_size(row, size)
     try:
         if row["modality"] == "image":
             return media.decode_image(row["uri"], shape)
-        frames, _ = video.decode_video(row["uri"], 1, shape, timeout_s=timeout_s)  # one frame = the middle one
+        span = clip_span(row)
+        if span is not None:  # one frame of [start, end) = its middle one
+            frames, _ = video.decode_clip(row["uri"], *span, 1, shape, timeout_s=timeout_s)
+        else:
+            frames, _ = video.decode_video(row["uri"], 1, shape, timeout_s=timeout_s)  # one frame = the middle one
         return frames[0]
     except media.MediaError as e:
         raise Reject(e.reason, str(e)) from e

@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field, model_validator
 
-from latentforge.datasets.video import decode_clip
 from latentforge.pipelines.resources import StageResources, Strict
-from latentforge.pipelines.stage import Reject, Stage, error_message, map_ok_rows, mark_row
+from latentforge.pipelines.stage import Stage, error_message, map_ok_rows, mark_row
 from latentforge.pipelines.stages.filter_sharpness import VISUAL, decode_still
 
 HEAD_WEIGHTS = "aesthetic_head.safetensors"
@@ -134,19 +133,9 @@ class AestheticScorer:
             return self.head(embeds)[:, 0].cpu().numpy()
 
 
-def key_frame(row: dict, size: int, timeout_s: float) -> np.ndarray:
-    """The image, the middle frame of a clip (split videos) or of the whole video, uint8 RGB."""
-    if row["modality"] == "video" and int(row.get("clip_index", -1)) >= 0:
-        from latentforge.datasets import media
-        from latentforge.pipelines.stages.filter_sharpness import working_size
-
-        try:
-            frames, _ = decode_clip(row["uri"], float(row["clip_start_s"]), float(row["clip_end_s"]), 1,
-                                    working_size(row, size), timeout_s=timeout_s)
-        except media.MediaError as e:
-            raise Reject(e.reason, str(e)) from e
-        return frames[0]
-    return decode_still(row, size, timeout_s)
+# The image, the middle frame of a clip (split videos) or of the whole video: one implementation, shared
+# with the sharpness and text-area scores.
+key_frame = decode_still
 
 
 def score_key_frames(stage: Stage, batch, model, column: str, size: int):
