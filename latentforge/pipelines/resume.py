@@ -2,8 +2,10 @@
 
 The marker (`shards/_done/group-GGGGGG.json`) is written after the group's tars, holds the group's metadata
 rows (everything but latents) and the config hash, and is trusted only when every tar it names still has its
-recorded sha256. Shards are deterministic given inputs and config, so a resumed job writes the same dataset
-as an uninterrupted one.
+recorded sha256, and only for the inputs it was written from: groups are assigned by sorted index at discovery,
+so a file added or removed since shifts which inputs a group holds, and a group whose marker rows came from
+other inputs than the group holds now is redone (`stale_groups`, `discard_group`). Shards are deterministic
+given inputs and config, so a resumed job writes the same dataset as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -20,8 +22,12 @@ DONE_DIR = "_done"
 BYTES_TAG = "__b64__"
 
 
+def marker_name(group: int) -> str:
+    return f"group-{int(group):06d}.json"
+
+
 def marker_path(shard_dir: Path, group: int) -> Path:
-    return Path(shard_dir) / DONE_DIR / f"group-{int(group):06d}.json"
+    return Path(shard_dir) / DONE_DIR / marker_name(group)
 
 
 def _plain(value):
@@ -74,3 +80,39 @@ def done_groups(shard_dir: Path | str, config_hash: str) -> dict[int, list[dict]
             out[int(name[len("group-"):-len(".json")])] = [{k: _restore(v) for k, v in r.items()}
                                                           for r in body["rows"]]
     return out
+
+
+def input_ids(rows: list[dict]) -> set[str]:
+    """The inputs `rows` came from: each row's `source_id` (a clip's input; the row's own id when unsplit).
+    Kept, filtered and rejected rows alike: every input is accounted for by one of them."""
+    return {str(r.get("source_id") or r["id"]) for r in rows}
+
+
+def stale_groups(done: dict[int, list[dict]], rows: list[dict]) -> list[int]:
+    """The groups of `done` (done_groups) whose marker rows came from other inputs than the discovered `rows`
+    now assign to the group (inputs added or removed since it was written), or that no input is assigned to."""
+    current: dict[int, set[str]] = {}
+    for r in rows:
+        current.setdefault(int(r["shard"]), set()).add(str(r["id"]))
+    return sorted(g for g, group_rows in done.items() if input_ids(group_rows) != current.get(int(g), set()))
+
+
+def discard_group(shard_dir: Path | str, group: int, rows: list[dict]) -> None:
+    """Remove a stale group's done-marker, then the tars its marker `rows` name, so neither survives into the
+    dataset when the group is redone (a redone group may write fewer parts, or none). The marker goes first:
+    a crash in between leaves tars without a marker, which a rerun redoes anyway."""
+    _remove(storage.join(shard_dir, DONE_DIR, marker_name(group)))
+    for name in sorted({str(r["shard_name"]) for r in rows if r.get("shard_name")}):
+        _remove(storage.join(shard_dir, name))
+
+
+def _remove(location: Path | str) -> None:
+    location = storage.as_location(location)
+    if isinstance(location, Path):
+        location.unlink(missing_ok=True)
+        return
+    fs, path = storage.resolve(location)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass

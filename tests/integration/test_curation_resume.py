@@ -70,3 +70,89 @@ def test_a_changed_config_or_damaged_tar_is_not_trusted(tmp_path, ray_local):
     tar = sorted(shard_dir.glob("*.tar"))[0]
     tar.write_bytes(tar.read_bytes()[:-100])
     assert len(done_groups(shard_dir, config_hash(cfg))) == len(done) - 1
+
+
+def accounted(root) -> list[str]:
+    """Every input the dataset accounts for (kept, filtered or rejected), once per row (clips repeat theirs)."""
+    ds = mf.Dataset(root)
+    return sorted(r["source_id"] for r in ds.manifest().to_pylist() + ds.rejects().to_pylist())
+
+
+def test_stale_groups_compares_the_inputs_a_marker_came_from():
+    from latentforge.pipelines.resume import stale_groups
+
+    rows = [{"id": i, "shard": n // 2} for n, i in enumerate(["a", "b", "c", "d", "e"])]  # b added: {a,b} {c,d} {e}
+    done = {0: [{"id": "a", "source_id": "a"}, {"id": "c", "source_id": "c"}],  # written as {a, c}
+            1: [{"id": "c0", "source_id": "c"}, {"id": "c1", "source_id": "c"}, {"id": "d", "source_id": "d"}],
+            2: [{"id": "e", "source_id": "e"}, {"id": "f", "source_id": "f"}],  # f removed since
+            3: [{"id": "g", "source_id": "g"}]}  # no input is assigned to group 3 now
+    assert stale_groups(done, rows) == [0, 2, 3]  # group 1: the same inputs (c split into clips)
+
+
+def test_a_file_added_to_a_finished_group_is_curated_on_resume(tmp_path, ray_local, caplog):
+    """Groups are assigned by sorted index, so a file that sorts first shifts every group after it: each
+    finished group now holds other inputs, so its marker is not trusted and every group is redone."""
+    import numpy as np
+    from PIL import Image
+
+    from latentforge.pipelines.discover import discover, sample_id
+
+    corpus = tmp_path / "corpus"
+    generate_demo_corpus(corpus, DemoCorpusSpec(num_images=4, num_videos=1, num_audio=1, seed=13, include_broken=False))
+    cfg = CurationConfig(input_dir=corpus, samples_per_shard=2)
+    out = tmp_path / "ds"
+    run_curation(cfg, out)
+    shard_dir = out / mf.SHARDS
+    before = {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("*.tar")}
+    old_groups = len(list((shard_dir / DONE_DIR).glob("group-*.json")))
+
+    added = corpus / "a_added.png"  # sorts before audio/, images/ and videos/: into group 0
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(added)
+    rows = discover(corpus, cfg.samples_per_shard)
+    assert rows[0]["id"] == sample_id("a_added.png")
+    caplog.set_level("WARNING", logger="latentforge.pipelines.curate")
+    result = run_curation(cfg, out)
+
+    assert f"{old_groups} finished shard groups redone because their inputs changed" in caplog.text
+    assert result.inputs == len(rows) and sample_id("a_added.png") in accounted(out)
+    assert sorted(set(accounted(out))) == sorted(r["id"] for r in rows)  # every input, and nothing else
+    assert result.kept + result.rejected + result.filtered == result.samples == len(accounted(out))
+    tars = {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("*.tar")}
+    assert sorted(tars) == sorted(s["name"] for s in mf.Dataset(out).card["shards"])  # no stale tar left
+    # every shifted group was rewritten (a tar may come back with the same bytes: its group kept the same samples)
+    assert all(tars.get(name) != mtime for name, mtime in before.items())
+    markers = sorted(p.name for p in (shard_dir / DONE_DIR).glob("group-*.json"))
+    assert markers == [f"group-{g:06d}.json" for g in range(rows[-1]["shard"] + 1)]
+
+
+def test_a_file_removed_from_a_finished_group_leaves_the_dataset_on_resume(tmp_path, ray_local, caplog):
+    """The last group loses an input, then all of them: only it is redone (then dropped), the groups before it
+    keep their tars untouched, and the removed inputs leave the manifest and rejects."""
+    from latentforge.pipelines.discover import discover
+
+    corpus = tmp_path / "corpus"
+    generate_demo_corpus(corpus, DemoCorpusSpec(num_images=4, num_videos=1, num_audio=1, seed=14, include_broken=False))
+    cfg = CurationConfig(input_dir=corpus, samples_per_shard=3)  # 11 inputs: the last group holds 2
+    out = tmp_path / "ds"
+    run_curation(cfg, out)
+    shard_dir = out / mf.SHARDS
+    rows = discover(corpus, cfg.samples_per_shard)
+    last = rows[-1]["shard"]
+    assert [r["shard"] for r in rows[-2:]] == [last, last]
+    untouched = {p: p.stat().st_mtime_ns for p in shard_dir.glob("*.tar") if not p.name.startswith(f"shard-{last:06d}")}
+    assert untouched
+
+    caplog.set_level("WARNING", logger="latentforge.pipelines.curate")
+    for gone in reversed(rows[-2:]):  # the last input, then the one before it: the last group is then empty
+        (corpus / gone["relpath"]).unlink()
+        caplog.clear()
+        result = run_curation(cfg, out)
+        now = discover(corpus, cfg.samples_per_shard)
+        assert gone["id"] not in accounted(out)
+        assert "1 finished shard groups redone because their inputs changed" in caplog.text
+        assert sorted(set(accounted(out))) == sorted(r["id"] for r in now)
+        assert result.inputs == len(now) and result.kept + result.rejected + result.filtered == result.samples
+        assert {p: p.stat().st_mtime_ns for p in untouched} == untouched  # unchanged groups were not redone
+        card_tars = sorted(s["name"] for s in mf.Dataset(out).card["shards"])
+        assert sorted(p.name for p in shard_dir.glob("*.tar")) == card_tars  # no stale tar left
+    assert not marker_path(shard_dir, last).exists()  # the emptied group's marker went with its tars
