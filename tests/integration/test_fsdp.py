@@ -42,9 +42,13 @@ def dataset(tmp_path_factory, ray_local):
     return root
 
 
-def test_fsdp2_resumes_and_matches_ddp(dataset, tmp_path):
+@pytest.fixture(scope="module")
+def ddp(dataset, tmp_path_factory):
     p = plan(fsdp=False)
-    ddp = fit_stage(p, p.stages[0], [dataset], tmp_path, "ddp")
+    return fit_stage(p, p.stages[0], [dataset], tmp_path_factory.mktemp("ddp"), "ddp")
+
+
+def test_fsdp2_resumes_and_matches_ddp(dataset, ddp, tmp_path):
     p = plan(fsdp=True, fail_at_step=5)  # dies after the step-3 checkpoint; the worker group resumes from it
     sharded = fit_stage(p, p.stages[0], [dataset], tmp_path, "fsdp")
     assert (tmp_path / "fsdp" / "scratch" / "fault-injected-s-5").exists()
@@ -60,3 +64,16 @@ def test_fsdp2_resumes_and_matches_ddp(dataset, tmp_path):
             assert torch.allclose(a[f][k], b[f][k], rtol=0, atol=ATOL), f"{f}:{k} {(a[f][k] - b[f][k]).abs().max()}"
             moved = max(moved, float((a[f][k] - b[f][k]).abs().max()))
     print("max |ddp - fsdp|", moved)
+
+
+def test_an_fsdp_stage_inherits_the_moments_under_its_own_hyperparameters(dataset, ddp, tmp_path):
+    """inherit: full from the DDP stage into a sharded one: AdamW's moments carry on (the step count goes on
+    from the DDP stage's 6), while lr, betas and weight decay are this stage's (they were the saved ones)."""
+    optim = {"lr": 1e-4, "warmup_steps": 10, "betas": [0.8, 0.95], "weight_decay": 0.05}
+    p = plan(fsdp=True, inherit="full", steps=2, checkpoint_every=2, log_every=1, num_samples=0, optim=optim)
+    result = fit_stage(p, p.stages[0], [dataset], tmp_path, "inherits", init_from=ddp.checkpoint_dir)
+    saved = torch.load(result.checkpoint_dir / "optimizer.pt", weights_only=True)["optimizer"]
+    (group,) = saved["param_groups"]
+    assert (tuple(group["betas"]), group["weight_decay"], group["initial_lr"]) == ((0.8, 0.95), 0.05, 1e-4)
+    assert group["lr"] == pytest.approx(1e-4 * 3 / 10)  # two steps into this stage's warm-up
+    assert float(saved["state"]["blocks.0.attn.q.weight"]["step"]) == 6 + 2
