@@ -263,8 +263,7 @@ def prepare(acc, raw, ema, optimizer, scheduler, job: StageJob):
     """
     if not job.stage.fsdp.enabled:
         start = restore(raw, ema, optimizer, scheduler, job)
-        model, optimizer = acc.prepare(raw, optimizer)
-        return start, model, optimizer, ema.to(acc.device)  # prepare moved the model: the EMA goes with it
+        return (start, *place(acc, raw, ema, optimizer))
     import ray.train
 
     if job.stage.fsdp.activation_checkpointing:
@@ -282,6 +281,13 @@ def prepare(acc, raw, ema, optimizer, scheduler, job: StageJob):
         fsdp.load_full_optimizer_state(raw, optimizer, ckpt.inherited_optimizer_state(Path(job.init_from), optimizer,
                                                                                       raw))
     return start, model, optimizer, ema
+
+
+def place(acc, raw, ema, optimizer):
+    """DDP: model and optimiser handed to accelerate, which moves the model to its device; the EMA goes there
+    too (its updates read the model's parameters). Returns (model, optimizer, ema)."""
+    model, optimizer = acc.prepare(raw, optimizer)
+    return model, optimizer, ema.to(acc.device)
 
 
 def sampling_copy(acc, ema, model_cfg: DiTConfig):

@@ -373,3 +373,45 @@ def test_repa_features_on_device_like_cpu(tmp_path) -> None:
     out, out_cpu = on_device(frames, (3, 5)), on_cpu(frames, (3, 5))
     assert out.shape == out_cpu.shape == (45, on_cpu.dim) and out.dtype == np.float16 and np.isfinite(out).all()
     assert rel_err(out, out_cpu) < VAE_TOLERANCE, rel_err(out, out_cpu)
+
+
+def test_a_training_step_ema_update_and_sample_run_on_the_device() -> None:
+    """The loop's own pieces on DEVICE, as a stage runs them after `prepare` (whose restore needs Ray Train):
+    `place` puts model and EMA on the accelerator's device, a bf16 `train_step` over two micro-batches, the EMA
+    update, then a sample from CPU-side prompts. (The EMA once stayed on the CPU: the first update failed.)"""
+    import copy
+
+    from accelerate.state import AcceleratorState
+
+    from latentforge.training.config import TrainStageConfig
+    from latentforge.training.loader import Batch
+    from latentforge.training.loop import (
+        build_accelerator,
+        build_optimizer,
+        place,
+        step_generator,
+        train_step,
+        update_ema,
+    )
+    from latentforge.training.sampling import generate
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # see test_dit_trains_under_bf16_autocast
+    stage = TrainStageConfig(name="s", modalities=["video"], precision="bf16", grad_accum=2, timestep_shift=2.0)
+    acc = build_accelerator(stage)
+    raw = tiny_dit()
+    ema = copy.deepcopy(raw).requires_grad_(False)
+    optimizer, scheduler = build_optimizer(raw, stage)
+    model, optimizer, ema = place(acc, raw, ema, optimizer)
+    assert {p.device.type for p in [*model.parameters(), *ema.parameters()]} == {DEVICE}
+    x0, text, mask, modality = fixed_batch("cpu")  # the loader's batches arrive on the CPU
+    stream = iter([Batch(x0, text, mask, modality, ["a caption"] * 4)] * 2)
+    loss, seen, _ = train_step(acc, model, stream, stage, step_generator(0, 0, 0), patch=2)
+    optimizer.step()
+    scheduler.step()
+    before = [e.clone() for e in ema.parameters()]
+    update_ema(ema, raw, stage.ema_decay, 0)
+    assert np.isfinite(loss) and seen == 8
+    assert any(not torch.equal(e, b) for e, b in zip(ema.parameters(), before))  # the EMA followed the step
+    prompt = Batch(x0[:1], text[:1], mask[:1], modality[:1], ["a caption"])
+    out = generate(ema.eval(), prompt, steps=2, cfg_scale=2.0, seed=0, timestep_shift=2.0)
+    assert out.device.type == DEVICE and out.shape == x0[:1].shape and torch.isfinite(out).all()
