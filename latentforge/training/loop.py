@@ -83,9 +83,16 @@ def ema_warmup(job: StageJob) -> bool:
     return not (job.init_from and job.stage.inherit in ("weights+ema", "full"))
 
 
-def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
-    """The step's own random stream: no RNG state to save, the same draws after a resume."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + rank * 7_919 + step)
+def step_generator(seed: int, rank: int, step: int, stage: str = "") -> torch.Generator:
+    """The step's own random stream: no RNG state to save, the same draws after a resume. Seeded by a hash of
+    (seed, stage, rank, step): a sum such as seed * P + rank * Q + step gives rank r + 1 at step s the stream
+    of rank r at step s + Q, and every stage the same streams as the one before."""
+    import zlib
+
+    import numpy as np
+
+    words = np.random.SeedSequence([seed, zlib.crc32(stage.encode()), rank, step]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
 
 
 def build_accelerator(stage: TrainStageConfig):
@@ -179,7 +186,7 @@ def train_stage(config: dict) -> None:
     warmup = ema_warmup(job)
     for step in range(start, stage.steps):
         maybe_fail(job, step + 1, acc.is_main_process)
-        loss, seen, extra = train_step(acc, model, stream, stage, step_generator(job.seed, rank, step),
+        loss, seen, extra = train_step(acc, model, stream, stage, step_generator(job.seed, rank, step, stage.name),
                                        model_cfg.visual_patch)
         grad_norm = acc.clip_grad_norm_(model.parameters(), stage.optim.grad_clip)
         optimizer.step()
