@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,6 +18,7 @@ from latentforge.datasets.demo_corpus import COLORS, draw_shape, encode_video
 from latentforge.datasets.video import decode_clip
 from latentforge.pipelines.config import FilterConfig
 from latentforge.pipelines.discover import discover
+from latentforge.pipelines.stages import split_clips
 from latentforge.pipelines.stage import rows_of
 from latentforge.pipelines.stages.probe_media import ProbeMedia
 from latentforge.pipelines.stages.split_clips import (
@@ -182,3 +184,98 @@ def test_missing_file_is_rejected(tmp_path: Path, corpus: Path):
     (tmp_path / "gone.mp4").unlink()
     out = rows_of(SplitClips(stage_cfg())(to_batch([row])))[0]
     assert out["status"] == "rejected" and out["reason"]
+
+
+# ---------------------------------------------------------------- long videos: windowed analysis decode
+
+NATIVE_FPS = 24
+# Cuts at native frames 50 and 77 of a 24 fps video: neither on the 8 fps analysis grid (every 3rd frame).
+OFF_GRID_SHOTS = [(50, "circle", "red", "blue", False), (27, "square", "yellow", "black", True),
+                  (43, "triangle", "white", "green", False)]
+
+
+def _one_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in (("WINDOW_FRAMES", 10**9), ("WINDOW_SECONDS", 1e9), ("WINDOW_PIXELS", 1 << 62)):
+        monkeypatch.setattr(split_clips, name, value, raising=False)
+
+
+def _windows_of(monkeypatch: pytest.MonkeyPatch, frames: int) -> list[tuple[int, float]]:
+    """Windows of `frames` analysis frames; returns the (frame count, timeout) of every decode call made."""
+    monkeypatch.setattr(split_clips, "WINDOW_FRAMES", frames, raising=False)
+    calls, decode = [], split_clips.decode_frames_at
+
+    def recorded(uri, times, *args, **kwargs):
+        calls.append((len(times), kwargs["timeout_s"]))
+        return decode(uri, times, *args, **kwargs)
+
+    monkeypatch.setattr(split_clips, "decode_frames_at", recorded)
+    return calls
+
+
+@pytest.mark.parametrize("window", [2, 5, 8, 16])
+@pytest.mark.parametrize("name", ["three_shots.mp4", "off_grid.mp4"])
+def test_windowed_analysis_finds_the_same_cuts_as_one_decode(corpus: Path, tmp_path: Path, monkeypatch, name,
+                                                              window):
+    if name == "off_grid.mp4":
+        encode_video(tmp_path / name, shot_frames(OFF_GRID_SHOTS), NATIVE_FPS)
+    path = (corpus if name == "three_shots.mp4" else tmp_path) / name
+    duration = 6.5 if name == "three_shots.mp4" else 5.0
+    with monkeypatch.context() as m:
+        _one_window(m)
+        whole = detect_cuts(path, duration, CLIPS, timeout_s=30.0)
+    calls = _windows_of(monkeypatch, window)
+    assert detect_cuts(path, duration, CLIPS, timeout_s=17.0) == whole and len(whole) == 2
+    # 8 fps: windows of 2 and 8 put a cut (analysis frames 15 | 16 and 39 | 40) across a window boundary.
+    assert len(calls) >= duration * CLIPS.analysis_fps / window
+    assert all(count <= window and timeout == 17.0 for count, timeout in calls), calls
+
+
+def test_each_window_gets_its_own_decode_timeout(corpus: Path, tmp_path: Path, monkeypatch):
+    """A video whose whole analysis decode outlasts the timeout is split when each window's decode fits in it.
+
+    Decoding is slowed to 20 ms a frame inside the timed decode: 104 analysis frames take over 2 s in one
+    decode against a 1 s timeout, a window of 8 about 0.16 s.
+    """
+    path = tmp_path / "long.mp4"
+    encode_video(path, shot_frames(THREE_SHOTS * 2), FPS)  # 13 s, cuts at 2, 5, 6.5, 8.5 and 11.5 s
+    expected = detect_cuts(path, 13.0, CLIPS, timeout_s=30.0)
+    np.testing.assert_allclose(expected, [2.0, 5.0, 6.5, 8.5, 11.5], atol=1 / CLIPS.analysis_fps)
+    decode = video._decord_frames_at
+
+    def slow(path, times_s, *args):
+        time.sleep(0.02 * len(times_s))
+        return decode(path, times_s, *args)
+
+    monkeypatch.setattr(video, "_decord_frames_at", slow)
+    with monkeypatch.context() as m:  # the premise: one decode of the whole video times out
+        _one_window(m)
+        with pytest.raises(media.MediaError) as caught:
+            detect_cuts(path, 13.0, CLIPS, timeout_s=1.0)
+        assert caught.value.reason == "decode_timeout"
+    monkeypatch.setattr(split_clips, "WINDOW_FRAMES", 8, raising=False)
+    assert detect_cuts(path, 13.0, CLIPS, timeout_s=1.0) == expected
+
+
+# ---------------------------------------------------------------- cuts at native-frame precision
+
+
+def test_clip_before_an_off_grid_cut_holds_no_frame_of_the_next_shot(tmp_path: Path):
+    """A hard cut at native frame 50 of a 24 fps video falls between analysis frames 48 and 51 (8 fps)."""
+    shots = [(50, "circle", "red", "blue", False), (50, "square", "yellow", "black", False)]
+    encode_video(tmp_path / "cut50.mp4", shot_frames(shots), NATIVE_FPS)
+    clips = rows_of(SplitClips(stage_cfg())(ProbeMedia(stage_cfg())(to_batch(discover(tmp_path, 4)))))
+    assert [(r["status"], r["clip_index"]) for r in clips] == [("ok", 0), ("ok", 1)]
+
+    def backgrounds(frames: np.ndarray) -> list[str]:
+        corners = frames[:, [0, 0, -1, -1], [0, -1, 0, -1]].astype(float).mean(axis=1)
+        return [min(COLORS, key=lambda c: np.abs(corner - COLORS[c]).sum()) for corner in corners]
+
+    first, second = clips[0], clips[1]
+    native = round((first["clip_end_s"] - first["clip_start_s"]) * NATIVE_FPS)
+    for count in (32, 49, native):
+        frames, _ = decode_clip(first["uri"], first["clip_start_s"], first["clip_end_s"], count, (32, 32))
+        assert set(backgrounds(frames)) == {"blue"}, (count, backgrounds(frames))
+    native = round((second["clip_end_s"] - second["clip_start_s"]) * NATIVE_FPS)
+    frames, _ = decode_clip(second["uri"], second["clip_start_s"], second["clip_end_s"], native, (32, 32))
+    assert backgrounds(frames)[0] == "black"
+    assert first["clip_end_s"] == second["clip_start_s"] == pytest.approx(50 / NATIVE_FPS)
