@@ -16,13 +16,13 @@ def sample_id(relpath: str) -> str:
     return "s" + hashlib.sha1(relpath.encode("utf-8")).hexdigest()[:16]
 
 
-def _row(root: Path, path: Path) -> dict:
+def _row(root: Path, path: Path, caption: Path | None = None) -> dict:
     relpath = path.relative_to(root).as_posix()
     return {
         "id": sample_id(relpath),
         "uri": str(path),
         "relpath": relpath,
-        "caption_path": str(path.with_suffix(CAPTION_EXT)),
+        "caption_path": str(caption or path.with_suffix(CAPTION_EXT)),
         "status": "ok",
         "reason": "",
         "message": "",
@@ -32,6 +32,21 @@ def _row(root: Path, path: Path) -> dict:
 
 def _is_caption(path: Path) -> bool:
     return path.suffix.lower() == CAPTION_EXT
+
+
+def _hidden(relpath: str) -> bool:
+    """Dot files and anything in a dot directory (.git, .cache, ...): not inputs, nor captions."""
+    return any(part.startswith(".") for part in relpath.split("/"))
+
+
+def _captions_by_stem(paths: list[str]) -> dict[str, str]:
+    """Caption files by their path less the extension, matched without regard to its case (`cat.TXT` is
+    `cat.png`'s caption); where both `cat.txt` and `cat.TXT` exist, the lower-case one."""
+    out: dict[str, str] = {}
+    for p in sorted(paths, key=lambda p: p.endswith(CAPTION_EXT)):  # exact ".txt" last, so it wins
+        if p.lower().endswith(CAPTION_EXT):
+            out[p[:-len(CAPTION_EXT)]] = p
+    return out
 
 
 def discover(root: str | Path, samples_per_shard: int) -> list[dict]:
@@ -51,13 +66,16 @@ def discover(root: str | Path, samples_per_shard: int) -> list[dict]:
 def _remote_rows(root: str) -> list[dict]:
     """One row per object under the prefix; stages fetch an object only when they read it (stage.py)."""
     rows = []
-    for relpath in storage.list_files(root):
-        if any(part.startswith(".") for part in relpath.split("/")) or relpath.lower().endswith(CAPTION_EXT):
+    listing = [p for p in storage.list_files(root) if not _hidden(p)]
+    captions = _captions_by_stem(listing)
+    for relpath in listing:
+        if relpath.lower().endswith(CAPTION_EXT):
             continue
         uri = storage.join(root, relpath)
+        caption = captions.get(posixpath.splitext(relpath)[0])
         rows.append({"id": sample_id(relpath), "uri": uri, "relpath": relpath,
-                     "caption_path": storage.with_suffix(uri, CAPTION_EXT), "status": "ok", "reason": "",
-                     "message": "", "stage": ""})
+                     "caption_path": storage.join(root, caption) if caption else storage.with_suffix(uri, CAPTION_EXT),
+                     "status": "ok", "reason": "", "message": "", "stage": ""})
     return rows
 
 
@@ -68,11 +86,13 @@ def _local_rows(root: str | Path) -> list[dict]:
     rows = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        captions = _captions_by_stem([n for n in filenames if not n.startswith(".")])
         for name in sorted(filenames):
             path = Path(dirpath) / name
             if name.startswith(".") or _is_caption(path):
                 continue
-            row = _row(root, path)
+            caption = captions.get(posixpath.splitext(name)[0])
+            row = _row(root, path, Path(dirpath) / caption if caption else None)
             if path.is_symlink() and not path.resolve().is_relative_to(root):
                 row.update(status="rejected", reason="outside_root", stage="discover",
                            message=f"symlink {row['relpath']} points outside the input root")
@@ -83,9 +103,13 @@ def _local_rows(root: str | Path) -> list[dict]:
 def orphan_captions(root: str | Path) -> list[str]:
     """Caption files with no media file beside them (reported, not inputs), as relative paths, sorted."""
     if storage.is_remote(root):
-        return _unpaired(storage.list_files(root))
+        return _unpaired([p for p in storage.list_files(root) if not _hidden(p)])
     root = Path(root).resolve()
-    return _unpaired([(Path(d) / n).relative_to(root).as_posix() for d, _, names in os.walk(root) for n in names])
+    relpaths = []
+    for d, dirnames, names in os.walk(root):
+        dirnames[:] = [n for n in dirnames if not n.startswith(".")]  # as discover: .git's files are no captions
+        relpaths += [(Path(d) / n).relative_to(root).as_posix() for n in names if not n.startswith(".")]
+    return _unpaired(relpaths)
 
 
 def _unpaired(relpaths: list[str]) -> list[str]:
@@ -93,4 +117,6 @@ def _unpaired(relpaths: list[str]) -> list[str]:
     discover pairs them). One set over the listing: a glob per caption, as this once was, lists the caption's
     directory each time (quadratic: 12.8 s of a 5,776-input job's 97 s) and misreads names with glob characters."""
     media = {posixpath.splitext(f)[0] for f in relpaths if not f.lower().endswith(CAPTION_EXT)}
-    return sorted(f for f in relpaths if f.lower().endswith(CAPTION_EXT) and f[:-len(CAPTION_EXT)] not in media)
+    paired = set(_captions_by_stem(relpaths).items())  # one caption per media file, as discover pairs them
+    return sorted(f for f in relpaths if f.lower().endswith(CAPTION_EXT)
+                  and (f[:-len(CAPTION_EXT)] not in media or (f[:-len(CAPTION_EXT)], f) not in paired))

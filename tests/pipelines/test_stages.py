@@ -199,6 +199,20 @@ def test_orphan_captions_lists_captions_without_media(tmp_path: Path) -> None:
                                                                    ("clip.v2.txt", "[a].txt", "d/x.txt")}
 
 
+def test_a_caption_is_paired_whatever_the_case_of_its_extension(tmp_path: Path) -> None:
+    """`cat.TXT` beside `cat.png` is its caption (it was an input's missing_caption, and no orphan either);
+    beside both `dog.txt` and `dog.TXT`, the lower-case one, the other left over. Files in dot directories are
+    neither inputs nor captions."""
+    for name in ("cat.png", "cat.TXT", "dog.png", "dog.txt", "dog.TXT", ".git/notes.txt", ".hidden.txt"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("a caption")
+    rows = {r["relpath"]: r for r in discover(tmp_path, 4)}
+    assert set(rows) == {"cat.png", "dog.png"}
+    assert rows["cat.png"]["caption_path"] == str(tmp_path.resolve() / "cat.TXT")
+    assert rows["dog.png"]["caption_path"] == str(tmp_path.resolve() / "dog.txt")
+    assert orphan_captions(tmp_path) == ["dog.TXT"]
+
+
 # ---------------------------------------------------------------- the stage chain on the corpus
 
 
