@@ -299,6 +299,10 @@ def write_dataset(meta: list[dict], rows: list[dict], cfg: CurationConfig, datas
     lost = {r["id"] for r in rows} - {m["source_id"] for m in meta}
     if lost:  # every input must come out as manifest or rejects rows (one per clip when split)
         raise RuntimeError(f"curation lost track of {len(lost)} inputs, e.g. {sorted(lost)[:3]}")
+    strays = {m["source_id"] for m in meta} - {r["id"] for r in rows}
+    if strays:  # ... and nothing else: rows of inputs no longer under the root (a stale resume) are refused
+        raise RuntimeError(f"curation holds rows of {len(strays)} inputs that are not inputs of this job, "
+                           f"e.g. {sorted(strays)[:3]}")
     if len({m["id"] for m in meta}) != len(meta):
         raise RuntimeError("curation produced duplicate sample ids")
     # In id order: float sums (latent statistics) then do not depend on the order Ray returned the rows in.

@@ -156,3 +156,17 @@ def test_a_file_removed_from_a_finished_group_leaves_the_dataset_on_resume(tmp_p
         card_tars = sorted(s["name"] for s in mf.Dataset(out).card["shards"])
         assert sorted(p.name for p in shard_dir.glob("*.tar")) == card_tars  # no stale tar left
     assert not marker_path(shard_dir, last).exists()  # the emptied group's marker went with its tars
+
+
+def test_the_dataset_is_refused_when_it_holds_rows_of_inputs_not_in_the_job(tmp_path):
+    """Every input exactly once, both ways: rows of an input the job did not discover (what a stale resume
+    marker carried in) stop the job before any table is written, as a lost input does."""
+    from latentforge.pipelines.curate import write_dataset
+
+    rows = [{"id": "sa"}, {"id": "sb"}]
+    meta = [{"id": i, "source_id": i, "status": "rejected"} for i in ("sa", "sb", "sgone")]
+    with pytest.raises(RuntimeError, match="rows of 1 inputs that are not inputs of this job.*sgone"):
+        write_dataset(meta, rows, CurationConfig(), tmp_path / "ds")
+    with pytest.raises(RuntimeError, match="lost track of 1 inputs"):
+        write_dataset(meta[:1], rows, CurationConfig(), tmp_path / "ds")
+    assert not (tmp_path / "ds").exists()
