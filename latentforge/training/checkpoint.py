@@ -86,14 +86,14 @@ def fit_repa(state: dict, module: torch.nn.Module) -> dict:
     return state | {k: v for k, v in own.items() if k.startswith("repa_projector.") and k not in state}
 
 
-def saved_parameter_names(directory: Path) -> list[str]:
-    """The parameter names, in order, of the model a checkpoint was written from (its model_config.json),
-    built on the meta device: no memory, no initialisation."""
+def saved_model(directory: Path) -> torch.nn.Module:
+    """The model a checkpoint was written from (its model_config.json), built on the meta device (no memory,
+    no initialisation): its parameter names, in order, for an optimiser state saved by index."""
     from latentforge.training.dit import DiT, DiTConfig
 
     cfg = DiTConfig.from_dict(json.loads((directory / "model_config.json").read_text()))
     with torch.device("meta"):
-        return [n for n, _ in DiT(cfg).named_parameters()]
+        return DiT(cfg)
 
 
 def inherited_optimizer_state(directory: Path, optimizer, model: torch.nn.Module) -> dict:
@@ -108,8 +108,7 @@ def inherited_optimizer_state(directory: Path, optimizer, model: torch.nn.Module
     blob = torch.load(directory / OPTIMIZER, weights_only=True)
     state = blob["optimizer"]
     if blob.get("optimizer_format") != FQN_FORMAT:
-        names = saved_parameter_names(directory)
-        state = {"state": {names[i]: s for i, s in state["state"].items()}}
+        state = index_to_fqn(state, saved_model(directory))  # its param_groups are replaced below
     name_of = {id(p): n for n, p in model.named_parameters()}
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [name_of[id(p)] for p in g["params"]]}
               for g in optimizer.param_groups]

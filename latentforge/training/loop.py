@@ -78,9 +78,15 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
         e.lerp_(p.detach(), 1.0 - decay)
 
 
+def carries_ema(job: StageJob) -> bool:
+    """Whether the stage carries on the previous stage's EMA (weights+ema, full); with `weights` the EMA
+    restarts from the loaded weights."""
+    return bool(job.init_from) and job.stage.inherit in ("weights+ema", "full")
+
+
 def ema_warmup(job: StageJob) -> bool:
     """Whether the stage's EMA starts with a warm-up: not when it carries on the previous stage's EMA."""
-    return not (job.init_from and job.stage.inherit in ("weights+ema", "full"))
+    return not carries_ema(job)
 
 
 def step_generator(seed: int, rank: int, step: int, stage: str = "") -> torch.Generator:
@@ -324,7 +330,7 @@ def restore(raw, ema, optimizer, scheduler, job: StageJob) -> int:
         return int(state["step"])
     inherit = job.stage.inherit
     if job.init_from and inherit != "none":
-        carried = inherit in ("weights+ema", "full")  # the EMA carries on; with `weights` it restarts from them
+        carried = carries_ema(job)
         ckpt.load_weights(Path(job.init_from), raw, ema if carried else None, use_ema=inherit == "weights+ema")
         if not carried:
             ema.load_state_dict(raw.state_dict())

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from lf_batches import to_batch
-from PIL import Image, ImageDraw, ImageFont
+from test_filter_text_area import text_image  # the same two lines of text the stage's own tests use
+from PIL import Image
 
 from latentforge.datasets import video
 from latentforge.datasets.demo_corpus import encode_video
@@ -26,15 +27,6 @@ from latentforge.pipelines.stages.split_clips import ClipSplitConfig, SplitClips
 FPS, W, H = 8, 192, 128
 GREY, TEXT, MOVING = 16, 16, 24  # frames per shot: 2 s, 2 s, 3 s
 PAN_PX = 3  # the textured shot pans this many pixels per frame
-
-
-def text_frame() -> np.ndarray:
-    image = Image.new("RGB", (W, H), (250, 248, 240))
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=H // 6)
-    draw.text((W // 20, H // 6), "LATENT FORGE", fill=(10, 10, 10), font=font)
-    draw.text((W // 20, H // 2), "curation 2024", fill=(10, 10, 10), font=font)
-    return np.asarray(image)
 
 
 def pan_frames() -> np.ndarray:
@@ -53,7 +45,7 @@ def rows(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """discover -> probe -> the unsplit row, and split -> one row per shot; then the three real score stages."""
     root = tmp_path_factory.mktemp("clip_scores")
     grey = np.full((GREY, H, W, 3), 128, np.uint8)
-    encode_video(root / "shots.mp4", np.concatenate([grey, np.stack([text_frame()] * TEXT), pan_frames()]), FPS)
+    encode_video(root / "shots.mp4", np.concatenate([grey, np.stack([text_image(W, H)] * TEXT), pan_frames()]), FPS)
     probed = ProbeMedia(cfg())(to_batch(discover(root, samples_per_shard=4)))
     unsplit = rows_of(SplitClips(CurationConfig())(probed))  # splitting off: clip_index -1
     clips = rows_of(SplitClips(cfg())(probed))
