@@ -29,9 +29,11 @@ from pathlib import Path
 import numpy as np
 
 
-def make_videos(root: Path, count: int, seconds: float, shot_seconds: float, size: int, noise: float) -> None:
+def make_videos(root: Path, count: int, seconds: float, shot_seconds: float, size: int, noise: float,
+                encode=None) -> None:
     from latentforge.datasets.demo_corpus import COLORS, draw_shape, encode_video
 
+    encode = encode or encode_video
     rng = np.random.default_rng(0)
     fps, per_shot = 24, round(24 * shot_seconds)
     colors = list(COLORS)
@@ -46,7 +48,7 @@ def make_videos(root: Path, count: int, seconds: float, shot_seconds: float, siz
         pixels = np.stack(frames)
         if noise:  # sensor-like grain: flat synthetic shapes alone compress to a few KB a minute
             pixels = np.clip(pixels + rng.normal(0, noise, pixels.shape), 0, 255).astype(np.uint8)
-        encode_video(root / f"v{v:02d}.mp4", pixels, fps)
+        encode(root / f"v{v:02d}.mp4", pixels, fps)
 
 
 def clips_of(root: Path, shot_seconds: float):

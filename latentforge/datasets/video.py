@@ -102,19 +102,26 @@ def pyav_fps(stream: Any) -> float:
 
 
 def pyav_probe(path: Path) -> ProbeResult:
-    """Decode every frame: slower than decord's index, but this path only runs on files decord refused."""
+    """The frame count from the container's packets (demuxed, not decoded), and the first, middle and last
+    frames decoded to prove the body, as decord_probe does: decoding every frame made a probe as slow as
+    playing the file (an hour of AV1, which decord cannot open, ran past the decode timeout). A file whose
+    frames carry no timestamps is decoded in full."""
     import av  # lazy, see open_decord
 
-    with av.open(str(path)) as container:
-        stream = pyav_video_stream(container)
-        fps, num_frames, width, height = pyav_fps(stream), 0, 0, 0
-        for frame in container.decode(stream):
-            if num_frames == 0:
-                width, height = frame.width, frame.height
-            num_frames += 1
-    if num_frames == 0:
-        raise MediaError("no_content", "video has no decodable frames")
-    return _video_result(width, height, num_frames, fps, "pyav")
+    total, fps = _pyav_frame_count(path)
+    if total == 0:
+        raise MediaError("no_content", "video has no frames")
+    middle = int(_even_indices(total, 1)[0])
+    ends = _pyav_frames(path, np.array([0, middle, total - 1]), None, False, fps=fps)
+    if ends is None:  # no timestamps: count by decoding
+        with av.open(str(path)) as container:
+            total = sum(1 for _ in container.decode(pyav_video_stream(container)))
+        if total == 0:
+            raise MediaError("no_content", "video has no decodable frames")
+        ends = _pyav_frames(path, np.array([0, total // 2, total - 1]), None, False, fps=fps, seek=False)
+    frames, _ = ends
+    result = _video_result(frames.shape[2], frames.shape[1], total, fps, "pyav")
+    return replace(result, key_frame=frames[1])
 
 
 def _even_indices(total: int, count: int) -> np.ndarray:
@@ -256,26 +263,75 @@ def _decord_frames_at(path: Path, times_s: np.ndarray, size, stretch: bool) -> t
     return np.stack([decoded[i] for i in indices.tolist()]), fps
 
 
-def _pyav_frames_at(path: Path, times_s: np.ndarray, size, stretch: bool) -> tuple[np.ndarray, float]:
-    """One sequential pass keeping only the wanted frames (this path only runs on files decord refused)."""
+def _frames_of(container: Any, stream: Any) -> Any:
+    """The stream's decoded frames from where the container stands (one place, so tests can count them)."""
+    return container.decode(stream)
+
+
+SEEK_AFTER_S = 2.0  # PyAV seeks to the next wanted frame's keyframe rather than decode this far to it
+
+
+def _pyav_frames_at(path: Path, times_s: np.ndarray, size, stretch: bool, seek: bool = True) -> tuple[np.ndarray, float]:
+    """The frames shown at `times_s` through PyAV (files decord refused: AV1, which its FFmpeg cannot decode,
+    and damaged files)."""
+    frames = _pyav_frames(path, times_s, size, stretch, seek=seek)
+    return frames if frames is not None else _pyav_frames(path, times_s, size, stretch, seek=False)
+
+
+def _pyav_frames(path: Path, times_s: np.ndarray, size, stretch: bool, *, fps: float | None = None,
+                 seek: bool = True) -> tuple[np.ndarray, float] | None:
+    """The wanted frames (shown at `times_s`; frame indices when `fps` is given) and the fps, decoding only
+    from the keyframe before each run of them.
+
+    With `seek`, each run of wanted frames more than SEEK_AFTER_S apart from the one before starts with a seek
+    to its keyframe, and frames are placed by their timestamps: decoding from frame 0 on every call made
+    cutting a film into clips (the windows of shot detection, then each clip's frames in every scoring stage)
+    quadratic in its length (bench/pyav_seek.py). None when frames carry no timestamps or a seek lands past
+    the frame it was for: the caller then decodes from the start, counting frames (`seek=False`)."""
     import av
 
     with av.open(str(path)) as container:
         stream = pyav_video_stream(container)
-        fps = pyav_fps(stream)
-        indices = frame_indices(times_s, fps, stream.frames or None)
-        wanted, last_wanted, kept = set(indices.tolist()), int(indices.max()), {}
-        for position, frame in enumerate(container.decode(stream)):
-            if position in wanted:
-                kept[position] = _fit(frame.to_ndarray(format="rgb24"), size, stretch)
-            if position >= last_wanted:
-                break
+        if fps is None:
+            fps = pyav_fps(stream)
+            indices = frame_indices(times_s, fps, stream.frames or None)
+        else:
+            indices = np.asarray(times_s, dtype=np.int64)
+        order, kept = sorted(set(indices.tolist())), {}
+        origin, base = stream.start_time or 0, float(stream.time_base or 0)
+        if not (seek and base > 0 and fps > 0):
+            wanted = set(order)
+            for position, frame in enumerate(_frames_of(container, stream)):
+                if position in wanted:
+                    kept[position] = _fit(frame.to_ndarray(format="rgb24"), size, stretch)
+                if position >= order[-1]:
+                    break
+        else:
+            gap, ended = SEEK_AFTER_S * fps, False
+            while len(kept) < len(order) and not ended:
+                target = order[len(kept)]
+                container.seek(origin + int(target / fps / base), stream=stream, backward=True)
+                ended = True
+                for frame in _frames_of(container, stream):
+                    if frame.pts is None:
+                        return None
+                    position = round((frame.pts - origin) * base * fps)
+                    if position > target:
+                        return None  # landed past it, or timestamps skip it
+                    if position == target:
+                        kept[position] = _fit(frame.to_ndarray(format="rgb24"), size, stretch)
+                        if len(kept) == len(order):
+                            break
+                        target = order[len(kept)]
+                        if target - position > gap:
+                            ended = False  # seek ahead to the next run
+                            break
     if not kept:
         raise MediaError("no_content", "video has no decodable frames")
     last = max(kept)
     # One frame of slack: header frame counts are sometimes off by one. More missing means a truncated body.
-    if last_wanted > last + 1:
-        raise MediaError("decode_error", f"{path.name} ends at frame {last}, frame {last_wanted} was "
+    if order[-1] > last + 1:
+        raise MediaError("decode_error", f"{path.name} ends at frame {last}, frame {order[-1]} was "
                                "expected (truncated?)")
     return np.stack([kept[min(i, last)] for i in indices.tolist()]), fps
 
