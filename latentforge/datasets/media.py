@@ -297,6 +297,17 @@ def _probe_audio(path: Path) -> ProbeResult:
 
 def decode_audio(path: str | Path, sample_rate: int, num_samples: int) -> np.ndarray:
     """Decode to float32 mono at `sample_rate`, cut or zero-padded to exactly `num_samples`."""
+    data, source_rate = read_audio(path, sample_rate, num_samples)
+    mono = _resample(data.mean(axis=1), source_rate, sample_rate)[:num_samples]
+    out = np.zeros(num_samples, dtype=np.float32)
+    out[: len(mono)] = mono
+    return out
+
+
+def read_audio(path: str | Path, sample_rate: int, num_samples: int) -> tuple[np.ndarray, int]:
+    """The file's own float32 samples, (frames, channels) at its own rate, and that rate: as many frames as
+    `num_samples` at `sample_rate` span, plus one for the interpolation edge (fewer where the file ends).
+    Unmixed and not resampled, for scores that depend on the channels as recorded (clipping, loudness)."""
     path = Path(path)
     try:
         source_rate = sf.info(str(path)).samplerate
@@ -304,10 +315,12 @@ def decode_audio(path: str | Path, sample_rate: int, num_samples: int) -> np.nda
         data, _ = sf.read(str(path), frames=needed, dtype="float32", always_2d=True)
     except Exception as exc:  # see _probe_audio
         raise MediaError("decode_error", f"soundfile could not decode {path.name}: {short_error(exc)}") from exc
-    mono = _resample(data.mean(axis=1), source_rate, sample_rate)[:num_samples]
-    out = np.zeros(num_samples, dtype=np.float32)
-    out[: len(mono)] = mono
-    return out
+    return data, source_rate
+
+
+def resample_channels(data: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
+    """`_resample` of each channel of (frames, channels) data; float32 (frames', channels)."""
+    return np.stack([_resample(data[:, c], source_rate, target_rate) for c in range(data.shape[1])], axis=1)
 
 
 def _resample(signal: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:

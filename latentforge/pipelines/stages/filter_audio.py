@@ -1,16 +1,21 @@
 """Audio quality scores: loudness, silence, clipping and speech, each a column; thresholds decide `keep`.
 
-All scores are computed on the first `max_seconds` of the file, mixed to mono and resampled (linearly) to
-`sample_rate`:
-- `score_loudness`: integrated loudness in LUFS per ITU-R BS.1770-4 (K-weighting, 400 ms blocks, absolute
-  and relative gates) via pyloudnorm. Clips shorter than one block are zero-padded to it; a signal with no
-  block above the -70 LUFS absolute gate (digital silence) scores `LOUDNESS_FLOOR_LUFS` instead of -inf, so
-  the column stays finite.
+All scores are computed on the first `max_seconds` of the file, per channel where the channels matter (a mono
+mix hides a clipped channel, cancels out-of-phase content and reads stereo 3 dB low):
+- `score_clipping_ratio`: the largest fraction, over channels, of samples with |x| >= 0.999 of full scale,
+  on the file's own samples (before resampling, whose interpolation rounds clipped runs off).
+- `score_loudness`: integrated loudness in LUFS per ITU-R BS.1770-4 (K-weighting, channel weights, 400 ms
+  blocks, absolute and relative gates) via pyloudnorm, on the channels resampled (linearly) to `sample_rate`.
+  pyloudnorm weighs up to five channels as L R C Ls Rs; files of six channels and more (WAV/FLAC 5.1 order,
+  L R C LFE Ls Rs ...) drop the LFE, as BS.1770 does, and are measured on their first five other channels.
+  A clip shorter than one block is measured as its own one block; a signal with no block above the -70 LUFS
+  absolute gate (digital silence) scores `LOUDNESS_FLOOR_LUFS` instead of -inf, so the column stays finite.
 - `score_silence_ratio`: fraction of 20 ms frames whose RMS level is below -50 dBFS (RMS of a full-scale
-  square wave = 0 dBFS).
-- `score_clipping_ratio`: fraction of samples with |x| >= 0.999 of full scale.
-- `score_speech_ratio`: fraction of Silero VAD windows (32 ms) whose speech probability exceeds 0.5. The
-  ONNX model ships inside the `silero-vad` wheel and runs on onnxruntime directly (no torch, no download).
+  square wave = 0 dBFS) in every channel, at `sample_rate`. A clip shorter than one frame is its own frame.
+- `score_speech_ratio`: fraction of Silero VAD windows (32 ms) whose speech probability exceeds 0.5, on the
+  mono mix at `sample_rate`. The ONNX model ships inside the `silero-vad` wheel and runs on onnxruntime
+  directly (no torch, no download).
+A file holding a NaN or infinite sample has no defined level: it is rejected as `non_finite_samples`.
 """
 from __future__ import annotations
 
@@ -31,6 +36,9 @@ SILENCE_FRAME_S = 0.02
 CLIP_LEVEL = 0.999
 SPEECH_PROBABILITY = 0.5
 _LOUDNESS_BLOCK_S = 0.4
+_LOUDNESS_GATE_LUFS = -70.0  # BS.1770's absolute gate
+_CHANNEL_WEIGHTS = (1.0, 1.0, 1.0, 1.41, 1.41)  # BS.1770's G of L R C Ls Rs, pyloudnorm's channel order
+_LFE = 3  # the LFE's index in WAV and FLAC channel order from 5.1 up (L R C LFE ...)
 # Silero's streaming contract: fixed windows, each prefixed by the tail (context) of the previous input.
 _VAD_WINDOW = {16000: 512, 8000: 256}
 _VAD_CONTEXT = {16000: 64, 8000: 32}
@@ -54,30 +62,56 @@ class AudioQualityConfig(Strict):
     )
 
 
+def _channels(signal: np.ndarray) -> np.ndarray:
+    """(frames, channels) from (frames,) mono or (frames, channels)."""
+    return signal[:, None] if signal.ndim == 1 else signal
+
+
 def integrated_loudness(signal: np.ndarray, sample_rate: int) -> float:
-    """BS.1770-4 integrated loudness (LUFS) of a mono signal; see the module docstring for the edge cases."""
+    """BS.1770-4 integrated loudness (LUFS) of (frames,) mono or (frames, channels); see the module docstring
+    for the channels measured and the edge cases."""
     import pyloudnorm
 
-    block = int(np.ceil(_LOUDNESS_BLOCK_S * sample_rate)) + 1  # pyloudnorm wants strictly more than a block
-    padded = np.pad(signal.astype(np.float64), (0, max(0, block - len(signal))))
-    lufs = pyloudnorm.Meter(sample_rate).integrated_loudness(padded)
+    x = _channels(signal).astype(np.float64)
+    if x.shape[1] > len(_CHANNEL_WEIGHTS):
+        x = np.delete(x, _LFE, axis=1)[:, : len(_CHANNEL_WEIGHTS)]
+    meter = pyloudnorm.Meter(sample_rate)
+    if len(x) > _LOUDNESS_BLOCK_S * sample_rate:  # pyloudnorm needs at least one whole block
+        lufs = meter.integrated_loudness(x)
+    else:  # zero-padding to a block would average the clip with silence: it is its own, shorter, block
+        lufs = _one_block_loudness(meter, x)
     return float(lufs) if np.isfinite(lufs) else LOUDNESS_FLOOR_LUFS
 
 
+def _one_block_loudness(meter, x: np.ndarray) -> float:
+    """BS.1770 loudness of `x` (frames, <= 5 channels) as one gating block (the gates reduce to the absolute
+    one), K-weighted by the meter's own filters as its integrated_loudness applies them."""
+    weighted = x.copy()
+    for weighting in meter._filters.values():  # pyloudnorm keeps its K-weighting stages there (0.1 and 0.2)
+        for c in range(weighted.shape[1]):
+            weighted[:, c] = weighting.apply_filter(weighted[:, c])
+    power = float(np.dot(_CHANNEL_WEIGHTS[: x.shape[1]], np.mean(weighted**2, axis=0))) if len(x) else 0.0
+    lufs = -0.691 + 10 * np.log10(power) if power > 0 else -np.inf
+    return lufs if lufs >= _LOUDNESS_GATE_LUFS else -np.inf
+
+
 def silence_ratio(signal: np.ndarray, sample_rate: int) -> float:
-    """Fraction of whole 20 ms frames whose RMS is below SILENCE_DBFS (a partial last frame is ignored)."""
-    frame = max(1, int(SILENCE_FRAME_S * sample_rate))
-    count = len(signal) // frame
-    if count == 0:
+    """Fraction of whole 20 ms frames whose RMS is below SILENCE_DBFS in every channel of (frames,) or
+    (frames, channels). A partial last frame is ignored, unless there is no whole one: then it is the frame."""
+    x = _channels(signal).astype(np.float64)
+    if len(x) == 0:
         return 1.0
-    frames = signal[: count * frame].astype(np.float64).reshape(count, frame)
-    rms = np.sqrt(np.mean(frames**2, axis=1))
-    return float(np.mean(rms < 10 ** (SILENCE_DBFS / 20)))
+    frame = min(len(x), max(1, int(SILENCE_FRAME_S * sample_rate)))
+    count = len(x) // frame
+    rms = np.sqrt(np.mean(x[: count * frame].reshape(count, frame, x.shape[1]) ** 2, axis=1))
+    return float(np.mean(np.all(rms < 10 ** (SILENCE_DBFS / 20), axis=1)))
 
 
 def clipping_ratio(signal: np.ndarray) -> float:
-    """Fraction of samples at or beyond CLIP_LEVEL of full scale."""
-    return float(np.mean(np.abs(signal) >= CLIP_LEVEL)) if len(signal) else 0.0
+    """Largest fraction, over the channels of (frames,) or (frames, channels), of samples at or beyond
+    CLIP_LEVEL of full scale: one clipped channel is a clipped file, whatever the others hold."""
+    x = _channels(signal)
+    return float(np.max(np.mean(np.abs(x) >= CLIP_LEVEL, axis=0))) if x.size else 0.0
 
 
 def silero_model_path() -> Path:
@@ -182,22 +216,28 @@ class FilterAudioQuality(Stage):
         cfg = self.cfg.audio_quality
         if not cfg.enabled or row["modality"] != "audio":
             return {}
-        signal = self._decode(row, cfg)
         rate = cfg.sample_rate
+        raw, source_rate, num_samples = self._decode(row, cfg)
+        bad = int(np.count_nonzero(~np.isfinite(raw)))
+        if bad:  # NaN loudness would read as -120 LUFS, i.e. "too quiet"
+            raise Reject("non_finite_samples", f"{bad} of {raw.size} samples are NaN or infinite: no defined level")
+        channels = media.resample_channels(raw, source_rate, rate)[:num_samples]
         return {
-            "score_loudness": integrated_loudness(signal, rate),
-            "score_silence_ratio": silence_ratio(signal, rate),
-            "score_clipping_ratio": clipping_ratio(signal),
-            "score_speech_ratio": _PendingSpeech(signal.astype(np.float32, copy=False)),
+            "score_loudness": integrated_loudness(channels, rate),
+            "score_silence_ratio": silence_ratio(channels, rate),
+            "score_clipping_ratio": clipping_ratio(raw),  # before resampling, see the module docstring
+            "score_speech_ratio": _PendingSpeech(channels.mean(axis=1, dtype=np.float32)),
         }
 
     @staticmethod
-    def _decode(row: dict, cfg: AudioQualityConfig) -> np.ndarray:
-        # The probed duration bounds the read: decode_audio zero-pads to the length asked, which would add silence.
+    def _decode(row: dict, cfg: AudioQualityConfig) -> tuple[np.ndarray, int, int]:
+        """The file's own (frames, channels) samples, their rate, and how many samples at cfg.sample_rate they
+        are scored on. The probed duration bounds the read (max_seconds when unknown); nothing is zero-padded."""
         duration = float(row.get("duration_s", 0.0) or 0.0)
         seconds = min(duration, cfg.max_seconds) if duration > 0 else cfg.max_seconds
+        num_samples = max(1, round(seconds * cfg.sample_rate))
         try:
-            return media.decode_audio(row["uri"], cfg.sample_rate, max(1, round(seconds * cfg.sample_rate)))
+            return (*media.read_audio(row["uri"], cfg.sample_rate, num_samples), num_samples)
         except media.MediaError as e:
             raise Reject(e.reason, str(e)) from e
 
