@@ -15,7 +15,7 @@ from latentforge.datasets.shards import load_npy
 from latentforge.pipelines.caption_clean import clean_caption
 from latentforge.pipelines.resources import StageResources, Strict
 from latentforge.pipelines.stage import Batch, Stage
-from latentforge.pipelines.stages.caption_vlm import append_error, device_and_dtype
+from latentforge.pipelines.stages.caption_vlm import append_error, device_and_dtype, per_row
 
 if TYPE_CHECKING:
     from latentforge.pipelines.config import CurationConfig
@@ -72,7 +72,8 @@ class WhisperCaptioner:
 
 
 class CaptionAudio(Stage):
-    """Writes `caption_audio` for ok rows with a waveform (audio, videos with a track); failures: `caption_error`."""
+    """Writes `caption_audio` for ok rows with a waveform (audio, videos with a track); a row Whisper fails on
+    (alone, see `per_row`) goes to `caption_error`."""
 
     name = "caption_audio"
     resources = StageResources(num_cpus=1.0, num_gpus=0.0, batch_size=8, pool=1)
@@ -91,14 +92,13 @@ class CaptionAudio(Stage):
         n = len(out["id"])
         texts, errors = np.full(n, "", dtype=object), np.array(out["caption_error"], dtype=object)
         todo = [i for i in range(n) if out["status"][i] == "ok" and len(waves[i])]
-        try:
-            raw = self.captioner.transcribe([load_npy(waves[i]) for i in todo])
-        except Exception as e:  # one failing batch costs these rows their audio caption, not the job
-            raw = []
-            for i in todo:
-                append_error(errors, i, f"audio: {type(e).__name__}: {e}")
-        for i, text in zip(todo, raw):
-            texts[i] = clean_caption(text, self.cfg.captioning.clean)
+        # a failing row costs its audio caption, not the batch's or the job's
+        raw = per_row(self.captioner.transcribe, {i: [load_npy(waves[i])] for i in todo})
+        for i, got in raw.items():
+            if isinstance(got, Exception):
+                append_error(errors, i, f"audio: {type(got).__name__}: {got}")
+                continue
+            texts[i] = clean_caption(got[0], self.cfg.captioning.clean)
             if not texts[i]:
                 append_error(errors, i, "audio: empty transcript after cleaning")
         out.update(caption_audio=texts, caption_error=errors)

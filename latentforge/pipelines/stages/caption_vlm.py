@@ -10,6 +10,7 @@ what changes over the clip.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
@@ -217,8 +218,33 @@ def append_error(errors: np.ndarray, i: int, message: str) -> None:
     errors[i] = f"{errors[i]}; {message}" if errors[i] else message
 
 
+def per_row(run: Callable[[list], list[str]], items: dict[int, list]) -> dict[int, list[str] | Exception]:
+    """`run` (a batched generate) over all rows' items at once; {row: its outputs, or the error that cost them}.
+
+    If the batched call raises, each row is run alone, so one row the model or processor refuses (a bad frame,
+    a waveform in two channels) costs only its own outputs, not those of every row batched with it.
+    """
+    rows = list(items)
+    if not rows:
+        return {}
+    try:
+        outputs = iter(run([x for i in rows for x in items[i]]))
+    except Exception as e:  # any error a model raises: the rows below are what it may cost
+        if len(rows) == 1:
+            return {rows[0]: e}
+        alone: dict[int, list[str] | Exception] = {}
+        for i in rows:
+            try:
+                alone[i] = list(run(list(items[i])))
+            except Exception as row_error:  # this row's alone
+                alone[i] = row_error
+        return alone
+    return {i: [next(outputs) for _ in items[i]] for i in rows}
+
+
 class CaptionVLM(Stage):
-    """Writes `caption_generated` for ok visual rows; a failed batch or empty caption goes to `caption_error`."""
+    """Writes `caption_generated` for ok visual rows; a row the model fails on (alone, see `per_row`) or an empty
+    caption goes to `caption_error`."""
 
     name = "caption_vlm"
     resources = StageResources(num_cpus=1.0, num_gpus=0.0, batch_size=8, pool=1)
@@ -237,16 +263,14 @@ class CaptionVLM(Stage):
         n = len(out["id"])
         generated, errors = np.full(n, "", dtype=object), np.array(out["caption_error"], dtype=object)
         todo = [i for i in range(n) if out["status"][i] == "ok" and len(frames[i])]
-        stacks = {i: load_npy(frames[i]) for i in todo}
-        try:
-            texts = iter(self.captioner.caption([f for i in todo for f in stacks[i]]))
-        except Exception as e:  # one failing batch costs these rows their generated caption, not the job
-            for i in todo:
-                append_error(errors, i, f"vlm: {type(e).__name__}: {e}")
-            todo = []
+        # a failing row costs its generated caption, not the batch's or the job's
+        texts = per_row(self.captioner.caption, {i: list(load_npy(frames[i])) for i in todo})
         cfg = self.cfg.captioning
-        for i in todo:
-            cleaned = [clean_caption(next(texts), cfg.clean) for _ in range(len(stacks[i]))]
+        for i, got in texts.items():
+            if isinstance(got, Exception):
+                append_error(errors, i, f"vlm: {type(got).__name__}: {got}")
+                continue
+            cleaned = [clean_caption(text, cfg.clean) for text in got]
             generated[i] = merge_captions(cleaned, max_parts=cfg.vlm.max_parts)
             if not generated[i]:
                 append_error(errors, i, "vlm: empty caption after cleaning")

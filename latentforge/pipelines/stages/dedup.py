@@ -79,11 +79,15 @@ def _dct_matrix(n: int) -> np.ndarray:
     return c
 
 
+# Below this standard deviation (grey levels) a thumbnail is flat: black, one colour, or codec noise on them.
+_FLAT_STD = 1.0
+
+
 def phash(pixels: np.ndarray | Image.Image, hash_size: int = 8) -> str:
     """Perceptual hash: low DCT frequencies of a (4*hash_size)^2 grey image above their median, as hex.
 
     Low frequencies survive re-encoding and resizing, so near copies differ in few bits. It sees structure
-    only, in grey: a uniform frame hashes to (nearly) all zeros whatever its colour.
+    only, in grey, so a flat picture (black, any one colour) gets none: "" (only exact dedup applies to it).
     """
     return phash_of_grey(grey_thumbnail(pixels, hash_size), hash_size)
 
@@ -96,9 +100,15 @@ def grey_thumbnail(pixels: np.ndarray | Image.Image, hash_size: int = 8) -> np.n
 
 
 def phash_of_grey(grey: np.ndarray, hash_size: int = 8) -> str:
-    """`phash` of a `grey_thumbnail`."""
+    """`phash` of a `grey_thumbnail`; "" when it is flat.
+
+    A flat thumbnail's bits say nothing: black hashed to all zeros and any one colour to floating-point noise
+    (grey 1 and grey 128 alike), so unrelated black or uniform frames (a fade) were near duplicates.
+    """
     side = 4 * hash_size
     grey = np.asarray(grey, dtype=np.float64).reshape(side, side)
+    if grey.std() < _FLAT_STD:
+        return ""
     c = _dct_matrix(side)
     low = (c @ grey @ c.T)[:hash_size, :hash_size]
     bits = (low > np.median(low)).ravel()
@@ -127,9 +137,9 @@ def visual_phash(row: dict, hash_size: int, timeout_s: float) -> str:
 
 
 class ContentHash(Stage):
-    """Write `content_sha256` (all ok rows) and `phash` (images and videos; "" for audio). An image's or a
-    whole video's hash comes from the probe's KEY_GREY when it left one (pixels decoded on the probe's open);
-    the column ends here.
+    """Write `content_sha256` (all ok rows) and `phash` (images and videos; "" for audio and for a flat picture or
+    middle frame, e.g. black in a fade). An image's or a whole video's hash comes from the probe's KEY_GREY when
+    it left one (pixels decoded on the probe's open); the column ends here.
 
     A video cut into many clips is read once for all of them, not once per clip: its bytes' sha256 is kept
     (the last few files; a clip's hash extends a copy with its span). A two-hour film cut into a thousand clips
@@ -232,11 +242,14 @@ class BandIndex:
 
 
 def near_pairs(phashes: list[str], max_distance: int) -> set[tuple[int, int]]:
-    """All index pairs (i < j) whose hashes are within max_distance bits, found through the band index."""
-    if not phashes:
+    """All index pairs (i < j) whose hashes are within max_distance bits, found through the band index.
+    Empty hashes (audio, flat pictures) pair with nothing."""
+    where = [i for i, h in enumerate(phashes) if h]
+    if not where:
         return set()
-    index = BandIndex(phashes, max_distance)
-    return {(i, j) for i in range(len(phashes)) for j in index.candidates(i) if i < j and index.close(i, j)}
+    index = BandIndex([phashes[i] for i in where], max_distance)
+    return {(where[i], where[j]) for i in range(len(where)) for j in index.candidates(i)
+            if i < j and index.close(i, j)}
 
 
 def _near_groups(rows: list[dict], max_distance: int) -> dict[str, tuple[str, str]]:
