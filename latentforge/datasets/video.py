@@ -163,16 +163,22 @@ def _pyav_frame_count(path: Path) -> tuple[int, float]:
 
 
 def _pyav_decode(path: Path, num_frames: int, size: tuple[int, int]) -> tuple[np.ndarray, float]:
-    """One decode pass that keeps only the wanted frames, so memory stays at num_frames, not the clip."""
+    """Only the wanted frames are kept, so memory stays at num_frames, not the clip."""
     import av
 
     total, fps = _pyav_frame_count(path)
     if total == 0:
         raise MediaError("no_content", "video has no frames")
     indices = _even_indices(total, num_frames)
+    try:  # seeking to each wanted frame (see _pyav_frames): one middle frame was a decode of half the file
+        sought = _pyav_frames(path, indices, size, False, fps=fps)
+    except MediaError:
+        sought = None  # e.g. truncated: the pass below keeps what decodes, as it always did
+    if sought is not None:
+        return sought[0], fps * num_frames / total
     wanted, kept = set(indices.tolist()), {}
     with av.open(str(path)) as container:
-        for position, frame in enumerate(container.decode(pyav_video_stream(container))):
+        for position, frame in enumerate(_frames_of(container, pyav_video_stream(container))):
             if position in wanted:
                 kept[position] = resize_crop(frame.to_ndarray(format="rgb24"), size)
             if position >= indices[-1]:

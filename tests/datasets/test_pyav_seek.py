@@ -87,3 +87,15 @@ def test_a_truncated_av1_file_is_a_decode_error(av1_film: Path, tmp_path: Path):
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(media.MediaError):
         media.probe(cut)
+
+
+def test_evenly_spaced_frames_of_a_whole_video_seek_too(av1_film: Path, decoded: list[int], monkeypatch):
+    """The middle frame (sharpness, the hash of an unsplit video) was a decode of half the file."""
+    frames, fps = video.decode_video(av1_film, 1, (24, 24))
+    assert frames.shape == (1, 24, 24, 3) and fps == pytest.approx(FPS / (SECONDS * FPS))
+    assert 0 < len(decoded) < SECONDS * FPS / 4
+    sought = {count: video.decode_video(av1_film, count, (24, 24))[0] for count in (1, 5)}
+    seeking = video._pyav_frames
+    monkeypatch.setattr(video, "_pyav_frames", lambda *a, **k: seeking(*a, **{**k, "seek": False}))
+    for count, frames in sought.items():
+        np.testing.assert_array_equal(video.decode_video(av1_film, count, (24, 24))[0], frames)
