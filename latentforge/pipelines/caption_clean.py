@@ -26,8 +26,12 @@ DEFAULT_ARTEFACTS = ["arafed", "araffe", "arafe", "araffed", "arafly", "arafy"]
 DANGLING_WORDS = {"a", "an", "the", "of", "and", "or", "with", "on", "in", "at", "to", "from", "by", "for", "is",
                   "are", "was", "were", "as", "while", "into", "onto", "over", "under", "its", "their", "his", "her",
                   "that", "which", "who", "but", "near", "behind", "between"}
+# A word ending in one of these with a full stop is an abbreviation, not the end of a sentence ("Mr. Smith").
+ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "mt", "ft", "jr", "sr", "prof", "rev", "gen", "col", "lt", "sgt",
+                 "capt", "gov", "sen", "rep", "pres", "ave", "rd", "blvd", "co", "corp", "inc", "ltd", "vs", "etc",
+                 "approx", "dept", "est", "fig", "vol", "cf", "al", "ca"}
 _SEPARATORS = " ,;:-"
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_CLOSERS = "\"')]\u201d\u2019"
 
 
 class CaptionCleanConfig(Strict):
@@ -76,8 +80,38 @@ def _word_key(word: str) -> str:
     return word.strip(".,;:!?\"'").lower()
 
 
+def ends_sentence(word: str) -> bool:
+    """Whether a sentence ends at `word`: '!' or '?', or a full stop that is not an ellipsis, an initial ('J.',
+    'U.S.') or a known abbreviation ('Mr.', 'St.')."""
+    word = word.rstrip(_CLOSERS)
+    if word.endswith(("!", "?")):
+        return True
+    if not word.endswith(".") or word.endswith(".."):
+        return False
+    stem = word[:-1].lstrip("\"'([\u201c\u2018")
+    if "." in stem or (len(stem) == 1 and stem.isalpha()):
+        return False
+    return stem.lower() not in ABBREVIATIONS
+
+
+def split_sentences(text: str) -> list[str]:
+    sentences, words = [], []
+    for word in text.split():
+        words.append(word)
+        if ends_sentence(word):
+            sentences.append(" ".join(words))
+            words = []
+    return sentences + ([" ".join(words)] if words else [])
+
+
 def collapse_repeats(text: str, max_ngram: int) -> str:
-    """'a man a man a man walking' -> 'a man walking': immediate repeats of any phrase up to `max_ngram` words."""
+    """'a man a man a man walking' -> 'a man walking': immediate repeats of any phrase up to `max_ngram` words.
+
+    Within a sentence only: 'in the rain. The rain falls' repeats 'the rain' across the full stop, and is kept."""
+    return " ".join(_collapse_sentence(s, max_ngram) for s in split_sentences(text))
+
+
+def _collapse_sentence(text: str, max_ngram: int) -> str:
     words = text.split()
     for n in range(min(max_ngram, len(words) // 2), 0, -1):
         i = 0
@@ -93,7 +127,7 @@ def collapse_repeats(text: str, max_ngram: int) -> str:
 
 def dedupe_sentences(text: str) -> str:
     seen, kept = set(), []
-    for sentence in _SENTENCE_END.split(text):
+    for sentence in split_sentences(text):
         key = " ".join(_word_key(w) for w in sentence.split())
         if key and key not in seen:
             seen.add(key)
@@ -102,15 +136,22 @@ def dedupe_sentences(text: str) -> str:
 
 
 def drop_dangling(text: str) -> str:
-    """Drop an unfinished last sentence after finished ones, then trailing function words and separators."""
-    sentences = _SENTENCE_END.split(text)
-    if len(sentences) > 1 and not sentences[-1].rstrip().endswith((".", "!", "?")):
-        text = " ".join(sentences[:-1])
-    words = text.rstrip(_SEPARATORS).split()
-    while len(words) > 1 and _word_key(words[-1]) in DANGLING_WORDS and words[-1][-1:] not in ".!?":
-        words.pop()
+    """Drop trailing function words and separators, then an unfinished last sentence after finished ones.
+
+    The last sentence goes only when what is left is at least half its length: 'Night. A man in a red coat
+    walks' is more likely one caption with an odd full stop than a short one with a cut-off tail."""
+    words = text.split()
+    while len(words) > 1:
         words[-1] = words[-1].rstrip(_SEPARATORS)
-    return " ".join(words).rstrip(_SEPARATORS)
+        if words[-1] and (_word_key(words[-1]) not in DANGLING_WORDS or words[-1][-1] in ".!?"):
+            break
+        words.pop()
+    sentences = split_sentences(" ".join(words).rstrip(_SEPARATORS))
+    if len(sentences) > 1 and not sentences[-1].endswith((".", "!", "?")):
+        head = " ".join(sentences[:-1])
+        if 2 * len(head.split()) >= len(sentences[-1].split()):
+            return head
+    return " ".join(sentences)
 
 
 DEFAULT_CLEAN = CaptionCleanConfig()

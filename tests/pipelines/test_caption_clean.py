@@ -130,3 +130,42 @@ def test_merge_keeps_time_order_and_drops_repeats() -> None:
         "a red circle, then a blue square"
     assert merge_captions(["x", "y", "z", "w"], max_parts=2) == "x, then y"
     assert merge_captions(["", ""]) == ""
+
+
+@pytest.mark.parametrize("caption", [
+    "A woman stands in the rain. The rain falls on her umbrella.",
+    "A cat sleeps on the sofa. The sofa is red.",
+])
+def test_a_phrase_repeated_across_a_sentence_end_is_kept(caption: str) -> None:
+    assert collapse_repeats(caption, 6) == caption
+    assert clean_caption(caption) == caption
+
+
+@pytest.mark.parametrize("caption", [
+    "Mr. Smith walks his dog in the park",
+    "St. Louis skyline at night",
+    "Mt. Fuji at sunrise",
+    "U.S. flag waving in the wind",
+    "J. R. Tolkien reads a book",
+    "Wait... a dog runs into the road",
+    "Apples, pears, etc. lie on a table",
+])
+def test_abbreviations_initials_and_ellipses_do_not_end_a_sentence(caption: str) -> None:
+    assert drop_dangling(caption) == caption
+    assert clean_caption(caption) == caption
+
+
+def test_a_sentence_after_an_abbreviation_is_judged_whole() -> None:
+    assert drop_dangling("A dog runs on the beach. Dr. Jones watches from the") == "A dog runs on the beach."
+    assert clean_caption("Mr. Smith waves. Mr. Jones waves.") == "Mr. Smith waves. Mr. Jones waves."
+
+
+def test_a_long_last_sentence_is_not_dropped_for_a_short_first_one() -> None:
+    caption = "Night. A man in a red coat walks along the river"
+    assert drop_dangling(caption) == caption
+    assert drop_dangling("A dog runs. The dog jumps over") == "A dog runs."  # what is left is not much shorter
+
+
+def test_a_lone_separator_does_not_stop_the_cut_off_ending_from_going() -> None:
+    assert drop_dangling("a man walking on the : on") == "a man walking"
+    assert clean_caption("a red house - the") == "a red house"

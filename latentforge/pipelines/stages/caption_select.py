@@ -61,15 +61,23 @@ class CaptionSelect(Stage):
 
     @classmethod
     def enabled(cls, cfg: CurationConfig) -> bool:
-        return cfg.captioning.generates
+        """Runs when there is a choice to make or sidecar captions to clean; otherwise CaptionSidecar's `caption`
+        stands and this stage costs nothing."""
+        clean = cfg.captioning.clean
+        return cfg.captioning.generates or (clean.enabled and clean.clean_sidecar)
 
     def process_row(self, row: dict) -> dict:
         cap = self.cfg.captioning
-        for source in cap.prefer:
+        # Without a captioner the sidecar is the caption whatever `prefer` says, as when this stage is left out.
+        sources = cap.prefer if cap.generates else ["sidecar"]
+        notes = [str(row.get("caption_error") or "")]
+        for source in sources:
             text = str(row.get(SOURCE_COLUMNS[source]) or "")
-            if source == "sidecar" and cap.clean.clean_sidecar:
+            if source == "sidecar" and cap.clean.clean_sidecar and text:
                 text = clean_caption(text, cap.clean)
+                if not text:
+                    notes.append("sidecar: nothing left after cleaning")
             if text:
                 return {"caption": text, "caption_origin": source, "score_caption_words": float(len(text.split()))}
-        why = str(row.get("caption_error") or "")
-        raise Reject("no_caption", f"no caption from {', '.join(cap.prefer)}" + (f" ({why})" if why else ""))
+        why = "; ".join(n for n in notes if n)
+        raise Reject("no_caption", f"no caption from {', '.join(sources)}" + (f" ({why})" if why else ""))

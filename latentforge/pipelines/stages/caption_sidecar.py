@@ -1,13 +1,23 @@
-"""Captions from sidecar `.txt` files next to each media file (UTF-8, non-empty)."""
+"""Captions from sidecar `.txt` files next to each media file (UTF-8, with a letter or digit)."""
 from __future__ import annotations
 
 import codecs
+import unicodedata
 from pathlib import Path
 
 from latentforge.pipelines.resources import StageResources
 from latentforge.pipelines.stage import Reject, Stage
 
 MAX_CAPTION_BYTES = 16_384
+# Zero-width joiners are format characters too, but they carry meaning (emoji sequences, Persian spelling).
+_JOINERS = {"\u200c", "\u200d"}
+
+
+def visible_text(text: str) -> str:
+    """`text` without control and format characters (NUL, a byte-order mark, zero-width spaces, bidi marks),
+    whitespace squeezed to single spaces."""
+    kept = (c for c in text if c.isspace() or c in _JOINERS or unicodedata.category(c) not in ("Cc", "Cf"))
+    return " ".join("".join(kept).split())
 
 
 def read_sidecar_caption(path: str | Path) -> str:
@@ -22,9 +32,10 @@ def read_sidecar_caption(path: str | Path) -> str:
         text = codecs.getincrementaldecoder("utf-8")().decode(data, final=not truncated)
     except UnicodeDecodeError as e:
         raise Reject("caption_not_utf8", f"caption {path.name} is not valid UTF-8 ({e.reason} at byte {e.start})")
-    text = " ".join(text.split())
-    if not text:
-        raise Reject("empty_caption", f"caption {path.name} is empty")
+    text = visible_text(text)
+    if not any(c.isalnum() for c in text):
+        raise Reject("empty_caption", f"caption {path.name} is empty" if not text else
+                     f"caption {path.name} has no letter or digit ({text[:20]!r})")
     return text
 
 
