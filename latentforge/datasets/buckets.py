@@ -25,7 +25,8 @@ class Bucket(BaseModel):
 
 def choose_bucket(buckets: list[Bucket], width: int, height: int, num_frames: int, modality: str) -> Bucket:
     """Nearest aspect ratio (in log space); for clips, prefer buckets the clip has enough frames for,
-    then the most frames. Resizing keeps the aspect ratio and centre-crops the rest."""
+    then the most frames. Among those, the largest bucket the source covers (no upscaling), else the
+    smallest (the least upscaling). Resizing keeps the aspect ratio and centre-crops the rest."""
     if not buckets:
         raise ValueError("no buckets configured")
     aspect = width / height if width and height else 1.0
@@ -39,4 +40,10 @@ def choose_bucket(buckets: list[Bucket], width: int, height: int, num_frames: in
         pool = fitting or [min(buckets, key=lambda b: b.frames)]
     best = min(distortion(b) for b in pool)
     tied = [b for b in pool if distortion(b) - best < 1e-9]
-    return max(tied, key=lambda b: (b.frames if modality == "video" else 0, b.height * b.width))
+    if modality == "video":
+        most = max(b.frames for b in tied)
+        tied = [b for b in tied if b.frames == most]
+    covered = [b for b in tied if b.width <= width and b.height <= height]
+    if covered:
+        return max(covered, key=lambda b: b.height * b.width)
+    return min(tied, key=lambda b: b.height * b.width)

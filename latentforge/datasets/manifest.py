@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,43 +147,102 @@ class Dataset:
 
 
 # --- selection queries -------------------------------------------------------------------------------------
-# A deliberately small grammar (comparisons joined by `and`) evaluated by pyarrow.compute: a query is data,
+# A deliberately small grammar evaluated by pyarrow.compute: comparisons `column OP value` joined by `and`, a
+# value being a number or one quoted string ('...' or "..."; no escapes, so a string holding both kinds of
+# quote cannot be written). `or`, `not` and parentheses are refused, not half-understood. A query is data,
 # and eval-style engines would run code from a config file.
-_AND_OUTSIDE_QUOTES = re.compile(r"""\s+and\s+(?=(?:[^'"]|'[^']*'|"[^"]*")*$)""", re.IGNORECASE)
-_CLAUSE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(==|!=|>=|<=|>|<)\s*(.+?)\s*$")
+_TOKEN = re.compile(r"""\s*(?:('[^']*'|"[^"]*")|(==|!=|>=|<=|>|<)|([^\s'"()=!<>]+)|(\S))""")
+_KINDS = (None, "quoted", "op", "word", "other")  # by regex group
+_COLUMN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_UNSUPPORTED = {"or", "not", "(", ")"}
 _OPS = {"==": pc.equal, "!=": pc.not_equal, ">=": pc.greater_equal, "<=": pc.less_equal,
         ">": pc.greater, "<": pc.less}
 
 
 def parse_where(where: str, schema: pa.Schema) -> pc.Expression:
-    """`"score_resolution >= 64 and modality == 'image'"` -> a pyarrow compute expression."""
+    """`"score_resolution >= 64 and modality == 'image'"` -> a pyarrow compute expression.
+
+    A number is compared in the column's own type (for a float32 score, the literal rounded to float32), so
+    re-selecting with a curation threshold keeps every row curation kept at exactly that threshold. A NaN or
+    null score matches no comparison, `!=` included (like SQL's NULL)."""
     expr = None
-    for clause in _AND_OUTSIDE_QUOTES.split(where.strip()):
-        match = _CLAUSE.match(clause)
-        if not match:
-            raise ValueError(f"cannot parse selection clause {clause!r}: expected 'column OP value'")
-        column, op, literal = match.groups()
+    for clause in _clauses(where):
+        text = _span(where, clause)
+        if len(clause) < 2 or clause[0][0] != "word" or not _COLUMN.match(clause[0][1]) or clause[1][0] != "op":
+            raise ValueError(f"cannot parse selection clause {text!r}: expected 'column OP value'")
+        column, op = clause[0][1], clause[1][1]
         if column not in schema.names:
             raise ValueError(f"selection names unknown column {column!r}; columns: {', '.join(schema.names)}")
-        value = _literal(literal)
-        is_text = pa.types.is_string(schema.field(column).type)
-        if isinstance(value, str) != is_text:
-            raise ValueError(f"column {column!r} holds {schema.field(column).type}: compare it with a "
-                             f"{'quoted string' if is_text else 'number'}, not {literal}")
-        term = _OPS[op](pc.field(column), value)
+        value = _literal(where, clause[2:], text)
+        term = _comparison(column, schema.field(column).type, op, value, _span(where, clause[2:]))
         expr = term if expr is None else (expr & term)
-    if expr is None:
-        raise ValueError("empty selection")
     return expr
 
 
-def _literal(text: str):
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+def _clauses(where: str) -> list[list[tuple[str, str, int, int]]]:
+    """Tokens (kind, text, start, end) split on `and` outside quotes; `or`, `not` and parentheses refused."""
+    tokens, pos = [], 0
+    while where[pos:].strip():
+        match = _TOKEN.match(where, pos)
+        group = match.lastindex
+        tokens.append((_KINDS[group], match.group(group), match.start(group), match.end()))
+        pos = match.end()
+    for kind, text, _, _ in tokens:
+        if kind in ("word", "other") and text.lower() in _UNSUPPORTED:
+            raise ValueError(f"cannot parse selection {where!r}: {text!r} is not supported; a selection is "
+                             "comparisons joined by `and` (no `or`, `not` or parentheses)")
+    # `and` separates two clauses; a leading or trailing one stays in its clause, which then fails to parse.
+    cuts = [i for i, (kind, text, _, _) in enumerate(tokens)
+            if kind == "word" and text.lower() == "and" and 0 < i < len(tokens) - 1]
+    return [tokens[a + 1:b] for a, b in zip([-1, *cuts], [*cuts, len(tokens)])]
+
+
+def _span(where: str, tokens: list[tuple[str, str, int, int]]) -> str:
+    return where[tokens[0][2]:tokens[-1][3]].strip() if tokens else ""
+
+
+def _literal(where: str, tokens: list[tuple[str, str, int, int]], clause: str) -> str | int | float:
+    """Exactly one quoted string or one number: `'image' or modality == 'video'` is never one string."""
+    text = _span(where, tokens)
+    if len(tokens) == 1 and tokens[0][0] == "quoted":
         return text[1:-1]
-    try:
-        return float(text)
-    except ValueError as e:
-        raise ValueError(f"selection value {text!r} must be a number or a quoted string") from e
+    if len(tokens) == 1 and tokens[0][0] == "word":
+        for number in (int, float):  # an integer stays exact for integer columns
+            try:
+                value = number(text)
+            except ValueError:
+                continue
+            if isinstance(value, float) and math.isnan(value):
+                raise ValueError(f"selection clause {clause!r} compares with NaN, which matches nothing")
+            return value
+    raise ValueError(f"selection value {text!r} in {clause!r} must be a number or a quoted string")
+
+
+def _is_text(t: pa.DataType) -> bool:
+    view = getattr(pa.types, "is_string_view", lambda _: False)  # pyarrow >= 16
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or view(t)
+
+
+def _comparison(column: str, type_: pa.DataType, op: str, value, literal: str) -> pc.Expression:
+    field = pc.field(column)
+    if _is_text(type_):
+        if not isinstance(value, str):
+            raise ValueError(f"column {column!r} holds {type_}: compare it with a quoted string, not {literal}")
+        return _OPS[op](field, value)
+    if not (pa.types.is_integer(type_) or pa.types.is_floating(type_)):
+        raise ValueError(f"column {column!r} holds {type_}: a selection compares only string and number columns")
+    if isinstance(value, str):
+        raise ValueError(f"column {column!r} holds {type_}: compare it with a number, not {literal}")
+    if pa.types.is_floating(type_):
+        # In the column's type: a score stored as float32(0.3) equals `0.3`, as curation's `>= 0.3` meant.
+        term = _OPS[op](field, pa.scalar(float(value), type=type_))
+        return term & ~pc.is_nan(field) if op == "!=" else term  # NaN is unequal to everything, yet no match
+    if isinstance(value, int):
+        try:
+            return _OPS[op](field, pa.scalar(value, type=type_))  # exact, even past float64's 2**53
+        except (OverflowError, pa.ArrowInvalid):
+            pass  # outside the column's range: float64 still orders it right
+    return _OPS[op](field, pa.scalar(float(value)))  # 63.5 against an integer column
 
 
 # --- latent statistics ------------------------------------------------------------------------------------

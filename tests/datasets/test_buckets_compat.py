@@ -25,6 +25,28 @@ def test_clips_prefer_buckets_they_have_frames_for():
     assert choose_bucket(TABLE, 100, 100, 1, "video").frames == 2  # nothing fits: the shortest bucket
 
 
+SQUARES = [Bucket(height=256, width=256, frames=8), Bucket(height=512, width=512, frames=8),
+           Bucket(height=1024, width=1024, frames=8), Bucket(height=768, width=768, frames=4)]
+
+
+@pytest.mark.parametrize("w,h,side", [(64, 64, 256), (300, 300, 256), (512, 512, 512), (600, 600, 512),
+                                      (4000, 4000, 1024), (1000, 600, 512)])
+def test_equal_aspects_take_the_largest_bucket_the_source_covers(w, h, side):
+    """The largest of equal-aspect buckets upscaled a 64x64 image 16x into 1024x1024; the smallest upscales
+    least when none fits, and a centre-cropped 1000x600 source covers 512x512, not 768x768."""
+    b = choose_bucket(SQUARES, w, h, 1, "image")
+    assert (b.height, b.width) == (side, side)
+
+
+def test_clips_still_prefer_frames_then_the_covered_size():
+    b = choose_bucket(SQUARES, 800, 800, 20, "video")  # 768x768 is covered too, but has fewer frames
+    assert (b.height, b.frames) == (512, 8)
+    b = choose_bucket(SQUARES, 800, 800, 5, "video")  # only the 4-frame bucket fits 5 frames
+    assert (b.height, b.frames) == (768, 4)
+    b = choose_bucket(SQUARES, 64, 64, 1, "video")  # no bucket fits 1 frame: the shortest, whatever its size
+    assert (b.height, b.frames) == (768, 4)
+
+
 def test_empty_table_is_refused():
     with pytest.raises(ValueError):
         choose_bucket([], 10, 10, 1, "image")

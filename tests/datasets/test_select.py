@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from latentforge.datasets import manifest as mf
@@ -87,3 +89,123 @@ def test_cli_select(parent, tmp_path):
     assert "selected 2 samples" in result.output
     bad = CliRunner().invoke(app, ["select", str(parent), "--out", str(tmp_path / "d"), "--where", "nope > 1"])
     assert bad.exit_code == 2 and "unknown column" in bad.output
+
+
+# --- the `where` grammar on real manifests ------------------------------------------------------------------
+def write_manifest(root, rows, cast=None):
+    """A dataset dir holding only a manifest (all `select` reads), optionally rewritten with other column types."""
+    root.mkdir(parents=True)
+    table = mf.to_table([{"modality": "image", "status": "ok", **r} for r in rows], mf.MANIFEST_SCHEMA)
+    if cast:
+        table = table.cast(pa.schema([pa.field(f.name, cast(f.type)) for f in table.schema]))
+    mf.write_table(table, root / mf.MANIFEST)
+    return mf.Dataset(root)
+
+
+@pytest.mark.parametrize("where, word", [
+    ("modality == 'image' or modality == 'video'", "or"),
+    ("modality == 'image' OR modality == 'video'", "OR"),
+    ("modality != 'audio' or caption == 'blue'", "or"),
+    ("modality == 'image' and not modality == 'video'", "not"),
+    ("(modality == 'image')", "("),
+])
+def test_or_not_and_parentheses_are_refused_not_read_as_one_string(tmp_path, where, word):
+    """The quoted value once ran from the first quote to the last: `== 'image' or ... 'video'` matched nothing,
+    and `!=` everything; a training stage accepted it."""
+    from pydantic import ValidationError
+
+    from latentforge.training.config import TrainStageConfig
+
+    ds = write_manifest(tmp_path / "ds", [{"id": "a", "caption": "red"}, {"id": "b", "modality": "video"}])
+    with pytest.raises(ValueError, match=f"{re.escape(repr(word))} is not supported.*joined by `and`"):
+        ds.select(where)
+    with pytest.raises(ValidationError, match="is not supported"):
+        TrainStageConfig(name="s", modalities=["image", "video"], where=where)
+
+
+@pytest.mark.parametrize("where", ["caption == 'a' 'b'", "caption == 'a' == 'b'", "caption == 'a'b"])
+def test_a_quoted_value_is_exactly_one_quoted_string(tmp_path, where):
+    ds = write_manifest(tmp_path / "ds", [{"id": "a", "caption": "a"}])
+    with pytest.raises(ValueError, match="must be a number or a quoted string"):
+        ds.select(where)
+
+
+def test_or_and_quotes_inside_a_quoted_value_are_text(tmp_path):
+    rows = [{"id": "a", "caption": "black or white", "relpath": "it's"}, {"id": "b", "caption": "black"}]
+    ds = write_manifest(tmp_path / "ds", rows)
+    assert ds.select("caption == 'black or white'")["id"].to_pylist() == ["a"]
+    assert ds.select("caption != 'black or white' and modality == 'image'")["id"].to_pylist() == ["b"]
+    assert ds.select("""relpath == "it's" and caption == 'black or white'""")["id"].to_pylist() == ["a"]
+
+
+@pytest.mark.parametrize("minimum, maximum", [(0.3, None), (5.1, None), (0.0, 0.7), (0.0, 0.3), (0.0, 5.1)])
+def test_reselecting_with_a_curation_threshold_keeps_what_curation_kept(tmp_path, minimum, maximum):
+    """Curation compares the float64 score with its threshold, then stores float32: float32(5.1) < 5.1 and
+    float32(0.3) > 0.3, so comparing stored scores with float64 literals dropped rows kept at the threshold."""
+    from latentforge.pipelines.stages.filter_motion import FilterMotion, MotionConfig
+
+    cfg = MotionConfig(min_motion=minimum, max_motion=maximum)
+    edge = minimum if maximum is None else maximum
+    scores = [edge, np.nextafter(edge, np.inf), np.nextafter(edge, -np.inf), edge + 0.01, edge - 0.01]
+    rows = [{"id": f"s{i}", "modality": "video", "score_motion": float(s),
+             "status": "filtered" if FilterMotion._verdict(float(s), cfg) else "ok"} for i, s in enumerate(scores)]
+    kept = [r["id"] for r in rows if r["status"] == "ok"]
+    outside, rounds_in = ("s3", "s1") if maximum is not None else ("s4", "s2")
+    assert "s0" in kept and outside not in kept and rounds_in not in kept  # the threshold itself is kept
+    where = f"score_motion >= {minimum}" + (f" and score_motion <= {maximum}" if maximum is not None else "")
+    ds = write_manifest(tmp_path / "ds", rows)
+    assert ds.select(where)["id"].to_pylist() == kept
+    # Ignoring status: a row filtered by more than float32 rounding stays out; one an ulp past the threshold
+    # is stored as the threshold itself, so no selection can tell it from a kept one.
+    everything = ds.manifest()
+    chosen = set(everything.filter(mf.parse_where(where, everything.schema))["id"].to_pylist())
+    assert chosen - {rounds_in} == set(kept)
+
+
+def test_scores_compare_in_their_stored_type_and_nan_or_null_match_nothing(tmp_path):
+    """A NaN is unequal to everything yet matches no comparison, `!=` included, as a null does (SQL's NULL)."""
+    rows = [{"id": "a", "score_motion": 0.3}, {"id": "b", "score_motion": 0.5},
+            {"id": "c", "score_motion": float("nan")}, {"id": "d", "score_motion": None}]
+    ds = write_manifest(tmp_path / "ds", rows)
+
+    def ids(where):
+        return ds.select(where)["id"].to_pylist()
+
+    assert ids("score_motion == 0.3") == ["a"]
+    assert ids("score_motion <= 0.3") == ["a"] and ids("score_motion > 0.3") == ["b"]
+    assert ids("score_motion != 0.3") == ["b"]
+    assert ids("score_motion < inf") == ["a", "b"] and ids("score_motion > -inf") == ["a", "b"]
+    with pytest.raises(ValueError, match="NaN"):
+        ids("score_motion != nan")
+
+
+def test_integer_columns_compare_exactly_with_integers_and_fractions(tmp_path):
+    ds = write_manifest(tmp_path / "ds", [{"id": "a", "width": 64}, {"id": "b", "width": 65}])
+    assert ds.select("width == 64")["id"].to_pylist() == ["a"]
+    assert ds.select("width > 64.5")["id"].to_pylist() == ["b"]
+    assert ds.select("width < 10000000000")["id"].to_pylist() == ["a", "b"]  # past int32: still compares
+
+
+def test_a_list_column_is_refused_when_the_config_is_validated(tmp_path):
+    """`latent_shape >= 4` used to pass validation and fail inside pyarrow once training planned its data."""
+    from pydantic import ValidationError
+
+    from latentforge.training.config import TrainStageConfig
+
+    with pytest.raises(ValidationError, match=r"column 'latent_shape' holds list<item: int32>"):
+        TrainStageConfig(name="s", modalities=["image"], where="latent_shape >= 4")
+    ds = write_manifest(tmp_path / "ds", [{"id": "a", "latent_shape": [4, 1, 8, 8]}])
+    with pytest.raises(ValueError, match="'latent_shape' holds list.*only string and number columns"):
+        ds.select("latent_shape >= 4")
+
+
+def test_a_manifest_rewritten_with_large_strings_and_doubles_still_selects(tmp_path):
+    """polars and pandas write large_string (and often float64): quoted comparisons must still work."""
+    def widen(t):
+        return pa.large_string() if t == pa.string() else pa.float64() if t == pa.float32() else t
+
+    rows = [{"id": "a", "score_motion": 0.3}, {"id": "b", "modality": "video", "score_motion": 0.2}]
+    ds = write_manifest(tmp_path / "ds", rows, cast=widen)
+    assert ds.manifest().schema.field("modality").type == pa.large_string()
+    assert ds.select("modality == 'image'")["id"].to_pylist() == ["a"]
+    assert ds.select("modality != 'image' and score_motion < 0.3")["id"].to_pylist() == ["b"]
