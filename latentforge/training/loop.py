@@ -179,7 +179,7 @@ def train_stage(config: dict) -> None:
     raw = DiT(model_cfg)
     ema = copy.deepcopy(raw).requires_grad_(False)
     optimizer, scheduler = build_optimizer(raw, stage)
-    start, model, optimizer, ema = prepare(acc, raw, ema, optimizer, scheduler, job)
+    start, position, model, optimizer, ema = prepare(acc, raw, ema, optimizer, scheduler, job)
     if stage.compile:
         model = torch.compile(model)
     sink = job.sink if acc.is_main_process else NullSink()
@@ -187,13 +187,14 @@ def train_stage(config: dict) -> None:
     sharded = fsdp.is_sharded_run(acc)  # then every rank runs validation and gathers for samples (collectives)
     validation = validation_batches(datasets, stage, normalizer, job.seed, model_cfg.visual_patch,
                                     acc.is_main_process or sharded)
-    stream = build_stream(batches, rank, start * stage.grad_accum)  # what an uninterrupted run would see next
+    stream = build_stream(batches, rank, position)  # what an uninterrupted run would see next
     meter = Meter()
     warmup = ema_warmup(job)
     for step in range(start, stage.steps):
         maybe_fail(job, step + 1, acc.is_main_process)
         loss, seen, extra = train_step(acc, model, stream, stage, step_generator(job.seed, rank, step, stage.name),
                                        model_cfg.visual_patch)
+        position += stage.grad_accum
         grad_norm = acc.clip_grad_norm_(model.parameters(), stage.optim.grad_clip)
         optimizer.step()
         scheduler.step()
@@ -206,7 +207,7 @@ def train_stage(config: dict) -> None:
         if validation and (done == stage.steps or (stage.val_every and done % stage.val_every == 0)):
             sink.log_metrics(validate(raw, validation, stage, model_cfg.visual_patch, acc.device), done)
         if done % stage.checkpoint_every == 0 or done == stage.steps:
-            report(acc, raw, ema, optimizer, scheduler, job, done, loss)
+            report(acc, raw, ema, optimizer, scheduler, job, done, loss, position)
         if stage.num_samples and (done == stage.steps or (stage.sample_every and done % stage.sample_every == 0)):
             sampler = sampling_copy(acc, ema, model_cfg) if sharded else ema
             if acc.is_main_process:
@@ -270,19 +271,20 @@ def maybe_fail(job: StageJob, step: int, main: bool) -> None:
 
 def prepare(acc, raw, ema, optimizer, scheduler, job: StageJob):
     """Restore, then hand model and optimiser to accelerate: DDP, or FSDP2 sharding model and EMA alike.
+    Returns (step, data position, model, optimizer, ema).
 
     Under FSDP the weights are loaded into the plain modules before sharding, the optimiser state after it
     (its moments must be sharded like the parameters they belong to).
     """
     if not job.stage.fsdp.enabled:
-        start = restore(raw, ema, optimizer, scheduler, job)
-        return (start, *place(acc, raw, ema, optimizer))
+        resumed = restore(raw, ema, optimizer, scheduler, job, acc.num_processes)
+        return (*resumed, *place(acc, raw, ema, optimizer))
     import ray.train
 
     if job.stage.fsdp.activation_checkpointing:
         raw.cfg = dataclasses.replace(raw.cfg, grad_checkpointing=True)
     raw.grad_all_families = True  # ranks whose batches differ in latent family still reduce the same gradients
-    start = restore(raw, ema, None, scheduler, job)
+    resumed = restore(raw, ema, None, scheduler, job, acc.num_processes)
     model, optimizer = acc.prepare(raw, optimizer)
     ema = fsdp.shard_like_model(acc, ema)
     fsdp.register_forward_methods(raw)
@@ -293,7 +295,7 @@ def prepare(acc, raw, ema, optimizer, scheduler, job: StageJob):
     elif job.init_from and job.stage.inherit == "full":
         fsdp.load_full_optimizer_state(raw, optimizer, ckpt.inherited_optimizer_state(Path(job.init_from), optimizer,
                                                                                       raw))
-    return start, model, optimizer, ema
+    return (*resumed, model, optimizer, ema)
 
 
 def place(acc, raw, ema, optimizer):
@@ -313,9 +315,14 @@ def sampling_copy(acc, ema, model_cfg: DiTConfig):
     return plain.to(acc.device)
 
 
-def restore(raw, ema, optimizer, scheduler, job: StageJob) -> int:
+def restore(raw, ema, optimizer, scheduler, job: StageJob, world: int = 1) -> tuple[int, int]:
     """Resume this stage from its own last checkpoint, else start from the previous stage's final state.
+    Returns (step, data position: batches this rank has consumed), (0, 0) for a fresh start.
 
+    The saved position, not step * grad_accum: grad_accum may have changed since. Like a loader.workers change,
+    a world size change still resumes, with a warning (refusing would strand the checkpoint): the position is
+    rescaled so that the ranks together have consumed as many batches as before, i.e. the same share of the
+    epoch, but the sample order is no longer the interrupted run's.
     optimizer None: its state is left for the caller (FSDP loads it after sharding)."""
     import ray.train
 
@@ -323,11 +330,19 @@ def restore(raw, ema, optimizer, scheduler, job: StageJob) -> int:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = ckpt.load_checkpoint(Path(d), raw, ema, optimizer, scheduler)
+        step = int(state["step"])
+        position = int(state.get("data_position", step * job.stage.grad_accum))  # absent in older checkpoints
         saved = state.get("loader_workers", job.stage.loader.workers)
         if saved != job.stage.loader.workers:  # still resumes, but the data order is not the interrupted one's
             say(f"[{job.stage.name}] warning: checkpoint was written with loader.workers={saved}, resuming with "
                 f"{job.stage.loader.workers}: the sample order from here differs from an uninterrupted run")
-        return int(state["step"])
+        saved = state.get("world_size", world)
+        if saved != world:
+            say(f"[{job.stage.name}] warning: checkpoint was written by {saved} workers, resuming with {world}: "
+                f"each rank resumes at batch {position * saved // world} (was {position}), the same share of the "
+                f"epoch, but the sample order from here differs from an uninterrupted run")
+            position = position * saved // world
+        return step, position
     inherit = job.stage.inherit
     if job.init_from and inherit != "none":
         carried = carries_ema(job)
@@ -336,18 +351,19 @@ def restore(raw, ema, optimizer, scheduler, job: StageJob) -> int:
             ema.load_state_dict(raw.state_dict())
         if inherit == "full" and optimizer is not None:
             ckpt.load_optimizer(Path(job.init_from), optimizer, raw)
-    return 0
+    return 0, 0
 
 
-def report(acc, raw, ema, optimizer, scheduler, job: StageJob, step: int, loss: float) -> None:
+def report(acc, raw, ema, optimizer, scheduler, job: StageJob, step: int, loss: float, position: int) -> None:
     """Every worker reports (a barrier); rank 0 attaches the checkpoint."""
     import ray.train
 
     metrics = {"step": step, "loss": loss}
-    # data_position counts the batches every rank has consumed; with the seed and loader.workers it fixes each
-    # reader's place in its epoch (see loader.LatentStream), so a resumed run reads on mid-epoch.
-    state = {"step": step, "stage": job.stage.name, "data_position": step * job.stage.grad_accum,
-             "loader_workers": job.stage.loader.workers}
+    # data_position counts the batches every rank has consumed; with the seed, loader.workers and the world size
+    # (readers = world x loader.workers) it fixes each reader's place in its epoch (see loader.LatentStream), so a
+    # resumed run reads on mid-epoch.
+    state = {"step": step, "stage": job.stage.name, "data_position": position,
+             "loader_workers": job.stage.loader.workers, "world_size": acc.num_processes}
     sharded = fsdp.is_sharded_run(acc)
     if sharded:  # gathered to rank 0: collectives every rank joins
         gathered = fsdp.full_state(raw), fsdp.full_state(ema), fsdp.full_optimizer_state(raw, optimizer)

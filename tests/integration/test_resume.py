@@ -97,7 +97,7 @@ def test_a_rerun_driver_resumes_from_the_last_checkpoint(dataset, uninterrupted,
         fit_stage(p, p.stages[0], [dataset], tmp_path, "rerun")
     result = fit_stage(p, p.stages[0], [dataset], tmp_path, "rerun")  # same name + storage: resume
     state = json.loads((result.checkpoint_dir / "state.json").read_text())
-    assert state == {"step": 12, "stage": "s", "data_position": 24, "loader_workers": 1}
+    assert state == {"step": 12, "stage": "s", "data_position": 24, "loader_workers": 1, "world_size": 2}
     assert_bitwise_equal(final_weights(result), uninterrupted)
 
 
