@@ -6,12 +6,13 @@ because streaming_split hands out blocks in whatever order its executor finishes
 nor a mid-epoch resume position would be reproducible; a rank here re-derives its exact stream from the seed):
 
 - A *reader* is one DataLoader worker of one rank: `readers = world * max(1, loader.workers)`.
-- The selection is cut into *units*: whole shards when there are at least as many shards as readers (each
-  shard is read by one reader per epoch), else one key-strided slice of the selection per reader (tiny
-  datasets: every reader reads the shards but decodes only its own samples).
-- Each epoch the units are shuffled with (seed, epoch) and dealt to readers, so readers are disjoint and
-  together cover the selection once per epoch.
-- A reader streams its units through a shuffle buffer into per-bucket accumulators; a bucket's batch is
+- Each epoch the selection's shards are shuffled with (seed, epoch), laid end to end (each in key order) and
+  cut into `readers` consecutive runs of equal sample count (within one), so readers are disjoint, together
+  cover the selection once per epoch, and take the same share whatever the shards' sizes after `where`
+  (every rank takes the same number of steps). A reader reads whole shards but at most one partial shard
+  at each end of its run (reading only its own keys of those); with fewer shards than readers, a shard is
+  split between several readers.
+- A reader streams its share through a shuffle buffer into per-bucket accumulators; a bucket's batch is
   emitted when it holds `batch_size(shape)` samples (epoch ends flush short batches). The buffer and the
   accumulators are all a reader holds, whatever the dataset size.
 - The same procedure is first run on manifest metadata alone (ids, shard, latent shape) to *plan* the epoch
@@ -83,8 +84,11 @@ def as_list(datasets: Dataset | list[Dataset]) -> list[Dataset]:
 
 
 def open_datasets(datasets: Dataset | list[Dataset]) -> list[Dataset]:
-    """The datasets of a stage, refused when their encoders differ."""
+    """The datasets of a stage, refused when their encoders differ or one is listed twice."""
     datasets = as_list(datasets)
+    roots = [str(d.root.resolve()) if isinstance(d.root, Path) else str(d.root).rstrip("/") for d in datasets]
+    if len(set(roots)) < len(roots):
+        raise ValueError(f"dataset {max(roots, key=roots.count)} is listed twice in the stage's datasets: list it once")
     check_compatible([d.card for d in datasets], [str(d.root) for d in datasets])
     return datasets
 
@@ -120,7 +124,12 @@ def select_entries(datasets: Dataset | list[Dataset], stage: TrainStageConfig, s
             if shard not in shard_paths:
                 shard_paths[shard] = str(dataset.shard_path(shard))
             out.append(Entry(n, key, shard_paths[shard], tuple(shape), modality))
-    return sorted(out, key=lambda e: (e.shard, e.key))
+    out.sort(key=lambda e: (e.shard, e.key))
+    for a, b in zip(out, out[1:]):  # the reader finds a sample by (shard, key): two would never both be read
+        if (a.shard, a.key) == (b.shard, b.key):
+            raise ValueError(f"sample {a.key!r} of shard {a.shard} is selected twice (datasets "
+                             f"{as_list(datasets)[a.dataset].root} and {as_list(datasets)[b.dataset].root})")
+    return out
 
 
 def select_samples(datasets: Dataset | list[Dataset], stage: TrainStageConfig,
@@ -171,10 +180,8 @@ class StreamPlan:
                              f"(workers x loader.workers)")
         self.entries, self.stage, self.normalizer = entries, stage, normalizer
         self.seed, self.readers, self.patch, self.repa = seed, readers, patch, repa
-        shards = [list(g) for _, g in itertools.groupby(range(len(entries)), key=lambda i: entries[i].shard)]
-        # Whole shards when there are enough; else key-strided slices, so every reader still gets samples.
-        self.units = shards if len(shards) >= readers else [list(range(r, len(entries), readers))
-                                                            for r in range(readers)]
+        starts = [0] + [i for i in range(1, len(entries)) if entries[i].shard != entries[i - 1].shard]
+        self.shards = list(zip(starts, starts[1:] + [len(entries)]))  # entry index range [lo, hi) per shard
         self._plans: dict[tuple[int, int], list[list[Item]]] = {}
         self.peak_held = 0  # most decoded samples held at once (bounded by the buffer, not the share)
 
@@ -183,10 +190,20 @@ class StreamPlan:
             return self.stage.batch_size
         return max(1, self.stage.tokens_per_batch // token_count(shape, self.patch))
 
-    def units_of(self, reader: int, epoch: int) -> list[int]:
-        order = list(range(len(self.units)))
+    def share(self, reader: int, epoch: int) -> list[int]:
+        """The entries `reader` reads in `epoch`, in order: its run of the shuffled shards (module docstring)."""
+        order = list(range(len(self.shards)))
         random.Random(f"units:{self.seed}:{epoch}").shuffle(order)
-        return order[reader::self.readers]
+        n = len(self.entries)
+        first, last = reader * n // self.readers, (reader + 1) * n // self.readers
+        out, pos = [], 0  # pos: where the next shard starts in the epoch's sequence
+        for lo, hi in (self.shards[s] for s in order):
+            if pos >= last:
+                break
+            if pos + hi - lo > first:
+                out.extend(range(lo + max(0, first - pos), lo + min(hi - lo, last - pos)))
+            pos += hi - lo
+        return out
 
     def plan(self, reader: int, epoch: int) -> list[list[Item]]:
         """The epoch's batches (lists of items) for one reader, from metadata alone."""
@@ -205,18 +222,17 @@ class StreamPlan:
             if len(group) == self.batch_size(shape):
                 plan.append(accumulators.pop(shape))
 
-        for unit in self.units_of(reader, epoch):
-            for i in self.units[unit]:
-                entry = self.entries[i]
-                frame = None
-                if entry.modality == "video" and self.stage.video_frames_as_images:
-                    frame = rng.randrange(entry.shape[1])
-                if len(buffer) < size:
-                    buffer.append((i, frame))
-                    continue
-                slot = rng.randrange(size)
-                add(buffer[slot])
-                buffer[slot] = (i, frame)
+        for i in self.share(reader, epoch):
+            entry = self.entries[i]
+            frame = None
+            if entry.modality == "video" and self.stage.video_frames_as_images:
+                frame = rng.randrange(entry.shape[1])
+            if len(buffer) < size:
+                buffer.append((i, frame))
+                continue
+            slot = rng.randrange(size)
+            add(buffer[slot])
+            buffer[slot] = (i, frame)
         rng.shuffle(buffer)
         for item in buffer:
             add(item)
@@ -233,7 +249,7 @@ class StreamPlan:
         epoch = 0
         while start >= len(self.plan(reader, epoch)):  # metadata only: nothing is read for skipped batches
             start -= len(self.plan(reader, epoch))
-            epoch += 1  # ends: every reader gets at least one non-empty unit per epoch
+            epoch += 1  # ends: every reader gets a non-empty share every epoch
         while True:
             yield from self.read_epoch(reader, epoch, start)
             epoch, start = epoch + 1, 0
@@ -246,26 +262,25 @@ class StreamPlan:
         decoded: dict[int, Decoded] = {}
         decode = NpyDecoder()
         cursor = start
-        for unit in self.units_of(reader, epoch):
-            needed = [i for i in self.units[unit] if i in batch_of]
-            for uri, group in itertools.groupby(needed, key=lambda i: self.entries[i].shard):
-                wanted = {self.entries[i].key: i for i in group}
-                for key, members in iter_raw_samples(uri, wanted_key=wanted.__contains__):
-                    i = wanted.pop(key, None)
-                    if i is None:
-                        continue
-                    decoded[i] = self.decode(members, decode, uri, key)
-                    self.peak_held = max(self.peak_held, len(decoded))
-                    missing[batch_of[i]] -= 1
-                    while cursor < len(plan) and missing[cursor] == 0:
-                        yield self.collate(plan[cursor], decoded)
-                        cursor += 1
-                if wanted:
-                    raise ShardFormatError(f"{uri}: samples named by the manifest are missing: {sorted(wanted)[:5]}")
+        needed = [i for i in self.share(reader, epoch) if i in batch_of]
+        for uri, group in itertools.groupby(needed, key=lambda i: self.entries[i].shard):
+            wanted = {self.entries[i].key: i for i in group}
+            for key, members in iter_raw_samples(uri, wanted_key=wanted.__contains__):
+                i = wanted.pop(key, None)
+                if i is None:
+                    continue
+                decoded[i] = self.decode(members, decode, uri, key, self.entries[i].shape)
+                self.peak_held = max(self.peak_held, len(decoded))
+                missing[batch_of[i]] -= 1
+                while cursor < len(plan) and missing[cursor] == 0:
+                    yield self.collate(plan[cursor], decoded)
+                    cursor += 1
+            if wanted:
+                raise ShardFormatError(f"{uri}: samples named by the manifest are missing: {sorted(wanted)[:5]}")
         if cursor != len(plan):
             raise RuntimeError(f"reader {reader} epoch {epoch}: batch {cursor} of {len(plan)} never completed")
 
-    def decode(self, members: dict, decode: NpyDecoder, uri: str, key: str) -> Decoded:
+    def decode(self, members: dict, decode: NpyDecoder, uri: str, key: str, shape: tuple[int, ...]) -> Decoded:
         missing = [m for m in MEMBERS if m not in members]
         if missing:
             raise ShardFormatError(f"{uri}: sample {key}: missing members {missing}")
@@ -273,22 +288,22 @@ class StreamPlan:
         if self.repa and repa is None:
             raise ShardFormatError(f"{uri}: sample {key} has no repa.npy, but the stage trains with REPA")
         try:
-            return Decoded(decode(members["latent.npy"], f"{uri}:{key}.latent.npy"),
-                           decode(members["text.npy"], f"{uri}:{key}.text.npy"),
-                           decode(members["text_mask.npy"], f"{uri}:{key}.text_mask.npy"),
-                           str(members["caption.txt"], "utf-8"),
-                           decode(repa, f"{uri}:{key}.repa.npy") if self.repa else None)
+            out = Decoded(decode(members["latent.npy"], f"{uri}:{key}.latent.npy"),
+                          decode(members["text.npy"], f"{uri}:{key}.text.npy"),
+                          decode(members["text_mask.npy"], f"{uri}:{key}.text_mask.npy"),
+                          str(members["caption.txt"], "utf-8"),
+                          decode(repa, f"{uri}:{key}.repa.npy") if self.repa else None)
         except UnicodeDecodeError as e:
             raise ShardFormatError(f"{uri}: sample {key}: caption is not UTF-8: {e}") from e
+        if out.latent.shape != shape or out.latent.dtype.kind != "f":  # here, not after collate's np.stack
+            raise ShardFormatError(f"{uri}: sample {key}: latent {out.latent.dtype} {out.latent.shape}, but the "
+                                   f"manifest says shape {shape}")
+        return out
 
     def collate(self, items: list[Item], decoded: dict[int, Decoded]) -> Batch:
         samples = [decoded.pop(i) for i, _ in items]
         modalities = ["image" if frame is not None else self.entries[i].modality for i, frame in items]
         latent = np.stack([s.latent if f is None else s.latent[:, f:f + 1] for s, (_, f) in zip(samples, items)])
-        for s, (i, _) in zip(samples, items):
-            if s.latent.shape != self.entries[i].shape:
-                raise ShardFormatError(f"sample {self.entries[i].key}: latent {s.latent.shape} but the manifest "
-                                       f"says {self.entries[i].shape}")
         families = {LatentNormalizer.family(m) for m in modalities}
         if len(families) > 1:
             raise ValueError(f"a batch of shape {latent.shape} mixes latent families {sorted(families)}")

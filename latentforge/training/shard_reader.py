@@ -42,48 +42,68 @@ def _pax_records(data: bytes) -> dict[str, str]:
     while pos < len(data):
         space = data.index(b" ", pos)
         length = int(data[pos:space])
+        if length <= space - pos:  # a record that does not move on would loop for ever
+            raise ValueError(f"pax record length {length}")
         key, _, value = data[space + 1:pos + length - 1].partition(b"=")
         out[key.decode("utf-8")] = value.decode("utf-8")
         pos += length
     return out
 
 
+def _corrupt(uri: str, offset: int, e: ValueError) -> ShardFormatError:
+    return ShardFormatError(f"{uri}: corrupt tar header at byte {offset}: {e}")
+
+
 def iter_members(f: BinaryIO, uri: str, wanted=None) -> Iterator[tuple[str, memoryview | None]]:
-    """(name, bytes) of each regular member in order; `wanted(name) -> bool` skips the others' bytes (None)."""
-    long_name, pax = None, {}
+    """(name, bytes) of each regular member in order; `wanted(name) -> bool` skips the others' bytes (None).
+    A header that does not parse (bad number, name not UTF-8) is a ShardFormatError naming its byte offset."""
+    long_name, pax, offset = None, {}, 0  # offset: of the current header in the shard
     while True:
         header = f.read(BLOCK)
         if len(header) < BLOCK:
             if not header:
                 return  # tolerated: a stream cut exactly at a member boundary has no end blocks
-            raise ShardFormatError(f"{uri}: truncated tar header")
+            raise ShardFormatError(f"{uri}: truncated tar header at byte {offset}")
         if header[0] == 0 and header.count(0) == BLOCK:  # end-of-archive blocks
             return
         # The ustar magic instead of the header checksum: summing 512 bytes in Python cost more than the rest
         # of the header; shard bytes are covered by the card's sha256 (`latentforge verify`).
         if header[257:262] != b"ustar":
-            raise ShardFormatError(f"{uri}: corrupt tar header (no ustar magic)")
+            raise ShardFormatError(f"{uri}: corrupt tar header at byte {offset} (no ustar magic)")
         kind = header[156:157]
-        size = int(pax["size"]) if "size" in pax else _octal(header[124:136])
+        try:
+            size = int(pax["size"]) if "size" in pax else _octal(header[124:136])
+            if size < 0:
+                raise ValueError(f"negative member size {size}")
+        except ValueError as e:
+            raise _corrupt(uri, offset, e) from e
         padded = -(-size // BLOCK) * BLOCK
         if kind in (b"x", b"g", b"L"):
             data = f.read(padded)[:size]
             if len(data) < size:
-                raise ShardFormatError(f"{uri}: truncated tar member")
-            if kind == b"x":
-                pax = _pax_records(data)
-            elif kind == b"L":
-                long_name = data.rstrip(b"\x00").decode("utf-8")
+                raise ShardFormatError(f"{uri}: truncated tar member at byte {offset}")
+            try:
+                if kind == b"x":
+                    pax = _pax_records(data)
+                elif kind == b"L":
+                    long_name = data.rstrip(b"\x00").decode("utf-8")
+            except ValueError as e:  # UnicodeDecodeError included
+                raise _corrupt(uri, offset, e) from e
+            offset += BLOCK + padded
             continue
         if kind not in (b"0", b"\x00", b"5"):
-            raise ShardFormatError(f"{uri}: unsupported tar member type {kind!r}")
+            raise ShardFormatError(f"{uri}: unsupported tar member type {kind!r} at byte {offset}")
         name = pax.get("path") or long_name
         if name is None:
-            name = header[:100].rstrip(b"\x00").decode("utf-8")
-            prefix = header[345:500].rstrip(b"\x00")
-            if prefix:
-                name = prefix.decode("utf-8") + "/" + name
+            try:
+                name = header[:100].rstrip(b"\x00").decode("utf-8")
+                prefix = header[345:500].rstrip(b"\x00")
+                if prefix:
+                    name = prefix.decode("utf-8") + "/" + name
+            except UnicodeDecodeError as e:
+                raise _corrupt(uri, offset, e) from e
         long_name, pax = None, {}
+        offset += BLOCK + padded
         if kind == b"5":
             continue
         if wanted is None or wanted(name):
@@ -132,10 +152,14 @@ class NpyDecoder:
     def __call__(self, data: bytes | memoryview, what: str = "npy") -> np.ndarray:
         if data[:6] != NPY_MAGIC:
             raise ShardFormatError(f"{what}: not an npy member")
+        if len(data) < 10 or data[6] != 1 and len(data) < 12:
+            raise ShardFormatError(f"{what}: npy member of {len(data)} bytes is shorter than an npy header")
         if data[6] == 1:
             end = 10 + int.from_bytes(data[8:10], "little")
         else:
             end = 12 + int.from_bytes(data[8:12], "little")
+        if len(data) < end:
+            raise ShardFormatError(f"{what}: npy header of {end} bytes but the member has {len(data)}")
         parsed = self._headers.get(data[6:end])
         if parsed is None:
             parsed = self._parse(bytes(data[:end]), end, what)
@@ -161,6 +185,8 @@ class NpyDecoder:
                 shape, fortran, dtype = read(stream, max_header_size=1 << 16)  # the header parse np.load does
         except ValueError as e:
             raise ShardFormatError(f"{what}: {e}") from e
+        if any(n < 0 for n in shape):
+            raise ShardFormatError(f"{what}: negative npy shape {shape}")
         if dtype.hasobject:
             raise ShardFormatError(f"{what}: object arrays are refused (they would need pickle)")
         if fortran and len(shape) > 1:

@@ -1,0 +1,185 @@
+"""Loader edge cases: damaged shards are refused naming the shard, a latent of the wrong shape names its sample,
+a dataset listed twice is refused up front, and readers take equal sample shares whatever the shard sizes."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import signal
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from test_loader import CARD, make_sample, manifest_row, write_dataset
+
+from latentforge.datasets import manifest as mf
+from latentforge.datasets.manifest import Dataset
+from latentforge.datasets.shards import LatentShardWriter, ShardFormatError, encode_members
+from latentforge.training.config import TrainStageConfig
+from latentforge.training.loader import LatentNormalizer, StreamPlan, build_stream, rank_plan, select_entries
+from latentforge.training.shard_reader import NpyDecoder
+
+
+def stage(batch_size: int = 2, **kw) -> TrainStageConfig:
+    return TrainStageConfig(name="t", modalities=["image"], batch_size=batch_size, **kw)
+
+
+def plan_for(ds: Dataset, st: TrainStageConfig, readers: int = 1, seed: int = 0) -> StreamPlan:
+    return StreamPlan(select_entries(ds, st), st, LatentNormalizer(ds.card), seed, readers=readers)
+
+
+@contextmanager
+def deadline(seconds: int):
+    """A hang is a failure, not a stuck suite."""
+    def expire(*_):
+        raise TimeoutError(f"no answer within {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# ---------------------------------------------------------------- damaged shards
+
+
+def member_headers(data: bytes, kind: bytes) -> list[int]:
+    return [o for o in range(0, len(data), 512) if data[o + 257:o + 262] == b"ustar" and data[o + 156:o + 157] == kind]
+
+
+@pytest.mark.parametrize("damage", ["size not octal", "name not utf-8", "pax record of length 0"])
+def test_a_corrupt_tar_header_is_a_shard_format_error_naming_the_shard(tmp_path: Path, damage: str) -> None:
+    ds = write_dataset(tmp_path / "ds", [make_sample(i, "image") for i in range(4)], shards=1)
+    shard = ds.root / mf.SHARDS / "shard-000000.tar"
+    data = bytearray(shard.read_bytes())
+    regular, pax = member_headers(data, b"0"), member_headers(data, b"x")
+    assert len(regular) > 3 and pax
+    if damage == "size not octal":
+        data[regular[2] + 124 + 5] = ord("v")
+    elif damage == "name not utf-8":
+        data[regular[2] + 3] = 0xD8
+    else:  # "13 mtime=0.0\n" -> "00 mtime=0.0\n": a record that never advances
+        record = pax[1] + 512
+        assert data[record:record + 3] == b"13 "
+        data[record:record + 2] = b"00"
+    shard.write_bytes(bytes(data))
+    with deadline(20), pytest.raises(ShardFormatError, match=rf"{re.escape(str(shard))}: corrupt tar header at byte \d+"):
+        list(plan_for(ds, stage()).read_epoch(0, 0))
+
+
+@pytest.mark.parametrize("member", [b"\x93NUMPY", b"\x93NUMPY\x01\x00", b"\x93NUMPY\x01\x00\x76\x00{'descr'"])
+def test_a_short_npy_member_is_a_shard_format_error(tmp_path: Path, member: bytes) -> None:
+    with pytest.raises(ShardFormatError, match="x.tar:s1.latent.npy: npy"):
+        NpyDecoder()(memoryview(member), "x.tar:s1.latent.npy")
+    samples = [make_sample(i, "image") for i in range(2)]
+    ds = write_dataset(tmp_path / "ds", samples, shards=1)
+    shard = ds.root / mf.SHARDS / "shard-000000.tar"
+    with LatentShardWriter(shard) as w:  # the manifest is unchanged: s001's latent member is cut short
+        for s in samples:
+            w.write(s.key, {**encode_members(s), **({"latent.npy": member} if s.key == "s001" else {})})
+    with pytest.raises(ShardFormatError, match=rf"{re.escape(str(shard))}:s001.latent.npy: npy"):
+        list(plan_for(ds, stage()).read_epoch(0, 0))
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_a_latent_not_of_the_manifest_shape_is_refused_naming_it(tmp_path: Path, batch_size: int) -> None:
+    samples = [make_sample(i, "image") for i in range(4)]
+    ds = write_dataset(tmp_path / "ds", samples, shards=1)
+    shard = ds.root / mf.SHARDS / "shard-000000.tar"
+    samples[1].latent = samples[1].latent[:, :, :8]  # the manifest still says (12, 1, 16, 16)
+    with LatentShardWriter(shard) as w:
+        for s in samples:
+            w.write_sample(s)
+    with pytest.raises(ShardFormatError, match=rf"{re.escape(str(shard))}: sample s001: latent float32 \(12, 1, 8, 16\), but the "
+                                               r"manifest says shape \(12, 1, 16, 16\)"):
+        list(plan_for(ds, stage(batch_size)).read_epoch(0, 0))
+
+
+# ---------------------------------------------------------------- a dataset listed twice
+
+
+def test_a_dataset_listed_twice_is_refused_when_the_plan_is_made(tmp_path: Path) -> None:
+    ds = write_dataset(tmp_path / "ds", [make_sample(i, "image") for i in range(8)], shards=2)
+    (tmp_path / "alias").symlink_to(ds.root)
+    norm = LatentNormalizer(ds.card)
+    for twice in ([ds, Dataset(ds.root)], [ds, Dataset(tmp_path / "alias")], [Dataset(tmp_path / "alias")] * 2):
+        with pytest.raises(ValueError, match=f"dataset {ds.root.resolve()} is listed twice"):
+            rank_plan(twice, stage(), norm, seed=0, world=1)
+    # One manifest naming a sample twice would break the reader the same way: refused by the selection.
+    rows = Dataset(ds.root).manifest().to_pylist()
+    mf.write_table(mf.to_table(rows + [rows[3]], mf.MANIFEST_SCHEMA), ds.root / mf.MANIFEST)
+    with pytest.raises(ValueError, match="sample 's00.' of shard .* is selected twice"):
+        rank_plan(ds, stage(), LatentNormalizer(ds.card), seed=0, world=1)
+
+
+# ---------------------------------------------------------------- equal shares
+
+
+def uneven_dataset(root: Path, sizes: list[int]) -> tuple[Dataset, list[str]]:
+    """Shards of the given sizes; every fourth sample of a shard passes `score_caption_words >= 5`."""
+    rows, index, kept = [], 0, []
+    for n, size in enumerate(sizes):
+        name = f"shard-{n:06d}.tar"
+        with LatentShardWriter(root / mf.SHARDS / name) as writer:
+            for j in range(size):
+                s = make_sample(index, "image")
+                writer.write_sample(s)
+                rows.append(manifest_row(s, name, words=7.0 if j % 4 == 0 else 3.0))
+                kept += [s.caption] if j % 4 == 0 else []
+                index += 1
+    mf.write_table(mf.to_table(rows, mf.MANIFEST_SCHEMA), root / mf.MANIFEST)
+    (root / mf.CARD).write_text(json.dumps(CARD))
+    return Dataset(root), kept
+
+
+def shares(plan: StreamPlan, epoch: int) -> list[list[str]]:
+    return [[plan.entries[i].key for batch in plan.plan(r, epoch) for i, _ in batch] for r in range(plan.readers)]
+
+
+@pytest.mark.parametrize("sizes,readers", [([40, 4, 8, 36, 4, 12], 4),  # uneven after `where`
+                                           ([8] * 5, 4),  # just more shards than readers
+                                           ([24, 8], 5)])  # fewer shards than readers
+def test_readers_take_equal_sample_shares_whatever_the_shard_sizes(tmp_path: Path, sizes, readers) -> None:
+    ds, kept = uneven_dataset(tmp_path / "ds", sizes)
+    st = stage(where="score_caption_words >= 5", loader={"shuffle_buffer": 3})
+    plan = plan_for(ds, st, readers, seed=7)
+    for epoch in range(3):
+        got = shares(plan, epoch)
+        assert max(map(len, got)) - min(map(len, got)) <= 1, [len(s) for s in got]
+        flat = [k for s in got for k in s]
+        assert len(flat) == len(set(flat)) == len(kept)  # disjoint, and together the whole selection
+        assert got == shares(plan_for(ds, st, readers, seed=7), epoch)  # the same deal from seed and epoch
+    read = [c for r in range(readers) for b in plan.read_epoch(r, 1) for c in b.captions]
+    assert sorted(read) == sorted(kept)
+
+
+def test_one_global_epoch_of_steps_sees_every_sample_once() -> None:
+    """Every rank takes the same number of steps: with equal shares that many steps read each sample once."""
+    from latentforge.training.loader import Entry
+
+    st = TrainStageConfig(name="s", modalities=["image"], batch_size=10, loader={"workers": 4})
+    entries = [Entry(0, f"k{s}_{i:04d}", f"/d/shard-{s:06d}.tar", (4, 1, 8, 8), "image")
+               for s in range(9) for i in range(1000)]
+    plan = StreamPlan(entries, st, None, seed=0, readers=8)
+    steps = len(entries) // (8 * 10)  # one pass over the selection, in samples
+    seen = Counter()
+    for r in range(8):  # a reader whose epoch ends first starts its next one
+        stream = itertools.chain.from_iterable(plan.plan(r, e) for e in itertools.count())
+        seen.update(plan.entries[i].key for b in itertools.islice(stream, steps) for i, _ in b)
+    assert max(seen.values()) == 1 and len(seen) == 8 * steps * 10
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_stream_over_split_shards_continues_with_the_same_batches(tmp_path: Path, workers: int) -> None:
+    ds, _ = uneven_dataset(tmp_path / "ds", [13, 3])  # fewer shards than 3 ranks x 2 workers: shards are split
+    st = stage(batch_size=2, loader={"workers": workers, "shuffle_buffer": 3})
+    norm = LatentNormalizer(ds.card)
+    full = list(itertools.islice(build_stream(rank_plan(ds, st, norm, seed=1, world=3), 2, 0), 12))
+    resumed = list(itertools.islice(build_stream(rank_plan(ds, st, norm, seed=1, world=3), 2, 5), 7))
+    for x, y in zip(full[5:], resumed, strict=True):
+        assert x.captions == y.captions and torch.equal(x.latent, y.latent) and torch.equal(x.text, y.text)
