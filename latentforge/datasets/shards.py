@@ -99,7 +99,13 @@ class LatentShardWriter:
 
     def close(self) -> None:
         self._tar.close()
-        self._stream.close() if not self._stream.closed else None
+        if not self._stream.closed:
+            self._stream.flush()
+            # On disk before it takes its name: after a power cut, the rename could otherwise survive and the
+            # bytes not, leaving a short shard under a finished name (curation resume would catch it by its
+            # sha256, a training run reading it would not).
+            os.fsync(self._stream.fileno())
+            self._stream.close()
         self._tmp.replace(self.path)  # a shard appears under its name only when complete
 
     def __enter__(self) -> LatentShardWriter:
