@@ -16,18 +16,10 @@ def sample_id(relpath: str) -> str:
     return "s" + hashlib.sha1(relpath.encode("utf-8")).hexdigest()[:16]
 
 
-def _row(root: Path, path: Path, caption: Path | None = None) -> dict:
-    relpath = path.relative_to(root).as_posix()
-    return {
-        "id": sample_id(relpath),
-        "uri": str(path),
-        "relpath": relpath,
-        "caption_path": str(caption or path.with_suffix(CAPTION_EXT)),
-        "status": "ok",
-        "reason": "",
-        "message": "",
-        "stage": "",
-    }
+def _row(relpath: str, uri: str, caption_path: str) -> dict:
+    """A discovered input, local or remote: `caption_path` is its paired caption's, or where one would be."""
+    return {"id": sample_id(relpath), "uri": uri, "relpath": relpath, "caption_path": caption_path,
+            "status": "ok", "reason": "", "message": "", "stage": ""}
 
 
 def _is_caption(path: Path) -> bool:
@@ -73,9 +65,7 @@ def _remote_rows(root: str) -> list[dict]:
             continue
         uri = storage.join(root, relpath)
         caption = captions.get(posixpath.splitext(relpath)[0])
-        rows.append({"id": sample_id(relpath), "uri": uri, "relpath": relpath,
-                     "caption_path": storage.join(root, caption) if caption else storage.with_suffix(uri, CAPTION_EXT),
-                     "status": "ok", "reason": "", "message": "", "stage": ""})
+        rows.append(_row(relpath, uri, storage.join(root, caption) if caption else storage.with_suffix(uri, CAPTION_EXT)))
     return rows
 
 
@@ -92,7 +82,8 @@ def _local_rows(root: str | Path) -> list[dict]:
             if name.startswith(".") or _is_caption(path):
                 continue
             caption = captions.get(posixpath.splitext(name)[0])
-            row = _row(root, path, Path(dirpath) / caption if caption else None)
+            row = _row(path.relative_to(root).as_posix(), str(path),
+                       str(Path(dirpath) / caption if caption else path.with_suffix(CAPTION_EXT)))
             if path.is_symlink() and not path.resolve().is_relative_to(root):
                 row.update(status="rejected", reason="outside_root", stage="discover",
                            message=f"symlink {row['relpath']} points outside the input root")
