@@ -50,8 +50,15 @@ class Batch:
     repa: torch.Tensor | None = None  # (B, N, D) float16 REPA target features, when the stage uses REPA
 
     def to(self, device) -> Batch:
-        return Batch(self.latent.to(device), self.text.to(device), self.text_mask.to(device),
-                     self.modality.to(device), self.captions, None if self.repa is None else self.repa.to(device))
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731 (asynchronous from pinned memory)
+        return Batch(move(self.latent), move(self.text), move(self.text_mask), move(self.modality), self.captions,
+                     None if self.repa is None else move(self.repa))
+
+    def pin_memory(self) -> Batch:
+        """DataLoader(pin_memory=True) pins custom types through this method only; without it a Batch came back
+        unpinned and every host-to-device copy was synchronous."""
+        return Batch(self.latent.pin_memory(), self.text.pin_memory(), self.text_mask.pin_memory(),
+                     self.modality.pin_memory(), self.captions, None if self.repa is None else self.repa.pin_memory())
 
 
 class LatentNormalizer:

@@ -415,3 +415,18 @@ def test_a_training_step_ema_update_and_sample_run_on_the_device() -> None:
     prompt = Batch(x0[:1], text[:1], mask[:1], modality[:1], ["a caption"])
     out = generate(ema.eval(), prompt, steps=2, cfg_scale=2.0, seed=0, timestep_shift=2.0)
     assert out.device.type == DEVICE and out.shape == x0[:1].shape and torch.isfinite(out).all()
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="pinned memory needs CUDA")
+def test_the_loader_hands_pinned_batches_to_the_device() -> None:
+    """DataLoader(pin_memory=True) pins a custom type only through its own pin_memory(): Batch came back unpinned."""
+    from latentforge.training.loader import Batch
+
+    x0, text, mask, modality = fixed_batch("cpu")
+    loader = torch.utils.data.DataLoader([Batch(x0, text, mask, modality, ["a caption"] * 4)], batch_size=None,
+                                         pin_memory=True)
+    batch = next(iter(loader))
+    assert all(t.is_pinned() for t in (batch.latent, batch.text, batch.text_mask, batch.modality))
+    moved = batch.to("cuda")
+    torch.cuda.synchronize()
+    assert torch.equal(moved.latent.cpu(), x0) and moved.text_mask.device.type == "cuda"
