@@ -9,8 +9,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,7 @@ MANIFEST = "manifest.parquet"
 REJECTS = "rejects.parquet"
 CARD = "card.json"
 SHARDS = "shards"
+logger = logging.getLogger(__name__)
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -137,13 +140,18 @@ class Dataset:
         return path
 
     def select(self, where: str | None = None, modalities: list[str] | None = None) -> pa.Table:
+        """Kept rows of `modalities` (all when None) matching `where`. Rows with no value in a column `where`
+        names (an image's motion score) match nothing; a warning says how many, by modality, since a selection
+        over mixed modalities otherwise loses a whole modality silently."""
         table = self.manifest()
         expr = pc.field("status") == "ok"
         if modalities:
             expr = expr & pc.field("modality").isin(modalities)
-        if where:
-            expr = expr & parse_where(where, table.schema)
-        return table.filter(expr)
+        if not where:
+            return table.filter(expr)
+        condition = parse_where(where, table.schema)
+        _warn_unscored(table.filter(expr), where, self.root)
+        return table.filter(expr & condition)
 
 
 # --- selection queries -------------------------------------------------------------------------------------
@@ -177,6 +185,17 @@ def parse_where(where: str, schema: pa.Schema) -> pc.Expression:
         term = _comparison(column, schema.field(column).type, op, value, _span(where, clause[2:]))
         expr = term if expr is None else (expr & term)
     return expr
+
+
+def _warn_unscored(candidates: pa.Table, where: str, root) -> None:
+    for column in dict.fromkeys(c[0][1] for c in _clauses(where) if c):
+        values = candidates[column]
+        missing = pc.is_null(values, nan_is_null=True) if pa.types.is_floating(values.type) else pc.is_null(values)
+        unscored = candidates.filter(missing)
+        if unscored.num_rows:
+            by = Counter(unscored["modality"].to_pylist())
+            logger.warning("selection %r on %s: %d kept rows have no %s and match nothing (%s)", where, root,
+                           unscored.num_rows, column, ", ".join(f"{m} {n}" for m, n in sorted(by.items())))
 
 
 def _clauses(where: str) -> list[list[tuple[str, str, int, int]]]:

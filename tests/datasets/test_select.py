@@ -209,3 +209,21 @@ def test_a_manifest_rewritten_with_large_strings_and_doubles_still_selects(tmp_p
     assert ds.manifest().schema.field("modality").type == pa.large_string()
     assert ds.select("modality == 'image'")["id"].to_pylist() == ["a"]
     assert ds.select("modality != 'image' and score_motion < 0.3")["id"].to_pylist() == ["b"]
+
+
+def test_rows_a_selection_cannot_judge_are_counted_in_a_warning(tmp_path, caplog):
+    """Images have no motion score: `score_motion > 0.3` over images and videos drops every image, which is what
+    it says, but a user who meant the videos' motion must hear that a whole modality went."""
+    rows = [{"id": "i1", "score_motion": None}, {"id": "i2", "score_motion": float("nan")},
+            {"id": "v1", "modality": "video", "score_motion": 0.5, "score_aesthetic": 6.0},
+            {"id": "v2", "modality": "video", "score_motion": 0.1, "score_aesthetic": 6.0},
+            {"id": "r", "status": "filtered", "score_motion": None}]  # not a candidate: not counted
+    ds = write_manifest(tmp_path / "ds", rows)
+    with caplog.at_level("WARNING", logger="latentforge.datasets.manifest"):
+        assert ds.select("score_motion > 0.3")["id"].to_pylist() == ["v1"]
+    assert "2 kept rows have no score_motion" in caplog.text and "image 2" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="latentforge.datasets.manifest"):
+        assert ds.select("score_motion > 0.3", modalities=["video"])["id"].to_pylist() == ["v1"]
+        ds.select("modality == 'video'")
+    assert caplog.text == ""
