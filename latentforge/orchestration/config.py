@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from latentforge.datasets import storage
 from latentforge.datasets.storage import StorageConfig
+from latentforge.orchestration.config_text import DuplicateKeyError, format_errors, load_yaml
 from latentforge.pipelines.config import CurationConfig
 from latentforge.training.config import PlanConfig
 
@@ -71,21 +72,6 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names each offending key by its dotted path."""
 
 
-def _path(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(root)"
-
-
-def format_errors(error: ValidationError, source: str) -> str:
-    lines = [f"{source}: {error.error_count()} problem(s)"]
-    for e in error.errors():
-        msg = "unknown key (not a field of this section)" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"  {_path(e['loc'])}: {msg}")
-    return "\n".join(lines)
-
-
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b.c=value` -> (["a","b","c"], value parsed as a YAML scalar/list)."""
     if "=" not in text:
@@ -95,37 +81,64 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise ConfigError(f"override {text!r} has an empty key segment")
     try:
-        return parts, yaml.safe_load(raw) if raw.strip() else ""
+        return parts, load_yaml(raw) if raw.strip() else ""
+    except DuplicateKeyError as e:
+        raise ConfigError(f"override {text!r}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from None
 
 
 def apply_override(data: dict, parts: list[str], value: Any) -> None:
     node: Any = data
+    created = False  # node is a section this override made up (the config does not have it)
     for i, part in enumerate(parts[:-1]):
-        node = node[_index(parts, i, len(node))] if isinstance(node, list) else node.setdefault(part, {})
+        if isinstance(node, list):
+            node = node[_index(parts, i, len(node))]
+        else:
+            _no_missing_item(node, parts, i, created)
+            created = created or part not in node
+            node = node.setdefault(part, {})
         if not isinstance(node, (dict, list)):
             raise ConfigError(f"override {'.'.join(parts)}: {'.'.join(parts[:i + 1])} is not a section")
     last = parts[-1]
     if isinstance(node, list):
         node[_index(parts, len(parts) - 1, len(node))] = value
     else:
+        _no_missing_item(node, parts, len(parts) - 1, created)
         node[last] = value
 
 
+def _no_missing_item(node: dict, parts: list[str], i: int, created: bool) -> None:
+    """A numeric segment names a list item: refuse it where the config has no such list, rather than create a
+    section that the validator then calls 'not a valid list'."""
+    if parts[i].isdigit() and parts[i] not in node:
+        where = ".".join(parts[:i]) or "(root)"
+        why = f"the config has no {where} list; write it in the config file" if created or not node else \
+            f"{where} is a section, not a list"
+        raise ConfigError(f"override {'.'.join(parts)}: no list item {parts[i]} under {where} to override ({why})")
+
+
 def _index(parts: list[str], i: int, length: int) -> int:
-    if not parts[i].isdigit() or int(parts[i]) >= length:
-        raise ConfigError(f"override {'.'.join(parts)}: {parts[i]!r} is not an index below {length}")
+    where = ".".join(parts[:i])
+    if parts[i].isdigit() and int(parts[i]) >= length:
+        raise ConfigError(f"override {'.'.join(parts)}: no list item {parts[i]} under {where} to override "
+                          f"({parts[i]!r} is not an index below {length})")
+    if not parts[i].isdigit():
+        raise ConfigError(f"override {'.'.join(parts)}: {parts[i]!r} is not an index below {length} "
+                          f"({where} is a list)")
     return int(parts[i])
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> LatentforgeConfig:
-    """Read YAML with safe_load, apply `--set` overrides, validate; raise ConfigError naming bad keys."""
+    """Read YAML (safe_load, refusing duplicate keys), apply `--set` overrides, validate; raise ConfigError
+    naming bad keys."""
     data: dict = {}
     source = str(path) if path else "(defaults)"
     if path:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = load_yaml(Path(path).read_text()) or {}
+        except DuplicateKeyError as e:
+            raise ConfigError(f"{source}: {e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{source}: not valid YAML: {e}") from e
         except OSError as e:
@@ -137,7 +150,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Latentfor
     try:
         return LatentforgeConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_errors(e, source)) from None
+        raise ConfigError(format_errors(e, source, LatentforgeConfig)) from None
 
 
 def resolve_paths(cfg: LatentforgeConfig, base: Path) -> LatentforgeConfig:

@@ -39,9 +39,14 @@ def short_http_retries() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
+class LocalRecordError(Exception):
+    """A record this machine cannot send (its artifact file is gone or unreadable): no retry can fix it."""
+
+
 def is_permanent(error: Exception) -> bool:
-    """A refusal (bad value, unknown run) that retrying cannot fix, as opposed to an unreachable server."""
-    return str(getattr(error, "error_code", "")) in PERMANENT
+    """A refusal (bad value, unknown run) or a local failure of one record that retrying cannot fix, as opposed
+    to an unreachable server."""
+    return isinstance(error, LocalRecordError) or str(getattr(error, "error_code", "")) in PERMANENT
 
 
 def describe(records: list[dict]) -> str:
@@ -73,6 +78,7 @@ class DeliveryQueue:
         self.down_since: float | None = None
         self._backoff = 1.0
         self.dropped: list[dict] = []
+        self.delivered = 0  # records MLflow accepted (not those it refused or that could not be sent)
         self._client = None
 
     @property
@@ -100,6 +106,13 @@ class DeliveryQueue:
             self.deliver_once()
         if not self.healthy:
             self._retry_in_background()
+
+    def load_spool(self, records: list[dict]) -> None:
+        """Queue records that `spool_file` already holds (a replay): each is taken out of the file once delivered
+        (or refused), so a replay cut short resumes after what it delivered."""
+        with self._lock:
+            self._pending = list(records) + self._pending
+            self._spooled = len(records)
 
     def _retry_in_background(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -149,7 +162,7 @@ class DeliveryQueue:
         done = 0
         try:
             for group in groups(batch):
-                self._deliver_group(group)
+                self.delivered += self._deliver_group(group)
                 done += len(group)
         except Exception as e:  # unreachable, timed out, 5xx: keep the records, retry later
             self._note_down(e)
@@ -173,19 +186,27 @@ class DeliveryQueue:
         else:
             self._backoff = min(self.max_backoff_s, self._backoff * 2)
 
-    def _deliver_group(self, group: list[dict]) -> None:
+    def _deliver_group(self, group: list[dict]) -> int:
+        """Deliver one group; a record refused for good is dropped with a warning. Returns how many arrived."""
         try:
             deliver(self.client, group)
+            return len(group)
         except Exception as e:
             if not is_permanent(e):
                 raise
-            for record in group:  # find the offending record(s); deliver the rest
-                try:
-                    deliver(self.client, [record])
-                except Exception as one:
-                    if not is_permanent(one):
-                        raise
+        arrived = 0
+        for record in group:  # find the offending record(s); deliver the rest
+            try:
+                deliver(self.client, [record])
+                arrived += 1
+            except Exception as one:
+                if not is_permanent(one):
+                    raise
+                if isinstance(one, LocalRecordError):
+                    log.warning("cannot send %s: %s (dropped)", describe([record]), str(one)[:300])
+                else:
                     log.warning("MLflow refused %s: %s (dropped)", describe([record]), str(one)[:300])
+        return arrived
 
     def _append_spool(self) -> None:
         if self.spool_file is None or self._spooled >= len(self._pending):
@@ -256,7 +277,20 @@ def deliver(client, group: list[dict]) -> None:
             params=[Param(r["key"], r["value"]) for r in group if r["kind"] == "param"],
             tags=[RunTag(r["key"], r["value"]) for r in group if r["kind"] == "tag"])
     elif kind == "artifact":
-        client.log_artifact(run_id, first["path"], first.get("artifact_path"))
+        path = Path(first["path"])
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as e:  # a local problem of this record, not an outage
+            hint = "; this copy is deleted once uploaded, so an earlier attempt may have sent it" \
+                if first.get("owned") else ""
+            raise LocalRecordError(f"its file {path} cannot be read ({e.strerror or e}{hint})") from e
+        try:
+            client.log_artifact(run_id, str(path), first.get("artifact_path"))
+        except Exception as e:
+            if not path.is_file():  # deleted while it was being sent
+                raise LocalRecordError(f"its file {path} disappeared during the upload ({e})") from e
+            raise
         if first.get("owned"):
             shutil.rmtree(Path(first["path"]).parent, ignore_errors=True)
     elif kind == "input":
@@ -293,8 +327,13 @@ def artifact_record(run_id: str, path: Path, artifact_path: str | None, spool_di
             "owned": True}
 
 
-def replay_spool(uri: str, spool_dir: Path, skip: Path | None = None, run_id: str | None = None) -> int:
-    """Deliver spool files left by earlier processes (all, or one run's); returns records delivered."""
+def replay_spool(uri: str, spool_dir: Path, skip: Path | None = None, run_id: str | None = None,
+                 timeout_s: float = 30.0) -> int:
+    """Deliver spool files left by earlier processes (all, or one run's); returns records delivered.
+
+    Each file is the queue's spool file while it is replayed: records leave it as they are delivered (or
+    dropped: refused by MLflow, or an artifact whose file is gone), and whatever the server could not take
+    within `timeout_s` per file stays in it for the next replay."""
     if not spool_dir.is_dir():
         return 0
     delivered = 0
@@ -307,11 +346,9 @@ def replay_spool(uri: str, spool_dir: Path, skip: Path | None = None, run_id: st
                 records.append(json.loads(line))
             except ValueError:  # a line cut short by a crash
                 log.warning("spool %s: skipped an unreadable line", path)
-        queue = DeliveryQueue(uri, None)
-        queue.put(*records)
-        if queue.close(timeout_s=30.0):
-            path.unlink()
-            delivered += len(records)
-        else:
-            log.warning("could not replay %s yet (MLflow unreachable); it stays for the next run", path)
+        queue = DeliveryQueue(uri, path)
+        queue.load_spool(records)
+        if queue.close(timeout_s=timeout_s):
+            path.unlink(missing_ok=True)  # (already gone when it held records: the last delivery removed it)
+        delivered += queue.delivered
     return delivered

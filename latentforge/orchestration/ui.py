@@ -117,5 +117,16 @@ def server_command(workdir: Path, port: int, host: str = "127.0.0.1", backend_st
                               f"password of user 'admin' (stored hashed in {workdir / AUTH_DB})")
         if not env.get("MLFLOW_FLASK_SERVER_SECRET_KEY"):
             env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = csrf_secret(workdir)
+    return ServerCommand(argv, env, server_url(host, port))
+
+
+def server_url(host: str, port: int) -> str:
+    """The URL to open for a server bound to `host`: loopback for a wildcard bind, an IPv6 literal in brackets
+    (RFC 3986; a zone id's '%' escaped as %25)."""
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    return ServerCommand(argv, env, f"http://{shown}:{port}")
+    try:
+        if ipaddress.ip_address(shown.split("%")[0]).version == 6:
+            shown = f"[{shown.replace('%', '%25')}]"
+    except ValueError:  # a host name
+        pass
+    return f"http://{shown}:{port}"

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from latentforge.datasets.storage import Location
 
@@ -23,10 +24,22 @@ class ModelConfig(Strict):
 
     @model_validator(mode="after")
     def _known(self) -> ModelConfig:
+        from dataclasses import fields
+
         from latentforge.training.dit import DiT_archs, DiT_models, DiTConfig
 
+        # each wrong key at its own path (training.model.overrides.KEY), as pydantic reports an unknown field
+        known = sorted(f.name for f in fields(DiTConfig))
+        problems = [{"type": PydanticCustomError("unknown_model_key", "unknown DiTConfig key; known: {known}",
+                                                 {"known": ", ".join(known)}),
+                     "loc": ("overrides", key), "input": value}
+                    for key, value in self.overrides.items() if key not in known]
         if self.preset not in DiT_models:
-            raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(DiT_models)}")
+            problems.insert(0, {"type": PydanticCustomError(
+                "unknown_preset", f"unknown preset {self.preset!r}; choose from {sorted(DiT_models)}"),
+                "loc": ("preset",), "input": self.preset})
+        if problems:
+            raise ValidationError.from_exception_data(type(self).__name__, problems)
         try:  # the preset's architecture with the overrides on top: exactly what build_dit will construct
             DiTConfig.from_dict({**DiT_archs[self.preset], **self.overrides})
         except TypeError as e:
