@@ -16,6 +16,8 @@ import pyarrow as pa
 
 from latentforge.datasets import manifest as mf
 
+MODALITIES = ("image", "video", "audio")  # what a manifest row's `modality` can be
+
 
 def _link(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -39,9 +41,14 @@ def select_dataset(parent_dir: str | Path, out_dir: str | Path, where: str | Non
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty")
     card = parent.card
+    unknown = [m for m in modalities or () if m not in MODALITIES]
+    if unknown:
+        raise ValueError(f"unknown modality {', '.join(map(repr, unknown))}: expected {', '.join(MODALITIES)} "
+                         f"({parent.root} holds {', '.join(sorted(card.get('modalities') or {})) or 'none'})")
     chosen = parent.select(where, modalities)
     if chosen.num_rows == 0:
-        raise ValueError(f"selection {where!r} matches no sample of {parent.root}")
+        asked = ([repr(where)] if where else []) + ([f"modality {', '.join(modalities)}"] if modalities else [])
+        raise ValueError(f"selection {' and '.join(asked) or '(all)'} matches no sample of {parent.root}")
     ids = set(chosen["id"].to_pylist())
     everything = parent.manifest()
     others = everything.filter(pa.array([i not in ids for i in everything["id"].to_pylist()]))

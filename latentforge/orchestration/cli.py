@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -237,9 +238,28 @@ def _execute(cfg, *, do_curate: bool, do_train: bool, address: str | None = None
     _print_summary(cfg, summary)
 
 
+def ui_hint(uri: str, workdir: Path, experiment_id: str | None) -> str:
+    """How to browse the runs in the store `uri` (the one this invocation logged to)."""
+    from latentforge.orchestration.tracking import default_tracking_uri
+
+    page = f"#/experiments/{experiment_id}/runs"
+    if uri.startswith(("http://", "https://")):  # a tracking server: already serving its UI
+        return f"browse {uri.rstrip('/')}/{page}"
+    if uri == default_tracking_uri(workdir):
+        command = f"latentforge ui --workdir {shlex.quote(str(workdir))}"
+    elif uri.startswith(("sqlite:", "postgresql:", "postgresql+", "mysql:", "mysql+")):  # what `ui` serves
+        command = f"latentforge ui --workdir {shlex.quote(str(workdir))} --backend-store-uri {shlex.quote(uri)}"
+    elif uri.startswith("databricks"):
+        return f"the experiment in your Databricks workspace ({uri})"
+    else:  # a file store (or any other): MLflow's own UI serves it
+        command = f"mlflow ui --backend-store-uri {shlex.quote(uri)}"
+    return f"{command}, then browse http://127.0.0.1:5000/{page}"
+
+
 def _print_summary(cfg, summary) -> None:
     from latentforge.orchestration.tracking import resolve_tracking_uri
 
+    uri = resolve_tracking_uri(cfg.tracking.uri, cfg.workdir)
     table = Table(title="latentforge: where things are", show_header=False)
     for path in summary.dataset_dirs:
         table.add_row("dataset", str(path))
@@ -247,12 +267,11 @@ def _print_summary(cfg, summary) -> None:
         table.add_row(f"weights ({name})", str(path))
     for name, path in summary.checkpoints.items():
         table.add_row(f"checkpoint ({name})", str(path))
-    table.add_row("MLflow store", resolve_tracking_uri(cfg.tracking.uri, cfg.workdir))
+    table.add_row("MLflow store", uri)
     table.add_row("MLflow parent run", str(summary.parent_run_id))
     if summary.registered:
         table.add_row("registered model", f"{summary.registered[0]} v{summary.registered[1]}")
-    table.add_row("open the UI", f"latentforge ui --workdir {cfg.workdir}, then browse "
-                                 f"http://127.0.0.1:5000/#/experiments/{summary.experiment_id}/runs")
+    table.add_row("open the UI", ui_hint(uri, cfg.workdir, summary.experiment_id))
     console.print(table)
 
 

@@ -19,6 +19,7 @@ from latentforge.training.config import PlanConfig
 console = Console(stderr=True)
 STATE_DIR = "state"  # completion markers of curation and stages: what a rerun may skip
 SPOOL_DIR = "tracking-spool"  # tracking records not yet delivered (an MLflow outage)
+CURATION_KEY_TAG = "latentforge.curation_key"  # the curation config hash: which curation run a rerun reopens
 
 
 @dataclass
@@ -89,13 +90,17 @@ def curate(cfg: LatentforgeConfig, tracker: Tracker, parent_id: str | None, summ
     from latentforge.pipelines.report import write_report
 
     cur = cfg.curation
+    # The run belongs to the curation config, as a stage's run belongs to its key: a changed curation gets a
+    # run of its own (the old run's params and artifacts keep describing the dataset it wrote), a resume of an
+    # unchanged one reopens its run.
+    match = {CURATION_KEY_TAG: config_hash(cur)}
     done = curation_done(cfg)
     if done:  # nothing to redo; the run that wrote it stays as it is
-        summary.curation_run_id = tracker.find_run(f"curate-{cur.name}", parent_id) or done.get("run_id")
+        summary.curation_run_id = tracker.find_run(f"curate-{cur.name}", parent_id, match) or done.get("run_id")
         console.print(f"[green]curation already done[/] -> {cur.output_dir} (id {done['dataset_id']})")
         return
     ensure_corpus(cur)
-    run_id = child_run(tracker, f"curate-{cur.name}", parent_id, {"latentforge.kind": "curation"})
+    run_id = child_run(tracker, f"curate-{cur.name}", parent_id, {"latentforge.kind": "curation"}, match=match)
     summary.curation_run_id = run_id
     tracker.log_params(run_id, json.loads(cur.model_dump_json()))
     try:
@@ -300,8 +305,10 @@ def run_all(cfg: LatentforgeConfig, *, do_curate: bool = True, do_train: bool = 
     if tracker.replay():
         console.print("delivered tracking records left by an earlier run")
     summary = RunSummary(dataset_dirs=cfg.dataset_dirs(), experiment_id=tracker.experiment_id)
-    parent, resumed = tracker.resume_or_start(cfg.name, tags={"latentforge.kind": "plan"},
-                                              match={"latentforge.workdir": str(cfg.workdir)})
+    # Only a plan run: its child runs carry the workdir tag too, and one may have the plan's name.
+    parent, resumed = tracker.resume_or_start(cfg.name, tags={"latentforge.kind": "plan"}, top_level=True,
+                                              match={"latentforge.workdir": str(cfg.workdir),
+                                                     "latentforge.kind": "plan"})
     if resumed:
         console.print(f"[bold]resuming[/] plan {cfg.name} in {cfg.workdir} (MLflow run {parent})")
     summary.parent_run_id = parent

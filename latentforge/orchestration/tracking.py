@@ -1,8 +1,10 @@
 """The one place that talks to MLflow. Uses MlflowClient with explicit run ids: no global active run."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import subprocess
 import tempfile
 import uuid
@@ -10,6 +12,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from latentforge.orchestration.delivery import (
     DeliveryQueue,
@@ -28,8 +31,33 @@ def default_tracking_uri(workdir: Path) -> str:
     return f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
 
 
-def resolve_tracking_uri(uri: str | None, workdir: Path) -> str:
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(workdir)
+def resolve_tracking_uri(uri: str | None, workdir: Path, base: Path | None = None) -> str:
+    """`uri`, else MLFLOW_TRACKING_URI, else the workdir's SQLite store; a relative store made absolute against
+    `base` (the current directory), so Ray workers, which run in directories of their own, use the same one."""
+    return absolute_tracking_uri(uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(workdir), base)
+
+
+_SQLITE = re.compile(r"^(sqlite(?:\+\w+)?:///)([^?]*)(\?.*)?$")  # sqlite:///relative.db, sqlite:////abs.db
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def absolute_tracking_uri(uri: str, base: Path | None = None) -> str:
+    """A tracking URI naming a local store by a relative path (`sqlite:///mlflow.db`, `file:./mlruns`, `mlruns`)
+    made absolute against `base` (default: the current directory); any other URI (a server, a database, an
+    absolute path) as it is."""
+    base = Path.cwd() if base is None else base
+    sqlite = _SQLITE.match(uri)
+    if sqlite:
+        prefix, path, query = sqlite.group(1), sqlite.group(2), sqlite.group(3) or ""
+        if not path or path.startswith("/") or path == ":memory:" or path.startswith("file:"):
+            return uri
+        return f"{prefix}{(base / path).resolve()}{query}"
+    if uri.startswith("file:"):
+        path = uri[len("file:"):]
+        return uri if path.startswith("/") else (base / unquote(path)).resolve().as_uri()  # not file:///, file://host
+    if uri == "databricks" or _SCHEME.match(uri) or Path(uri).is_absolute():
+        return uri
+    return str((base / uri).resolve())  # a plain path: MLflow's file store
 
 
 def artifact_root(workdir: Path) -> str:
@@ -68,32 +96,78 @@ class Tracker:
     """
 
     def __init__(self, tracking_uri: str, experiment: str, artifact_location: str | None = None,
-                 spool_dir: Path | None = None, run_tags: dict[str, str] | None = None):
+                 spool_dir: Path | None = None, run_tags: dict[str, str] | None = None, wait_s: float = 600.0):
+        """`wait_s`: how long to wait for a tracking server that is away at start (see `resume_or_start`)."""
         from mlflow.tracking import MlflowClient
 
         short_http_retries()
+        tracking_uri = absolute_tracking_uri(tracking_uri)  # RunSinks carry it to workers in other directories
         self.uri = tracking_uri
         self.spool_dir = spool_dir
         self.client = MlflowClient(tracking_uri)
         commit = git_commit()
         self.run_tags = {**({"mlflow.source.git.commit": commit} if commit else {}), **(run_tags or {})}
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(
-            experiment, artifact_location=artifact_location if tracking_uri.startswith("sqlite") else None,
-            # The UI then opens on runs, metrics and artifacts ("Model training"), not on GenAI traces.
-            tags={"mlflow.experimentKind": "custom_model_development"})
+        self.experiment_id = self._retry(f"experiment {experiment}", lambda: self._experiment(
+            experiment, artifact_location if tracking_uri.startswith("sqlite") else None), wait_s)
         spool = spool_dir / f"driver-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl" if spool_dir else None
         self.queue = DeliveryQueue(tracking_uri, spool)
 
-    def find_run(self, name: str, parent_id: str | None = None, tags: dict[str, str] | None = None) -> str | None:
-        """The newest run of this name (under `parent_id`, with these tags), to resume instead of duplicating."""
-        query = f"tags.mlflow.runName = '{name}'"
-        if parent_id:
-            query += f" and tags.mlflow.parentRunId = '{parent_id}'"
-        for key, value in (tags or {}).items():
-            query += f" and tags.`{key}` = '{value}'"
-        runs = self.client.search_runs([self.experiment_id], query, max_results=1, order_by=["start_time DESC"])
-        return runs[0].info.run_id if runs else None
+    def _experiment(self, name: str, artifact_location: str | None) -> str:
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(name)
+        if found:
+            return found.experiment_id
+        try:
+            # The UI then opens on runs, metrics and artifacts ("Model training"), not on GenAI traces.
+            return self.client.create_experiment(name, artifact_location=artifact_location,
+                                                 tags={"mlflow.experimentKind": "custom_model_development"})
+        except MlflowException as e:  # created meanwhile (another process, or a retry whose reply was lost)
+            if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
+                raise
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    def _retry(self, what: str, call, wait_s: float):
+        """`call()`, retried for up to `wait_s` with one warning while the server is unreachable; a refusal
+        (bad value, unknown run) is raised at once."""
+        import time
+
+        deadline, delay, warned = time.time() + wait_s, 2.0, False
+        while True:
+            try:
+                return call()
+            except Exception as e:
+                if is_permanent(e) or time.time() + delay > deadline:
+                    raise
+                if not warned:
+                    log.warning("cannot open MLflow %s: %s unreachable (%s); retrying for up to %.0fs", what,
+                                self.uri, str(e).splitlines()[0][:200], wait_s)
+                    warned = True
+                time.sleep(delay)
+                delay = min(30.0, delay * 2)
+
+    def find_run(self, name: str, parent_id: str | None = None, tags: dict[str, str] | None = None,
+                 top_level: bool = False) -> str | None:
+        """The newest run of this name (under `parent_id`, or with no parent at all if `top_level`, with these
+        tags), to resume instead of duplicating.
+
+        Every condition is checked here on the runs the search returns: a value goes into the filter string
+        only when it can be quoted there as it is (MLflow's filter grammar has no escapes), so a quote in a
+        name or a workdir narrows the search less, never breaks it."""
+        wanted = {"mlflow.runName": name, **({"mlflow.parentRunId": parent_id} if parent_id else {}), **(tags or {})}
+        query = " and ".join(f"tags.`{key}` = {literal}" for key, value in wanted.items()
+                             if (literal := filter_literal(value)) is not None and "`" not in key)
+        token = None
+        while True:
+            page = self.client.search_runs([self.experiment_id], query, max_results=200,
+                                           order_by=["start_time DESC"], page_token=token)
+            for run in page:
+                if all(run.data.tags.get(k) == str(v) for k, v in wanted.items()) and not (
+                        top_level and run.data.tags.get("mlflow.parentRunId")):
+                    return run.info.run_id
+            token = page.token
+            if not token:
+                return None
 
     def start_run(self, name: str, parent_id: str | None = None, tags: dict[str, str] | None = None) -> str:
         all_tags = {"mlflow.runName": name, **self.run_tags, **(tags or {})}
@@ -103,30 +177,19 @@ class Tracker:
         return run.info.run_id
 
     def resume_or_start(self, name: str, parent_id: str | None = None, tags: dict[str, str] | None = None,
-                        match: dict[str, str] | None = None, wait_s: float = 600.0) -> tuple[str, bool]:
-        """Reopen the run of this name (and parent, and `match` tags) if one exists, else create it.
+                        match: dict[str, str] | None = None, wait_s: float = 600.0,
+                        top_level: bool = False) -> tuple[str, bool]:
+        """Reopen the run of this name (and parent, or none if `top_level`, and `match` tags) if one exists,
+        else create it.
 
         This needs the server (a run id cannot be queued): while it is away, retry for up to `wait_s` with a
         warning. Retrying the whole lookup means a run whose creation reply was lost is found, not duplicated."""
-        import time
-
-        deadline, delay, warned = time.time() + wait_s, 2.0, False
-        while True:
-            try:
-                return self._resume_or_start(name, parent_id, tags, match)
-            except Exception as e:
-                if is_permanent(e) or time.time() + delay > deadline:
-                    raise
-                if not warned:
-                    log.warning("cannot open MLflow run %s: %s unreachable (%s); retrying for up to %.0fs", name,
-                                self.uri, str(e).splitlines()[0][:200], wait_s)
-                    warned = True
-                time.sleep(delay)
-                delay = min(30.0, delay * 2)
+        return self._retry(f"run {name}", lambda: self._resume_or_start(name, parent_id, tags, match, top_level),
+                           wait_s)
 
     def _resume_or_start(self, name: str, parent_id: str | None, tags: dict[str, str] | None,
-                         match: dict[str, str] | None) -> tuple[str, bool]:
-        found = self.find_run(name, parent_id, match)
+                         match: dict[str, str] | None, top_level: bool) -> tuple[str, bool]:
+        found = self.find_run(name, parent_id, match, top_level)
         if found is None:
             return self.start_run(name, parent_id, {**(match or {}), **(tags or {})}), False
         self.client.update_run(found, status="RUNNING")
@@ -205,6 +268,24 @@ class Tracker:
         return RunSink(self.uri, run_id, str(self.spool_dir) if self.spool_dir else None, system_metrics_s)
 
 
+def filter_literal(value: str) -> str | None:
+    """`value` quoted for an MLflow search filter, or None where it cannot be written there as it is (it holds
+    both kinds of quote, or a backslash, which the filter parser does not unescape)."""
+    value = str(value)
+    if "\\" in value:
+        return None
+    for quote in ("'", '"'):
+        if quote not in value:
+            return f"{quote}{value}{quote}"
+    return None
+
+
+def dataset_digest(dataset_id: str) -> str:
+    """The MLflow digest (at most 36 characters) of a dataset id: the id itself when it fits, else a hash of all
+    of it. Ids are `NAME-HASH`: cut to 36 characters, a long NAME would leave every version the same digest."""
+    return dataset_id if len(dataset_id) <= 36 else hashlib.sha256(dataset_id.encode()).hexdigest()[:36]
+
+
 def dataset_record(run_id: str, dataset_dir: Path, context: str, name: str | None = None) -> dict:
     """The mlflow.data form of a dataset (a MetaDataset: the manifest is referenced, not copied)."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -219,7 +300,7 @@ def dataset_record(run_id: str, dataset_dir: Path, context: str, name: str | Non
         # multiple ways" (a UserWarning per logged dataset): both candidates are the same class.
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
         source = resolve_dataset_source(manifest if storage.is_remote(manifest) else str(Path(manifest).resolve()))
-    entity = MetaDataset(source, name=name or card["name"], digest=str(card["id"])[:36])._to_mlflow_entity()
+    entity = MetaDataset(source, name=name or card["name"], digest=dataset_digest(str(card["id"])))._to_mlflow_entity()
     return {"kind": "input", "run_id": run_id, "name": entity.name, "digest": entity.digest,
             "source_type": entity.source_type, "source": entity.source, "schema": entity.schema,
             "profile": json.dumps({"num_samples": card.get("num_samples"), "dataset_id": card["id"]}),
@@ -241,6 +322,10 @@ class RunSink:
     system_metrics_s: float | None = None
     _queue: Any = field(default=None, repr=False, compare=False)
     _monitor: Any = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Made where the sink is made (the driver): a worker unpickles it in a directory of its own.
+        self.uri = absolute_tracking_uri(self.uri)
 
     def __getstate__(self) -> dict:
         return {"uri": self.uri, "run_id": self.run_id, "spool_dir": self.spool_dir,

@@ -3,6 +3,7 @@ and port; logging never raises or stalls, and every record arrives once the serv
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -96,3 +97,66 @@ def test_metrics_params_and_tags_survive_a_server_restart(tmp_path):
         assert not list((tmp_path / "spool").glob("*.jsonl"))  # delivered: nothing left to replay
     finally:
         stop_group(server)
+
+
+class LatePort:
+    """A local port that refuses connections until `open()`, then forwards them to `target` (a running server):
+    the server 'comes up' at a moment the test chooses, without waiting for a second server start."""
+
+    def __init__(self, target: int):
+        self.port, self.target, self.listener = free_port(), target, None
+
+    def open(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+@pytest.mark.timeout(180)
+def test_a_tracker_started_while_the_server_is_down_waits_for_it(mlflow_server, tmp_path, caplog):
+    """The server 'comes up' a second after the tracker starts (a port that refuses, then forwards to the
+    session's server): the tracker waits for it, as opening a run does, instead of failing at once."""
+    late = LatePort(int(mlflow_server.rsplit(":", 1)[1]))
+    threading.Timer(1.0, late.open).start()  # the server comes up a moment after the tracker starts
+    try:
+        started = time.time()
+        with caplog.at_level("WARNING", logger="latentforge"):
+            tracker = Tracker(f"http://127.0.0.1:{late.port}", "late-server", spool_dir=tmp_path / "spool")
+        assert time.time() - started >= 1.0
+        assert any("unreachable" in r.getMessage() and "retrying" in r.getMessage() for r in caplog.records)
+        run_id = tracker.start_run("r")
+        assert tracker.client.get_run(run_id).info.experiment_id == tracker.experiment_id
+        assert tracker.close(timeout_s=30)
+    finally:
+        late.close()
+
+
+def test_the_wait_for_a_server_at_start_is_configurable(tmp_path):
+    from mlflow.exceptions import MlflowException
+
+    started = time.time()
+    with pytest.raises(MlflowException):
+        Tracker(f"http://127.0.0.1:{free_port()}", "nobody-there", wait_s=0)
+    assert time.time() - started < 30
