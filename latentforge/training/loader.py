@@ -25,6 +25,7 @@ import hashlib
 import itertools
 import math
 import random
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,6 +197,25 @@ class StreamPlan:
         if self.stage.tokens_per_batch is None:
             return self.stage.batch_size
         return max(1, self.stage.tokens_per_batch // token_count(shape, self.patch))
+
+    def prompt_plan(self, per_bucket: int) -> StreamPlan:
+        """A one-reader plan over `per_bucket` entries of every bucket (latent shape), taken shard by shard in a
+        seeded order until each bucket has them: sample prompts from every bucket while reading few shards (the
+        first batches of one reader hold only the buckets its share happens to start with)."""
+        order = list(range(len(self.shards)))
+        random.Random(f"prompts:{self.seed}").shuffle(order)
+        need = {shape: min(per_bucket, n) for shape, n in Counter(e.shape for e in self.entries).items()}
+        taken: dict[tuple, list[int]] = {shape: [] for shape in need}
+        for lo, hi in (self.shards[s] for s in order):
+            for i in range(lo, hi):
+                bucket = taken[self.entries[i].shape]
+                if len(bucket) < need[self.entries[i].shape]:
+                    bucket.append(i)
+            if all(len(taken[shape]) == n for shape, n in need.items()):
+                break
+        chosen = sorted(i for bucket in taken.values() for i in bucket)
+        return StreamPlan([self.entries[i] for i in chosen], self.stage, self.normalizer, self.seed, 1, self.patch,
+                          self.repa)
 
     def share(self, reader: int, epoch: int) -> list[int]:
         """The entries `reader` reads in `epoch`, in order: its run of the shuffled shards (module docstring)."""

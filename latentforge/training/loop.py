@@ -380,14 +380,12 @@ def report(acc, raw, ema, optimizer, scheduler, job: StageJob, step: int, loss: 
 
 def log_samples(ema, batches: StreamPlan, normalizer, card: dict, job: StageJob, sink,
                 artifact_path: str = "samples") -> None:
-    """Generate from a few of the stage's captions with the EMA weights; decode with the dataset's encoders."""
-    import itertools
-
+    """Generate from a few of the stage's captions, from every bucket in turn, with the EMA weights; decode with
+    the dataset's encoders."""
     stage = job.stage
     visual, audio = decoders_from_card(card)
     patch = DiTConfig.from_dict(job.model).visual_patch
-    # The first batches of reader 0's first epoch: a few shards' worth, not the whole share.
-    prompts = pick_prompts(list(itertools.islice(batches.read_epoch(0, 0), 4 * stage.num_samples)), stage.num_samples)
+    prompts = pick_prompts(list(batches.prompt_plan(stage.num_samples).read_epoch(0, 0)), stage.num_samples)
     with tempfile.TemporaryDirectory() as tmp:
         files = write_samples(ema.eval(), prompts, normalizer, visual, audio, Path(tmp), steps=stage.sample_steps,
                               cfg_scale=stage.cfg_scale, seed=job.seed, method=stage.sampler,

@@ -183,3 +183,29 @@ def test_a_resumed_stream_over_split_shards_continues_with_the_same_batches(tmp_
     resumed = list(itertools.islice(build_stream(rank_plan(ds, st, norm, seed=1, world=3), 2, 5), 7))
     for x, y in zip(full[5:], resumed, strict=True):
         assert x.captions == y.captions and torch.equal(x.latent, y.latent) and torch.equal(x.text, y.text)
+
+
+def test_sample_prompts_come_from_every_bucket_whichever_shards_reader_0_starts_with(tmp_path: Path):
+    """Prompts were the first batches of reader 0: with equal runs of shuffled shards, a bucket whose shards all
+    fell to other readers had no prompt (the quickstart's finetune lost its audio sample)."""
+    from latentforge.training.sampling import pick_prompts
+
+    kinds = ["image"] * 5 + ["video"] * 5 + ["audio"] * 5 + ["image_large"] * 5
+    samples = [make_sample(i, kind) for i, kind in enumerate(kinds)]
+    rows, root = [], tmp_path / "ds"
+    for shard in range(4):  # one bucket per shard, one shard per reader
+        name = f"shard-{shard:06d}.tar"
+        with LatentShardWriter(root / mf.SHARDS / name) as writer:
+            for s in samples[5 * shard:5 * shard + 5]:
+                writer.write_sample(s)
+                rows.append(manifest_row(s, name))
+    mf.write_table(mf.to_table(rows, mf.MANIFEST_SCHEMA), root / mf.MANIFEST)
+    (root / mf.CARD).write_text(json.dumps(CARD))
+    st = TrainStageConfig(name="t", modalities=["image", "video", "audio"], batch_size=2)
+    for seed in range(4):
+        plan = plan_for(Dataset(root), st, readers=4, seed=seed)
+        assert len({plan.entries[i].shape for i in plan.share(0, 0)}) == 1  # reader 0 alone sees one bucket
+        view = plan.prompt_plan(2)
+        assert Counter(e.shape for e in view.entries) == {shape: 2 for shape in {e.shape for e in plan.entries}}
+        prompts = pick_prompts(list(view.read_epoch(0, 0)), 4)
+        assert len({tuple(p.latent.shape) for p in prompts}) == 4  # one from each bucket first
