@@ -164,31 +164,15 @@ def _pyav_frame_count(path: Path) -> tuple[int, float]:
 
 def _pyav_decode(path: Path, num_frames: int, size: tuple[int, int]) -> tuple[np.ndarray, float]:
     """Only the wanted frames are kept, so memory stays at num_frames, not the clip."""
-    import av
-
     total, fps = _pyav_frame_count(path)
     if total == 0:
         raise MediaError("no_content", "video has no frames")
     indices = _even_indices(total, num_frames)
-    try:  # seeking to each wanted frame (see _pyav_frames): one middle frame was a decode of half the file
-        sought = _pyav_frames(path, indices, size, False, fps=fps)
-    except MediaError:
-        sought = None  # e.g. truncated: the pass below keeps what decodes, as it always did
-    if sought is not None:
-        return sought[0], fps * num_frames / total
-    wanted, kept = set(indices.tolist()), {}
-    with av.open(str(path)) as container:
-        for position, frame in enumerate(_frames_of(container, pyav_video_stream(container))):
-            if position in wanted:
-                kept[position] = resize_crop(frame.to_ndarray(format="rgb24"), size)
-            if position >= indices[-1]:
-                break
-    if not kept:
-        raise MediaError("no_content", "video has no decodable frames")
-    # A truncated file may hold fewer frames than its header says: clamp to the last one decoded.
-    last = max(kept)
-    frames = np.stack([kept[min(i, last)] for i in indices.tolist()])
-    return frames, fps * num_frames / total
+    # Seeking to each wanted frame (see _pyav_frames): one middle frame was a decode of half the file. A
+    # truncated file may hold fewer frames than its header says: the last one decoded stands in for the rest.
+    frames = (_pyav_frames(path, indices, size, False, fps=fps, truncated_ok=True)
+              or _pyav_frames(path, indices, size, False, fps=fps, truncated_ok=True, seek=False))
+    return frames[0], fps * num_frames / total
 
 
 
@@ -285,7 +269,7 @@ def _pyav_frames_at(path: Path, times_s: np.ndarray, size, stretch: bool, seek: 
 
 
 def _pyav_frames(path: Path, times_s: np.ndarray, size, stretch: bool, *, fps: float | None = None,
-                 seek: bool = True) -> tuple[np.ndarray, float] | None:
+                 seek: bool = True, truncated_ok: bool = False) -> tuple[np.ndarray, float] | None:
     """The wanted frames (shown at `times_s`; frame indices when `fps` is given) and the fps, decoding only
     from the keyframe before each run of them.
 
@@ -293,7 +277,8 @@ def _pyav_frames(path: Path, times_s: np.ndarray, size, stretch: bool, *, fps: f
     to its keyframe, and frames are placed by their timestamps: decoding from frame 0 on every call made
     cutting a film into clips (the windows of shot detection, then each clip's frames in every scoring stage)
     quadratic in its length (bench/pyav_seek.py). None when frames carry no timestamps or a seek lands past
-    the frame it was for: the caller then decodes from the start, counting frames (`seek=False`)."""
+    the frame it was for: the caller then decodes from the start, counting frames (`seek=False`).
+    `truncated_ok`: wanted frames past the last decodable one are that one, not a decode_error."""
     import av
 
     with av.open(str(path)) as container:
@@ -336,7 +321,7 @@ def _pyav_frames(path: Path, times_s: np.ndarray, size, stretch: bool, *, fps: f
         raise MediaError("no_content", "video has no decodable frames")
     last = max(kept)
     # One frame of slack: header frame counts are sometimes off by one. More missing means a truncated body.
-    if order[-1] > last + 1:
+    if order[-1] > last + 1 and not truncated_ok:
         raise MediaError("decode_error", f"{path.name} ends at frame {last}, frame {order[-1]} was "
                                "expected (truncated?)")
     return np.stack([kept[min(i, last)] for i in indices.tolist()]), fps
