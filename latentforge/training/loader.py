@@ -51,15 +51,16 @@ class Batch:
     repa: torch.Tensor | None = None  # (B, N, D) float16 REPA target features, when the stage uses REPA
 
     def to(self, device) -> Batch:
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731 (asynchronous from pinned memory)
-        return Batch(move(self.latent), move(self.text), move(self.text_mask), move(self.modality), self.captions,
-                     None if self.repa is None else move(self.repa))
+        return self._map(lambda t: t.to(device, non_blocking=True))  # asynchronous from pinned memory
 
     def pin_memory(self) -> Batch:
         """DataLoader(pin_memory=True) pins custom types through this method only; without it a Batch came back
         unpinned and every host-to-device copy was synchronous."""
-        return Batch(self.latent.pin_memory(), self.text.pin_memory(), self.text_mask.pin_memory(),
-                     self.modality.pin_memory(), self.captions, None if self.repa is None else self.repa.pin_memory())
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, fn) -> Batch:
+        return Batch(fn(self.latent), fn(self.text), fn(self.text_mask), fn(self.modality), self.captions,
+                     None if self.repa is None else fn(self.repa))
 
 
 class LatentNormalizer:
