@@ -139,12 +139,21 @@ def reference_step(model, case: Case, device):
     return lambda m: F.mse_loss(m(x, t, y).float(), target)
 
 
-def time_training(model, loss_fn, device, steps: int, warmup: int, compile_model: bool) -> float:
-    """Seconds per optimiser step (bf16 autocast, fused AdamW on CUDA), after `warmup` steps."""
+def time_training(model, loss_fn, device, steps: int, warmup: int, compile_model: bool,
+                  scope: str = "model") -> float:
+    """Seconds per optimiser step (bf16 autocast, fused AdamW on CUDA), after `warmup` steps.
+
+    `scope` "blocks": each block compiled in place (`DiT.compile_blocks`, what training's `compile: true` does);
+    "model": the whole model as one graph.
+    """
     model = model.to(device).train()
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused, foreach=not fused)
-    run = torch.compile(model) if compile_model else model
+    run = model
+    if compile_model and scope == "blocks":
+        model.compile_blocks()
+    elif compile_model:
+        run = torch.compile(model)
     dtype = torch.bfloat16
 
     def step():
@@ -173,7 +182,11 @@ def measure(name: str, build, step_for, spec_for, case: Case, args, device, comp
     torch.manual_seed(0)
     model = build()
     params = sum(p.numel() for p in model.parameters())
-    seconds = time_training(model, step_for(model, case, device), device, args.steps, args.warmup, compile_model)
+    scope = args.compile_scope if name == "ours" else "model"  # the reference has no blocks method: whole model
+    t0 = time.perf_counter()
+    seconds = time_training(model, step_for(model, case, device), device, args.steps, args.warmup, compile_model,
+                            scope)
+    wall = time.perf_counter() - t0
     flops = train_flops(spec_for(model, case.latent_hw), case.batch)
     del model
     if device.type == "cuda":
@@ -181,14 +194,16 @@ def measure(name: str, build, step_for, spec_for, case: Case, args, device, comp
     tflops = flops / seconds / 1e12
     return {"model": name, "case": case.name, "compile": compile_model, "params_m": params / 1e6,
             "img_s": case.batch / seconds, "tflops": tflops, "mfu": tflops / args.peak_tflops,
-            "gflop_per_img": flops / case.batch / 1e9}
+            "gflop_per_img": flops / case.batch / 1e9, "warmup_s": wall - seconds * args.steps,
+            "scope": scope if compile_model else "-"}
 
 
 def print_row(row: dict, baseline: dict | None) -> None:
     ratio = f"{row['img_s'] / baseline['img_s']:.2f}x" if baseline else "-"
-    print(f"{row['case']:<12} {'on' if row['compile'] else 'off':<7} {row['model']:<10} {row['params_m']:>8.1f}M "
+    compiled = f"on/{row['scope']}" if row['compile'] else "off"
+    print(f"{row['case']:<12} {compiled:<10} {row['model']:<10} {row['params_m']:>8.1f}M "
           f"{row['gflop_per_img']:>9.1f} {row['img_s']:>9.2f} {row['tflops']:>9.2f} {100 * row['mfu']:>7.2f}% "
-          f"{ratio:>8}", flush=True)
+          f"{ratio:>8} {row['warmup_s']:>9.1f}", flush=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -199,6 +214,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ref.add_argument("--no-reference", action="store_true", help="only our model")
     ap.add_argument("--tiny", action="store_true", help="small preset, small batch, few steps (CPU smoke run)")
     ap.add_argument("--compile", choices=["off", "on", "both"], default="both")
+    ap.add_argument("--compile-scope", choices=["blocks", "model"], default="blocks",
+                    help="ours compiled block by block (what training does) or as one graph; the reference: one graph")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20; --tiny: 2)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; --tiny: 1)")
     ap.add_argument("--batch", type=int, default=None, help="images per step (default 64 and 16; --tiny: 2)")
@@ -232,8 +249,8 @@ def main(argv=None) -> None:
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), torch "
           f"{torch.__version__}, ours {preset}/2 vs reference {ref_name if reference else '-'}, "
           f"peak {args.peak_tflops:g} TFLOP/s")
-    print(f"{'case':<12} {'compile':<7} {'model':<10} {'params':>9} {'GFLOP/img':>9} {'img/s':>9} {'TFLOP/s':>9} "
-          f"{'MFU':>8} {'vs ref':>8}")
+    print(f"{'case':<12} {'compile':<10} {'model':<10} {'params':>9} {'GFLOP/img':>9} {'img/s':>9} {'TFLOP/s':>9} "
+          f"{'MFU':>8} {'vs ref':>8} {'warmup_s':>9}")  # warmup_s: the untimed steps, compilation included
     for case in cases(args):
         for compile_model in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
             def run_reference(case=case, compile_model=compile_model):

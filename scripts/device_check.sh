@@ -6,6 +6,9 @@
 # into /tmp/site. Run from the repository root, with .whl and .ref carried (.ref/DiT/models.py: the reference):
 #
 #     bash scripts/device_check.sh            # on the device machine; logs land in $OUT
+#     bash scripts/device_check.sh --compile both --case 256 --steps 10 --warmup 3   # other bench/mfu.py arguments
+#
+# Arguments go to bench/mfu.py (default: --compile off); LF_BENCH_TIMEOUT bounds it (seconds, default 300).
 #
 # Locally (no GPU: the tests skip) to check the script itself:
 #     LF_DEVICE_CHECK_SKIP_INSTALL=1 OUT=$(mktemp -d) PATH=$PWD/.venv/bin:$PATH bash scripts/device_check.sh
@@ -42,9 +45,11 @@ echo "device_check: tests exit status $tests_rc"
 
 # 3. the MFU bench beside the reference DiT (bounded; its failure is reported, not fatal)
 if [[ -f .ref/DiT/models.py ]]; then
-  timeout 300 python3 bench/mfu.py --reference .ref/DiT/models.py --compile off 2>&1 | tee "$OUT/mfu.log"
+  bench_timeout=${LF_BENCH_TIMEOUT:-300}
+  (($#)) || set -- --compile off
+  timeout "$bench_timeout" python3 bench/mfu.py --reference .ref/DiT/models.py "$@" 2>&1 | tee "$OUT/mfu.log"
   bench_rc=${PIPESTATUS[0]}
-  [[ $bench_rc == 124 ]] && echo "device_check: bench stopped after 300 s" | tee -a "$OUT/mfu.log"
+  [[ $bench_rc == 124 ]] && echo "device_check: bench stopped after $bench_timeout s" | tee -a "$OUT/mfu.log"
 else
   bench_rc=missing
   echo "device_check: .ref/DiT/models.py not found (carry .ref); bench skipped" | tee "$OUT/mfu.log"

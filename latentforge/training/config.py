@@ -98,7 +98,7 @@ class TrainStageConfig(Strict):
         "wider and tokens per step stay near constant"))
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (GPU, or CPU for tests)")
-    compile: bool = Field(False, description="torch.compile the model")
+    compile: bool = Field(False, description="torch.compile each DiT block (one graph reused by every block)")
     timestep_shift: float | Literal["auto"] | None = Field(None, description=(
         "SD3 time shift: a number, 'auto' for sqrt(tokens / 256) per batch (larger latents get noisier t), or none"))
     mask_ratio: float = Field(0.0, ge=0, lt=1, description="deferred token masking: share of tokens dropped after "

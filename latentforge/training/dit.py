@@ -290,6 +290,19 @@ class DiT(nn.Module):
             return checkpoint(block, h, c, ctx, ctx_mask, rope, use_reentrant=False)
         return block(h, c, ctx, ctx_mask, rope)
 
+    def compile_blocks(self, **options: Any) -> DiT:
+        """torch.compile each block in place (regional compilation, as torchtitan compiles transformer blocks).
+
+        Every block has the same code, so the compiled graph is traced once and reused by all of them: a cold
+        compile costs one block's trace and kernels, not the whole unrolled depth (DiT-XL's 28 blocks compiled as
+        one graph ran past four minutes on an H100 before its first step). The embedders and final layer stay eager;
+        they are a small share of the FLOPs. `Module.compile` keeps parameter names, so state dicts and checkpoints
+        are the same as the eager model's, and FSDP/DDP wrap the blocks as before. `options` go to `torch.compile`.
+        """
+        for block in [*self.mixer, *self.blocks]:
+            block.compile(**options)
+        return self
+
 
 def repa_projector(hidden: int, out_dim: int) -> nn.Sequential:
     """REPA's MLP (Yu et al. 2024) from DiT hidden states to the width of the target encoder's features."""

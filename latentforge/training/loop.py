@@ -179,9 +179,9 @@ def train_stage(config: dict) -> None:
     raw = DiT(model_cfg)
     ema = copy.deepcopy(raw).requires_grad_(False)
     optimizer, scheduler = build_optimizer(raw, stage)
+    if stage.compile:  # block by block, before DDP/FSDP wrap them (as torchtitan orders it); the EMA stays eager
+        raw.compile_blocks()
     start, position, model, optimizer, ema = prepare(acc, raw, ema, optimizer, scheduler, job)
-    if stage.compile:
-        model = torch.compile(model)
     sink = job.sink if acc.is_main_process else NullSink()
     sink.start()
     sharded = fsdp.is_sharded_run(acc)  # then every rank runs validation and gathers for samples (collectives)

@@ -48,8 +48,12 @@ def ddp(dataset, tmp_path_factory):
     return fit_stage(p, p.stages[0], [dataset], tmp_path_factory.mktemp("ddp"), "ddp")
 
 
-def test_fsdp2_resumes_and_matches_ddp(dataset, ddp, tmp_path):
-    p = plan(fsdp=True, fail_at_step=5)  # dies after the step-3 checkpoint; the worker group resumes from it
+@pytest.mark.parametrize("compile_blocks", [False, pytest.param(True, marks=pytest.mark.heavy)],
+                         ids=["eager", "compiled-blocks"])  # compiled: +2.5 min of inductor C++ builds per worker
+def test_fsdp2_resumes_and_matches_ddp(dataset, ddp, tmp_path, compile_blocks):
+    """DDP eager is the reference either way: `compile: true` (each block compiled, then sharded) must train the
+    same weights, through the fault and the resume."""
+    p = plan(fsdp=True, fail_at_step=5, compile=compile_blocks)  # dies after the step-3 checkpoint; then resumes
     sharded = fit_stage(p, p.stages[0], [dataset], tmp_path, "fsdp")
     assert (tmp_path / "fsdp" / "scratch" / "fault-injected-s-5").exists()
     assert json.loads((sharded.checkpoint_dir / "state.json").read_text())["step"] == 6

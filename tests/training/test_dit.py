@@ -125,6 +125,31 @@ def test_torch_compile_traces_each_family_without_a_graph_break(name: str, modal
     assert explained.graph_count == 1
 
 
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad-checkpointing"])
+def test_compiled_blocks_share_one_graph_and_match_the_eager_model(checkpointing: bool) -> None:
+    """`compile_blocks` (training's `compile: true`): every block runs one traced graph (DiT-XL compiled whole ran
+    past four minutes before its first step on an H100), parameter names stay those of the eager model (so
+    checkpoints load either way), and outputs and gradients match eager ones."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager, compiled = make_model(depth=3, mixer_depth=1, grad_checkpointing=checkpointing), make_model(
+        depth=3, mixer_depth=1, grad_checkpointing=checkpointing)
+    compiled.compile_blocks(backend="aot_eager", fullgraph=True)  # no C++ build here; same tracing as inductor
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    x, t, text = torch.randn(2, 4, 1, 8, 8), torch.rand(2), make_text(2)
+    outputs = [m(x, t, *text, torch.tensor([0, 0])) for m in (eager, compiled)]
+    for out in outputs:
+        out.square().mean().backward()
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        assert (a.grad is None) == (b.grad is None), name  # the audio family's parameters get none here
+        assert a.grad is None or torch.allclose(a.grad, b.grad, atol=1e-5), name
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert all(block._compiled_call_impl is not None for block in [*compiled.mixer, *compiled.blocks])
+
+
 def test_latent_that_does_not_fit_the_patch_is_rejected() -> None:
     model = make_model()
     with pytest.raises(ValueError, match="does not fit"):
