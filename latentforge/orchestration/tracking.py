@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import tempfile
+import time
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -111,6 +112,7 @@ class Tracker:
             experiment, artifact_location if tracking_uri.startswith("sqlite") else None), wait_s)
         spool = spool_dir / f"driver-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl" if spool_dir else None
         self.queue = DeliveryQueue(tracking_uri, spool)
+        self.reopened: set[str] = set()  # runs of an earlier invocation that this one resumed
 
     def _experiment(self, name: str, artifact_location: str | None) -> str:
         from mlflow.exceptions import MlflowException
@@ -130,7 +132,6 @@ class Tracker:
     def _retry(self, what: str, call, wait_s: float):
         """`call()`, retried for up to `wait_s` with one warning while the server is unreachable; a refusal
         (bad value, unknown run) is raised at once."""
-        import time
 
         deadline, delay, warned = time.time() + wait_s, 2.0, False
         while True:
@@ -194,6 +195,7 @@ class Tracker:
             return self.start_run(name, parent_id, {**(match or {}), **(tags or {})}), False
         self.client.update_run(found, status="RUNNING")
         self.set_tags(found, {**self.run_tags, **(tags or {})})
+        self.reopened.add(found)
         return found, True
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
@@ -201,7 +203,36 @@ class Tracker:
                          for k, v in tags.items()))
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        self.queue.put(*({"kind": "param", "run_id": run_id, "key": k, "value": v} for k, v in flatten(params).items()))
+        """Params, flattened to dotted keys. On a reopened run, a value that differs from the one its first
+        invocation logged (a resume with other resources, say) cannot be logged again: MLflow params are
+        immutable, and the refusal used to be the only trace. Such values go to tags `latentforge.param_now.KEY`
+        and to an artifact `invocations/<UTC time>.json` with both values; unchanged ones are not sent again."""
+        flat = flatten(params)
+        if run_id in self.reopened:
+            flat = self._record_changed_params(run_id, flat)
+        self.queue.put(*({"kind": "param", "run_id": run_id, "key": k, "value": v} for k, v in flat.items()))
+
+    def _record_changed_params(self, run_id: str, flat: dict[str, str]) -> dict[str, str]:
+        """The params still to log; changed ones recorded as tags and an artifact. With the server away,
+        everything is queued as before (what MLflow then refuses is dropped with a warning)."""
+        try:
+            logged = self.client.get_run(run_id).data.params
+        except Exception as e:
+            log.warning("cannot compare params with those of run %s (%s); logging them as they are", run_id,
+                        str(e).splitlines()[0][:200])
+            return flat
+        changed = {k: {"first": logged[k], "now": v} for k, v in flat.items() if k in logged and logged[k] != v}
+        if changed:
+            log.warning("resumed run %s: %d param(s) differ from its first invocation's (%s); MLflow keeps the "
+                        "first values, the new ones are in tags latentforge.param_now.* and artifact invocations/",
+                        run_id, len(changed), ", ".join(sorted(changed)[:5]) + (" ..." if len(changed) > 5 else ""))
+            self.set_tags(run_id, {f"latentforge.param_now.{k}": c["now"] for k, c in changed.items()})
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / f"{stamp}.json"
+                path.write_text(json.dumps({"changed_params": changed}, indent=2, sort_keys=True))
+                self.log_artifact(run_id, path, "invocations")
+        return {k: v for k, v in flat.items() if k not in logged}
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         self.queue.put(*metric_records(run_id, metrics, step))
@@ -240,13 +271,11 @@ class Tracker:
         return version.version
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        import time
 
         self.queue.put({"kind": "terminate", "run_id": run_id, "status": status, "end_time": int(time.time() * 1000)})
 
     def flush(self, timeout_s: float = 0.0) -> bool:
         """Deliver what is queued now (waiting up to `timeout_s` for a server that is away)."""
-        import time
 
         deadline = time.time() + timeout_s
         while not self.queue.deliver_once():

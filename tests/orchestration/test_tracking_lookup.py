@@ -290,3 +290,32 @@ def test_select_names_an_unknown_modality_and_the_valid_ones(tmp_path):
     result = CliRunner().invoke(app, ["select", str(parent), "--out", str(tmp_path / "child"),
                                       "--modality", "audio"], env={"COLUMNS": "300"})
     assert result.exit_code == 2 and "modality audio matches no sample" in " ".join(result.output.split())
+
+
+# --- 7. a resumed run whose params changed ----------------------------------------------------------------------
+
+def test_params_changed_on_resume_are_kept_as_tags_and_an_artifact_not_dropped(tmp_path, caplog):
+    """MLflow params are immutable: a resume with other execution settings (resources, a checkpoint URI) had its
+    new values refused and dropped, so the run kept describing the first invocation with no trace of the second."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = Tracker(uri, "resume-params")
+    run_id, resumed = first.resume_or_start("train-s", match={"latentforge.stage_key": "k"}, wait_s=0)
+    first.log_params(run_id, {"stage": {"steps": 4, "resources": {"num_cpus": 1}}, "seed": 0})
+    assert not resumed and first.close(timeout_s=30)
+
+    second = Tracker(uri, "resume-params")
+    again, resumed = second.resume_or_start("train-s", match={"latentforge.stage_key": "k"}, wait_s=0)
+    assert resumed and again == run_id
+    caplog.set_level("WARNING", logger="latentforge")
+    second.log_params(run_id, {"stage": {"steps": 4, "resources": {"num_cpus": 2}}, "seed": 0, "added": "x"})
+    assert second.close(timeout_s=30)
+
+    run = second.client.get_run(run_id)
+    assert run.data.params == {"stage.steps": "4", "stage.resources.num_cpus": "1", "seed": "0", "added": "x"}
+    assert run.data.tags["latentforge.param_now.stage.resources.num_cpus"] == "2"
+    assert not any(k.startswith("latentforge.param_now.") and k != "latentforge.param_now.stage.resources.num_cpus"
+                   for k in run.data.tags)
+    [artifact] = second.client.list_artifacts(run_id, "invocations")
+    record = json.loads(Path(second.client.download_artifacts(run_id, artifact.path, str(tmp_path))).read_text())
+    assert record == {"changed_params": {"stage.resources.num_cpus": {"first": "1", "now": "2"}}}
+    assert "1 param(s) differ" in caplog.text and "refused" not in caplog.text
