@@ -297,13 +297,13 @@ def test_select_names_an_unknown_modality_and_the_valid_ones(tmp_path):
 def test_params_changed_on_resume_are_kept_as_tags_and_an_artifact_not_dropped(tmp_path, caplog):
     """MLflow params are immutable: a resume with other execution settings (resources, a checkpoint URI) had its
     new values refused and dropped, so the run kept describing the first invocation with no trace of the second."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    first = Tracker(uri, "resume-params")
+    uri, artifacts = f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "artifacts")
+    first = Tracker(uri, "resume-params", artifacts)
     run_id, resumed = first.resume_or_start("train-s", match={"latentforge.stage_key": "k"}, wait_s=0)
     first.log_params(run_id, {"stage": {"steps": 4, "resources": {"num_cpus": 1}}, "seed": 0})
     assert not resumed and first.close(timeout_s=30)
 
-    second = Tracker(uri, "resume-params")
+    second = Tracker(uri, "resume-params", artifacts)
     again, resumed = second.resume_or_start("train-s", match={"latentforge.stage_key": "k"}, wait_s=0)
     assert resumed and again == run_id
     caplog.set_level("WARNING", logger="latentforge")
