@@ -27,65 +27,19 @@ import math
 import random
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from latentforge.datasets.compat import check_compatible, merged_latent_stats
+from latentforge.datasets.compat import check_compatible
 from latentforge.datasets.manifest import Dataset
 from latentforge.datasets.shards import MEMBERS, ShardFormatError
+from latentforge.training.batch import Batch, LatentNormalizer  # re-exported
+from latentforge.training.batch import Decoded, MemberFormat, check_alike
 from latentforge.training.config import MODALITY_IDS, TrainStageConfig
 from latentforge.training.shard_reader import NpyDecoder, iter_raw_samples
-
-
-@dataclass
-class Batch:
-    latent: torch.Tensor  # (B, C, T, H, W), normalised
-    text: torch.Tensor  # (B, L, D)
-    text_mask: torch.Tensor  # (B, L) bool
-    modality: torch.Tensor  # (B,) int64
-    captions: list[str]
-    repa: torch.Tensor | None = None  # (B, N, D) float16 REPA target features, when the stage uses REPA
-
-    def to(self, device) -> Batch:
-        return self._map(lambda t: t.to(device, non_blocking=True))  # asynchronous from pinned memory
-
-    def pin_memory(self) -> Batch:
-        """DataLoader(pin_memory=True) pins custom types through this method only; without it a Batch came back
-        unpinned and every host-to-device copy was synchronous."""
-        return self._map(torch.Tensor.pin_memory)
-
-    def _map(self, fn) -> Batch:
-        return Batch(fn(self.latent), fn(self.text), fn(self.text_mask), fn(self.modality), self.captions,
-                     None if self.repa is None else fn(self.repa))
-
-
-class LatentNormalizer:
-    """Per-channel standardisation with the dataset cards' statistics, per latent family."""
-
-    def __init__(self, cards: dict | list[dict]):
-        cards = [cards] if isinstance(cards, dict) else cards
-        stats = merged_latent_stats(cards) if len(cards) > 1 else cards[0]["latent_stats"]
-        self.stats = {
-            family: (np.asarray(s["mean"], np.float32), np.asarray(s["std"], np.float32))
-            for family, s in stats.items()
-        }
-
-    @staticmethod
-    def family(modality: str) -> str:
-        return "audio" if modality == "audio" else "visual"
-
-    def normalize(self, latent: np.ndarray, modality: str) -> np.ndarray:
-        """(C, T, H, W) or a batch (B, C, T, H, W) of one family."""
-        mean, std = self.stats[self.family(modality)]
-        return (latent - mean[:, None, None, None]) / std[:, None, None, None]
-
-    def denormalize(self, latent: np.ndarray, modality: str) -> np.ndarray:
-        mean, std = self.stats[self.family(modality)]
-        return latent * std[:, None, None, None] + mean[:, None, None, None]
 
 
 def as_list(datasets: Dataset | list[Dataset]) -> list[Dataset]:
@@ -168,14 +122,6 @@ def token_count(shape: tuple[int, ...], patch: int) -> int:
     return t if h == w == 1 else t * (h // patch) * (w // patch)
 
 
-class Decoded(NamedTuple):
-    latent: np.ndarray
-    text: np.ndarray
-    text_mask: np.ndarray
-    caption: str
-    repa: np.ndarray | None
-
-
 Item = tuple[int, "int | None"]  # (entry index, frame for video_frames_as_images)
 
 
@@ -183,12 +129,13 @@ class StreamPlan:
     """Which samples each reader reads in each epoch, and how they batch; see the module docstring."""
 
     def __init__(self, entries: list[Entry], stage: TrainStageConfig, normalizer: LatentNormalizer, seed: int,
-                 readers: int = 1, patch: int = 2, repa: bool = False):
+                 readers: int = 1, patch: int = 2, repa: bool = False, member_format: MemberFormat | None = None):
         if len(entries) < readers:
             raise ValueError(f"stage {stage.name!r} selects {len(entries)} samples, fewer than {readers} readers "
                              f"(workers x loader.workers)")
         self.entries, self.stage, self.normalizer = entries, stage, normalizer
         self.seed, self.readers, self.patch, self.repa = seed, readers, patch, repa
+        self.member_format = member_format or MemberFormat()  # text / REPA shapes the dataset cards fix, where they do
         starts = [0] + [i for i in range(1, len(entries)) if entries[i].shard != entries[i - 1].shard]
         self.shards = list(zip(starts, starts[1:] + [len(entries)]))  # entry index range [lo, hi) per shard
         self._plans: dict[tuple[int, int], list[list[Item]]] = {}
@@ -216,7 +163,7 @@ class StreamPlan:
                 break
         chosen = sorted(i for bucket in taken.values() for i in bucket)
         return StreamPlan([self.entries[i] for i in chosen], self.stage, self.normalizer, self.seed, 1, self.patch,
-                          self.repa)
+                          self.repa, self.member_format)
 
     def share(self, reader: int, epoch: int) -> list[int]:
         """The entries `reader` reads in `epoch`, in order: its run of the shuffled shards (module docstring)."""
@@ -326,10 +273,12 @@ class StreamPlan:
         if out.latent.shape != shape or out.latent.dtype.kind != "f":  # here, not after collate's np.stack
             raise ShardFormatError(f"{uri}: sample {key}: latent {out.latent.dtype} {out.latent.shape}, but the "
                                    f"manifest says shape {shape}")
+        self.member_format.check(out, f"{uri}: sample {key}")  # text, text_mask, repa: the cards' shapes, float
         return out
 
     def collate(self, items: list[Item], decoded: dict[int, Decoded]) -> Batch:
         samples = [decoded.pop(i) for i, _ in items]
+        check_alike(samples, [f"{self.entries[i].shard}: sample {self.entries[i].key}" for i, _ in items])
         modalities = ["image" if frame is not None else self.entries[i].modality for i, frame in items]
         latent = np.stack([s.latent if f is None else s.latent[:, f:f + 1] for s, (_, f) in zip(samples, items)])
         families = {LatentNormalizer.family(m) for m in modalities}
@@ -381,9 +330,10 @@ def build_stream(plan: StreamPlan, rank: int, start: int = 0) -> Iterator[Batch]
 def rank_plan(datasets: Dataset | list[Dataset], stage: TrainStageConfig, normalizer: LatentNormalizer,
               seed: int, world: int, patch: int = 2, repa: bool = False) -> StreamPlan:
     """The stage's training plan for `world` ranks (the same object on every rank)."""
-    entries = select_entries(open_datasets(datasets), stage)
-    return StreamPlan(entries, stage, normalizer, seed, readers=world * max(1, stage.loader.workers), patch=patch,
-                      repa=repa)
+    datasets = open_datasets(datasets)
+    return StreamPlan(select_entries(datasets, stage), stage, normalizer, seed,
+                      readers=world * max(1, stage.loader.workers), patch=patch, repa=repa,
+                      member_format=MemberFormat.of([d.card for d in datasets]))
 
 
 def load_batches(datasets: Dataset | list[Dataset], stage: TrainStageConfig, normalizer: LatentNormalizer,
@@ -391,12 +341,14 @@ def load_batches(datasets: Dataset | list[Dataset], stage: TrainStageConfig, nor
                  repa: bool = False) -> list[Batch]:
     """One epoch of one reader over (the first `limit` of) a selection, in this process: validation sets,
     sampling prompts, tests."""
-    entries = select_entries(open_datasets(datasets), stage, split)
+    datasets = open_datasets(datasets)
+    entries = select_entries(datasets, stage, split)
     if limit is not None:
         entries = sorted(sorted(entries, key=lambda e: (e.dataset, e.key))[:limit], key=lambda e: (e.shard, e.key))
     if not entries:
         return []
-    return list(StreamPlan(entries, stage, normalizer, seed, 1, patch, repa).read_epoch(0, 0))
+    member_format = MemberFormat.of([d.card for d in datasets])
+    return list(StreamPlan(entries, stage, normalizer, seed, 1, patch, repa, member_format).read_epoch(0, 0))
 
 
 class Prefetcher:

@@ -1,5 +1,6 @@
-"""Loader edge cases: damaged shards are refused naming the shard, a latent of the wrong shape names its sample,
-a dataset listed twice is refused up front, and readers take equal sample shares whatever the shard sizes."""
+"""Loader edge cases: damaged shards are refused naming the shard, a latent of the wrong shape names its sample
+and so do text and REPA members unlike the dataset card or the rest of their batch, a dataset listed twice is
+refused up front, and readers take equal sample shares whatever the shard sizes."""
 
 from __future__ import annotations
 
@@ -11,15 +12,23 @@ from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_loader import CARD, make_sample, manifest_row, write_dataset
 
 from latentforge.datasets import manifest as mf
 from latentforge.datasets.manifest import Dataset
-from latentforge.datasets.shards import LatentShardWriter, ShardFormatError, encode_members
+from latentforge.datasets.shards import LatentShardWriter, ShardFormatError, encode_members, npy_bytes
 from latentforge.training.config import TrainStageConfig
-from latentforge.training.loader import LatentNormalizer, StreamPlan, build_stream, rank_plan, select_entries
+from latentforge.training.loader import (
+    LatentNormalizer,
+    StreamPlan,
+    build_stream,
+    load_batches,
+    rank_plan,
+    select_entries,
+)
 from latentforge.training.shard_reader import NpyDecoder
 
 
@@ -27,8 +36,8 @@ def stage(batch_size: int = 2, **kw) -> TrainStageConfig:
     return TrainStageConfig(name="t", modalities=["image"], batch_size=batch_size, **kw)
 
 
-def plan_for(ds: Dataset, st: TrainStageConfig, readers: int = 1, seed: int = 0) -> StreamPlan:
-    return StreamPlan(select_entries(ds, st), st, LatentNormalizer(ds.card), seed, readers=readers)
+def plan_for(ds: Dataset, st: TrainStageConfig, readers: int = 1, seed: int = 0, repa: bool = False) -> StreamPlan:
+    return StreamPlan(select_entries(ds, st), st, LatentNormalizer(ds.card), seed, readers=readers, repa=repa)
 
 
 @contextmanager
@@ -209,3 +218,83 @@ def test_sample_prompts_come_from_every_bucket_whichever_shards_reader_0_starts_
         assert Counter(e.shape for e in view.entries) == {shape: 2 for shape in {e.shape for e in plan.entries}}
         prompts = pick_prompts(list(view.read_epoch(0, 0)), 4)
         assert len({tuple(p.latent.shape) for p in prompts}) == 4  # one from each bucket first
+
+
+# ---------------------------------------------------------------- text and REPA members unlike the batch or card
+
+
+TEXT_CARD = {**CARD, "encoders": {"text": {"kind": "minilm", "dim": 4, "max_len": 6}}}
+REPA_CARD = {**CARD, "encoders": {"repa": {"kind": "dinov2", "model": "tiny", "dim": 8}}}
+
+
+def with_odd_member(root: Path, odd: dict[str, np.ndarray], card: dict, repa: bool = False) -> tuple[Dataset, Path]:
+    """Four images in one shard whose sample s001 has the members `odd` (written with their own dtype); the
+    manifest and the card are those of the good samples."""
+    samples = [make_sample(i, "image") for i in range(4)]
+    for s in samples:
+        s.repa = np.full((64, 8), int(s.key[1:]), np.float16) if repa else None
+    ds = write_dataset(root, samples, shards=1, card=card)
+    shard = ds.root / mf.SHARDS / "shard-000000.tar"
+    with LatentShardWriter(shard) as w:
+        for s in samples:
+            w.write(s.key, {**encode_members(s), **({name: npy_bytes(a) for name, a in odd.items()}
+                                                    if s.key == "s001" else {})})
+    return ds, shard
+
+
+TEXT = make_sample(1, "image").text  # float32 (6, 4)
+MASK = make_sample(1, "image").text_mask  # bool (6,)
+
+
+@pytest.mark.parametrize("odd,found,expected", [
+    ({"text.npy": TEXT[:, :3]}, r"text \(6, 3\)", r"\(6, 4\)"),  # another text width
+    ({"text.npy": TEXT[:5], "text_mask.npy": MASK[:5]}, r"text \(5, 4\)", r"\(6, 4\)"),  # another text length
+], ids=["width", "length"])
+def test_a_text_embedding_unlike_the_rest_of_its_batch_is_refused_naming_it(tmp_path: Path, odd, found,
+                                                                            expected) -> None:
+    ds, shard = with_odd_member(tmp_path / "ds", odd, CARD)  # CARD has no text encoder: the batch is the reference
+    with pytest.raises(ShardFormatError, match=rf"{re.escape(str(shard))}: sample s001: {found}, but the 3 other "
+                                               rf"samples of its batch have {expected}"):
+        list(plan_for(ds, stage(4)).read_epoch(0, 0))
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_a_text_embedding_not_of_the_card_shape_is_refused_naming_it(tmp_path: Path, batch_size: int) -> None:
+    ds, shard = with_odd_member(tmp_path / "ds", {"text.npy": TEXT[:, :3]}, TEXT_CARD)
+    with pytest.raises(ShardFormatError, match=rf"{re.escape(str(shard))}: sample s001: text float32 \(6, 3\), but "
+                                               r"the dataset card's text encoder gives float \(6, 4\)"):
+        load_batches(ds, stage(batch_size), LatentNormalizer(ds.card))
+
+
+@pytest.mark.parametrize("card", [CARD, TEXT_CARD], ids=["no-text-card", "text-card"])
+def test_a_text_embedding_of_integers_is_refused_naming_it(tmp_path: Path, card: dict) -> None:
+    ds, shard = with_odd_member(tmp_path / "ds", {"text.npy": TEXT.astype(np.int64)}, card)
+    with pytest.raises(ShardFormatError, match=rf"{re.escape(str(shard))}: sample s001: text int64 \(6, 4\), but "):
+        load_batches(ds, stage(4), LatentNormalizer(ds.card))
+
+
+def test_a_text_mask_not_of_its_text_length_is_refused_naming_it(tmp_path: Path) -> None:
+    ds, shard = with_odd_member(tmp_path / "ds", {"text_mask.npy": MASK[:5]}, TEXT_CARD)
+    with pytest.raises(ShardFormatError, match=rf"{re.escape(str(shard))}: sample s001: text_mask bool \(5,\), but its "
+                                               r"text has 6 tokens"):
+        load_batches(ds, stage(4), LatentNormalizer(ds.card))
+
+
+REPA = np.ones((64, 8), np.float16)  # 16x16 latents: 64 DiT tokens at patch 2
+
+
+@pytest.mark.parametrize("odd,via,message", [
+    (REPA[:, :6], "card", r"repa float16 \(64, 6\), but the dataset card's REPA encoder gives float \(N, 8\)"),
+    (REPA[:, :6], "batch", r"repa \(64, 6\), but the 3 other samples of its batch have \(64, 8\)"),
+    (REPA[:16], "card", r"repa \(16, 8\), but the 3 other samples of its batch have \(64, 8\)"),
+    (REPA.astype(np.int16), "batch", r"repa int16 \(64, 8\), but REPA features are float \(N, D\)"),
+], ids=["width-card", "width-batch", "tokens", "int16"])
+def test_repa_features_unlike_the_card_or_their_batch_are_refused_naming_them(tmp_path: Path, odd, via,
+                                                                              message) -> None:
+    """`via` card: load_batches, whose plan knows the card's REPA width; batch: a StreamPlan made without it."""
+    ds, shard = with_odd_member(tmp_path / "ds", {"repa.npy": odd}, REPA_CARD, repa=True)
+    with pytest.raises(ShardFormatError, match=rf"{re.escape(str(shard))}: sample s001: {message}"):
+        if via == "card":
+            load_batches(ds, stage(4), LatentNormalizer(ds.card), repa=True)
+        else:
+            list(plan_for(ds, stage(4), repa=True).read_epoch(0, 0))
