@@ -10,6 +10,16 @@
 #
 # Arguments go to bench/mfu.py (default: --compile off); LF_BENCH_TIMEOUT bounds it (seconds, default 300).
 #
+# Preparing .whl and .ref here (session 13, for the image's Python 3.12; 24 MB, under the 64 MiB a call carries;
+# keep the machine's own huggingface_hub 1.x: 2.x needs httpx2, which it lacks):
+#     echo /.whl/ >> .git/info/exclude; echo /.ref/ >> .git/info/exclude
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#       pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+#       typing_extensions==4.16.0 soundfile==0.14.0 cffi==2.1.1 pycparser==3.12 transformers==5.24.0 diffusers==0.42.1
+#     mkdir -p .ref/DiT && curl -sL https://raw.githubusercontent.com/facebookresearch/DiT/main/models.py \
+#       -o .ref/DiT/models.py
+#
 # Locally (no GPU: the tests skip) to check the script itself:
 #     LF_DEVICE_CHECK_SKIP_INSTALL=1 OUT=$(mktemp -d) PATH=$PWD/.venv/bin:$PATH bash scripts/device_check.sh
 #
