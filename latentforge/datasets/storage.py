@@ -181,10 +181,16 @@ def size_of(location: str | Path) -> int:
 
 def list_files(location: str | Path) -> list[str]:
     """Paths (posix, relative to `location`) of every file under it, recursively, sorted; [] if it is absent."""
+    return sorted(file_infos(location))
+
+
+def file_infos(location: str | Path) -> dict[str, tuple[int, int | None]]:
+    """{relative posix path: (size, mtime_ns or None)} of every file under `location`, from one listing."""
     fs, root = resolve(location)
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     prefix = root.rstrip("/") + "/"
-    return sorted(i.path[len(prefix):] for i in infos if i.type == pafs.FileType.File and i.path.startswith(prefix))
+    return {i.path[len(prefix):]: (int(i.size or 0), i.mtime_ns) for i in infos
+            if i.type == pafs.FileType.File and i.path.startswith(prefix)}
 
 
 def read_bytes(location: str | Path) -> bytes:

@@ -260,13 +260,14 @@ def run_curation(cfg: CurationConfig, dataset_dir: Path | str) -> CurationResult
     if not rows:
         raise ValueError(f"no input files under {cfg.input_dir}")
     done = done_groups(shard_dir, config_hash(cfg))  # resume: groups an earlier run finished are kept as they are
-    stale = stale_groups(done, rows)  # ... unless the inputs assigned to them changed since (a file added or removed)
+    stale = stale_groups(done, rows)  # ... unless their inputs changed since (added, removed, or changed in place)
     for group in stale:
         discard_group(shard_dir, group, done.pop(group))
     if stale:
         logging.getLogger(__name__).warning(
             "resuming: %d finished shard groups redone because their inputs changed since they were written "
-            "(files added or removed under the input root shift the later groups): %s", len(stale),
+            "(a file or caption changed in place; files added or removed under the input root shift the later "
+            "groups): %s", len(stale),
             ", ".join(map(str, stale[:10])) + (" ..." if len(stale) > 10 else ""))
     finished = [r for group, group_rows in sorted(done.items()) for r in group_rows]
     pending = [r for r in rows if r["shard"] not in done]

@@ -16,10 +16,29 @@ def sample_id(relpath: str) -> str:
     return "s" + hashlib.sha1(relpath.encode("utf-8")).hexdigest()[:16]
 
 
-def _row(relpath: str, uri: str, caption_path: str) -> dict:
-    """A discovered input, local or remote: `caption_path` is its paired caption's, or where one would be."""
+def _row(relpath: str, uri: str, caption_path: str, signature: str) -> dict:
+    """A discovered input, local or remote: `caption_path` is its paired caption's, or where one would be;
+    `signature` the size and modification time of the file and of its caption (see `signature`)."""
     return {"id": sample_id(relpath), "uri": uri, "relpath": relpath, "caption_path": caption_path,
-            "status": "ok", "reason": "", "message": "", "stage": ""}
+            "status": "ok", "reason": "", "message": "", "stage": "", "input_signature": signature}
+
+
+def signature(media: tuple[int, int | None] | None, caption: tuple[int, int | None] | None = None) -> str:
+    """'size:mtime_ns' of an input file, then '|' and its caption's when it has one: what a rerun compares with
+    the done-markers to notice an input or its caption changed in place under the same name (resume.py). Cheap:
+    one stat, or the listing's entry on an object store; a change that keeps both size and time is missed."""
+    def one(info):
+        return "missing" if info is None else f"{info[0]}:{'' if info[1] is None else info[1]}"
+
+    return one(media) + ("" if caption is None else "|" + one(caption))
+
+
+def _stat(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()  # follows a link: its target's content is what is read
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def _is_caption(path: Path) -> bool:
@@ -58,14 +77,16 @@ def discover(root: str | Path, samples_per_shard: int) -> list[dict]:
 def _remote_rows(root: str) -> list[dict]:
     """One row per object under the prefix; stages fetch an object only when they read it (stage.py)."""
     rows = []
-    listing = [p for p in storage.list_files(root) if not _hidden(p)]
+    infos = {p: info for p, info in storage.file_infos(root).items() if not _hidden(p)}
+    listing = sorted(infos)
     captions = _captions_by_stem(listing)
     for relpath in listing:
         if relpath.lower().endswith(CAPTION_EXT):
             continue
         uri = storage.join(root, relpath)
         caption = captions.get(posixpath.splitext(relpath)[0])
-        rows.append(_row(relpath, uri, storage.join(root, caption) if caption else storage.with_suffix(uri, CAPTION_EXT)))
+        rows.append(_row(relpath, uri, storage.join(root, caption) if caption else storage.with_suffix(uri, CAPTION_EXT),
+                         signature(infos[relpath], infos[caption] if caption else None)))
     return rows
 
 
@@ -83,7 +104,8 @@ def _local_rows(root: str | Path) -> list[dict]:
                 continue
             caption = captions.get(posixpath.splitext(name)[0])
             row = _row(path.relative_to(root).as_posix(), str(path),
-                       str(Path(dirpath) / caption if caption else path.with_suffix(CAPTION_EXT)))
+                       str(Path(dirpath) / caption if caption else path.with_suffix(CAPTION_EXT)),
+                       signature(_stat(path), _stat(Path(dirpath) / caption) if caption else None))
             if path.is_symlink() and not path.resolve().is_relative_to(root):
                 row.update(status="rejected", reason="outside_root", stage="discover",
                            message=f"symlink {row['relpath']} points outside the input root")

@@ -4,7 +4,8 @@ The marker (`shards/_done/group-GGGGGG.json`) is written after the group's tars,
 rows (everything but latents) and the config hash, and is trusted only when every tar it names still has its
 recorded sha256, and only for the inputs it was written from: groups are assigned by sorted index at discovery,
 so a file added or removed since shifts which inputs a group holds, and a group whose marker rows came from
-other inputs than the group holds now is redone (`stale_groups`, `discard_group`). Shards are deterministic
+other inputs than the group holds now is redone (`stale_groups`, `discard_group`), as is a group one of whose
+inputs or captions changed in place (its size or modification time, recorded at discovery, differs). Shards are deterministic
 given inputs and config, so a resumed job writes the same dataset as an uninterrupted one.
 """
 from __future__ import annotations
@@ -90,11 +91,20 @@ def input_ids(rows: list[dict]) -> set[str]:
 
 def stale_groups(done: dict[int, list[dict]], rows: list[dict]) -> list[int]:
     """The groups of `done` (done_groups) whose marker rows came from other inputs than the discovered `rows`
-    now assign to the group (inputs added or removed since it was written), or that no input is assigned to."""
+    now assign to the group (inputs added or removed since it was written), that no input is assigned to, or
+    whose inputs or captions changed in place since (their `input_signature`, size and modification time,
+    differs; markers written before signatures were recorded are judged by their inputs' ids alone)."""
     current: dict[int, set[str]] = {}
+    signatures = {str(r["id"]): r.get("input_signature") for r in rows}
     for r in rows:
         current.setdefault(int(r["shard"]), set()).add(str(r["id"]))
-    return sorted(g for g, group_rows in done.items() if input_ids(group_rows) != current.get(int(g), set()))
+
+    def changed(group_rows: list[dict]) -> bool:
+        return any(r.get("input_signature") is not None
+                   and signatures.get(str(r.get("source_id") or r["id"])) != r["input_signature"] for r in group_rows)
+
+    return sorted(g for g, group_rows in done.items()
+                  if input_ids(group_rows) != current.get(int(g), set()) or changed(group_rows))
 
 
 def discard_group(shard_dir: Path | str, group: int, rows: list[dict]) -> None:

@@ -89,6 +89,55 @@ def test_stale_groups_compares_the_inputs_a_marker_came_from():
     assert stale_groups(done, rows) == [0, 2, 3]  # group 1: the same inputs (c split into clips)
 
 
+def test_stale_groups_notices_an_input_or_caption_changed_in_place():
+    """Same inputs, same groups: only the signature (size:mtime of the file, then of its caption) tells that
+    a file was rewritten under its name. Markers without signatures (older jobs) are judged by ids alone."""
+    from latentforge.pipelines.resume import stale_groups
+
+    rows = [{"id": i, "shard": n // 2, "input_signature": f"10:{n}"} for n, i in enumerate(["a", "b", "c", "d"])]
+    rows[2]["input_signature"] = "10:2|5:99"  # c's caption rewritten since group 1 was written
+    done = {0: [{"id": "a", "source_id": "a", "input_signature": "10:0"},
+                {"id": "b0", "source_id": "b", "input_signature": "10:1"}],  # a clip of b
+            1: [{"id": "c", "source_id": "c", "input_signature": "10:2|5:1"},
+                {"id": "d", "source_id": "d", "input_signature": "10:3"}]}
+    assert stale_groups(done, rows) == [1]
+    legacy = {g: [{k: v for k, v in r.items() if k != "input_signature"} for r in group] for g, group in done.items()}
+    assert stale_groups(legacy, rows) == []
+
+
+def test_a_caption_changed_in_place_is_curated_again_on_rerun(tmp_path, ray_local, caplog):
+    """A sidecar caption fixed after the job ran (same file name): the rerun redoes its group, whose marker
+    named the old signature, so the dataset holds the new caption; the other groups keep their tars."""
+    import os
+
+    from latentforge.pipelines.discover import discover
+
+    corpus = tmp_path / "corpus"
+    generate_demo_corpus(corpus, DemoCorpusSpec(num_images=4, num_videos=1, num_audio=1, seed=15, include_broken=False))
+    cfg = CurationConfig(input_dir=corpus, samples_per_shard=3)
+    out = tmp_path / "ds"
+    run_curation(cfg, out)
+    shard_dir = out / mf.SHARDS
+    rows = discover(corpus, cfg.samples_per_shard)
+    target = next(r for r in rows if r["relpath"].startswith("images/") and (corpus / r["caption_path"]).is_file())
+    group = target["shard"]
+    untouched = {p: p.stat().st_mtime_ns for p in shard_dir.glob("*.tar") if not p.name.startswith(f"shard-{group:06d}")}
+    assert untouched
+
+    caption = corpus / target["caption_path"]
+    caption.write_text("a corrected caption of a shape")
+    stat = caption.stat()
+    os.utime(caption, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a coarse file system could keep the time
+    caplog.set_level("WARNING", logger="latentforge.pipelines.curate")
+    result = run_curation(cfg, out)
+
+    assert "1 finished shard groups redone because their inputs changed" in caplog.text
+    [row] = [r for r in mf.Dataset(out).manifest().to_pylist() if r["id"] == target["id"]]
+    assert row["caption"] == "a corrected caption of a shape"
+    assert {p: p.stat().st_mtime_ns for p in untouched} == untouched  # the other groups were not redone
+    assert result.inputs == len(rows) and sorted(set(accounted(out))) == sorted(r["id"] for r in rows)
+
+
 def test_a_file_added_to_a_finished_group_is_curated_on_resume(tmp_path, ray_local, caplog):
     """Groups are assigned by sorted index, so a file that sorts first shifts every group after it: each
     finished group now holds other inputs, so its marker is not trusted and every group is redone."""
