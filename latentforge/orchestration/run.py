@@ -20,6 +20,7 @@ console = Console(stderr=True)
 STATE_DIR = "state"  # completion markers of curation and stages: what a rerun may skip
 SPOOL_DIR = "tracking-spool"  # tracking records not yet delivered (an MLflow outage)
 CURATION_KEY_TAG = "latentforge.curation_key"  # the curation config hash: which curation run a rerun reopens
+INPUTS_TAG = "latentforge.inputs_digest"  # ... and the inputs it read (discover.inputs_digest)
 
 
 @dataclass
@@ -64,17 +65,41 @@ def write_marker(path: Path, body: dict) -> None:
     tmp.replace(path)
 
 
-def curation_done(cfg: LatentforgeConfig) -> dict | None:
-    """The completion marker of this curation config, if its dataset is still there as it was written."""
+def curation_done(cfg: LatentforgeConfig, digest: str | None = None) -> dict | None:
+    """The completion marker of this curation config, if its dataset is still there as it was written and was
+    made from the inputs there now (`digest`: discover.inputs_digest of them; None: they cannot be listed, e.g.
+    archived after curation, and the marker is trusted; a marker from before digests were recorded likewise)."""
     from latentforge.pipelines.curate import config_hash
 
     cur = cfg.curation
     marker = read_marker(cfg.workdir / STATE_DIR / f"curation-{cur.name}.json")
     card_location = storage.join(cur.output_dir, "card.json")
     card = json.loads(storage.read_text(card_location)) if storage.is_file(card_location) else None
-    if marker and card and marker["config_hash"] == config_hash(cur) and marker["dataset_id"] == card.get("id"):
-        return marker
-    return None
+    if not (marker and card and marker["config_hash"] == config_hash(cur) and marker["dataset_id"] == card.get("id")):
+        return None
+    if digest is not None and marker.get("inputs_digest") not in (None, digest):
+        console.print(f"[yellow]inputs changed[/] under {cur.input_dir} since the curation finished (files added, "
+                      "removed or rewritten): curating again; only the shard groups they touch are redone")
+        return None
+    return marker
+
+
+def current_inputs(cur: CurationConfig) -> str | None:
+    """discover.inputs_digest of the inputs under `cur.input_dir` now; None when there are none to list."""
+    from latentforge.pipelines.discover import discover, inputs_digest
+
+    try:
+        rows = discover(cur.input_dir, cur.samples_per_shard)
+    except FileNotFoundError:
+        return None
+    return inputs_digest(rows) if rows else None
+
+
+def curation_match(cur: CurationConfig, digest: str | None) -> dict[str, str]:
+    """The tags that name a curation's MLflow run: its config, and the inputs it read when they are known."""
+    from latentforge.pipelines.curate import config_hash
+
+    return {CURATION_KEY_TAG: config_hash(cur), **({INPUTS_TAG: digest} if digest else {})}
 
 
 def child_run(tracker: Tracker, name: str, parent_id: str | None, tags: dict[str, str],
@@ -93,13 +118,16 @@ def curate(cfg: LatentforgeConfig, tracker: Tracker, parent_id: str | None, summ
     # The run belongs to the curation config, as a stage's run belongs to its key: a changed curation gets a
     # run of its own (the old run's params and artifacts keep describing the dataset it wrote), a resume of an
     # unchanged one reopens its run.
-    match = {CURATION_KEY_TAG: config_hash(cur)}
-    done = curation_done(cfg)
+    # Inputs too: files added, removed or rewritten since make a new dataset version, curated incrementally.
+    done = curation_done(cfg, current_inputs(cur))
     if done:  # nothing to redo; the run that wrote it stays as it is
+        match = curation_match(cur, done.get("inputs_digest"))
         summary.curation_run_id = tracker.find_run(f"curate-{cur.name}", parent_id, match) or done.get("run_id")
         console.print(f"[green]curation already done[/] -> {cur.output_dir} (id {done['dataset_id']})")
         return
     ensure_corpus(cur)
+    digest = current_inputs(cur)
+    match = curation_match(cur, digest)
     run_id = child_run(tracker, f"curate-{cur.name}", parent_id, {"latentforge.kind": "curation"}, match=match)
     summary.curation_run_id = run_id
     tracker.log_params(run_id, json.loads(cur.model_dump_json()))
@@ -120,7 +148,7 @@ def curate(cfg: LatentforgeConfig, tracker: Tracker, parent_id: str | None, summ
     tracker.end_run(run_id)
     write_marker(cfg.workdir / STATE_DIR / f"curation-{cur.name}.json",
                  {"config_hash": config_hash(cur), "dataset_id": result.card["id"], "run_id": run_id,
-                  "dataset_dir": str(result.dataset_dir)})
+                  "dataset_dir": str(result.dataset_dir), "inputs_digest": digest})
     console.print(f"[green]curated[/] {result.kept}/{result.inputs} kept, {result.rejected} rejected, "
                   f"{result.filtered} filtered -> {result.dataset_dir}")
     if result.stage_seconds:  # none when every group was already done

@@ -33,6 +33,14 @@ def signature(media: tuple[int, int | None] | None, caption: tuple[int, int | No
     return one(media) + ("" if caption is None else "|" + one(caption))
 
 
+def inputs_digest(rows: list[dict]) -> str:
+    """What a curation was made from, in 16 hex digits: every discovered input's path and signature."""
+    h = hashlib.sha256()
+    for r in sorted(rows, key=lambda r: r["relpath"]):
+        h.update(f"{r['relpath']}\0{r.get('input_signature', '')}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()[:16]
+
+
 def _stat(path: Path) -> tuple[int, int] | None:
     try:
         st = path.stat()  # follows a link: its target's content is what is read

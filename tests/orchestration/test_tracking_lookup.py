@@ -184,6 +184,44 @@ def test_a_changed_curation_gets_a_run_of_its_own_and_an_unchanged_resume_reopen
     assert run_all(config(tmp_path, image_size=16), do_train=False).curation_run_id == resumed.curation_run_id
 
 
+def test_inputs_changed_after_a_finished_curation_are_curated_again_in_a_run_of_their_own(tmp_path, fake_curation):
+    """A finished curation was skipped whatever happened to its inputs since: files added to the corpus, or a
+    caption fixed, never reached the dataset. Its marker now records the inputs it read (paths, sizes, times);
+    inputs that cannot be listed any more (archived after curation) leave the finished dataset in use."""
+    import os
+    import shutil
+
+    from latentforge.orchestration.run import run_all
+
+    cfg = config(tmp_path)
+    corpus = tmp_path / "corpus"
+    (corpus / "a.png").write_bytes(b"a")  # the fake curation reads nothing; discovery lists and stats them
+    first = run_all(cfg, do_train=False)
+    assert run_all(cfg, do_train=False).curation_run_id == first.curation_run_id and fake_curation["calls"] == 1
+
+    (corpus / "b.png").write_bytes(b"b")  # added
+    added = run_all(cfg, do_train=False)
+    assert fake_curation["calls"] == 2 and added.curation_run_id != first.curation_run_id
+    (corpus / "b.txt").write_text("a caption")  # b's sidecar caption: b changed
+    captioned = run_all(cfg, do_train=False)
+    assert fake_curation["calls"] == 3 and captioned.curation_run_id not in (first.curation_run_id,
+                                                                               added.curation_run_id)
+    stat = (corpus / "a.png").stat()
+    (corpus / "a.png").write_bytes(b"A")  # rewritten in place, same size
+    os.utime(corpus / "a.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    rewritten = run_all(cfg, do_train=False)
+    assert rewritten.curation_run_id != captioned.curation_run_id and fake_curation["calls"] == 4
+
+    shutil.rmtree(corpus)  # archived: the dataset curated last is used as it is
+    latest = run_all(cfg, do_train=False)
+    assert fake_curation["calls"] == 4
+    _, runs = all_runs(cfg)
+    digests = [r.data.tags.get("latentforge.inputs_digest") for r in runs if r.data.tags.get("latentforge.kind") ==
+               "curation"]
+    assert len(digests) == 4 == len(set(digests))  # one curation run per state of the inputs
+    assert latest.curation_run_id == rewritten.curation_run_id  # the run that wrote the dataset in use
+
+
 # --- 3. dataset digests ---------------------------------------------------------------------------------------
 
 def test_versions_of_a_dataset_with_a_long_name_keep_digests_of_their_own(tmp_path):
