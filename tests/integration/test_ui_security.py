@@ -99,23 +99,34 @@ def test_is_loopback():
 
 
 RAY_HEAD = """
-import json, os, sys, psutil
+import json, os, sys, psutil, requests
 from latentforge.orchestration.cluster import connect_ray
 from latentforge.orchestration.config import RayConfig
 connect_ray(RayConfig(num_cpus=1, object_store_mb=80), log_to_driver=False)
 me = psutil.Process()
-http = []
+head, agent = [], []
 for proc in [me, *me.children(recursive=True)]:
     for c in proc.net_connections(kind="inet"):
-        if c.status == "LISTEN" and c.laddr.port in (8265, 52365):
-            http.append([proc.name(), c.laddr.ip, c.laddr.port])
-print(json.dumps({"auth_mode": os.environ.get("RAY_AUTH_MODE"), "dashboard": http}), flush=True)
+        if c.status == "LISTEN" and c.laddr.port == 8265:
+            head.append([proc.name(), c.laddr.ip, c.laddr.port])
+        if c.status == "LISTEN" and proc.name() == "ray::DashboardAgent":
+            host = "[%s]" % c.laddr.ip if ":" in c.laddr.ip else c.laddr.ip
+            try:  # the job API a dashboard head would forward to: refused without the token?
+                status = requests.post(f"http://{host}:{c.laddr.port}/api/job_agent/jobs/",
+                                       json={"entrypoint": "true"}, timeout=10).status_code
+            except requests.RequestException:
+                status = None  # not HTTP (the agent's gRPC port)
+            agent.append([c.laddr.ip, c.laddr.port, status])
+print(json.dumps({"auth_mode": os.environ.get("RAY_AUTH_MODE"), "dashboard": head, "agent": agent}), flush=True)
 """
 
 
 def test_local_ray_head_has_token_auth_and_no_dashboard(tmp_path):
     """Ray's GCS and raylet listen on every interface (Ray has no bind-address option), so the local head must
-    run with Ray's token authentication, and without its dashboard (an unauthenticated HTTP job API)."""
+    run with Ray's token authentication, and without its dashboard (an unauthenticated HTTP job API). Each node's
+    dashboard agent still serves HTTP on every interface (52365: runtime envs, the job agent); its job API must
+    refuse a request without the token. (This test used to assert no listener on 52365 at all, and passed only
+    while another Ray on the machine held that port: run alone, the agent always listens.)"""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     done = subprocess.run([sys.executable, "-c", RAY_HEAD], env=env, capture_output=True, text=True, timeout=300,
                           cwd=tmp_path)
@@ -123,6 +134,9 @@ def test_local_ray_head_has_token_auth_and_no_dashboard(tmp_path):
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["auth_mode"] == "token"
     assert got["dashboard"] == []
+    answered = {status for _, _, status in got["agent"] if status is not None}
+    # the job API answers 401 without the token; the agent's other HTTP port (metrics) has no such route
+    assert 401 in answered and answered <= {401, 404, 405}, got["agent"]
 
 
 def test_ui_serves_a_postgresql_store_and_refuses_unknown_schemes(tmp_path):
