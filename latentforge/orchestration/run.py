@@ -119,14 +119,16 @@ def curate(cfg: LatentforgeConfig, tracker: Tracker, parent_id: str | None, summ
     # run of its own (the old run's params and artifacts keep describing the dataset it wrote), a resume of an
     # unchanged one reopens its run.
     # Inputs too: files added, removed or rewritten since make a new dataset version, curated incrementally.
-    done = curation_done(cfg, current_inputs(cur))
+    digest = current_inputs(cur)
+    done = curation_done(cfg, digest)
     if done:  # nothing to redo; the run that wrote it stays as it is
         match = curation_match(cur, done.get("inputs_digest"))
         summary.curation_run_id = tracker.find_run(f"curate-{cur.name}", parent_id, match) or done.get("run_id")
         console.print(f"[green]curation already done[/] -> {cur.output_dir} (id {done['dataset_id']})")
         return
     ensure_corpus(cur)
-    digest = current_inputs(cur)
+    if digest is None:  # nothing to list before: the demo corpus may just have been generated
+        digest = current_inputs(cur)
     match = curation_match(cur, digest)
     run_id = child_run(tracker, f"curate-{cur.name}", parent_id, {"latentforge.kind": "curation"}, match=match)
     summary.curation_run_id = run_id

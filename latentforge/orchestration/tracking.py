@@ -228,10 +228,7 @@ class Tracker:
                         run_id, len(changed), ", ".join(sorted(changed)[:5]) + (" ..." if len(changed) > 5 else ""))
             self.set_tags(run_id, {f"latentforge.param_now.{k}": c["now"] for k, c in changed.items()})
             stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / f"{stamp}.json"
-                path.write_text(json.dumps({"changed_params": changed}, indent=2, sort_keys=True))
-                self.log_artifact(run_id, path, "invocations")
+            self.log_dict(run_id, {"changed_params": changed}, f"{stamp}.json", "invocations")
         return {k: v for k, v in flat.items() if k not in logged}
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
@@ -246,11 +243,11 @@ class Tracker:
                 pass
         self.queue.put(artifact_record(run_id, path, artifact_path, self.spool_dir))
 
-    def log_dict(self, run_id: str, data: dict, name: str) -> None:
+    def log_dict(self, run_id: str, data: dict, name: str, artifact_path: str | None = None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
             path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-            self.log_artifact(run_id, path)
+            self.log_artifact(run_id, path, artifact_path)
 
     def log_dataset(self, run_id: str, dataset_dir: Path, context: str, name: str | None = None) -> None:
         """A curated dataset as an MLflow run input: source = its manifest, digest = its content-derived id."""
