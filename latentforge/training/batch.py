@@ -4,6 +4,7 @@ and sample rather than failing inside np.stack)."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -108,14 +109,15 @@ class MemberFormat:
             raise ShardFormatError(f"{where}: repa {repa.dtype} {repa.shape}, but {wanted}")
 
 
-def check_alike(samples: list[Decoded], where: list[str]) -> None:
+def check_alike(samples: list[Decoded], where: Callable[[int], str]) -> None:
     """Before samples are stacked into one batch: every text (L, D) and REPA (N, D) shape is the one most of the
-    batch has; raise ShardFormatError naming (`where`) the first sample that differs."""
+    batch has; raise ShardFormatError naming (`where(i)`, built only then: this runs on every batch) the first
+    sample that differs."""
     for name in ("text", "repa"):
         shapes = [None if getattr(s, name) is None else getattr(s, name).shape for s in samples]
+        if shapes.count(shapes[0]) == len(shapes):
+            continue
         common, count = Counter(shapes).most_common(1)[0]
-        for shape, place in zip(shapes, where):
-            if shape != common:
-                others = f"the {count} other samples of its batch have" if count > 1 else \
-                    "another sample of its batch has"
-                raise ShardFormatError(f"{place}: {name} {shape}, but {others} {common}")
+        i = next(i for i, shape in enumerate(shapes) if shape != common)
+        others = f"the {count} other samples of its batch have" if count > 1 else "another sample of its batch has"
+        raise ShardFormatError(f"{where(i)}: {name} {shapes[i]}, but {others} {common}")

@@ -278,7 +278,7 @@ class StreamPlan:
 
     def collate(self, items: list[Item], decoded: dict[int, Decoded]) -> Batch:
         samples = [decoded.pop(i) for i, _ in items]
-        check_alike(samples, [f"{self.entries[i].shard}: sample {self.entries[i].key}" for i, _ in items])
+        check_alike(samples, lambda n: f"{self.entries[items[n][0]].shard}: sample {self.entries[items[n][0]].key}")
         modalities = ["image" if frame is not None else self.entries[i].modality for i, frame in items]
         latent = np.stack([s.latent if f is None else s.latent[:, f:f + 1] for s, (_, f) in zip(samples, items)])
         families = {LatentNormalizer.family(m) for m in modalities}
