@@ -10,7 +10,8 @@ and loaded by from_pretrained), and NSFW when the `nsfw` extra is installed.
 - pipeline: `latentforge.pipelines.curate.run_curation` on a local Ray (`--cpus` logical CPUs), timed from the
   call to the written dataset: actor start-up and model loads are inside the window, the Ray start is not.
 - loop: the same Stage classes constructed once and called in one Python process, batch by batch (each stage's
-  declared batch size), the driver's global dedup between the halves, the same shard writer and dataset writer.
+  declared batch size), the driver's global dedup between the halves, the same shard writer, readmission and
+  dataset writer.
   Its process is warm (torch and transformers already imported), which favours the loop. Its native libraries
   (decoders, torch, OpenCV, onnxruntime) use their default threads (one per core) unless `--loop-threads` says
   otherwise; each pipeline worker gets its CPU share (1 thread).
@@ -88,6 +89,7 @@ def loop(cfg, out: Path) -> tuple[float, int, float]:
     """The job's work in one process, no Ray. Returns (seconds, samples, video seconds)."""
     from latentforge.pipelines import curate
     from latentforge.pipelines.discover import discover
+    from latentforge.pipelines.readmit import readmit
     from latentforge.pipelines.stages.dedup import find_duplicates
     from latentforge.pipelines.stages.write_shards import write_shard_group
 
@@ -100,13 +102,20 @@ def loop(cfg, out: Path) -> tuple[float, int, float]:
     where = {h["id"]: h["relpath"] for h in hashes}
     notes = {d: f"{kind} duplicate of {where[rep]} ({rep})" for d, (rep, kind) in dups.items()}
     marked = curate.mark_and_explain(batch_of(scanned), dups, notes)
-    rows = [r for b in run_stages(curate.STAGES, [marked], cfg, spent) for r in rows_of(b)]
     (out / "shards").mkdir(parents=True)
-    meta = []
-    for group in sorted({int(r["shard"]) for r in rows}):
-        part = batch_of([r for r in rows if int(r["shard"]) == group])
-        meta += rows_of(write_shard_group(part, str(out / "shards"), int(cfg.max_shard_mb * 2**20),
-                                        curate.config_hash(cfg)))
+
+    def stages_and_shards(batch: dict, cpu: dict[str, float] | None = None) -> list[dict]:
+        rows, meta = [r for b in run_stages(curate.STAGES, [batch], cfg, cpu) for r in rows_of(b)], []
+        for group in sorted({int(r["shard"]) for r in rows}):
+            part = batch_of([r for r in rows if int(r["shard"]) == group])
+            meta += rows_of(write_shard_group(part, str(out / "shards"), int(cfg.max_shard_mb * 2**20),
+                                            curate.config_hash(cfg)))
+        return meta
+
+    meta = stages_and_shards(marked, spent)
+    # as the job does after its stages: duplicates of representatives they filtered go through them again
+    meta, _ = readmit(meta, cfg.dedup, {s.name for s in curate.STAGES}, int(inputs[-1]["shard"]) + 1,
+                      cfg.samples_per_shard, {}, lambda todo: stages_and_shards(batch_of(todo)), lambda *_: None)
     result = curate.write_dataset(meta, inputs, cfg, out)
     elapsed = time.perf_counter() - start
     print(f"loop: CPU {time.process_time() - cpu:.1f} s in {elapsed:.1f} s, machine "

@@ -211,7 +211,9 @@ def _print_stage_graph(cfg) -> None:
     table = Table(title=f"curation {cur.name}: {cur.input_dir} -> {cur.output_dir}",
                   caption=f"one row per Ray Data map; CPU pools sized for this machine's {cpus} cores; task maps "
                           f"take batches of up to {TASK_BATCH_ROWS} rows when the job has inputs enough for "
-                          f"4 tasks per CPU; shard tars written by: {_shard_writer(cur.shard_writes)}")
+                          f"4 tasks per CPU; shard tars written by: {_shard_writer(cur.shard_writes)}"
+                          + (f"; duplicates of a representative the stages after dedup filter go through them "
+                             f"again, up to {cur.dedup.readmit_rounds} rounds" if cur.dedup.readmit_rounds else ""))
     for column in ("map", "stages", "runs as", "num_cpus", "num_gpus", "batch_size", "pool"):
         table.add_column(column)
     for row in stage_graph(cur, cpus):

@@ -12,13 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from latentforge.datasets import manifest as mf
 from latentforge.datasets import storage
-from latentforge.datasets.shards import load_npy
+from latentforge.pipelines.card import build_card, config_hash, dataset_id  # noqa: F401  (re-exported)
 from latentforge.pipelines.config import CurationConfig
-from latentforge.pipelines.discover import discover, orphan_captions
+from latentforge.pipelines.discover import discover
+from latentforge.pipelines.readmit import earlier_groups, readmit
 from latentforge.pipelines.resume import discard_group, done_groups, stale_groups
 from latentforge.pipelines.shard_writes import write_groups, writes_in_workers
 from latentforge.pipelines.stage import (
@@ -35,7 +34,7 @@ from latentforge.pipelines.stages.caption_sidecar import CaptionSidecar
 from latentforge.pipelines.stages.caption_vlm import CaptionVLM
 from latentforge.pipelines.stages.dedup import ContentHash, find_duplicates, mark_duplicates
 from latentforge.pipelines.stages.encode_latents import EncodeLatents, parse_shape
-from latentforge.pipelines.stages.encode_repa import EncodeRepa, repa_description
+from latentforge.pipelines.stages.encode_repa import EncodeRepa
 from latentforge.pipelines.stages.encode_text import EncodeText
 from latentforge.pipelines.stages.filter_audio import FilterAudioQuality
 from latentforge.pipelines.stages.filter_basic import FilterBasic
@@ -55,7 +54,6 @@ STAGES: tuple[type[Stage], ...] = (FilterSharpness, FilterMotion, FilterTextArea
                                    EncodeLatents, EncodeRepa,
                                    EncodeText)
 HASH_COLUMNS = ["id", "relpath", "status", "modality", "content_sha256", "phash", "score_resolution"]
-FORMAT_VERSION = 1
 
 
 @dataclass
@@ -70,6 +68,7 @@ class CurationResult:
     card: dict = field(repr=False, default_factory=dict)
 
     samples: int = 0  # rows out: one per input, or one per clip of a split video
+    readmitted: int = 0  # duplicates curated again after a later stage filtered their representative
     local_dir: Path | None = None  # a remote dataset's manifest, rejects and card, as written before upload
     # Wall seconds per phase: scan (probe .. hashes, materialised), dedup (driver), first_row (stage actors
     # starting and loading models, up to the first finished row), stages (the rest of the stream and the
@@ -83,7 +82,7 @@ class CurationResult:
 
     def metrics(self) -> dict[str, float]:
         base = {"inputs": self.inputs, "samples": self.samples, "kept": self.kept, "rejected": self.rejected,
-                "filtered": self.filtered}
+                "filtered": self.filtered, "readmitted": self.readmitted}
         base.update({f"seconds_{phase}": s for phase, s in self.seconds.items()})
         base.update({f"groups_written_{where}": n for where, n in self.groups_written.items()})
         for stage, spent in self.stage_seconds.items():
@@ -91,11 +90,6 @@ class CurationResult:
         base.update({f"kept_{m}": n for m, n in self.by_modality.items()})
         base.update({f"reason_{r}": n for r, n in self.reasons.items()})
         return {k: float(v) for k, v in base.items()}
-
-
-def config_hash(cfg: CurationConfig) -> str:
-    """What the job produces depends on: the config less how it runs (resources, fusion)."""
-    return hashlib.sha256(cfg.model_dump_json(exclude=set(cfg.EXECUTION_FIELDS)).encode()).hexdigest()[:16]
 
 
 def active_stages(stages: tuple[type[Stage], ...], cfg: CurationConfig) -> tuple[type[Stage], ...]:
@@ -260,6 +254,10 @@ def run_curation(cfg: CurationConfig, dataset_dir: Path | str) -> CurationResult
     if not rows:
         raise ValueError(f"no input files under {cfg.input_dir}")
     done = done_groups(shard_dir, config_hash(cfg))  # resume: groups an earlier run finished are kept as they are
+    groups = int(rows[-1]["shard"]) + 1
+    readmitted_done, collided = earlier_groups(done, groups)  # readmission's groups (readmit.py)
+    for group, group_rows in collided.items():
+        discard_group(shard_dir, group, group_rows)
     stale = stale_groups(done, rows)  # ... unless their inputs changed since (added, removed, or changed in place)
     for group in stale:
         discard_group(shard_dir, group, done.pop(group))
@@ -284,7 +282,20 @@ def run_curation(cfg: CurationConfig, dataset_dir: Path | str) -> CurationResult
                             writer_args if writes_in_workers(cfg, shard_dir) else None)
         meta = write_groups(ds, pending, writer_args, seconds=seconds, stage_seconds=stage_seconds, written=written)
     start = time.perf_counter()
-    result = write_dataset(finished + meta, rows, cfg, dataset_dir)
+
+    def curate_again(todo: list[dict]) -> list[dict]:
+        import ray.data
+
+        ds = map_stages(ray.data.from_items(todo), active_stages(STAGES, cfg), cfg,
+                        storage.ray_remote_args(cfg.input_dir, shard_dir), rows=len(todo))
+        return write_groups(ds, todo, shard_writer_args(cfg, shard_dir), stage_seconds=stage_seconds, by_rows=True)
+
+    meta, readmitted = readmit(finished + meta, cfg.dedup, {s.name for s in STAGES}, groups, cfg.samples_per_shard,
+                               readmitted_done, curate_again, lambda g, group_rows: discard_group(shard_dir, g, group_rows))
+    seconds["readmit"] = time.perf_counter() - start
+    start = time.perf_counter()
+    result = write_dataset(meta, rows, cfg, dataset_dir)
+    result.readmitted = readmitted
     result.seconds = {**seconds, "tables": time.perf_counter() - start}
     result.groups_written = written
     result.stage_seconds = {name: {"cpu_s": cpu, "wall_s": wall} for name, (cpu, wall) in stage_seconds.items()}
@@ -334,57 +345,3 @@ def staging_dir(dataset_dir: str) -> Path:
     path = storage.cache_dir() / "datasets" / hashlib.sha1(dataset_dir.encode()).hexdigest()[:16]
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def latent_statistics(kept: list[dict]) -> dict:
-    """Per-channel mean / std per latent family, merged from the per-sample streaming sums."""
-    parts: dict[str, list[np.ndarray]] = {}
-    for m in kept:
-        family = "audio" if m["modality"] == "audio" else "visual"
-        parts.setdefault(family, []).append(load_npy(m["lat_stats"]))
-    return {family: mf.merge_stats(p) for family, p in sorted(parts.items())}
-
-
-def encoder_descriptions(kept: list[dict]) -> dict:
-    """What the encode stages said about their encoders (one description per family; they must agree)."""
-    out: dict[str, dict] = {}
-    for m in kept:
-        for family, column in (("audio" if m["modality"] == "audio" else "visual", "latent_encoder"),
-                               ("text", "text_encoder")):
-            desc = json.loads(m[column])
-            if out.setdefault(family, desc) != desc:
-                raise RuntimeError(f"{family} encoder differs between actors: {out[family]} vs {desc}")
-    return out
-
-
-def dataset_id(cfg: CurationConfig, shards: list[dict]) -> str:
-    """Content-derived: the same config and the same shard bytes give the same id (lineage references it)."""
-    digest = hashlib.sha256(config_hash(cfg).encode())
-    for s in shards:
-        digest.update(f"{s['name']}:{s['sha256']}".encode())
-    return f"{cfg.name}-{digest.hexdigest()[:12]}"
-
-
-def build_card(kept: list[dict], cfg: CurationConfig, dataset_dir: Path) -> dict:
-    shards: dict[str, dict] = {}
-    for m in kept:
-        s = shards.setdefault(m["shard_name"], {"name": m["shard_name"], "sha256": m["shard_sha256"], "count": 0})
-        s["count"] += 1
-    buckets = Counter(m["bucket"] for m in kept)
-    shard_list = sorted(shards.values(), key=lambda s: s["name"])
-    return {
-        "format_version": FORMAT_VERSION,
-        "id": dataset_id(cfg, shard_list),
-        "name": cfg.name,
-        "config_hash": config_hash(cfg),
-        "num_samples": len(kept),
-        "modalities": dict(Counter(m["modality"] for m in kept)),
-        "encoders": encoder_descriptions(kept) | ({"repa": repa} if (repa := repa_description(kept)) else {}),
-        "latent_stats": latent_statistics(kept),
-        "buckets": dict(sorted(buckets.items())),
-        "shards": shard_list,
-        "bucket_table": [b.model_dump() for b in cfg.bucket_table()],
-        "parents": [],
-        "orphan_captions": orphan_captions(cfg.input_dir),
-        "config": json.loads(cfg.model_dump_json()),
-    }

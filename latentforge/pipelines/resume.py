@@ -6,7 +6,8 @@ recorded sha256, and only for the inputs it was written from: groups are assigne
 so a file added or removed since shifts which inputs a group holds, and a group whose marker rows came from
 other inputs than the group holds now is redone (`stale_groups`, `discard_group`), as is a group one of whose
 inputs or captions changed in place (its size or modification time, recorded at discovery, differs). Shards are deterministic
-given inputs and config, so a resumed job writes the same dataset as an uninterrupted one.
+given inputs and config, so a resumed job writes the same dataset as an uninterrupted one. Groups whose rows
+say `readmitted` are readmission's (readmit.py), which judges them by their rows' inputs and signatures.
 """
 from __future__ import annotations
 

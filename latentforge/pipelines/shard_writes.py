@@ -28,7 +28,7 @@ def writes_in_workers(cfg: CurationConfig, shard_dir: Path | str) -> bool:
 
 def write_groups(ds, rows: list[dict], writer_args: dict, in_flight: int = 2,
                  seconds: dict[str, float] | None = None, stage_seconds: dict[str, list[float]] | None = None,
-                 written: dict[str, int] | None = None) -> list[dict]:
+                 written: dict[str, int] | None = None, by_rows: bool = False) -> list[dict]:
     """Stream the pipeline's rows and write each shard group as soon as all its rows are in; returns the
     groups' metadata rows (latents left in the tars).
 
@@ -39,7 +39,9 @@ def write_groups(ds, rows: list[dict], writer_args: dict, in_flight: int = 2,
     row already streams through here, and a task would send it back through the object store to a worker.
 
     `writer_args`: write_shard_group's keywords (shard_dir, max_bytes, config_hash).
-    A group is complete when each of its inputs has sent `source_rows` rows (its clips, or one row). Rows
+    A group is complete when each of its inputs has sent `source_rows` rows (its clips, or one row), or with
+    `by_rows` (readmission, whose `rows` are the rows to come, single clips among them) when as many rows as
+    `rows` assigns to it have come. Rows
     that come WRITTEN (the last map's workers wrote their group: build_pipeline's `writer_args`) only add
     their metadata; the threads write what the workers could not (a group split across blocks), and
     everything when the workers write nothing. `written` gets how many groups each wrote.
@@ -82,6 +84,10 @@ def write_groups(ds, rows: list[dict], writer_args: dict, in_flight: int = 2,
                     continue
                 group, source = int(row["shard"]), str(row["source_id"])
                 pending.setdefault(group, []).append(row)
+                if by_rows:
+                    if len(pending[group]) == inputs[group]:
+                        write(group)
+                    continue
                 left = rows_left.setdefault(group, {})
                 left[source] = left.get(source, int(row["source_rows"])) - 1
                 if left[source] == 0:

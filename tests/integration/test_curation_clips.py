@@ -54,7 +54,7 @@ def test_split_videos_fill_their_groups_exactly_once(tmp_path, ray_local):
     assert result.inputs == 6 and {r["reason"] for r in rejects} == {"empty_file"}
     assert len(manifest) == 3 + 2 + 1 + 2 and result.samples == len(manifest) + len(rejects)
     # Wall time per phase, logged to MLflow with the counts (seconds_scan, ...).
-    assert list(result.seconds) == ["scan", "dedup", "first_row", "stages", "tables"]
+    assert list(result.seconds) == ["scan", "dedup", "first_row", "stages", "readmit", "tables"]
     assert result.seconds["scan"] > 0 and all(v >= 0 for v in result.seconds.values())
     assert result.metrics()["seconds_first_row"] == result.seconds["first_row"]
     # Time per stage, summed over the workers from the rows (stage.TIMING_COLUMN), in the order they ran.

@@ -314,6 +314,7 @@ def test_cli_curate_dry_run_prints_every_stage(runner: CliRunner, tmp_path: Path
         assert stage.name not in result.output
     lines = [line for line in result.output.splitlines() if any(s.name in line for s in STAGES)]
     assert [next(s.name for s in STAGES if s.name in line) for line in lines] == [s.name for s in chain]
+    assert "go through them again, up to 3 rounds" in " ".join(result.output.split())  # readmission (readmit.py)
     assert list(tmp_path.iterdir()) == []  # a dry run neither generates a corpus nor starts anything
 
 

@@ -33,6 +33,9 @@ class DedupConfig(Strict):
     near: bool = Field(True, description="remove visually near-identical images / videos by perceptual hash")
     hash_size: int = Field(8, ge=4, le=16, description="pHash side: hash_size**2 bits from a (4*hash_size)^2 image")
     max_distance: int = Field(4, ge=0, description="largest Hamming distance between pHashes of near duplicates")
+    readmit_rounds: int = Field(3, ge=0, description=(
+        "when a later stage (a score, a caption) filters a representative, curate its best near duplicate in "
+        "its place, and again if that one fails, up to this many rounds (0: its duplicates stay filtered)"))
 
     @model_validator(mode="after")
     def _bands_fit(self) -> DedupConfig:

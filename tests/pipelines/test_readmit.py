@@ -1,0 +1,110 @@
+"""Readmission planning: which duplicates of a representative filtered after dedup are curated again."""
+from __future__ import annotations
+
+from latentforge.pipelines.readmit import READMITTED, apply_repoint, earlier_groups, readmission_round, readmit
+from latentforge.pipelines.stages.dedup import DedupConfig, apply_duplicates, find_duplicates
+
+LATER = {"filter_sharpness", "caption_select"}
+CFG = DedupConfig(max_distance=4)
+
+
+def row(rid: str, phash: str, sha: str | None = None, res: float = 1.0, modality: str = "image") -> dict:
+    return {"id": rid, "relpath": f"{rid}.png", "status": "ok", "modality": modality, "stage": "", "reason": "",
+            "message": "", "content_sha256": sha or f"sha-{rid}", "phash": phash, "score_resolution": res,
+            "input_signature": f"sig-{rid}"}
+
+
+def deduped(rows: list[dict]) -> list[dict]:
+    return apply_duplicates(rows, find_duplicates(rows, CFG))
+
+
+def fail(rows: list[dict], *ids: str, stage: str = "filter_sharpness", reason: str = "blurry") -> list[dict]:
+    return [{**r, "status": "filtered", "stage": stage, "reason": reason} if r["id"] in ids else r for r in rows]
+
+
+H = "ffff0000ffff0000"  # a pHash, and near copies of it (one, two bits off)
+H1, H2 = "ffff0000ffff0001", "ffff0000ffff0003"
+FAR = "0000ffff0000ffff"
+
+
+def test_the_best_near_duplicate_of_a_filtered_representative_is_readmitted_not_its_exact_copies() -> None:
+    rows = deduped([row("up", H, res=4.0), row("up2", H, sha="sha-up", res=4.0), row("orig", H1, res=2.0),
+                    row("small", H2, res=1.0), row("other", FAR)])
+    assert {r["id"]: r["duplicate_of"] for r in rows} == {"up": "", "up2": "up", "orig": "up", "small": "up",
+                                                           "other": ""}
+    assert not readmission_round(rows, CFG, LATER).candidates  # nothing failed after dedup: nothing to do
+    rows = fail(rows, "up")
+    plan = readmission_round(rows, CFG, LATER)
+    # the exact copy of the blurry upscale would fail the same way; the next best near copy goes, status cleared
+    assert [c["id"] for c in plan.candidates] == ["orig"]
+    assert plan.candidates[0]["status"] == "ok" and plan.candidates[0]["duplicate_of"] == ""
+    assert plan.repoint == {"small": ("orig", "near")}
+    after = {r["id"]: r for r in apply_repoint(rows, plan)}
+    assert after["small"]["duplicate_of"] == "orig" and after["up2"]["duplicate_of"] == "up"
+    assert "orig.png (orig), after up.png (up) left at filter_sharpness: blurry" in after["small"]["message"]
+
+
+def test_duplicates_near_a_kept_row_join_it_and_far_apart_ones_each_get_a_candidate() -> None:
+    # leader L claims a (1 bit) and b (4 bits); a and b are 5 bits apart; k is kept, 1 bit from b, claimed by
+    # nobody (it is farther than 4 from L)... then L fails
+    L, a, b = "0000000000000000", "0000000000000001", "000000000000001e"
+    k = "000000000000003e"
+    rows = deduped([row("L", L, res=9.0), row("a", a, res=2.0), row("b", b, res=3.0), row("k", k, res=1.0)])
+    assert {r["id"]: r["duplicate_of"] for r in rows} == {"L": "", "a": "L", "b": "L", "k": ""}
+    plan = readmission_round(fail(rows, "L"), CFG, LATER)
+    assert plan.repoint == {"b": ("k", "near")}  # a representative stands for b already
+    assert [c["id"] for c in plan.candidates] == ["a"]
+    # without k, a and b are too far apart for one to stand for the other: both are curated again
+    rows = fail(deduped([row("L", L, res=9.0), row("a", a, res=2.0), row("b", b, res=3.0)]), "L")
+    plan = readmission_round(rows, CFG, LATER)
+    assert [c["id"] for c in plan.candidates] == ["a", "b"] and plan.repoint == {}
+
+
+def test_exact_copies_among_the_duplicates_collapse_and_other_modalities_stay_apart() -> None:
+    rows = deduped([row("up", H, res=4.0), row("o1", H1, sha="sha-o", res=2.0), row("o2", H1, sha="sha-o", res=2.0),
+                    row("v", H, res=5.0, modality="video"), row("v2", H1, res=1.0, modality="video"),
+                    row("sound", "", res=0.0, modality="audio"), row("sound2", "", sha="sha-sound", modality="audio")])
+    plan = readmission_round(fail(rows, "up", "v", "sound", stage="caption_select", reason="no_caption"), CFG, LATER)
+    assert [c["id"] for c in plan.candidates] == ["o1", "v2"]  # the audio copy is exact: it would fail alike
+    assert plan.repoint == {"o2": ("o1", "exact")}
+    # a row filtered by a stage before dedup (or by dedup) is no failed representative
+    assert not readmission_round(fail(rows, "up", stage="filter_basic"), CFG, LATER).candidates
+
+
+def test_rounds_go_on_while_readmitted_rows_fail_and_reuse_the_groups_a_run_finished() -> None:
+    rows = fail(deduped([row("a", H, res=4.0), row("b", H1, res=3.0), row("c", H2, res=2.0)]), "a")
+    calls: list[list[str]] = []
+
+    def curate(todo: list[dict]) -> list[dict]:  # b fails like a did, c passes
+        calls.append([r["id"] for r in todo])
+        return fail([{**r, "shard_name": f"g{r['shard']}"} for r in todo], "b")
+
+    discarded: list[int] = []
+    meta, count = readmit(rows, CFG, LATER, 7, 64, {}, curate, lambda g, _: discarded.append(g))
+    out = {r["id"]: r for r in meta}
+    assert calls == [["b"], ["c"]] and count == 2 and not discarded
+    assert out["c"]["status"] == "ok" and out["c"]["shard"] == 8 and out["b"]["shard"] == 7
+    assert out["b"]["status"] == "filtered" and out["b"]["stage"] == "filter_sharpness"
+    assert out["a"]["status"] == "filtered" and len(meta) == 3
+    # a second run with both groups done curates nothing; a group whose input changed is discarded and redone
+    done = {7: [out["b"]], 8: [out["c"]], 9: [out["c"]]}
+    calls.clear()
+    again, _ = readmit(rows, CFG, LATER, 7, 64, done, curate, lambda g, _: discarded.append(g))
+    assert calls == [] and again == meta and discarded == [9]
+    done = {7: [out["b"]], 8: [{**out["c"], "input_signature": "changed"}]}
+    discarded.clear()
+    readmit(rows, CFG, LATER, 7, 64, done, curate, lambda g, _: discarded.append(g))
+    assert calls == [["c"]] and discarded == [8]
+    # one round only: c stays a duplicate, now of b
+    calls.clear()
+    meta, _ = readmit(rows, DedupConfig(readmit_rounds=1), LATER, 7, 64, {}, curate, lambda g, _: None)
+    assert calls == [["b"]] and {r["id"]: r["duplicate_of"] for r in meta} == {"a": "", "b": "", "c": "b"}
+    assert readmit(rows, DedupConfig(readmit_rounds=0), LATER, 7, 64, {}, curate, lambda g, _: None) == (rows, 0)
+
+
+def test_an_earlier_runs_readmission_groups_are_told_from_the_jobs_own() -> None:
+    own, ours = [{"id": "a", "shard": 1}], [{"id": "b", "shard": 2, READMITTED: True}]
+    done = {0: own, 1: own, 2: ours, 3: [{**ours[0], "shard": 3}], 5: own}
+    later, collided = earlier_groups(done, 3)  # the job's inputs fill groups 0..2 now
+    assert sorted(later) == [3] and sorted(collided) == [2] and sorted(done) == [0, 1, 5]
+
