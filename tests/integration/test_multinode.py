@@ -135,7 +135,9 @@ def assert_exactly_once(dataset: Path, corpus: Path, samples_per_shard: int) -> 
     return len(kept), len(rejects)
 
 
-@pytest.mark.parametrize("writes", ["auto", "workers"])
+# `workers` (the stage actors write the tars) is heavy: .ci/run keeps `auto`, and test_shard_writes checks that both
+# modes write the same dataset.
+@pytest.mark.parametrize("writes", ["auto", pytest.param("workers", marks=pytest.mark.heavy)])
 def test_a_worker_node_lost_mid_curation_costs_no_sample(cluster, tmp_path, writes):
     """`auto` with a local output path: the driver writes the shards. `workers` (a path every node mounts, as
     here): the stage actors write them, so the lost node may take a half-written group."""
@@ -228,7 +230,9 @@ def latentforge(*args: str) -> list[str]:
     return [str(Path(sys.executable).parent / "latentforge"), *args]
 
 
-@pytest.mark.parametrize("writes", ["auto", "workers"])
+# `workers` (the stage actors write the tars) is heavy: .ci/run keeps `auto`, and test_shard_writes checks that both
+# modes write the same dataset.
+@pytest.mark.parametrize("writes", ["auto", pytest.param("workers", marks=pytest.mark.heavy)])
 def test_a_killed_curation_driver_reruns_to_an_exactly_once_dataset(cluster, tmp_path, repo_root, writes):
     """With `workers`, the stage actors may die (with the driver's job) between a group's tars and its marker."""
     corpus, work = tmp_path / "corpus", tmp_path / "work"
@@ -261,6 +265,7 @@ def test_a_killed_curation_driver_reruns_to_an_exactly_once_dataset(cluster, tmp
     assert_exactly_once(work / "datasets" / "demo", corpus, 2)
 
 
+@pytest.mark.heavy  # the quickstart (test_quickstart) composed with --address on a cluster (the tests above)
 def test_the_quickstart_runs_on_three_nodes_through_address(cluster, tmp_path, repo_root):
     import ray
 
