@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from latentforge.pipelines.stages.dedup import BandIndex, DedupConfig, _near_groups, _preference
+from latentforge.pipelines.stages.dedup import BandIndex, DedupConfig, _exact_groups, _near_groups, _preference
 
 CLEARED = {"status": "ok", "reason": "", "stage": "", "message": "", "duplicate_of": ""}
 READMITTED = "readmitted"  # a column set on the rows of readmission's shard groups (so their markers say so)
@@ -62,7 +62,9 @@ def readmission_round(rows: list[dict], cfg: DedupConfig, later_stages: set[str]
     for modality, pool in sorted(pools.items()):
         kept = [r for r in rows if r.get("status") == "ok" and r.get("modality") == modality and r.get("phash")]
         pool = _to_kept(pool, kept, cfg.max_distance, plan)
-        leaders = _collapse_exact(pool, plan)
+        exact = _exact_groups(pool)  # one row per content hash (the preferred); the others its exact duplicates
+        plan.repoint.update(exact)
+        leaders = [r for r in pool if str(r["id"]) not in exact]
         hashed = [r for r in leaders if r.get("phash")]
         near = _near_groups(hashed, cfg.max_distance) if hashed else {}
         for dup, (rep, _) in near.items():
@@ -95,19 +97,6 @@ def _to_kept(pool: list[dict], kept: list[dict], max_distance: int, plan: Readmi
         else:
             out.append(row)
     return out
-
-
-def _collapse_exact(pool: list[dict], plan: Readmission) -> list[dict]:
-    """One row per content hash (the preferred); the others become its exact duplicates."""
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for r in pool:
-        groups[str(r.get("content_sha256") or r["id"])].append(r)
-    leaders = []
-    for members in groups.values():
-        best, *rest = sorted(members, key=_preference)
-        leaders.append(best)
-        plan.repoint.update({str(r["id"]): (str(best["id"]), "exact") for r in rest})
-    return leaders
 
 
 def _follow(plan: Readmission, by_id: dict[str, dict]) -> None:
