@@ -18,7 +18,7 @@ from latentforge.pipelines.card import build_card, config_hash, dataset_id  # no
 from latentforge.pipelines.config import CurationConfig
 from latentforge.pipelines.discover import discover
 from latentforge.pipelines.readmit import earlier_groups, readmit
-from latentforge.pipelines.resume import discard_group, done_groups, stale_groups
+from latentforge.pipelines.resume import discard_group, done_groups, regroup, stale_groups, sweep
 from latentforge.pipelines.shard_writes import write_groups, writes_in_workers
 from latentforge.pipelines.stage import (
     Segment,
@@ -254,24 +254,26 @@ def run_curation(cfg: CurationConfig, dataset_dir: Path | str) -> CurationResult
     if not rows:
         raise ValueError(f"no input files under {cfg.input_dir}")
     done = done_groups(shard_dir, config_hash(cfg))  # resume: groups an earlier run finished are kept as they are
-    groups = int(rows[-1]["shard"]) + 1
-    readmitted_done, collided = earlier_groups(done, groups)  # readmission's groups (readmit.py)
-    for group, group_rows in collided.items():
-        discard_group(shard_dir, group, group_rows)
-    stale = stale_groups(done, rows)  # ... unless their inputs changed since (added, removed, or changed in place)
+    readmitted_done = earlier_groups(done)  # readmission's groups (readmit.py)
+    kept_groups = regroup(rows, done, set(readmitted_done), cfg.samples_per_shard) == "kept"
+    stale = stale_groups(done, rows)  # ... unless their inputs changed since (removed, or changed in place)
     for group in stale:
         discard_group(shard_dir, group, done.pop(group))
+    log = logging.getLogger(__name__)
     if stale:
-        logging.getLogger(__name__).warning(
-            "resuming: %d finished shard groups redone because their inputs changed since they were written "
-            "(a file or caption changed in place; files added or removed under the input root shift the later "
-            "groups): %s", len(stale),
-            ", ".join(map(str, stale[:10])) + (" ..." if len(stale) > 10 else ""))
+        log.warning("resuming: %d finished shard groups redone because their inputs changed since they were written "
+                    "(an input removed, or a file or caption changed in place): %s", len(stale),
+                    ", ".join(map(str, stale[:10])) + (" ..." if len(stale) > 10 else ""))
     finished = [r for group, group_rows in sorted(done.items()) for r in group_rows]
     pending = [r for r in rows if r["shard"] not in done]
+    new = sorted({int(r["shard"]) for r in pending} - set(stale))
+    if kept_groups and new:
+        log.warning("resuming: inputs were added or removed since the finished shard groups were written; those keep "
+                    "their inputs, and %d inputs no finished group holds go to shard groups %d-%d",
+                    sum(r["shard"] in new for r in pending), new[0], new[-1])
     if done:
-        logging.getLogger(__name__).warning("resuming: %d of %d shard groups already done, %d inputs to go",
-                                            len(done), rows[-1]["shard"] + 1, len(pending))
+        log.warning("resuming: %d of %d shard groups already done, %d inputs to go",
+                    len(done), len({r["shard"] for r in rows}), len(pending))
     seconds: dict[str, float] = {}
     stage_seconds: dict[str, list[float]] = {}
     written: dict[str, int] = {}
@@ -290,16 +292,21 @@ def run_curation(cfg: CurationConfig, dataset_dir: Path | str) -> CurationResult
                         storage.ray_remote_args(cfg.input_dir, shard_dir), rows=len(todo))
         return write_groups(ds, todo, shard_writer_args(cfg, shard_dir), stage_seconds=stage_seconds, by_rows=True)
 
-    meta, readmitted = readmit(finished + meta, cfg.dedup, {s.name for s in STAGES}, groups, cfg.samples_per_shard,
-                               readmitted_done, curate_again, lambda g, group_rows: discard_group(shard_dir, g, group_rows))
+    first_group = 1 + max(int(r["shard"]) for r in rows)  # readmission's groups come after the job's own
+    meta, readmitted = readmit(finished + meta, cfg.dedup, {s.name for s in STAGES}, first_group,
+                               cfg.samples_per_shard, readmitted_done, curate_again,
+                               lambda g, group_rows: discard_group(shard_dir, g, group_rows))
     seconds["readmit"] = time.perf_counter() - start
+    stray = sweep(shard_dir, {str(m["shard_name"]) for m in meta if m.get("shard_name")})
+    if stray:
+        log.warning("removed %d shard tars no sample names (written by a stopped job before its group's marker): %s",
+                    len(stray), ", ".join(stray[:10]) + (" ..." if len(stray) > 10 else ""))
     start = time.perf_counter()
     result = write_dataset(meta, rows, cfg, dataset_dir)
     result.readmitted = readmitted
     result.seconds = {**seconds, "tables": time.perf_counter() - start}
     result.groups_written = written
     result.stage_seconds = {name: {"cpu_s": cpu, "wall_s": wall} for name, (cpu, wall) in stage_seconds.items()}
-    log = logging.getLogger(__name__)
     log.info("curation phases (wall s): %s", ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
     log.info("shard groups written: %s", ", ".join(f"{n} by the {k}" for k, n in written.items()) or "none")
     log.info("curation stages (CPU s, all workers): %s",

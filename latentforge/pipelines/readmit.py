@@ -13,6 +13,7 @@ groups numbered after the job's own. Duplicates of a representative that failed 
 """
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -127,12 +128,17 @@ def readmit(meta: list[dict], cfg: DedupConfig, later_stages: set[str], first_gr
     filtered again) in place of its dedup row and the moved duplicates repointed, and how many rows were
     curated again.
 
-    Candidates go to shard groups `first_group`, `first_group + 1`, ... (`per_group` rows each, in id order),
-    which `curate` runs through the later stages and writes, returning their metadata rows. `done`: such groups
-    an earlier run finished (resume); one is reused when it holds the same inputs with the same signatures,
-    and `discard`ed otherwise, as is every one this job no longer plans.
+    Candidates go to shard groups of `per_group` rows each (in id order), which `curate` runs through the later
+    stages and writes, returning their metadata rows. `done`: such groups an earlier run finished (resume); a
+    planned group that holds the same inputs with the same signatures as one of them is that group, reused
+    under its number; the others are numbered from `first_group` on (the job's own groups are below it),
+    past every number in `done`, and the groups of `done` this job does not reuse are `discard`ed at the end.
     """
-    group, used, count = first_group, set(), 0
+    by_inputs: dict[tuple, int] = {}
+    for g, rows in sorted(done.items()):
+        by_inputs.setdefault(tuple(_inputs(rows)), g)  # of two groups with the same inputs, the first
+    taken, used, count = set(done), set(), 0
+    numbers = (g for g in itertools.count(first_group) if g not in taken)
     for _ in range(cfg.readmit_rounds if cfg.enabled else 0):
         plan = readmission_round(meta, cfg, later_stages)
         meta = apply_repoint(meta, plan)
@@ -140,16 +146,14 @@ def readmit(meta: list[dict], cfg: DedupConfig, later_stages: set[str], first_gr
             break
         results, todo = [], []
         for start in range(0, len(plan.candidates), per_group):
-            part = [{**r, "shard": group, READMITTED: True} for r in plan.candidates[start:start + per_group]]
-            if group in done and _inputs(done[group]) == _inputs(part):
+            part = plan.candidates[start:start + per_group]
+            group = by_inputs.get(tuple(_inputs(part)))
+            if group is not None and group not in used:
                 results += done[group]
                 used.add(group)
             else:
-                todo += part
-            group += 1
-        for g in sorted({int(r["shard"]) for r in todo} & set(done)):
-            discard(g, done[g])  # planned again with other inputs: its marker and tars go before it is redone
-            used.add(g)
+                number = next(numbers)
+                todo += [{**r, "shard": number, READMITTED: True} for r in part]
         results += curate(todo) if todo else []
         count += len(plan.candidates)
         again = {str(r["id"]): r for r in results}
@@ -159,14 +163,10 @@ def readmit(meta: list[dict], cfg: DedupConfig, later_stages: set[str], first_gr
     return meta, count
 
 
-def earlier_groups(done: dict[int, list[dict]], groups: int) -> tuple[dict[int, list[dict]], dict[int, list[dict]]]:
-    """Take an earlier run's readmission groups out of `done` (done_groups): those numbered from `groups` on
-    (this job's first readmission group), for `readmit` to reuse or discard, and those whose number a group of
-    the job's own inputs has now (inputs were added since), to discard before that group's tars are written
-    under the same names."""
-    ours = {g for g, rows in done.items() if any(r.get(READMITTED) for r in rows)}
-    later = {g: done.pop(g) for g in sorted(ours) if g >= groups}
-    return later, {g: done.pop(g) for g in sorted(ours) if g < groups}
+def earlier_groups(done: dict[int, list[dict]]) -> dict[int, list[dict]]:
+    """Take an earlier run's readmission groups (their rows say READMITTED) out of `done` (done_groups), for
+    `readmit` to reuse or discard; what stays in `done` are the job's own groups."""
+    return {g: done.pop(g) for g in sorted(done) if any(r.get(READMITTED) for r in done[g])}
 
 
 def _inputs(rows: list[dict]) -> list[tuple[str, str]]:

@@ -2,17 +2,22 @@
 
 The marker (`shards/_done/group-GGGGGG.json`) is written after the group's tars, holds the group's metadata
 rows (everything but latents) and the config hash, and is trusted only when every tar it names still has its
-recorded sha256, and only for the inputs it was written from: groups are assigned by sorted index at discovery,
-so a file added or removed since shifts which inputs a group holds, and a group whose marker rows came from
-other inputs than the group holds now is redone (`stale_groups`, `discard_group`), as is a group one of whose
-inputs or captions changed in place (its size or modification time, recorded at discovery, differs). Shards are deterministic
-given inputs and config, so a resumed job writes the same dataset as an uninterrupted one. Groups whose rows
-say `readmitted` are readmission's (readmit.py), which judges them by their rows' inputs and signatures.
+recorded sha256, and only for the inputs it was written from. Discovery assigns groups by sorted index; while
+that agrees with every finished group (a job stopped part-way and started again), the rerun keeps it, and,
+shards being deterministic given inputs and config, writes the same dataset as an uninterrupted run. Once
+inputs were added or removed since, it would not: one file that sorts first would shift every group after it.
+Then the finished groups keep their inputs (`regroup`): a group that lost an input, or one of whose inputs or
+captions changed in place (its size or modification time, recorded at discovery, differs), is redone under its
+number with the inputs it still has (`stale_groups`, `discard_group`), and inputs no finished group holds go
+to new groups numbered after every earlier one. Adding files therefore writes new shards and leaves the
+finished ones byte for byte, so lineage that names them (training runs) still verifies. Groups whose rows say
+`readmitted` are readmission's (readmit.py), which judges them by their rows' inputs and signatures.
 """
 from __future__ import annotations
 
 import base64
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +26,7 @@ from latentforge.datasets import storage
 from latentforge.datasets.shards import partial_path
 
 DONE_DIR = "_done"
+SHARD_TAR = re.compile(r"shard-\d{6,}-\d{2,}\.tar")  # write_shards.shard_name's names
 BYTES_TAG = "__b64__"
 
 
@@ -108,6 +114,34 @@ def stale_groups(done: dict[int, list[dict]], rows: list[dict]) -> list[int]:
                   if input_ids(group_rows) != current.get(int(g), set()) or changed(group_rows))
 
 
+def regroup(rows: list[dict], done: dict[int, list[dict]], taken: set[int], per_group: int) -> str:
+    """Assign `rows` (discovered: sorted by path, groups by index) to shard groups given the finished groups
+    `done` (the job's own, by done_groups) and `taken` (other group numbers an earlier run used: readmission's).
+    Sorts `rows` by group, then path. Returns "fresh" when discovery's assignment stands (it agrees with every
+    finished group, and no number in `taken` is one of its groups), else "kept".
+
+    Kept: an input a finished group holds stays in that group (the first such group, by number); a finished group
+    that lost an input or holds a changed one is then stale (stale_groups) and redone under its number with
+    what it still holds; the other inputs go, in path order, `per_group` at a time, to groups numbered from one
+    past every number in `done` and `taken`.
+    """
+    fresh = not stale_groups(done, rows) and all(g > int(rows[-1]["shard"]) for g in taken)
+    if not fresh:
+        present = {str(r["id"]) for r in rows}
+        assigned: dict[str, int] = {}
+        for g in sorted(done):
+            for source in sorted(input_ids(done[g]) & present):
+                assigned.setdefault(source, int(g))
+        first = 1 + max([*map(int, done), *taken], default=-1)
+        loose = [r for r in rows if str(r["id"]) not in assigned]
+        for i, r in enumerate(loose):
+            r["shard"] = first + i // per_group
+        for r in rows:
+            r["shard"] = assigned.get(str(r["id"]), r["shard"])
+    rows.sort(key=lambda r: (int(r["shard"]), r["relpath"]))
+    return "fresh" if fresh else "kept"
+
+
 def discard_group(shard_dir: Path | str, group: int, rows: list[dict]) -> None:
     """Remove a stale group's done-marker, then the tars its marker `rows` name, so neither survives into the
     dataset when the group is redone (a redone group may write fewer parts, or none). The marker goes first:
@@ -115,6 +149,16 @@ def discard_group(shard_dir: Path | str, group: int, rows: list[dict]) -> None:
     _remove(storage.join(shard_dir, DONE_DIR, marker_name(group)))
     for name in sorted({str(r["shard_name"]) for r in rows if r.get("shard_name")}):
         _remove(storage.join(shard_dir, name))
+
+
+def sweep(shard_dir: Path | str, named: set[str]) -> list[str]:
+    """Remove the shard tars in `shard_dir` (top level, shard_name's names) that no row of the dataset names,
+    and return their names: the tars of a group a stopped job wrote without getting to its marker, when the
+    rerun gives the group's inputs to another group (regroup). Markers and other files are left alone."""
+    stray = [n for n in storage.list_files(shard_dir) if SHARD_TAR.fullmatch(n) and n not in named]
+    for name in stray:
+        _remove(storage.join(shard_dir, name))
+    return stray
 
 
 def _remove(location: Path | str) -> None:

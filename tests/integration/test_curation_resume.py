@@ -138,9 +138,10 @@ def test_a_caption_changed_in_place_is_curated_again_on_rerun(tmp_path, ray_loca
     assert result.inputs == len(rows) and sorted(set(accounted(out))) == sorted(r["id"] for r in rows)
 
 
-def test_a_file_added_to_a_finished_group_is_curated_on_resume(tmp_path, ray_local, caplog):
-    """Groups are assigned by sorted index, so a file that sorts first shifts every group after it: each
-    finished group now holds other inputs, so its marker is not trusted and every group is redone."""
+def test_a_file_added_goes_to_a_new_group_and_the_finished_groups_keep_their_tars(tmp_path, ray_local, caplog):
+    """A file that sorts first would shift every group discovery cuts from the sorted list; the finished groups
+    keep their inputs and tars instead, and the new file, with the inputs of a group a stopped job left without
+    its marker (tars written, marker not), goes to new groups after the last; that group's tars are removed."""
     import numpy as np
     from PIL import Image
 
@@ -152,31 +153,48 @@ def test_a_file_added_to_a_finished_group_is_curated_on_resume(tmp_path, ray_loc
     out = tmp_path / "ds"
     run_curation(cfg, out)
     shard_dir = out / mf.SHARDS
-    before = {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("*.tar")}
-    old_groups = len(list((shard_dir / DONE_DIR).glob("group-*.json")))
+    old = {r["id"]: r["shard"] for r in discover(corpus, cfg.samples_per_shard)}
+    n = len(set(old.values()))  # groups 0 .. n-1
+    marker_path(shard_dir, 1).unlink()  # group 1 stopped between its tars and its marker
+    orphans = sorted(p.name for p in shard_dir.glob("shard-000001-*.tar"))
+    kept = {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("*.tar") if p.name not in orphans}
+    assert orphans and kept
 
-    added = corpus / "a_added.png"  # sorts before audio/, images/ and videos/: into group 0
+    added = corpus / "a_added.png"  # sorts before audio/, images/ and videos/: discovery puts it in group 0
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(added)
     rows = discover(corpus, cfg.samples_per_shard)
-    assert rows[0]["id"] == sample_id("a_added.png")
+    assert rows[0]["id"] == sample_id("a_added.png") and rows[0]["shard"] == 0
     caplog.set_level("WARNING", logger="latentforge.pipelines.curate")
     result = run_curation(cfg, out)
 
-    assert f"{old_groups} finished shard groups redone because their inputs changed" in caplog.text
+    assert f"3 inputs no finished group holds go to shard groups {n}-{n + 1}" in caplog.text
+    assert "redone" not in caplog.text
     assert result.inputs == len(rows) and sample_id("a_added.png") in accounted(out)
     assert sorted(set(accounted(out))) == sorted(r["id"] for r in rows)  # every input, and nothing else
     assert result.kept + result.rejected + result.filtered == result.samples == len(accounted(out))
     tars = {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("*.tar")}
-    assert sorted(tars) == sorted(s["name"] for s in mf.Dataset(out).card["shards"])  # no stale tar left
-    # every shifted group was rewritten (a tar may come back with the same bytes: its group kept the same samples)
-    assert all(tars.get(name) != mtime for name, mtime in before.items())
+    assert {name: tars.get(name) for name in kept} == kept  # finished groups: not rewritten
+    assert not set(orphans) & set(tars)  # the stopped group's tars went; its inputs are in the new groups
+    assert sorted(tars) == sorted(s["name"] for s in mf.Dataset(out).card["shards"])  # no stray tar left
+    holds = {g: {r["source_id"] for r in json.loads(marker_path(shard_dir, g).read_text())["rows"]} for g in (n, n + 1)}
+    assert sample_id("a_added.png") in holds[n] and holds[n] | holds[n + 1] == {sample_id("a_added.png")} | {
+        i for i, g in old.items() if g == 1}
+    samples = {r["id"]: r["shard"] for r in mf.Dataset(out).manifest().to_pylist()}
+    assert all(samples[i] == f"shard-{g:06d}-00.tar" for i, g in old.items() if i in samples and g != 1)
     markers = sorted(p.name for p in (shard_dir / DONE_DIR).glob("group-*.json"))
-    assert markers == [f"group-{g:06d}.json" for g in range(rows[-1]["shard"] + 1)]
+    assert markers == [f"group-{g:06d}.json" for g in range(n + 2) if g != 1]
+
+    # and a rerun of the grown corpus has nothing to do
+    caplog.clear()
+    again = run_curation(cfg, out)
+    assert again.stage_seconds == {} and {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("*.tar")} == tars
+    assert f"{n + 1} of {n + 1} shard groups already done, 0 inputs to go" in caplog.text
 
 
 def test_a_file_removed_from_a_finished_group_leaves_the_dataset_on_resume(tmp_path, ray_local, caplog):
-    """The last group loses an input, then all of them: only it is redone (then dropped), the groups before it
-    keep their tars untouched, and the removed inputs leave the manifest and rejects."""
+    """The first group loses an input, then the last group one, then all of them: only the group that lost one is
+    redone (an emptied one dropped), the others keep their tars untouched (none shifts, although discovery's
+    index moved every input after the first), and the removed inputs leave the manifest and rejects."""
     from latentforge.pipelines.discover import discover
 
     corpus = tmp_path / "corpus"
@@ -188,20 +206,24 @@ def test_a_file_removed_from_a_finished_group_leaves_the_dataset_on_resume(tmp_p
     rows = discover(corpus, cfg.samples_per_shard)
     last = rows[-1]["shard"]
     assert [r["shard"] for r in rows[-2:]] == [last, last]
-    untouched = {p: p.stat().st_mtime_ns for p in shard_dir.glob("*.tar") if not p.name.startswith(f"shard-{last:06d}")}
-    assert untouched
+    assert rows[0]["shard"] == 0 and last > 1
 
     caplog.set_level("WARNING", logger="latentforge.pipelines.curate")
-    for gone in reversed(rows[-2:]):  # the last input, then the one before it: the last group is then empty
+    # the first input, then the last, then the one before it: the last group is then empty
+    for gone in (rows[0], rows[-1], rows[-2]):
+        untouched = {p: p.stat().st_mtime_ns for p in shard_dir.glob("*.tar")
+                     if not p.name.startswith(f"shard-{gone['shard']:06d}")}
+        assert untouched
         (corpus / gone["relpath"]).unlink()
         caplog.clear()
         result = run_curation(cfg, out)
         now = discover(corpus, cfg.samples_per_shard)
         assert gone["id"] not in accounted(out)
-        assert "1 finished shard groups redone because their inputs changed" in caplog.text
+        assert f"1 finished shard groups redone because their inputs changed since they were written " \
+               f"(an input removed, or a file or caption changed in place): {gone['shard']}" in caplog.text
         assert sorted(set(accounted(out))) == sorted(r["id"] for r in now)
         assert result.inputs == len(now) and result.kept + result.rejected + result.filtered == result.samples
-        assert {p: p.stat().st_mtime_ns for p in untouched} == untouched  # unchanged groups were not redone
+        assert {p: p.stat().st_mtime_ns for p in untouched} == untouched  # the other groups were not redone
         card_tars = sorted(s["name"] for s in mf.Dataset(out).card["shards"])
         assert sorted(p.name for p in shard_dir.glob("*.tar")) == card_tars  # no stale tar left
     assert not marker_path(shard_dir, last).exists()  # the emptied group's marker went with its tars

@@ -72,16 +72,17 @@ def test_a_duplicate_is_kept_when_its_representative_is_filtered_later(tmp_path,
     assert again.stage_seconds == {} and {p: p.stat().st_mtime_ns for p in tars} == tars
     assert mf.Dataset(tmp_path / "ds").manifest().to_pylist() == list(kept.values())
 
-    # inputs added since: the job's own groups now reach number 2, the readmitted group's; that group is discarded
-    # before the new group 2 is written under its names, and the original is readmitted again, into group 3
+    # inputs added since (sorting last: discovery would give the last of them group 2, the readmitted group's
+    # number): the finished groups keep their inputs and tars, the new inputs go to group 3, after every earlier
+    # group, and the original's readmission group is reused as it is
     for seed in (4, 5, 6):
         detailed(seed).save(corpus / f"z_new_{seed}.png")
         (corpus / f"z_new_{seed}.txt").write_text("a new picture")
     grown = run_curation(cfg, tmp_path / "ds")
     ds = mf.Dataset(tmp_path / "ds")
     kept = {r["relpath"]: r["shard"] for r in ds.manifest().to_pylist()}
-    assert kept["b_original.png"] == "shard-000003-00.tar" and len(kept) == 6 and grown.readmitted == 1
-    assert kept["z_new_6.png"] == "shard-000002-00.tar"  # 9 inputs: the last one in group 2
+    assert kept["b_original.png"] == "shard-000002-00.tar" and len(kept) == 6 and grown.readmitted == 1
+    assert {kept[f"z_new_{seed}.png"] for seed in (4, 5, 6)} == {"shard-000003-00.tar"}
     assert grown.inputs == len(kept) + ds.rejects().num_rows == 9
+    assert {p: p.stat().st_mtime_ns for p in tars} == tars  # nothing written before was written again
     assert sorted(p.name for p in (tmp_path / "ds" / mf.SHARDS).glob("*.tar")) == sorted(s["name"] for s in ds.card["shards"])
-

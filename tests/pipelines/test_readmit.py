@@ -93,8 +93,14 @@ def test_rounds_go_on_while_readmitted_rows_fail_and_reuse_the_groups_a_run_fini
     assert calls == [] and again == meta and discarded == [9]
     done = {7: [out["b"]], 8: [{**out["c"], "input_signature": "changed"}]}
     discarded.clear()
-    readmit(rows, CFG, LATER, 7, 64, done, curate, lambda g, _: discarded.append(g))
+    redone, _ = readmit(rows, CFG, LATER, 7, 64, done, curate, lambda g, _: discarded.append(g))
     assert calls == [["c"]] and discarded == [8]
+    assert {r["id"]: r.get("shard") for r in redone} == {"a": None, "b": 7, "c": 9}  # past both earlier numbers
+    # groups are reused by their inputs, not their numbers: the job's own groups grew past 7 and 8 (inputs
+    # added), so its first readmission group is 12; the finished 7 and 8 still serve
+    calls.clear()
+    again, _ = readmit(rows, CFG, LATER, 12, 64, {7: [out["b"]], 8: [out["c"]]}, curate, lambda g, _: 1 / 0)
+    assert calls == [] and again == meta
     # one round only: c stays a duplicate, now of b
     calls.clear()
     meta, _ = readmit(rows, DedupConfig(readmit_rounds=1), LATER, 7, 64, {}, curate, lambda g, _: None)
@@ -105,6 +111,5 @@ def test_rounds_go_on_while_readmitted_rows_fail_and_reuse_the_groups_a_run_fini
 def test_an_earlier_runs_readmission_groups_are_told_from_the_jobs_own() -> None:
     own, ours = [{"id": "a", "shard": 1}], [{"id": "b", "shard": 2, READMITTED: True}]
     done = {0: own, 1: own, 2: ours, 3: [{**ours[0], "shard": 3}], 5: own}
-    later, collided = earlier_groups(done, 3)  # the job's inputs fill groups 0..2 now
-    assert sorted(later) == [3] and sorted(collided) == [2] and sorted(done) == [0, 1, 5]
+    assert sorted(earlier_groups(done)) == [2, 3] and sorted(done) == [0, 1, 5]
 

@@ -1,7 +1,7 @@
 """Write each shard group's kept samples into WebDataset tars with stable names; return metadata rows.
 
-A group holds at most `samples_per_shard` samples (assigned at discovery, so names are stable across runs);
-it is split into parts when it would exceed `max_shard_mb`.
+A group holds at most `samples_per_shard` inputs (assigned at discovery, or kept from the finished groups on a
+rerun: resume.regroup; so names are stable across runs); it is split into parts when it would exceed `max_shard_mb`.
 """
 from __future__ import annotations
 

@@ -1,0 +1,76 @@
+"""Shard groups on a rerun: discovery's assignment while it agrees with the finished groups (a stopped job), the
+finished groups' own inputs once files were added or removed (so their tars stay), and stray tars removed."""
+from __future__ import annotations
+
+from latentforge.pipelines.resume import regroup, stale_groups, sweep
+
+
+def discovered(*names: str, per_group: int = 2) -> list[dict]:
+    """Rows as discover gives them: sorted by path, groups by index."""
+    return [{"id": n, "relpath": f"{n}.png", "input_signature": f"sig-{n}", "shard": i // per_group}
+            for i, n in enumerate(sorted(names))]
+
+
+def marker(*names: str, shard: int = 0) -> list[dict]:
+    return [{"id": n, "source_id": n, "input_signature": f"sig-{n}", "shard": shard} for n in names]
+
+
+def groups(rows: list[dict]) -> dict[str, int]:
+    return {r["id"]: r["shard"] for r in rows}
+
+
+def test_a_stopped_job_keeps_discoverys_groups() -> None:
+    rows = discovered("b", "c", "d", "e", "f")
+    done = {0: marker("b", "c"), 2: marker("f")}  # group 1 was not finished
+    assert regroup(rows, done, set(), 2) == "fresh"
+    assert groups(rows) == {"b": 0, "c": 0, "d": 1, "e": 1, "f": 2} and stale_groups(done, rows) == []
+
+
+def test_a_file_that_sorts_first_goes_to_a_new_group_and_the_finished_ones_keep_theirs() -> None:
+    rows = discovered("a", "b", "c", "d", "e", "f")  # a added: discovery would shift every group by one
+    done = {0: marker("b", "c"), 1: marker("d", "e"), 2: marker("f")}
+    assert stale_groups(done, rows) == [0, 1, 2]
+    assert regroup(rows, done, {3}, 2) == "kept"  # 3: a readmission group of the earlier run
+    assert groups(rows) == {"b": 0, "c": 0, "d": 1, "e": 1, "f": 2, "a": 4}
+    assert stale_groups(done, rows) == []  # nothing finished is redone
+    assert [r["id"] for r in rows] == ["b", "c", "d", "e", "f", "a"]  # by group: each group's rows together
+
+
+def test_a_removed_or_changed_input_redoes_only_its_group_under_its_number() -> None:
+    rows = discovered("c", "d", "e", "f", "g")  # b removed from group 0
+    rows[2]["input_signature"] = "sig-e-rewritten"  # e changed in place (group 1)
+    done = {0: marker("b", "c"), 1: marker("d", "e"), 2: marker("f", "g")}
+    assert regroup(rows, done, set(), 2) == "kept"
+    assert groups(rows) == {"c": 0, "d": 1, "e": 1, "f": 2, "g": 2}
+    assert stale_groups(done, rows) == [0, 1]
+    # every input of a group removed: no input is assigned to it, so it is discarded and not redone
+    rows = discovered("d", "e")
+    assert regroup(rows, {0: marker("b", "c"), 1: marker("d", "e")}, set(), 2) == "kept"
+    assert groups(rows) == {"d": 1, "e": 1} and stale_groups({0: marker("b", "c")}, rows) == [0]
+
+
+def test_files_appended_where_a_readmission_group_stands_keep_the_groups_too() -> None:
+    """Discovery would give the new files group 2, the number an earlier run's readmission group has: the
+    finished groups keep their inputs and the new files go after the readmission group instead."""
+    rows = discovered("a", "b", "c", "d", "e")
+    done = {0: marker("a", "b"), 1: marker("c", "d")}
+    assert stale_groups(done, rows) == []
+    assert regroup(rows, done, {2}, 2) == "kept" and groups(rows)["e"] == 3
+    assert regroup(discovered("a", "b", "c", "d", "e"), done, {3}, 2) == "fresh"  # no clash: as discovered
+
+
+def test_an_input_two_markers_claim_stays_with_the_first_and_the_other_group_is_redone() -> None:
+    rows = discovered("a", "b", "c")
+    done = {0: marker("a", "b"), 1: marker("b", "c")}
+    assert regroup(rows, done, set(), 2) == "kept"
+    assert groups(rows) == {"a": 0, "b": 0, "c": 1} and stale_groups(done, rows) == [1]
+
+
+def test_sweep_removes_only_shard_tars_no_sample_names(tmp_path) -> None:
+    for name in ("shard-000000-00.tar", "shard-000001-00.tar", "shard-000001-01.tar", "notes.tar",
+                 "shard-000002-00.tar.123-4.partial", "_done/group-000001.json"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    assert sweep(tmp_path, {"shard-000000-00.tar"}) == ["shard-000001-00.tar", "shard-000001-01.tar"]
+    left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert left == ["_done/group-000001.json", "notes.tar", "shard-000000-00.tar", "shard-000002-00.tar.123-4.partial"]
