@@ -82,9 +82,14 @@ class CurationConfig(Strict):
         "no latent crosses to the driver) or the driver (every row streams to it). auto: the workers when the "
         "output is a URI (s3://...), else the driver; choose workers on a cluster writing to a path every "
         "node mounts (NFS)"))
+    resume_check: Literal["size", "sha256"] = Field("size", description=(
+        "how a rerun checks the tars of the shard groups an earlier run finished before keeping them: size (the "
+        "size each group's marker recorded, from one listing: a tar cut short or rewritten at another size "
+        "is redone; `latentforge verify` hashes every tar) or sha256 (every tar read back and hashed: on an "
+        "object store, the whole dataset downloaded)"))
 
     # How the job runs, not what it produces: left out of the config hash, so a resumed job may change them.
-    EXECUTION_FIELDS: ClassVar[frozenset[str]] = frozenset({"resources", "fusion", "shard_writes"})
+    EXECUTION_FIELDS: ClassVar[frozenset[str]] = frozenset({"resources", "fusion", "shard_writes", "resume_check"})
 
     @field_validator("resources")
     @classmethod

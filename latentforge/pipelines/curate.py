@@ -253,7 +253,7 @@ def run_curation(cfg: CurationConfig, dataset_dir: Path | str) -> CurationResult
     rows = discover(cfg.input_dir, cfg.samples_per_shard)
     if not rows:
         raise ValueError(f"no input files under {cfg.input_dir}")
-    done = done_groups(shard_dir, config_hash(cfg))  # resume: groups an earlier run finished are kept as they are
+    done = done_groups(shard_dir, config_hash(cfg), cfg.resume_check)  # resume: groups an earlier run finished
     readmitted_done = earlier_groups(done)  # readmission's groups (readmit.py)
     kept_groups = regroup(rows, done, set(readmitted_done), cfg.samples_per_shard) == "kept"
     stale = stale_groups(done, rows)  # ... unless their inputs changed since (removed, or changed in place)

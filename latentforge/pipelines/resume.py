@@ -57,10 +57,11 @@ def _restore(value):
 
 
 def write_marker(shard_dir: Path, group: int, rows: list[dict], config_hash: str) -> None:
-    """The group's marker, naming each tar with the sha256 its rows carry (`shard_sha256`, taken as the tar
-    was written: not read back here)."""
+    """The group's marker, naming each tar (in the local `shard_dir`) with the sha256 its rows carry
+    (`shard_sha256`, taken as the tar was written: not read back here) and its size."""
     shards = {r["shard_name"]: r["shard_sha256"] for r in rows if r.get("shard_name")}
     body = {"config_hash": config_hash, "shards": dict(sorted(shards.items())),
+            "sizes": {name: (Path(shard_dir) / name).stat().st_size for name in sorted(shards)},
             "rows": [{k: _plain(v) for k, v in r.items()} for r in rows]}
     path = marker_path(shard_dir, group)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,22 +70,34 @@ def write_marker(shard_dir: Path, group: int, rows: list[dict], config_hash: str
     tmp.replace(path)
 
 
-def done_groups(shard_dir: Path | str, config_hash: str) -> dict[int, list[dict]]:
+def done_groups(shard_dir: Path | str, config_hash: str, check: str = "size") -> dict[int, list[dict]]:
     """Groups whose marker matches this config and whose tars are intact: group -> metadata rows.
 
-    `shard_dir` may be a URI (s3://...); its tars are then hashed as they stream in."""
+    `check` (CurationConfig.resume_check): "size", each tar the size its marker recorded, from one listing of
+    `shard_dir` (a tar cut short, or rewritten at another size, is not trusted; markers written before sizes
+    were recorded are checked by sha256); "sha256", each tar read back and hashed, as it streams in when
+    `shard_dir` is a URI (s3://...): the whole dataset is read."""
     out: dict[int, list[dict]] = {}
-    markers = storage.join(shard_dir, DONE_DIR)
-    for name in storage.list_files(markers):
-        if "/" in name or not (name.startswith("group-") and name.endswith(".json")):
+    infos = storage.file_infos(shard_dir)  # every file's size, in one listing
+    for path in sorted(infos):
+        name = path[len(DONE_DIR) + 1:]
+        if not (path.startswith(DONE_DIR + "/") and name.startswith("group-") and name.endswith(".json")
+                and "/" not in name):
             continue
         try:
-            body = json.loads(storage.read_text(storage.join(markers, name)))
+            body = json.loads(storage.read_text(storage.join(shard_dir, path)))
         except ValueError:
             continue
-        intact = all(storage.is_file(storage.join(shard_dir, s)) and storage.sha256(storage.join(shard_dir, s)) == h
-                     for s, h in body["shards"].items())
-        if body.get("config_hash") == config_hash and intact:
+        sizes = body.get("sizes") if check == "size" else None
+
+        def intact(tar: str, digest: str) -> bool:
+            if tar not in infos:
+                return False
+            if sizes is not None:
+                return infos[tar][0] == sizes.get(tar)
+            return storage.sha256(storage.join(shard_dir, tar)) == digest
+
+        if body.get("config_hash") == config_hash and all(intact(s, h) for s, h in body["shards"].items()):
             out[int(name[len("group-"):-len(".json")])] = [{k: _restore(v) for k, v in r.items()}
                                                           for r in body["rows"]]
     return out

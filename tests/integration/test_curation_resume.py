@@ -67,9 +67,21 @@ def test_a_changed_config_or_damaged_tar_is_not_trusted(tmp_path, ray_local):
 
     done = done_groups(shard_dir, config_hash(cfg))
     assert done and done_groups(shard_dir, "another-config") == {}
-    tar = sorted(shard_dir.glob("*.tar"))[0]
-    tar.write_bytes(tar.read_bytes()[:-100])
+    assert len(done) >= 2 and done_groups(shard_dir, config_hash(cfg), "sha256") == done
+    first, second = sorted(shard_dir.glob("*.tar"))[:2]
+    assert first.name.split("-")[1] != second.name.split("-")[1]  # of two groups
+    first.write_bytes(first.read_bytes()[:-100])  # cut short: its size tells
     assert len(done_groups(shard_dir, config_hash(cfg))) == len(done) - 1
+    data = bytearray(second.read_bytes())  # one byte changed, same size: only reading it back tells
+    data[600] ^= 0xFF
+    second.write_bytes(bytes(data))
+    assert len(done_groups(shard_dir, config_hash(cfg))) == len(done) - 1
+    assert len(done_groups(shard_dir, config_hash(cfg), "sha256")) == len(done) - 2
+    for marker in (shard_dir / DONE_DIR).glob("group-*.json"):  # markers of jobs before sizes were recorded
+        body = json.loads(marker.read_text())
+        body.pop("sizes")
+        marker.write_text(json.dumps(body))
+    assert len(done_groups(shard_dir, config_hash(cfg))) == len(done) - 2  # are read back
 
 
 def accounted(root) -> list[str]:
