@@ -54,6 +54,22 @@ def make_aesthetic_models(root: Path) -> tuple[str, str]:
     return str(root / "clip"), str(root / "head")
 
 
+def demo_corpus(corpus: Path, args) -> Path:
+    """The demo corpus of `args`' sizes at `corpus`, generated unless the one there was made with the same spec
+    (recorded beside it, not in it: not an input of the job)."""
+    from latentforge.datasets.demo_corpus import DemoCorpusSpec, generate_demo_corpus
+
+    spec = DemoCorpusSpec(num_images=args.images, num_videos=args.videos, num_audio=args.audio,
+                          image_size=args.media_size, video_frames=args.video_frames, video_fps=args.video_fps,
+                          audio_seconds=args.audio_seconds)
+    stamp = corpus.parent / f"{corpus.name}.spec.json"
+    if not (stamp.exists() and json.loads(stamp.read_text()) == dataclasses.asdict(spec)):
+        shutil.rmtree(corpus, ignore_errors=True)
+        generate_demo_corpus(corpus, spec)
+        stamp.write_text(json.dumps(dataclasses.asdict(spec)))
+    return corpus
+
+
 def make_config(corpus: Path, models: tuple[str, str], args):
     from latentforge.pipelines.config import CurationConfig
     from latentforge.pipelines.stages.score_nsfw import extra_installed
@@ -199,19 +215,9 @@ def main() -> None:
     media.add_argument("--bucket-size", type=int, default=32, help="curation image_size (the latent bucket side)")
     media.add_argument("--bucket-frames", type=int, default=4, help="curation video_frames (frames per clip)")
     args = parser.parse_args()
-    from latentforge.datasets.demo_corpus import DemoCorpusSpec, generate_demo_corpus
-
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        corpus = args.corpus or tmp / "corpus"
-        spec = DemoCorpusSpec(num_images=args.images, num_videos=args.videos, num_audio=args.audio,
-                              image_size=args.media_size, video_frames=args.video_frames, video_fps=args.video_fps,
-                              audio_seconds=args.audio_seconds)
-        stamp = corpus.parent / f"{corpus.name}.spec.json"  # beside it: not an input of the job
-        if not (stamp.exists() and json.loads(stamp.read_text()) == dataclasses.asdict(spec)):
-            shutil.rmtree(corpus, ignore_errors=True)
-            generate_demo_corpus(corpus, spec)
-            stamp.write_text(json.dumps(dataclasses.asdict(spec)))
+        corpus = demo_corpus(args.corpus or tmp / "corpus", args)
         cfg = make_config(corpus, make_aesthetic_models(tmp), args)
         threads = {}
         if args.loop_threads:  # as a pipeline worker: decoders, torch, OpenCV and onnxruntime held to this many

@@ -20,7 +20,6 @@ and each round's phase times; and, on the first dataset, what checking the finis
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import statistics
@@ -30,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from curation import make_aesthetic_models, make_config  # noqa: E402 (bench/curation.py, beside this file)
+from curation import demo_corpus, make_aesthetic_models, make_config  # noqa: E402 (bench/curation.py, beside this file)
 
 
 def add_pictures(corpus: Path, count: int) -> list[str]:
@@ -110,20 +109,11 @@ def main() -> None:
     from ray.data import DataContext
 
     from latentforge.datasets import manifest as mf
-    from latentforge.datasets.demo_corpus import DemoCorpusSpec, generate_demo_corpus
     from latentforge.pipelines.curate import run_curation
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        spec = DemoCorpusSpec(num_images=args.images, num_videos=args.videos, num_audio=args.audio,
-                              image_size=args.media_size, video_frames=args.video_frames, video_fps=args.video_fps,
-                              audio_seconds=args.audio_seconds)
-        base = args.corpus or tmp / "base"
-        stamp = base.parent / f"{base.name}.spec.json"
-        if not (stamp.exists() and json.loads(stamp.read_text()) == dataclasses.asdict(spec)):
-            shutil.rmtree(base, ignore_errors=True)
-            generate_demo_corpus(base, spec)
-            stamp.write_text(json.dumps(dataclasses.asdict(spec)))
+        base = demo_corpus(args.corpus or tmp / "base", args)
         corpus = tmp / "corpus"  # the bench adds files to its own copy, never to a kept corpus
         shutil.copytree(base, corpus, symlinks=True)
         cfg = make_config(corpus, make_aesthetic_models(tmp), args)
