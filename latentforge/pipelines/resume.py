@@ -1,8 +1,9 @@
 """Curation resume: a shard group is done once its tars and a done-marker exist; a rerun redoes only the rest.
 
 The marker (`shards/_done/group-GGGGGG.json`) is written after the group's tars, holds the group's metadata
-rows (everything but latents) and the config hash, and is trusted only when every tar it names still has its
-recorded sha256, and only for the inputs it was written from. Discovery assigns groups by sorted index; while
+rows (everything but latents), the config hash and each tar's sha256 and size, and is trusted only when every
+tar it names is still there at its recorded size (or, with `resume_check: sha256`, hashes to its digest), and
+only for the inputs it was written from. Discovery assigns groups by sorted index; while
 that agrees with every finished group (a job stopped part-way and started again), the rerun keeps it, and,
 shards being deterministic given inputs and config, writes the same dataset as an uninterrupted run. Once
 inputs were added or removed since, it would not: one file that sorts first would shift every group after it.
