@@ -79,7 +79,8 @@ def curation_done(cfg: LatentforgeConfig, digest: str | None = None) -> dict | N
         return None
     if digest is not None and marker.get("inputs_digest") not in (None, digest):
         console.print(f"[yellow]inputs changed[/] under {cur.input_dir} since the curation finished (files added, "
-                      "removed or rewritten): curating again; only the shard groups they touch are redone")
+                      "removed or rewritten): curating again; new files go to new shard groups, and only a group that lost "
+                      "or holds a changed file is redone")
         return None
     return marker
 
