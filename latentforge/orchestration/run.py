@@ -154,6 +154,8 @@ def curate(cfg: LatentforgeConfig, tracker: Tracker, parent_id: str | None, summ
                   "dataset_dir": str(result.dataset_dir), "inputs_digest": digest})
     console.print(f"[green]curated[/] {result.kept}/{result.inputs} kept, {result.rejected} rejected, "
                   f"{result.filtered} filtered -> {result.dataset_dir}")
+    if result.groups.get("kept"):
+        console.print("shard groups: {kept} kept from an earlier run, {redone} redone, {new} new".format(**result.groups))
     if result.stage_seconds:  # none when every group was already done
         console.print(stage_time_table(result.stage_seconds))
 

@@ -76,6 +76,9 @@ class CurationResult:
     seconds: dict[str, float] = field(default_factory=dict)
     # Shard groups written by the last map's workers and by the driver (see CurationConfig.shard_writes).
     groups_written: dict[str, int] = field(default_factory=dict)
+    # The job's own shard groups: kept as an earlier run finished them, redone (an input removed or changed since),
+    # new (the rest: a first run's groups, or those of inputs no finished group holds).
+    groups: dict[str, int] = field(default_factory=dict)
     # Per stage, summed over every worker: {"cpu_s": process CPU seconds, "wall_s": wall seconds}, in the order
     # the stages ran. A stage's CPU includes its libraries' threads; wall is what the batches waited on it.
     stage_seconds: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -85,6 +88,7 @@ class CurationResult:
                 "filtered": self.filtered, "readmitted": self.readmitted}
         base.update({f"seconds_{phase}": s for phase, s in self.seconds.items()})
         base.update({f"groups_written_{where}": n for where, n in self.groups_written.items()})
+        base.update({f"groups_{how}": n for how, n in self.groups.items()})
         for stage, spent in self.stage_seconds.items():
             base.update({f"stage_{stage}_{kind}": s for kind, s in spent.items()})
         base.update({f"kept_{m}": n for m, n in self.by_modality.items()})
@@ -306,6 +310,7 @@ def run_curation(cfg: CurationConfig, dataset_dir: Path | str) -> CurationResult
     result.readmitted = readmitted
     result.seconds = {**seconds, "tables": time.perf_counter() - start}
     result.groups_written = written
+    result.groups = {"kept": len(done), "redone": len(stale), "new": len(new)}
     result.stage_seconds = {name: {"cpu_s": cpu, "wall_s": wall} for name, (cpu, wall) in stage_seconds.items()}
     log.info("curation phases (wall s): %s", ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
     log.info("shard groups written: %s", ", ".join(f"{n} by the {k}" for k, n in written.items()) or "none")

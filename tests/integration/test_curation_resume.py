@@ -180,6 +180,8 @@ def test_a_file_added_goes_to_a_new_group_and_the_finished_groups_keep_their_tar
     result = run_curation(cfg, out)
 
     assert f"3 inputs no finished group holds go to shard groups {n}-{n + 1}" in caplog.text
+    assert result.groups == {"kept": n - 1, "redone": 0, "new": 2}
+    assert result.metrics()["groups_kept"] == n - 1
     assert "redone" not in caplog.text
     assert result.inputs == len(rows) and sample_id("a_added.png") in accounted(out)
     assert sorted(set(accounted(out))) == sorted(r["id"] for r in rows)  # every input, and nothing else
@@ -200,6 +202,7 @@ def test_a_file_added_goes_to_a_new_group_and_the_finished_groups_keep_their_tar
     caplog.clear()
     again = run_curation(cfg, out)
     assert again.stage_seconds == {} and {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("*.tar")} == tars
+    assert again.groups == {"kept": n + 1, "redone": 0, "new": 0}
     assert f"{n + 1} of {n + 1} shard groups already done, 0 inputs to go" in caplog.text
 
 
@@ -235,6 +238,7 @@ def test_a_file_removed_from_a_finished_group_leaves_the_dataset_on_resume(tmp_p
                f"(an input removed, or a file or caption changed in place): {gone['shard']}" in caplog.text
         assert sorted(set(accounted(out))) == sorted(r["id"] for r in now)
         assert result.inputs == len(now) and result.kept + result.rejected + result.filtered == result.samples
+        assert result.groups == {"kept": last, "redone": 1, "new": 0}  # of groups 0 .. last, all but one kept
         assert {p: p.stat().st_mtime_ns for p in untouched} == untouched  # the other groups were not redone
         card_tars = sorted(s["name"] for s in mf.Dataset(out).card["shards"])
         assert sorted(p.name for p in shard_dir.glob("*.tar")) == card_tars  # no stale tar left
