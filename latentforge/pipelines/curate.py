@@ -32,7 +32,7 @@ from latentforge.pipelines.stages.caption_prep import CaptionPrep
 from latentforge.pipelines.stages.caption_select import CaptionSelect
 from latentforge.pipelines.stages.caption_sidecar import CaptionSidecar
 from latentforge.pipelines.stages.caption_vlm import CaptionVLM
-from latentforge.pipelines.stages.dedup import ContentHash, find_duplicates, mark_duplicates
+from latentforge.pipelines.stages.dedup import SETTLED, ContentHash, find_duplicates, mark_duplicates
 from latentforge.pipelines.stages.encode_latents import EncodeLatents, parse_shape
 from latentforge.pipelines.stages.encode_repa import EncodeRepa
 from latentforge.pipelines.stages.encode_text import EncodeText
@@ -196,25 +196,32 @@ def pool_cpus(cluster_cpus: float, local: bool) -> float:
     return min(cluster_cpus, os.cpu_count() or 1) if local else cluster_cpus
 
 
-def dedup(ds, cfg: CurationConfig, done: list[dict] = ()) -> tuple[Callable, dict]:
+def dedup(ds, cfg: CurationConfig, done: list[dict] = (), settled: bool = False) -> tuple[Callable, dict]:
     """Exact and near duplicates across the whole corpus (needs every hash at once, so it runs here).
     Returns the marking as (function, keywords), for the first map after it to run on its batches.
 
     `done`: metadata rows of groups finished by an earlier run; they vote as they did then, so a resumed job
-    picks the same representatives as an uninterrupted one.
+    picks the same representatives as an uninterrupted one. `settled` (a rerun on inputs added or removed
+    since, resume.regroup): the finished groups are not redone, so their decisions stand: their representatives
+    come first (a new input that duplicates one becomes its duplicate even where dedup would prefer it, as for a
+    higher resolution; preferring it would keep both), and their duplicates do not vote (one preferred over a
+    redone group's input would take that input out while staying out itself).
     """
-    hashes = ds.select_columns(HASH_COLUMNS).take_all() + [hashes_as_at_dedup(r) for r in done]
+    voters = [r for r in done if not (settled and r.get("duplicate_of"))]
+    hashes = ds.select_columns(HASH_COLUMNS).take_all() + [hashes_as_at_dedup(r, settled) for r in voters]
     dups = find_duplicates(hashes, cfg.dedup) if cfg.dedup.enabled else {}
     where = {h["id"]: h["relpath"] for h in hashes}
     notes = {d: f"{kind} duplicate of {where[rep]} ({rep})" for d, (rep, kind) in dups.items()}
     return mark_and_explain, {"dups": dups, "notes": notes}
 
 
-def hashes_as_at_dedup(row: dict) -> dict:
-    """A finished row's hash columns with the status it had when dedup ran (later stages may have filtered it)."""
+def hashes_as_at_dedup(row: dict, settled: bool = False) -> dict:
+    """A finished row's hash columns with the status it had when dedup ran (later stages may have filtered it);
+    with `settled`, marked SETTLED when it was a representative then (see dedup)."""
     later = {s.name for s in STAGES} | {"dedup"}
     status = "ok" if row["status"] == "ok" or row["stage"] in later else row["status"]
-    return {**{k: row.get(k) for k in HASH_COLUMNS}, "status": status}
+    return {**{k: row.get(k) for k in HASH_COLUMNS}, "status": status,
+            SETTLED: settled and status == "ok" and not row.get("duplicate_of")}
 
 
 def mark_and_explain(batch: dict, dups: dict, notes: dict) -> dict:
@@ -226,16 +233,16 @@ def mark_and_explain(batch: dict, dups: dict, notes: dict) -> dict:
 
 
 def build_pipeline(rows: list[dict], cfg: CurationConfig, shard_dir: Path | str, done: list[dict] = (),
-                   seconds: dict[str, float] | None = None, writer_args: dict | None = None):
-    """The dataset of finished rows, not yet executed: scan, dedup, then the stages. `seconds` gets the wall
-    time of the scan and of the dedup pass. `writer_args` (write_shard_group's keywords): the last map writes
+                   seconds: dict[str, float] | None = None, writer_args: dict | None = None, settled: bool = False):
+    """The dataset of finished rows, not yet executed: scan, dedup (`done`, `settled`: see dedup), then the
+    stages. `seconds` gets the wall time of the scan and of the dedup pass. `writer_args` (write_shard_group's keywords): the last map writes
     the groups it holds whole (write_finished_groups), whose rows then come without latents; without them
     every row keeps its latents."""
     seconds = {} if seconds is None else seconds
     start = time.perf_counter()
     ds = scan(rows, cfg, whole_groups=writer_args is not None)
     seconds["scan"] = time.perf_counter() - start
-    marking = dedup(ds, cfg, done)
+    marking = dedup(ds, cfg, done, settled)
     seconds["dedup"] = time.perf_counter() - start - seconds["scan"]
     writer = (write_finished_groups, {"group_inputs": dict(Counter(int(r["shard"]) for r in rows)),
                                       **writer_args}) if writer_args is not None else None
@@ -285,7 +292,7 @@ def run_curation(cfg: CurationConfig, dataset_dir: Path | str) -> CurationResult
     if pending:
         writer_args = shard_writer_args(cfg, shard_dir)
         ds = build_pipeline(pending, cfg, shard_dir, finished, seconds,
-                            writer_args if writes_in_workers(cfg, shard_dir) else None)
+                            writer_args if writes_in_workers(cfg, shard_dir) else None, settled=kept_groups)
         meta = write_groups(ds, pending, writer_args, seconds=seconds, stage_seconds=stage_seconds, written=written)
     start = time.perf_counter()
 

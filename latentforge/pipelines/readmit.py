@@ -45,15 +45,17 @@ def readmission_round(rows: list[dict], cfg: DedupConfig, later_stages: set[str]
 
     A failed representative is a row some duplicate points at that a stage in `later_stages` filtered or rejected.
     Its duplicates, less its exact copies, are pooled per modality with those of the other failed
-    representatives. One within `max_distance` of a kept row becomes that row's duplicate; the rest collapse by
+    representatives, as are all duplicates of a representative no row is of (its input removed since). One within `max_distance` of a kept row becomes that row's duplicate; the rest collapse by
     bytes, then form greedy near groups as in dedup (best first): each group's leader is a candidate and its
     other members point at it, so if it passes they stay duplicates of a kept row, and if it fails they are
     the next round's.
     """
     by_id = {str(r["id"]): r for r in rows}
     failed = {i for i, r in by_id.items() if r.get("status") != "ok" and r.get("stage") in later_stages}
-    waiting = [r for r in rows if standby(r) and r["duplicate_of"] in failed
-               and r.get("content_sha256") != by_id[r["duplicate_of"]].get("content_sha256")]
+    # A representative that left the inputs (its file removed since an earlier run; the duplicate's group kept):
+    # all its duplicates wait, exact copies too, since nothing stands for them now.
+    waiting = [r for r in rows if standby(r) and (r["duplicate_of"] not in by_id or (
+        r["duplicate_of"] in failed and r.get("content_sha256") != by_id[r["duplicate_of"]].get("content_sha256")))]
     plan = Readmission()
     if not waiting:
         return plan
@@ -73,11 +75,17 @@ def readmission_round(rows: list[dict], cfg: DedupConfig, later_stages: set[str]
         plan.candidates += [r for r in leaders if str(r["id"]) not in near]
     _follow(plan, by_id)  # exact copies of a near follower: at the follower's leader
     for dup, (rep, kind) in plan.repoint.items():
-        was = by_id[by_id[dup]["duplicate_of"]]
-        plan.messages[dup] = (f"{kind} duplicate of {by_id[rep].get('relpath', '')} ({rep}), after "
-                              f"{was.get('relpath', '')} ({was['id']}) left at {was.get('stage')}: {was.get('reason')}")
+        plan.messages[dup] = f"{kind} duplicate of {by_id[rep].get('relpath', '')} ({rep}), after {_left(dup, by_id)}"
     plan.candidates = sorted(({**r, **CLEARED} for r in plan.candidates), key=lambda r: str(r["id"]))
     return plan
+
+
+def _left(dup: str, by_id: dict[str, dict]) -> str:
+    """How the representative `dup` pointed at went: filtered at a stage, or gone from the inputs."""
+    was = by_id.get(by_id[dup]["duplicate_of"])
+    if was is None:
+        return f"{by_id[dup]['duplicate_of']} left the inputs"
+    return f"{was.get('relpath', '')} ({was['id']}) left at {was.get('stage')}: {was.get('reason')}"
 
 
 def _to_kept(pool: list[dict], kept: list[dict], max_distance: int, plan: Readmission) -> list[dict]:

@@ -1,5 +1,7 @@
 """Readmission on a real curation job: a blurry upscale wins dedup on resolution, the sharpness filter drops it,
-and the sharp original it displaced is curated in its place, in a shard group of its own that a rerun reuses."""
+and the sharp original it displaced is curated in its place, in a shard group of its own that a rerun reuses;
+then, on a corpus that grows and shrinks, copies of finished samples stay their duplicates and a copy whose
+representative's file was removed is curated in its place."""
 from __future__ import annotations
 
 import shutil
@@ -85,4 +87,31 @@ def test_a_duplicate_is_kept_when_its_representative_is_filtered_later(tmp_path,
     assert {kept[f"z_new_{seed}.png"] for seed in (4, 5, 6)} == {"shard-000003-00.tar"}
     assert grown.inputs == len(kept) + ds.rejects().num_rows == 9
     assert {p: p.stat().st_mtime_ns for p in tars} == tars  # nothing written before was written again
+    assert sorted(p.name for p in (tmp_path / "ds" / mf.SHARDS).glob("*.tar")) == sorted(s["name"] for s in ds.card["shards"])
+
+    # copies of other_2 (a JPEG of it) and other_3 (larger: dedup would prefer it) added, in a new group: both
+    # become duplicates of the originals, whose finished group 1 stands (preferring the larger copy would keep both)
+    Image.open(corpus / "other_2.png").save(corpus / "z_jpeg_2.jpg", quality=95)
+    Image.open(corpus / "other_3.png").resize((256, 192), Image.Resampling.BICUBIC).save(corpus / "z_bigger_3.png")
+    for name in ("z_jpeg_2", "z_bigger_3"):
+        (corpus / f"{name}.txt").write_text("a copy")
+    copies = run_curation(cfg, tmp_path / "ds")
+    out = {r["relpath"]: r for r in mf.Dataset(tmp_path / "ds").rejects().to_pylist()}
+    ids = {r["relpath"]: r["id"] for r in mf.Dataset(tmp_path / "ds").manifest().to_pylist()}
+    assert (out["z_jpeg_2.jpg"]["reason"], out["z_jpeg_2.jpg"]["duplicate_of"]) == ("duplicate_near", ids["other_2.png"])
+    assert (out["z_bigger_3.png"]["reason"], out["z_bigger_3.png"]["duplicate_of"]) == ("duplicate_near", ids["other_3.png"])
+    assert copies.groups == {"kept": 3, "redone": 0, "new": 1} and "z_bigger_3.png" not in ids
+
+    # then other_2's file removed: group 1 is redone without it, the copies' group is kept, and the JPEG copy,
+    # whose representative left the inputs, is readmitted in its place
+    (corpus / "other_2.png").unlink()
+    (corpus / "other_2.txt").unlink()
+    shrunk = run_curation(cfg, tmp_path / "ds")
+    ds = mf.Dataset(tmp_path / "ds")
+    kept = {r["relpath"]: r["shard"] for r in ds.manifest().to_pylist()}
+    assert "other_2.png" not in kept and kept["z_jpeg_2.jpg"] == "shard-000005-00.tar"  # after groups 0-4
+    # other_3, curated again with group 1, stays the representative of its larger copy, whose group is kept
+    assert kept["other_3.png"] == "shard-000001-00.tar" and "z_bigger_3.png" not in kept
+    assert shrunk.groups == {"kept": 3, "redone": 1, "new": 0} and shrunk.readmitted == 2
+    assert shrunk.inputs == len(kept) + ds.rejects().num_rows == 10
     assert sorted(p.name for p in (tmp_path / "ds" / mf.SHARDS).glob("*.tar")) == sorted(s["name"] for s in ds.card["shards"])

@@ -19,6 +19,7 @@ from latentforge.pipelines.config import FilterConfig
 from latentforge.pipelines.discover import discover
 from latentforge.pipelines.stage import rows_of
 from latentforge.pipelines.stages.dedup import (
+    SETTLED,
     ContentHash,
     DedupConfig,
     apply_duplicates,
@@ -153,6 +154,10 @@ def test_representative_rule_on_plain_rows():
     dups = find_duplicates(rows, DEDUP)
     # b, c, d tie on resolution: smallest id (b) wins; a (lower res) and f (not ok) never lead.
     assert dups == {"a": ("b", "exact"), "c": ("b", "near"), "d": ("b", "near")}
+    # an earlier run's representative that stays (SETTLED: an incremental rerun keeps its group) leads, whatever
+    # the resolution of the new copies: a (exact copy of b) and d (near) become its duplicates, not b
+    settled = [{**r, SETTLED: True} if r["id"] == "d" else r for r in rows]
+    assert find_duplicates(settled, DEDUP) == {"a": ("d", "near"), "b": ("d", "near"), "c": ("d", "near")}
 
 
 def brute_pairs(hashes: list[str], max_distance: int) -> set[tuple[int, int]]:

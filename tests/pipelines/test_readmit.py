@@ -113,3 +113,15 @@ def test_an_earlier_runs_readmission_groups_are_told_from_the_jobs_own() -> None
     done = {0: own, 1: own, 2: ours, 3: [{**ours[0], "shard": 3}], 5: own}
     assert sorted(earlier_groups(done)) == [2, 3] and sorted(done) == [0, 1, 5]
 
+
+
+def test_duplicates_of_a_representative_whose_input_was_removed_are_readmitted_exact_copies_too() -> None:
+    """An incremental rerun keeps a finished group whose duplicate points at a representative in another group;
+    when the representative's file is removed, nothing stands for the duplicates: the best goes round again."""
+    rows = deduped([row("rep", H, res=4.0), row("copy", H, sha="sha-rep", res=1.0), row("near", H1, res=2.0),
+                    row("other", FAR)])
+    assert {r["id"]: r["duplicate_of"] for r in rows} == {"rep": "", "copy": "rep", "near": "rep", "other": ""}
+    gone = [r for r in rows if r["id"] != "rep"]  # rep's input removed: its rows left the job
+    plan = readmission_round(gone, CFG, LATER)
+    assert [c["id"] for c in plan.candidates] == ["near"] and plan.repoint == {"copy": ("near", "near")}
+    assert plan.messages["copy"] == "near duplicate of near.png (near), after rep left the inputs"

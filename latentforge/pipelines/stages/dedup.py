@@ -71,6 +71,7 @@ def clip_span(row: dict) -> bytes:
 # Set by the probe (ProbeMedia): the grey thumbnail `phash` takes of an image or a video's middle frame, uint8
 # bytes.
 KEY_GREY = "key_grey"
+SETTLED = "settled"  # a hash row of an earlier run's representative that stays (curate.dedup): preferred
 
 
 @lru_cache(maxsize=8)
@@ -199,9 +200,10 @@ class ContentHash(Stage):
 # ---------------------------------------------------------------- grouping (on the driver)
 
 
-def _preference(row: dict) -> tuple[float, str]:
-    """Sort key, best first: highest resolution score, then smallest id (deterministic across runs)."""
-    return (-float(row.get("score_resolution", 0.0) or 0.0), str(row["id"]))
+def _preference(row: dict) -> tuple[bool, float, str]:
+    """Sort key, best first: a SETTLED row (an earlier run's representative that stays, curate.dedup), then the
+    highest resolution score, then the smallest id (deterministic across runs)."""
+    return (not row.get(SETTLED, False), -float(row.get("score_resolution", 0.0) or 0.0), str(row["id"]))
 
 
 def _exact_groups(rows: list[dict]) -> dict[str, tuple[str, str]]:
