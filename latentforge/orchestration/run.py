@@ -79,8 +79,8 @@ def curation_done(cfg: LatentforgeConfig, digest: str | None = None) -> dict | N
         return None
     if digest is not None and marker.get("inputs_digest") not in (None, digest):
         console.print(f"[yellow]inputs changed[/] under {cur.input_dir} since the curation finished (files added, "
-                      "removed or rewritten): curating again; new files go to new shard groups, and only a group that lost "
-                      "or holds a changed file is redone")
+                      "removed or rewritten): curating again; new files go to new shard groups, and only a group "
+                      "that lost or holds a changed file is redone")
         return None
     return marker
 
@@ -155,7 +155,8 @@ def curate(cfg: LatentforgeConfig, tracker: Tracker, parent_id: str | None, summ
     console.print(f"[green]curated[/] {result.kept}/{result.inputs} kept, {result.rejected} rejected, "
                   f"{result.filtered} filtered -> {result.dataset_dir}")
     if result.groups.get("kept"):
-        console.print("shard groups: {kept} kept from an earlier run, {redone} redone, {new} new".format(**result.groups))
+        console.print("shard groups: {kept} kept from an earlier run, {redone} redone, {new} new"
+                      .format(**result.groups))
     if result.stage_seconds:  # none when every group was already done
         console.print(stage_time_table(result.stage_seconds))
 

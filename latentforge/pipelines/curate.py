@@ -18,7 +18,7 @@ from latentforge.pipelines.card import build_card, config_hash, dataset_id  # no
 from latentforge.pipelines.config import CurationConfig
 from latentforge.pipelines.discover import discover
 from latentforge.pipelines.readmit import earlier_groups, readmit
-from latentforge.pipelines.resume import discard_group, done_groups, regroup, stale_groups, sweep
+from latentforge.pipelines.resume import discard_group, done_groups, regroup, sweep
 from latentforge.pipelines.shard_writes import write_groups, writes_in_workers
 from latentforge.pipelines.stage import (
     Segment,
@@ -235,9 +235,9 @@ def mark_and_explain(batch: dict, dups: dict, notes: dict) -> dict:
 def build_pipeline(rows: list[dict], cfg: CurationConfig, shard_dir: Path | str, done: list[dict] = (),
                    seconds: dict[str, float] | None = None, writer_args: dict | None = None, settled: bool = False):
     """The dataset of finished rows, not yet executed: scan, dedup (`done`, `settled`: see dedup), then the
-    stages. `seconds` gets the wall time of the scan and of the dedup pass. `writer_args` (write_shard_group's keywords): the last map writes
-    the groups it holds whole (write_finished_groups), whose rows then come without latents; without them
-    every row keeps its latents."""
+    stages. `seconds` gets the wall time of the scan and of the dedup pass. `writer_args` (write_shard_group's
+    keywords): the last map writes the groups it holds whole (write_finished_groups), whose rows then come
+    without latents; without them every row keeps its latents."""
     seconds = {} if seconds is None else seconds
     start = time.perf_counter()
     ds = scan(rows, cfg, whole_groups=writer_args is not None)
@@ -266,8 +266,8 @@ def run_curation(cfg: CurationConfig, dataset_dir: Path | str) -> CurationResult
         raise ValueError(f"no input files under {cfg.input_dir}")
     done = done_groups(shard_dir, config_hash(cfg), cfg.resume_check)  # resume: groups an earlier run finished
     readmitted_done = earlier_groups(done)  # readmission's groups (readmit.py)
-    kept_groups = regroup(rows, done, set(readmitted_done), cfg.samples_per_shard) == "kept"
-    stale = stale_groups(done, rows)  # ... unless their inputs changed since (removed, or changed in place)
+    # ... unless their inputs changed since (removed, or changed in place): stale
+    kept_groups, stale = regroup(rows, done, set(readmitted_done), cfg.samples_per_shard)
     for group in stale:
         discard_group(shard_dir, group, done.pop(group))
     log = logging.getLogger(__name__)

@@ -45,10 +45,10 @@ def readmission_round(rows: list[dict], cfg: DedupConfig, later_stages: set[str]
 
     A failed representative is a row some duplicate points at that a stage in `later_stages` filtered or rejected.
     Its duplicates, less its exact copies, are pooled per modality with those of the other failed
-    representatives, as are all duplicates of a representative no row is of (its input removed since). One within `max_distance` of a kept row becomes that row's duplicate; the rest collapse by
-    bytes, then form greedy near groups as in dedup (best first): each group's leader is a candidate and its
-    other members point at it, so if it passes they stay duplicates of a kept row, and if it fails they are
-    the next round's.
+    representatives, as are all duplicates of a representative no row is of (its input removed since). One
+    within `max_distance` of a kept row becomes that row's duplicate; the rest collapse by bytes, then form
+    greedy near groups as in dedup (best first): each group's leader is a candidate and its other members point
+    at it, so if it passes they stay duplicates of a kept row, and if it fails they are the next round's.
     """
     by_id = {str(r["id"]): r for r in rows}
     failed = {i for i, r in by_id.items() if r.get("status") != "ok" and r.get("stage") in later_stages}

@@ -128,19 +128,20 @@ def stale_groups(done: dict[int, list[dict]], rows: list[dict]) -> list[int]:
                   if input_ids(group_rows) != current.get(int(g), set()) or changed(group_rows))
 
 
-def regroup(rows: list[dict], done: dict[int, list[dict]], taken: set[int], per_group: int) -> str:
+def regroup(rows: list[dict], done: dict[int, list[dict]], taken: set[int], per_group: int) -> tuple[bool, list[int]]:
     """Assign `rows` (discovered: sorted by path, groups by index) to shard groups given the finished groups
     `done` (the job's own, by done_groups) and `taken` (other group numbers an earlier run used: readmission's).
-    Sorts `rows` by group, then path. Returns "fresh" when discovery's assignment stands (it agrees with every
-    finished group, and no number in `taken` is one of its groups), else "kept".
+    Sorts `rows` by group, then path. Returns whether the finished groups kept their inputs, and the stale ones
+    (stale_groups, on the assignment made): none when discovery's assignment stands (it agrees with every
+    finished group, and no number in `taken` is one of its groups).
 
     Kept: an input a finished group holds stays in that group (the first such group, by number); a finished group
-    that lost an input or holds a changed one is then stale (stale_groups) and redone under its number with
-    what it still holds; the other inputs go, in path order, `per_group` at a time, to groups numbered from one
-    past every number in `done` and `taken`.
+    that lost an input or holds a changed one is then stale and redone under its number with what it still
+    holds; the other inputs go, in path order, `per_group` at a time, to groups numbered from one past every
+    number in `done` and `taken`.
     """
-    fresh = not stale_groups(done, rows) and all(g > int(rows[-1]["shard"]) for g in taken)
-    if not fresh:
+    kept = bool(stale_groups(done, rows)) or any(g <= int(rows[-1]["shard"]) for g in taken)
+    if kept:
         present = {str(r["id"]) for r in rows}
         assigned: dict[str, int] = {}
         for g in sorted(done):
@@ -153,7 +154,7 @@ def regroup(rows: list[dict], done: dict[int, list[dict]], taken: set[int], per_
         for r in rows:
             r["shard"] = assigned.get(str(r["id"]), r["shard"])
     rows.sort(key=lambda r: (int(r["shard"]), r["relpath"]))
-    return "fresh" if fresh else "kept"
+    return kept, stale_groups(done, rows) if kept else []
 
 
 def discard_group(shard_dir: Path | str, group: int, rows: list[dict]) -> None:
