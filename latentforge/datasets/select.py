@@ -2,6 +2,12 @@
 
 The child lists the selected rows, records every other parent row in its rejects table as `not_selected`,
 hard-links (or copies) the shards that hold its samples, and names its parent in the card's lineage.
+
+With `repack`, the child's shards are written anew instead, holding only the selected samples, packed in the
+parent's order into tars of up to `shard_mb`: each sample's members are copied byte for byte (nothing decoded
+or encoded again), from parent shards checked against the parent card's sha256 as they are read. For a selection
+that keeps a small part of a corpus (a loader would otherwise read every parent shard for a few samples each),
+and to compact a dataset grown by many small incremental curations into full shards (`where` left out).
 """
 from __future__ import annotations
 
@@ -9,12 +15,15 @@ import hashlib
 import json
 import os
 import shutil
+import tarfile
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
 
 from latentforge.datasets import manifest as mf
+from latentforge.datasets.shards import LatentShardWriter, sha256_file
 
 MODALITIES = ("image", "video", "audio")  # what a manifest row's `modality` can be
 
@@ -34,8 +43,11 @@ def _not_selected(table: pa.Table, where: str) -> list[dict]:
 
 
 def select_dataset(parent_dir: str | Path, out_dir: str | Path, where: str | None,
-                   modalities: list[str] | None = None) -> dict:
-    """Write the child dataset to `out_dir`; returns its card."""
+                   modalities: list[str] | None = None, repack: bool = False, shard_mb: float | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> dict:
+    """Write the child dataset to `out_dir`; returns its card. `repack`: write the selected samples into new
+    shards of up to `shard_mb` (default: the parent curation's max_shard_mb, else 256) instead of linking the
+    parent's; `progress(done, total)` is told the bytes of parent shards read so far, of all it will read."""
     parent = mf.Dataset(Path(parent_dir))
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -53,18 +65,41 @@ def select_dataset(parent_dir: str | Path, out_dir: str | Path, where: str | Non
     everything = parent.manifest()
     others = everything.filter(pa.array([i not in ids for i in everything["id"].to_pylist()]))
     counts = Counter(chosen["shard"].to_pylist())
+    if repack:
+        # Written under a name of its own and renamed when whole: a parent shard found damaged half-way leaves no
+        # child that looks finished.
+        staging = out.with_name(f".{out.name}.{os.getpid()}.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            limit = shard_mb or (card.get("config") or {}).get("max_shard_mb") or 256.0
+            placed, shards = _repack(parent, card, chosen, staging / mf.SHARDS, int(limit * 2**20), progress)
+            chosen = chosen.set_column(chosen.schema.get_field_index("shard"), "shard",
+                                       pa.array([placed[i] for i in chosen["id"].to_pylist()], pa.string()))
+            _write_child(staging, card, chosen, others, shards, where, modalities, repacked=True)
+            if out.exists():
+                out.rmdir()  # empty, checked above
+            staging.rename(out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return json.loads((out / mf.CARD).read_text())
     shards = [{**s, "count": counts[s["name"]], "total": s.get("total", s["count"])}
               for s in card["shards"] if s["name"] in counts]
     for s in shards:
         _link(parent.shard_path(s["name"]), out / mf.SHARDS / s["name"])
+    return _write_child(out, card, chosen, others, shards, where, modalities)
+
+
+def _write_child(out: Path, card: dict, chosen: pa.Table, others: pa.Table, shards: list[dict], where: str | None,
+                 modalities, repacked: bool = False) -> dict:
     mf.write_table(chosen.sort_by("id"), out / mf.MANIFEST)
     mf.write_table(mf.to_table(_not_selected(others, where or str(modalities)), mf.REJECTS_SCHEMA), out / mf.REJECTS)
-    child = _child_card(card, chosen, shards, where, modalities)
+    child = _child_card(card, chosen, shards, where, modalities, repacked)
     (out / mf.CARD).write_text(json.dumps(child, indent=2, sort_keys=True))
     return child
 
 
-def _child_card(card: dict, chosen: pa.Table, shards: list[dict], where: str | None, modalities) -> dict:
+def _child_card(card: dict, chosen: pa.Table, shards: list[dict], where: str | None, modalities,
+                repacked: bool = False) -> dict:
     rows = chosen.to_pylist()
     digest = hashlib.sha256(f"{card.get('id')}|{where}|{modalities}".encode())
     for s in shards:
@@ -78,5 +113,106 @@ def _child_card(card: dict, chosen: pa.Table, shards: list[dict], where: str | N
         "shards": shards,
         "parents": [card.get("id")],
         # Latent statistics stay the parent's: normalisation must match the data the parent was trained on.
-        "selection": {"parent": card.get("id"), "where": where, "modalities": modalities},
+        "selection": {"parent": card.get("id"), "where": where, "modalities": modalities,
+                      **({"repacked": True} if repacked else {})},
     }
+
+
+class _Sha256Reader:
+    """A file read through once, hashed as it goes (the parent shard is checked on the read that copies it)."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "rb")
+        self.hash = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._file.read(size)
+        self.hash.update(data)
+        return data
+
+    def finish(self) -> str:
+        while self.read(2**20):
+            pass
+        self._file.close()
+        return self.hash.hexdigest()
+
+
+def _samples(path: Path, reader: _Sha256Reader) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, members) of each sample of a shard tar, in order, as stored. webdataset's grouping rule (the key is
+    the member name up to its first dot), on tarfile's stream reader: webdataset's own iterator decodes nothing
+    either, but opens the file itself, and the bytes read here are the ones hashed."""
+    key, members = None, {}
+    try:
+        with tarfile.open(fileobj=reader, mode="r|") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                name_key, _, member = info.name.partition(".")
+                if name_key != key and members:
+                    yield key, members
+                    members = {}
+                key = name_key
+                members[member] = tar.extractfile(info).read()
+    except tarfile.TarError as e:
+        raise ValueError(f"shard {path.name} cannot be read ({e}): run `latentforge verify` on the parent") from e
+    if members:
+        yield key, members
+
+
+def _repack(parent: mf.Dataset, card: dict, chosen: pa.Table, shard_dir: Path, max_bytes: int,
+            progress: Callable[[int, int], None] | None) -> tuple[dict[str, str], list[dict]]:
+    """Copy the `chosen` samples into new tars under `shard_dir`: id -> new shard name, and the card's entries."""
+    wanted: dict[str, set[str]] = {}
+    for sample_id, shard in zip(chosen["id"].to_pylist(), chosen["shard"].to_pylist()):
+        wanted.setdefault(shard, set()).add(sample_id)
+    unlisted = sorted(set(wanted) - {entry["name"] for entry in card["shards"]})
+    if unlisted:
+        raise ValueError(f"the manifest places samples in shards the card does not list: {', '.join(unlisted[:5])}")
+    todo = [(entry, Path(parent.shard_path(entry["name"]))) for entry in card["shards"] if entry["name"] in wanted]
+    total, done = sum(path.stat().st_size for _, path in todo if path.is_file()), 0
+    placed: dict[str, str] = {}
+    writer, size = None, 0
+
+    def close() -> None:
+        if writer is not None:
+            writer.close()
+
+    try:
+        for entry, path in todo:
+            keys = wanted[entry["name"]]
+            reader = _Sha256Reader(path)
+            found = set()
+            for key, members in _samples(path, reader):
+                if key not in keys:
+                    continue
+                nbytes = sum(len(v) for v in members.values()) + 512 * (len(members) + 1)  # tar headers
+                if writer is not None and size + nbytes > max_bytes:
+                    close()
+                    writer, size = None, 0
+                if writer is None:
+                    writer = LatentShardWriter(shard_dir / f"shard-{len(set(placed.values())):06d}-00.tar")
+                writer.write(key, members)  # refuses a sample with missing or unknown members
+                placed[key] = writer.path.name
+                found.add(key)
+                size += nbytes
+            digest = reader.finish()
+            if digest != entry["sha256"]:
+                raise ValueError(f"shard {entry['name']} has sha256 {digest[:12]}..., not the "
+                                 f"{entry['sha256'][:12]}... its card records (changed since it was written): run "
+                                 "`latentforge verify` on the parent")
+            if found != keys:
+                missing = sorted(keys - found)
+                raise ValueError(f"shard {entry['name']} lacks {len(missing)} samples its manifest places there: "
+                                 f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+            done += path.stat().st_size
+            if progress is not None:
+                progress(done, total)
+        close()
+        writer = None
+    finally:
+        if writer is not None:  # an error half-way: the tar being written is dropped, not left partial
+            writer.__exit__(RuntimeError, None, None)
+    counts = Counter(placed.values())
+    shards = [{"name": name, "sha256": sha256_file(shard_dir / name), "count": counts[name]}
+              for name in sorted(counts)]
+    return placed, shards

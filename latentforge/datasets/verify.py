@@ -92,7 +92,8 @@ def _verify_shard(root: Path | str, entry: dict, expected: dict[str, dict], card
 
 def _verify_samples(name: str, path: Path, expected: dict[str, dict], card: dict, report: VerifyReport) -> None:
     seen = set()
-    subset = "selection" in card
+    # a selection shares its parent's shards, which hold unselected samples too; a repacked one has its own
+    subset = "selection" in card and not card["selection"].get("repacked")
     text = card.get("encoders", {}).get("text", {})
     try:
         for sample in iter_shards([path]):
@@ -100,7 +101,7 @@ def _verify_samples(name: str, path: Path, expected: dict[str, dict], card: dict
             report.checked["samples"] += 1
             row = expected.get(sample.key)
             if row is None:
-                if not subset:  # a selection shares its parent's shards, which hold unselected samples too
+                if not subset:
                     report.problems.append(f"{name}: sample {sample.key} is not in the manifest")
                 continue
             if list(sample.latent.shape) != list(row["latent_shape"]):

@@ -101,16 +101,32 @@ def verify(dataset: Annotated[Path, typer.Argument(help="a curated dataset direc
 def select(dataset: Annotated[Path, typer.Argument(help="a curated dataset directory", exists=True, file_okay=False)],
            out: Annotated[Path, typer.Option("--out", help="where to write the child dataset")],
            where: Annotated[Optional[str], typer.Option(help="e.g. \"score_motion > 0.3 and score_text_area < 0.05\"")] = None,
-           modality: Annotated[Optional[list[str]], typer.Option(help="keep only these modalities")] = None) -> None:
-    """A subset chosen from the manifest alone (no recompute): shards linked, the parent named in the card."""
+           modality: Annotated[Optional[list[str]], typer.Option(help="keep only these modalities")] = None,
+           repack: Annotated[bool, typer.Option(
+               help="write the selected samples into new shards (members copied byte for byte) instead of linking "
+                    "the parent's: for a selection that keeps a small part, or, without --where, to compact a "
+                    "dataset grown by many small incremental curations")] = False,
+           shard_mb: Annotated[Optional[float], typer.Option(
+               help="with --repack: largest shard in MB (default: the parent curation's max_shard_mb)")] = None,
+           ) -> None:
+    """A subset chosen from the manifest alone (no recompute): shards linked (or, with --repack, written anew),
+    the parent named in the card."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
     from latentforge.datasets.select import select_dataset
 
     try:
-        card = select_dataset(dataset, out, where, modality)
+        with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                      TimeRemainingColumn(), console=console, disable=not repack) as bar:
+            task = bar.add_task("repacking (parent shards read)", total=None)
+            card = select_dataset(dataset, out, where, modality, repack=repack, shard_mb=shard_mb,
+                                  progress=lambda done, total: bar.update(task, completed=done, total=total))
     except (ValueError, FileExistsError) as e:
         console.print(f"[red]cannot select[/] {escape(str(e))}")
         raise typer.Exit(2)
-    console.print(f"[green]selected[/] {card['num_samples']} samples {card['modalities']} -> {out} (id {card['id']})")
+    packed = f", repacked into {len(card['shards'])} shard{'s' * (len(card['shards']) != 1)}" if repack else ""
+    console.print(f"[green]selected[/] {card['num_samples']} samples {card['modalities']} -> {out} "
+                  f"(id {card['id']}{packed})")
 
 
 @app.command()

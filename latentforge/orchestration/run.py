@@ -85,15 +85,18 @@ def curation_done(cfg: LatentforgeConfig, digest: str | None = None) -> dict | N
     return marker
 
 
-def current_inputs(cur: CurationConfig) -> str | None:
-    """discover.inputs_digest of the inputs under `cur.input_dir` now; None when there are none to list."""
+def current_inputs(cur: CurationConfig) -> tuple[list[dict], str | None]:
+    """The inputs under `cur.input_dir` now (discover's rows) and their discover.inputs_digest; ([], None) when
+    there are none to list. The job is handed these rows: one listing serves both the digest and the job (a
+    second one costs a minute or more at millions of objects on s3), and the digest recorded is of the inputs
+    the job curated, even when files arrive meanwhile."""
     from latentforge.pipelines.discover import discover, inputs_digest
 
     try:
         rows = discover(cur.input_dir, cur.samples_per_shard)
     except FileNotFoundError:
-        return None
-    return inputs_digest(rows) if rows else None
+        return [], None
+    return rows, (inputs_digest(rows) if rows else None)
 
 
 def curation_match(cur: CurationConfig, digest: str | None) -> dict[str, str]:
@@ -120,7 +123,7 @@ def curate(cfg: LatentforgeConfig, tracker: Tracker, parent_id: str | None, summ
     # run of its own (the old run's params and artifacts keep describing the dataset it wrote), a resume of an
     # unchanged one reopens its run.
     # Inputs too: files added, removed or rewritten since make a new dataset version, curated incrementally.
-    digest = current_inputs(cur)
+    rows, digest = current_inputs(cur)
     done = curation_done(cfg, digest)
     if done:  # nothing to redo; the run that wrote it stays as it is
         match = curation_match(cur, done.get("inputs_digest"))
@@ -129,13 +132,13 @@ def curate(cfg: LatentforgeConfig, tracker: Tracker, parent_id: str | None, summ
         return
     ensure_corpus(cur)
     if digest is None:  # nothing to list before: the demo corpus may just have been generated
-        digest = current_inputs(cur)
+        rows, digest = current_inputs(cur)
     match = curation_match(cur, digest)
     run_id = child_run(tracker, f"curate-{cur.name}", parent_id, {"latentforge.kind": "curation"}, match=match)
     summary.curation_run_id = run_id
     tracker.log_params(run_id, json.loads(cur.model_dump_json()))
     try:
-        result = run_curation(cur, cur.output_dir)
+        result = run_curation(cur, cur.output_dir, rows=rows or None)
     except BaseException:
         tracker.end_run(run_id, "FAILED")
         raise

@@ -254,14 +254,15 @@ def shard_writer_args(cfg: CurationConfig, shard_dir: Path | str) -> dict:
     return {"shard_dir": str(shard_dir), "max_bytes": int(cfg.max_shard_mb * 2**20), "config_hash": config_hash(cfg)}
 
 
-def run_curation(cfg: CurationConfig, dataset_dir: Path | str) -> CurationResult:
+def run_curation(cfg: CurationConfig, dataset_dir: Path | str, rows: list[dict] | None = None) -> CurationResult:
     """Run the job on the connected Ray cluster and write the dataset to `dataset_dir` (a directory or a URI;
-    `cfg.input_dir` may be a URI too)."""
+    `cfg.input_dir` may be a URI too). `rows`: the inputs as `discover` listed them for this config, when the
+    caller already has them (else they are listed here)."""
     dataset_dir = storage.as_location(dataset_dir)
     shard_dir = storage.join(dataset_dir, mf.SHARDS)
     if not storage.is_remote(shard_dir):
         shard_dir.mkdir(parents=True, exist_ok=True)
-    rows = discover(cfg.input_dir, cfg.samples_per_shard)
+    rows = discover(cfg.input_dir, cfg.samples_per_shard) if rows is None else rows
     if not rows:
         raise ValueError(f"no input files under {cfg.input_dir}")
     done = done_groups(shard_dir, config_hash(cfg), cfg.resume_check)  # resume: groups an earlier run finished

@@ -91,6 +91,101 @@ def test_cli_select(parent, tmp_path):
     assert bad.exit_code == 2 and "unknown column" in bad.output
 
 
+# --- repack: the selected samples in shards of their own ---------------------------------------------------
+
+def raw_members(path):
+    """Each sample's members exactly as stored, by key."""
+    import tarfile
+
+    out = {}
+    with tarfile.open(path) as tar:
+        for info in tar:
+            key, _, member = info.name.partition(".")
+            out.setdefault(key, {})[member] = tar.extractfile(info).read()
+    return out
+
+
+def test_a_repacked_selection_holds_only_its_samples_byte_for_byte(parent, tmp_path):
+    child = tmp_path / "child"
+    card = select_dataset(parent, child, "modality == 'image'", repack=True)
+    chosen = mf.Dataset(child).manifest().to_pylist()
+    assert [r["id"] for r in chosen] == ["s01", "s03", "s11", "s13", "s21", "s23"]
+    assert [s["name"] for s in card["shards"]] == ["shard-000000-00.tar"]  # six small samples: one tar
+    assert card["shards"][0]["count"] == 6 and "total" not in card["shards"][0]
+    assert card["selection"]["repacked"] is True and card["parents"] == ["demo-parent"]
+    assert {r["shard"] for r in chosen} == {"shard-000000-00.tar"}
+    packed = raw_members(child / mf.SHARDS / "shard-000000-00.tar")
+    assert list(packed) == ["s01", "s03", "s11", "s13", "s21", "s23"]  # only the selection, in the parent's order
+    original = {k: v for s in range(3) for k, v in raw_members(parent / mf.SHARDS / f"shard-{s:06d}-00.tar").items()}
+    assert all(packed[k] == original[k] for k in packed)  # members copied, not decoded and encoded again
+    report = verify_dataset(child)
+    assert report.ok and report.checked["samples"] == 6, report.problems
+    assert len(mf.Dataset(child).rejects()) == 6 and not list(tmp_path.glob(".child*"))
+    linked = select_dataset(parent, tmp_path / "linked", "modality == 'image'")
+    assert linked["id"] != card["id"]  # another dataset: other shards
+    # its shards hold nothing else, so verify holds it to that (a linked selection's shards may hold more)
+    tar = child / mf.SHARDS / "shard-000000-00.tar"
+    with LatentShardWriter(tar) as w:
+        for key, members in [*packed.items(), ("s00", original["s00"])]:
+            w.write(key, members)
+    card["shards"][0]["sha256"] = sha256_file(tar)
+    (child / mf.CARD).write_text(json.dumps(card))
+    assert "shard-000000-00.tar: sample s00 is not in the manifest" in verify_dataset(child).problems
+
+
+def test_repacking_everything_compacts_small_shards_and_training_reads_the_same_samples(parent, tmp_path):
+    from latentforge.training.config import TrainStageConfig
+    from latentforge.training.loader import LatentNormalizer, load_batches
+
+    members = raw_members(parent / mf.SHARDS / "shard-000000-00.tar")["s00"]
+    per_sample = sum(len(v) for v in members.values()) + 512 * (len(members) + 1)  # with its tar headers
+    card = select_dataset(parent, tmp_path / "packed", None, repack=True, shard_mb=5.5 * per_sample / 2**20)
+    assert [s["count"] for s in card["shards"]] == [5, 5, 2]  # 12 samples from 3 tars of 4 into tars of up to 5
+    assert verify_dataset(tmp_path / "packed").ok
+    stage = TrainStageConfig(name="s", modalities=["image", "video"], steps=1)
+    stats = LatentNormalizer({"latent_stats": {"visual": {"mean": [0.0] * 12, "std": [1.0] * 12}}})
+
+    def latents(root):  # every sample the loader yields, as its latent's bytes
+        return sorted(x.numpy().tobytes() for b in load_batches(mf.Dataset(root), stage, stats) for x in b.latent)
+
+    assert len(latents(tmp_path / "packed")) == 12 and latents(tmp_path / "packed") == latents(parent)
+
+
+def test_a_damaged_parent_shard_stops_a_repack_and_leaves_no_child(parent, tmp_path):
+    shard = parent / mf.SHARDS / "shard-000001-00.tar"
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF  # inside the first sample's first member: the tar still reads
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="shard-000001-00.tar has sha256 .* not the .* card records"):
+        select_dataset(parent, tmp_path / "child", None, repack=True)
+    assert not (tmp_path / "child").exists() and not list(tmp_path.glob(".child*"))
+    shard.write_bytes(bytes(data[:1500]))  # cut short
+    with pytest.raises(ValueError, match="shard-000001-00.tar (cannot be read|has sha256)"):
+        select_dataset(parent, tmp_path / "child", None, repack=True)
+    assert not (tmp_path / "child").exists()
+    linked = select_dataset(parent, tmp_path / "linked", "score_motion < 4", repack=True)  # shard 0 only: fine
+    assert linked["num_samples"] == 4
+
+
+def test_a_sample_missing_from_its_shard_is_named(parent, tmp_path):
+    table = mf.Dataset(parent).manifest()
+    ids = [("s99" if i == "s00" else i) for i in table["id"].to_pylist()]  # the manifest names a sample no tar holds
+    mf.write_table(table.set_column(0, "id", pa.array(ids, pa.string())), parent / mf.MANIFEST)
+    with pytest.raises(ValueError, match="shard-000000-00.tar lacks 1 samples its manifest places there: s99"):
+        select_dataset(parent, tmp_path / "child", None, repack=True)
+
+
+def test_cli_select_repack(parent, tmp_path):
+    from typer.testing import CliRunner
+
+    from latentforge.orchestration.cli import app
+
+    result = CliRunner().invoke(app, ["select", str(parent), "--out", str(tmp_path / "c"), "--repack"])
+    assert result.exit_code == 0, result.output
+    assert "selected 12 samples" in result.output and "1 shard" in result.output
+    assert verify_dataset(tmp_path / "c").ok
+
+
 # --- the `where` grammar on real manifests ------------------------------------------------------------------
 def write_manifest(root, rows, cast=None):
     """A dataset dir holding only a manifest (all `select` reads), optionally rewritten with other column types."""

@@ -205,6 +205,16 @@ def test_a_file_added_goes_to_a_new_group_and_the_finished_groups_keep_their_tar
     assert again.groups == {"kept": n + 1, "redone": 0, "new": 0}
     assert f"{n + 1} of {n + 1} shard groups already done, 0 inputs to go" in caplog.text
 
+    # the grown dataset's small groups compacted (`select --repack`, no `where`): the same samples in one tar
+    from latentforge.datasets.select import select_dataset
+    from latentforge.datasets.verify import verify_dataset
+
+    packed = select_dataset(out, tmp_path / "packed", None, repack=True)
+    assert len(packed["shards"]) == 1 < len(tars) and packed["num_samples"] == mf.Dataset(out).card["num_samples"]
+    assert sorted(mf.Dataset(tmp_path / "packed").manifest()["id"].to_pylist()) == sorted(samples)
+    report = verify_dataset(tmp_path / "packed")
+    assert report.ok and report.checked["samples"] == len(samples), report.problems
+
 
 def test_a_file_removed_from_a_finished_group_leaves_the_dataset_on_resume(tmp_path, ray_local, caplog):
     """The first group loses an input, then the last group one, then all of them: only the group that lost one is

@@ -59,8 +59,9 @@ def fake_curation(monkeypatch):
 
     state = {"fail": False, "calls": 0}
 
-    def run_curation(cur, out):
+    def run_curation(cur, out, rows=None):
         state["calls"] += 1
+        state["rows"] = rows
         if state["fail"]:
             state["fail"] = False
             raise RuntimeError("interrupted")
@@ -220,6 +221,25 @@ def test_inputs_changed_after_a_finished_curation_are_curated_again_in_a_run_of_
                "curation"]
     assert len(digests) == 4 == len(set(digests))  # one curation run per state of the inputs
     assert latest.curation_run_id == rewritten.curation_run_id  # the run that wrote the dataset in use
+
+
+def test_the_inputs_are_listed_once_for_the_digest_and_the_job(tmp_path, fake_curation, monkeypatch):
+    """The orchestrator lists the inputs for their digest and hands the same rows to the job, which listed them
+    again (a minute or more at millions of objects on s3); the digest recorded is of what the job was given."""
+    import latentforge.pipelines.discover as discover_mod
+    from latentforge.orchestration.run import STATE_DIR, run_all
+
+    cfg = config(tmp_path)
+    for name in ("a.png", "b.png"):
+        (tmp_path / "corpus" / name).write_bytes(name.encode())
+    listings = []
+    real = discover_mod.discover
+    monkeypatch.setattr(discover_mod, "discover", lambda *a, **k: listings.append(a) or real(*a, **k))
+    run_all(cfg, do_train=False)
+    assert len(listings) == 1 and fake_curation["calls"] == 1
+    assert [r["relpath"] for r in fake_curation["rows"]] == ["a.png", "b.png"]
+    marker = json.loads((cfg.workdir / STATE_DIR / "curation-demo.json").read_text())
+    assert marker["inputs_digest"] == discover_mod.inputs_digest(fake_curation["rows"])
 
 
 # --- 3. dataset digests ---------------------------------------------------------------------------------------
