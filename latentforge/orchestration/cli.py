@@ -130,6 +130,56 @@ def select(dataset: Annotated[Path, typer.Argument(help="a curated dataset direc
 
 
 @app.command()
+def generate(model: Annotated[str, typer.Argument(
+                 help="a stage export (WORKDIR/exports/STAGE), or an MLflow URI of one: models:/NAME/VERSION (the "
+                      "registered model) or runs:/RUN_ID/model (a stage run)")],
+             prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="text to generate from (repeat it)")],
+             out: Annotated[Path, typer.Option(help="where to write the samples")] = Path("generated"),
+             modality: Annotated[str, typer.Option(help="image, video or audio")] = "image",
+             bucket: Annotated[Optional[str], typer.Option(
+                 help="latent size as the dataset names its buckets: 1x32x32 (image), 4x32x32 (video), "
+                      "8000samples@8000Hz (audio); default: the dataset's most used one of that modality")] = None,
+             steps: Annotated[Optional[int], typer.Option(help="sampler steps (default: the stage's)")] = None,
+             cfg_scale: Annotated[Optional[float], typer.Option(
+                 help="classifier-free guidance scale (default: the stage's)")] = None,
+             sampler: Annotated[Optional[str], typer.Option(help="euler or heun (default: the stage's)")] = None,
+             seed: Annotated[int, typer.Option(help="noise seed of the first prompt; prompt i uses seed + i")] = 0,
+             device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+             tracking_uri: Annotated[Optional[str], typer.Option(
+                 help="MLflow server or store of a models:/ or runs:/ URI (default: $MLFLOW_TRACKING_URI)")] = None,
+             ) -> None:
+    """Samples from a trained stage for any prompts: PNG / GIF / WAV files and a labelled grid.png, decoded
+    with the encoders of the dataset the stage trained on."""
+    import tempfile
+
+    import torch
+
+    from latentforge.training.generate import generate_from_prompts, load_export
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(model)
+        if ":/" in model:
+            from latentforge.orchestration.tracking import fetch_artifacts
+
+            console.print(f"fetching {model} ...")
+            try:
+                source = fetch_artifacts(model, tracking_uri, Path(tmp))
+            except ValueError as e:
+                console.print(f"[red]cannot generate[/] {escape(str(e))}")
+                raise typer.Exit(2)
+        try:
+            export = load_export(source, device)
+            files = generate_from_prompts(export, prompt, out, modality, bucket, steps, cfg_scale, sampler, seed)
+        except (ValueError, FileNotFoundError) as e:
+            console.print(f"[red]cannot generate[/] {escape(str(e))}")
+            raise typer.Exit(2)
+    console.print(f"[green]wrote[/] {len(files)} files to {out}: " + ", ".join(f.name for f in files[:6])
+                  + (" ..." if len(files) > 6 else ""))
+
+
+@app.command()
 def report(dataset: Annotated[Path, typer.Argument(help="a curated dataset directory", exists=True, file_okay=False)],
            out: Annotated[Optional[Path], typer.Option(help="default: DATASET/report.html")] = None) -> None:
     """An HTML curation report: counts, rejection reasons, score histograms, thumbnails of kept and rejected."""
@@ -290,6 +340,9 @@ def _print_summary(cfg, summary) -> None:
     if summary.registered:
         table.add_row("registered model", f"{summary.registered[0]} v{summary.registered[1]}")
     table.add_row("open the UI", ui_hint(uri, cfg.workdir, summary.experiment_id))
+    if summary.exports:
+        last = shlex.quote(str(list(summary.exports.values())[-1]))
+        table.add_row("try a prompt", f'latentforge generate {last} -p "a red circle" --out generated')
     console.print(table)
 
 

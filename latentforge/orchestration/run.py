@@ -279,7 +279,11 @@ def train_stage_run(cfg: LatentforgeConfig, stage, key: str, tracker: Tracker, p
         tracker.end_run(run_id, "FAILED")
         raise
     tracker.replay(run_id)  # what a worker could not deliver before it exited
-    export = export_weights(result.checkpoint_dir, cfg.workdir / "exports" / stage.name, card, lineage)
+    from latentforge.datasets.manifest import Dataset
+    from latentforge.training.generate import sampling_record
+
+    export = export_weights(result.checkpoint_dir, cfg.workdir / "exports" / stage.name, card, lineage,
+                            sampling_record(stage, [Dataset(d).card for d in dataset_dirs]))
     for f in sorted(export.iterdir()):
         tracker.log_artifact(run_id, f, "model")
     tracker.end_run(run_id)
@@ -319,9 +323,12 @@ def register_final(cfg: LatentforgeConfig, tracker: Tracker, run_id: str, parent
     return True
 
 
-def export_weights(checkpoint_dir: Path, out: Path, card: dict, lineage: dict) -> Path:
-    """The stage's final EMA weights as safetensors with the model config, dataset card and lineage beside them."""
+def export_weights(checkpoint_dir: Path, out: Path, card: dict, lineage: dict, sampling: dict | None = None) -> Path:
+    """The stage's final EMA weights as safetensors with the model config, dataset card and lineage beside them,
+    and `sampling` (generate.sampling_record: what `latentforge generate` samples with)."""
     out.mkdir(parents=True, exist_ok=True)
+    if sampling is not None:
+        (out / "sampling.json").write_text(json.dumps(sampling, indent=2, sort_keys=True))
     shutil.copy(checkpoint_dir / "ema.safetensors", out / "model.safetensors")
     shutil.copy(checkpoint_dir / "model_config.json", out / "model_config.json")
     (out / "dataset_card.json").write_text(json.dumps(card, indent=2, sort_keys=True))

@@ -101,7 +101,12 @@ def write_samples(model, prompts: list[Batch], normalizer: LatentNormalizer, vis
 
 def _write_grid(items: list[tuple[np.ndarray, np.ndarray, str]], path: Path) -> Path:
     """Columns of (caption, real, generated) for image samples."""
-    tiles = [_label(_upscale(np.concatenate([real, fake], axis=0)), caption) for real, fake, caption in items]
+    return contact_sheet([_label(_upscale(np.concatenate([real, fake], axis=0)), caption)
+                          for real, fake, caption in items], path)
+
+
+def contact_sheet(tiles: list[Image.Image], path: Path) -> Path:
+    """The tiles side by side, top-aligned, on white."""
     width, height = sum(t.width for t in tiles), max(t.height for t in tiles)
     sheet = Image.new("RGB", (width, height), "white")
     x = 0

@@ -145,3 +145,28 @@ def test_stages_chain_checkpoints_and_export_safetensors(quickstart, mlflow_serv
         assert params["init_from"] == str(summary.checkpoints[previous])
     first = load_file(str(summary.exports["image_pretrain"] / "model.safetensors"))
     assert any((weights[k] - first[k]).abs().max() > 0 for k in first)
+
+
+def test_the_registered_model_generates_from_a_new_prompt(quickstart, mlflow_server, tmp_path):
+    """`latentforge generate models:/NAME/VERSION`: the registered version's artifacts, fetched from the server,
+    sampled with the finetune stage's own settings (its export records them) and decoded with the dataset's
+    encoders."""
+    from typer.testing import CliRunner
+
+    from latentforge.orchestration.cli import app
+
+    cfg, summary, _, _ = quickstart
+    name, version = summary.registered
+    sampling = json.loads((summary.exports["finetune"] / "sampling.json").read_text())
+    stage = next(s for s in cfg.training.stages if s.name == "finetune")
+    assert sampling["stage"]["sample_steps"] == stage.sample_steps and sampling["stage"]["name"] == "finetune"
+    assert sampling["latent_stats"] == Dataset(summary.dataset_dirs[0]).card["latent_stats"]
+    result = CliRunner().invoke(app, ["generate", f"models:/{name}/{version}", "--tracking-uri", mlflow_server,
+                                      "-p", "a small red circle", "--modality", "video", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    from PIL import Image
+
+    gif = Image.open(tmp_path / "00_video.gif")
+    bucket = next(b for b in Dataset(summary.dataset_dirs[0]).card["buckets"] if not b.startswith("1x")
+                  and "samples" not in b)
+    assert gif.n_frames == int(bucket.split("x")[0])
