@@ -116,15 +116,18 @@ def generate_from_prompts(export: Export, prompts: list[str], out_dir: str | Pat
             raise ValueError(f"the dataset this model trained on has no {modality} bucket "
                              f"(it has {', '.join(sorted(export.card.get('buckets') or {})) or 'none'})")
         bucket = available[0]
+    family = LatentNormalizer.family(modality)
+    if family not in export.normalizer.stats:
+        raise ValueError(f"the dataset this model trained on has no {family} latents (no statistics to decode with)")
     visual, audio = decoders_from_card(export.card)
     shape = latent_shape(export, modality, bucket, visual, audio)
-    text_cfg = TextEncoderConfig.model_validate({**export.card["config"]["encoders"]["text"], "device": "cpu"})
+    device = next(export.model.parameters()).device
+    text_cfg = TextEncoderConfig.model_validate({**export.card["config"]["encoders"]["text"], "device": device.type})
     text, mask = build_text_encoder(text_cfg).encode(list(prompts))
     stage = export.stage
     shift = stage.timestep_shift
     if shift == "auto":
         shift = resolution_shift(token_count(shape, export.model.cfg.visual_patch))
-    device = next(export.model.parameters()).device
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written, sheet = [], []

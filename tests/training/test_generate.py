@@ -91,6 +91,9 @@ def test_a_wrong_modality_or_bucket_is_refused_with_what_there_is(export_dir, tm
         generate_from_prompts(export, ["x"], tmp_path, bucket="4x16x16")
     with pytest.raises(ValueError, match="not an audio bucket"):
         generate_from_prompts(export, ["x"], tmp_path, modality="audio", bucket="1x8x8")
+    export.normalizer.stats.pop("audio")
+    with pytest.raises(ValueError, match="has no audio latents"):
+        generate_from_prompts(export, ["x"], tmp_path, modality="audio", bucket="2048samples@8000Hz")
     export.card = {**export.card, "buckets": {"1x16x16": 5}}
     with pytest.raises(ValueError, match="no video bucket \\(it has 1x16x16\\)"):
         generate_from_prompts(export, ["x"], tmp_path, modality="video")
