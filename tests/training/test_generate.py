@@ -1,50 +1,18 @@
 """`latentforge generate`: a stage export sampled from arbitrary prompts, decoded with its dataset's encoders."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
-import torch
 from PIL import Image
+from tiny_export import save_tiny_export
 
 from latentforge.training.config import TrainStageConfig
-from latentforge.training.dit import DiT, DiTConfig
-from latentforge.training.generate import generate_from_prompts, load_export, sampling_record
-
-CARD = {
-    "id": "demo-1", "name": "demo",
-    "buckets": {"1x8x8": 2, "1x16x16": 5, "4x16x16": 3, "2048samples@8000Hz": 2},
-    "encoders": {"visual": {"channels": 12}, "audio": {"channels": 64, "sample_rate": 8000},
-                 "text": {"dim": 384, "max_len": 16}},
-    "config": {"encoders": {"visual": {"kind": "haar"}, "audio": {"kind": "dct_frames", "frame": 64},
-                            "text": {"kind": "minilm", "max_len": 16}}},
-    "latent_stats": {"visual": {"mean": [0.0] * 12, "std": [1.0] * 12},
-                     "audio": {"mean": [0.0] * 64, "std": [1.0] * 64}},
-}
+from latentforge.training.generate import generate_from_prompts, load_export
 
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
-    """What export_weights writes, for a tiny DiT whose weights are random everywhere (a freshly initialised
-    DiT's zeroed output layers would ignore the prompt)."""
-    from safetensors.torch import save_file
-
-    root = tmp_path_factory.mktemp("export")
-    cfg = DiTConfig.from_dict({"hidden": 32, "depth": 1, "heads": 2, "visual_channels": 12, "audio_channels": 64,
-                               "text_dim": 384, "max_text_len": 16})
-    torch.manual_seed(0)
-    model = DiT(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "model.safetensors"))
-    (root / "model_config.json").write_text(json.dumps(cfg.to_dict()))
-    (root / "dataset_card.json").write_text(json.dumps(CARD))
-    stage = TrainStageConfig(name="finetune", modalities=["image", "video", "audio"], sample_steps=3, cfg_scale=1.5,
-                             sampler="heun")
-    (root / "sampling.json").write_text(json.dumps(sampling_record(stage, [CARD])))
-    return root
+    return save_tiny_export(tmp_path_factory.mktemp("export"))
 
 
 def test_images_from_prompts_at_the_dataset_bucket_reproducible_by_seed(export_dir, tmp_path):
