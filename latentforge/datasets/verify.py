@@ -18,6 +18,7 @@ class VerifyReport:
     root: Path | str
     problems: list[str] = field(default_factory=list)
     checked: dict[str, int] = field(default_factory=Counter)
+    notes: list[str] = field(default_factory=list)  # worth saying, not wrong
 
     @property
     def ok(self) -> bool:
@@ -116,3 +117,43 @@ def _verify_samples(name: str, path: Path, expected: dict[str, dict], card: dict
         report.problems.append(f"{name}: unreadable ({type(e).__name__}: {e})")
     for key in sorted(set(expected) - seen):
         report.problems.append(f"{name}: manifest sample {key} is missing from the shard")
+
+
+def verify_lineage(lineage: dict) -> VerifyReport:
+    """Check that every shard a training stage read is still where it was, byte for byte: `lineage` is the
+    stage's lineage.json (beside its exported weights and in its MLflow run: each dataset's id and path, and the
+    shards the stage's selection used, with their sha256).
+
+    A dataset grown since (incremental curation keeps finished shards as they were, so its id changes while the
+    stage's shards stay) passes with a note; a shard missing, or changed (curated again into the same
+    directory, or damaged), is a problem: that model's training data can no longer be read back as it was."""
+    report = VerifyReport(f"lineage of stage {lineage.get('stage', '?')}")
+    for entry in lineage.get("datasets", []):
+        root = storage.as_location(entry["path"])
+        try:
+            now = json.loads(storage.read_text(storage.join(root, mf.CARD))).get("id")
+        except (OSError, ValueError):
+            now = None
+        if now is None:
+            report.notes.append(f"{root}: no readable {mf.CARD} (the dataset directory moved or was removed?)")
+        elif now != entry["id"]:
+            report.notes.append(f"{root} is now dataset {now}; the stage read {entry['id']} (grown or curated "
+                                "again since): checking the shards it read")
+        for shard in entry.get("shards", []):
+            name = shard["name"]
+            try:
+                path = mf.Dataset(root).shard_path(name)
+            except ValueError as e:
+                report.problems.append(str(e))
+                continue
+            with storage.local_copy(path) as local:
+                if not local.is_file():
+                    report.problems.append(f"{entry['id']}: shard {name} is missing from {root}")
+                    continue
+                report.checked["shards"] += 1
+                digest = sha256_file(local)
+            if digest != shard["sha256"]:
+                report.problems.append(f"{entry['id']}: shard {name} changed since the stage read it (sha256 "
+                                       f"{digest[:12]}..., recorded {str(shard['sha256'])[:12]}...)")
+        report.checked["datasets"] += 1
+    return report

@@ -80,18 +80,48 @@ def run(config: ConfigArg, set_: SetOpt = None, address: AddressOpt = None) -> N
 
 
 @app.command()
-def verify(dataset: Annotated[Path, typer.Argument(help="a curated dataset directory", exists=True, file_okay=False)],
+def verify(dataset: Annotated[str, typer.Argument(
+               help="a curated dataset directory; or a stage's lineage: its export (WORKDIR/exports/STAGE), a "
+                    "lineage.json, or an MLflow URI of its model (models:/NAME/VERSION, runs:/RUN_ID/model)")],
            decode: Annotated[bool, typer.Option(help="read every sample, not just checksums and counts")] = True,
+           tracking_uri: Annotated[Optional[str], typer.Option(
+               help="MLflow server or store of a models:/ or runs:/ URI (default: $MLFLOW_TRACKING_URI)")] = None,
            ) -> None:
-    """Re-check a dataset: card vs manifest vs shards (counts, sha256, schema, sample shapes)."""
-    from latentforge.datasets.verify import verify_dataset
+    """Re-check a dataset: card vs manifest vs shards (counts, sha256, schema, sample shapes). Given a trained
+    stage instead, check that every shard it read is still there with the sha256 its lineage recorded."""
+    import json
+    import tempfile
 
-    report = verify_dataset(dataset, decode=decode)
+    from latentforge.datasets.verify import verify_dataset, verify_lineage
+
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(dataset)
+        if ":/" in dataset and not dataset.startswith(("s3://", "gs://", "gcs://", "file://")):
+            from latentforge.orchestration.tracking import fetch_artifacts
+
+            try:
+                target = fetch_artifacts(dataset, tracking_uri, Path(tmp))
+            except ValueError as e:
+                console.print(f"[red]cannot verify[/] {escape(str(e))}")
+                raise typer.Exit(2)
+        lineage = target / "lineage.json" if target.is_dir() else target
+        label = dataset
+        if lineage.name == "lineage.json" and lineage.is_file():
+            report = verify_lineage(json.loads(lineage.read_text()))
+            label = f"{dataset} ({report.root})"
+        elif ":/" in dataset or target.is_dir():
+            report = verify_dataset(dataset if ":/" in dataset else target, decode=decode)
+        else:
+            console.print(f"[red]cannot verify[/] {escape(dataset)}: not a dataset directory, an export or a "
+                          "lineage.json")
+            raise typer.Exit(2)
+    for note in report.notes:
+        console.print(f"[yellow]note[/] {escape(note)}")
     checked = ", ".join(f"{n} {what}" for what, n in report.checked.items()) or "nothing"
     if report.ok:
-        console.print(f"[green]ok[/] {dataset}: checked {checked}")
+        console.print(f"[green]ok[/] {label}: checked {checked}")
         return
-    console.print(f"[red]{len(report.problems)} problem(s)[/] in {dataset} (checked {checked}):")
+    console.print(f"[red]{len(report.problems)} problem(s)[/] in {label} (checked {checked}):")
     for problem in report.problems:
         console.print(f"  {escape(problem)}")
     raise typer.Exit(1)

@@ -82,3 +82,45 @@ def test_shape_mismatch_against_manifest(dataset):
     table[0]["latent_shape"] = [12, 2, 4, 4]
     mf.write_table(mf.to_table(table, mf.MANIFEST_SCHEMA), dataset / mf.MANIFEST)
     assert any("manifest says [12, 2, 4, 4]" in p for p in verify_dataset(dataset).problems)
+
+
+# --- a trained stage's lineage -------------------------------------------------------------------------------
+
+def test_a_stages_lineage_verifies_while_its_shards_stay_and_names_the_one_that_changed(dataset, tmp_path):
+    """lineage.json as a stage records it (stage_lineage: the shards its selection read): intact, then the
+    dataset grown (new card id, the stage's shards untouched) passes with a note, then a shard the stage read
+    rewritten, and one removed, are problems."""
+    from typer.testing import CliRunner
+
+    from latentforge.datasets.verify import verify_lineage
+    from latentforge.orchestration.cli import app
+    from latentforge.training.config import TrainStageConfig
+    from latentforge.training.loader import stage_lineage
+
+    card = json.loads((dataset / mf.CARD).read_text())
+    (dataset / mf.CARD).write_text(json.dumps({**card, "id": "demo-aaaa"}))
+    stage = TrainStageConfig(name="finetune", modalities=["image"], where="id != 's10'")
+    lineage = stage_lineage(mf.Dataset(dataset), stage)
+    assert [s["name"] for s in lineage["datasets"][0]["shards"]] == ["shard-000000-00.tar", "shard-000001-00.tar"]
+    report = verify_lineage(lineage)
+    assert report.ok and report.checked == {"shards": 2, "datasets": 1} and not report.notes
+
+    (dataset / mf.CARD).write_text(json.dumps({**card, "id": "demo-bbbb"}))  # grown: a new version, same shards
+    report = verify_lineage(lineage)
+    assert report.ok and report.notes == [f"{dataset} is now dataset demo-bbbb; the stage read demo-aaaa (grown "
+                                          "or curated again since): checking the shards it read"]
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "lineage.json").write_text(json.dumps(lineage))
+    assert CliRunner().invoke(app, ["verify", str(export)]).exit_code == 0
+    shard = dataset / mf.SHARDS / "shard-000001-00.tar"
+    data = bytearray(shard.read_bytes())
+    data[2000] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    (dataset / mf.SHARDS / "shard-000000-00.tar").unlink()
+    problems = verify_lineage(lineage).problems
+    assert problems[0] == f"demo-aaaa: shard shard-000000-00.tar is missing from {dataset}"
+    assert problems[1].startswith("demo-aaaa: shard shard-000001-00.tar changed since the stage read it")
+    result = CliRunner().invoke(app, ["verify", str(export / "lineage.json")])
+    assert result.exit_code == 1 and "2 problem(s)" in result.output and "note" in result.output

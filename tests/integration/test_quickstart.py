@@ -147,7 +147,8 @@ def test_stages_chain_checkpoints_and_export_safetensors(quickstart, mlflow_serv
     assert any((weights[k] - first[k]).abs().max() > 0 for k in first)
 
 
-def test_the_registered_model_generates_from_a_new_prompt(quickstart, mlflow_server, tmp_path):
+def test_the_registered_model_generates_from_a_new_prompt_and_its_lineage_verifies(quickstart, mlflow_server,
+                                                                                   tmp_path):
     """`latentforge generate models:/NAME/VERSION`: the registered version's artifacts, fetched from the server,
     sampled with the finetune stage's own settings (its export records them) and decoded with the dataset's
     encoders."""
@@ -170,3 +171,6 @@ def test_the_registered_model_generates_from_a_new_prompt(quickstart, mlflow_ser
     bucket = next(b for b in Dataset(summary.dataset_dirs[0]).card["buckets"] if not b.startswith("1x")
                   and "samples" not in b)
     assert gif.n_frames == int(bucket.split("x")[0])
+    # and the shards it was trained on are all still there, as they were (`verify` on its lineage)
+    verified = CliRunner().invoke(app, ["verify", f"models:/{name}/{version}", "--tracking-uri", mlflow_server])
+    assert verified.exit_code == 0 and "(lineage of stage finetune): checked" in verified.output, verified.output
