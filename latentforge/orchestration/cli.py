@@ -210,11 +210,15 @@ def generate(model: Annotated[str, typer.Argument(
 
 
 @app.command()
-def report(dataset: Annotated[Path, typer.Argument(help="a curated dataset directory", exists=True, file_okay=False)],
+def report(dataset: Annotated[str, typer.Argument(help="a curated dataset directory or URI (s3://...)")],
            out: Annotated[Optional[Path], typer.Option(help="default: DATASET/report.html")] = None) -> None:
     """An HTML curation report: counts, rejection reasons, score histograms, thumbnails of kept and rejected."""
+    from latentforge.datasets import storage
     from latentforge.pipelines.report import write_report
 
+    if not storage.is_remote(dataset) and not Path(dataset).is_dir():
+        console.print(f"[red]cannot report[/] {escape(dataset)}: not a dataset directory")
+        raise typer.Exit(2)
     console.print(f"wrote {write_report(dataset, out)}")
 
 

@@ -54,6 +54,12 @@ def test_curation_reads_and_writes_s3(curated):
     report = verify_dataset(root)
     assert report.ok, report.problems
     assert report.checked["shards"] == len(tars) and report.checked["samples"] == result.kept
+    from typer.testing import CliRunner
+
+    from latentforge.orchestration.cli import app
+
+    verified = CliRunner().invoke(app, ["verify", root])  # the command takes the URI too
+    assert verified.exit_code == 0 and f"ok {root}: checked {len(tars)} shards" in verified.output, verified.output
 
     # Every input object is accounted for: a manifest row or a rejects row, none twice.
     ds = mf.Dataset(root)
@@ -66,6 +72,7 @@ def test_curation_reads_and_writes_s3(curated):
 
     # The report decodes thumbnails from scratch copies of the objects and lands beside the dataset.
     assert write_report(root) == f"{root}/report.html"
+    assert CliRunner().invoke(app, ["report", root]).exit_code == 0
     page = storage.read_text(f"{root}/report.html")
     assert page.count("data:image/png;base64") >= 3
 
