@@ -1,7 +1,9 @@
 """`select`: a child dataset chosen from a parent's manifest alone (no decoding, no re-encoding).
 
 The child lists the selected rows, records every other parent row in its rejects table as `not_selected`,
-hard-links (or copies) the shards that hold its samples, and names its parent in the card's lineage.
+hard-links (or copies) the shards that hold its samples, and names its parent in the card's lineage. Either
+dataset may be at a URI (s3://...): shards are then copied (server-side within one object store), and the card,
+which marks a complete dataset, is uploaded last.
 
 With `repack`, the child's shards are written anew instead, holding only the selected samples, packed in the
 parent's order into tars of up to `shard_mb`: each sample's members are copied byte for byte (nothing decoded
@@ -16,6 +18,7 @@ import json
 import os
 import shutil
 import tarfile
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,17 +26,31 @@ from pathlib import Path
 import pyarrow as pa
 
 from latentforge.datasets import manifest as mf
+from latentforge.datasets import storage
 from latentforge.datasets.shards import LatentShardWriter, sha256_file
 
 MODALITIES = ("image", "video", "audio")  # what a manifest row's `modality` can be
 
 
-def _link(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)  # same filesystem: no bytes copied, and the checksum stays the parent's
-    except OSError:
-        shutil.copy2(src, dst)
+def _link(src: Path | str, dst: Path | str) -> None:
+    """A parent shard into the child: hard-linked on one local filesystem (no bytes copied), copied server-side
+    within one object store, else downloaded or uploaded."""
+    if not storage.is_remote(src) and not storage.is_remote(dst):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+    elif not storage.is_remote(dst):
+        storage.download(src, dst)
+    elif not storage.is_remote(src):
+        storage.upload(src, dst)
+    elif storage.scheme_of(src) == storage.scheme_of(dst):
+        fs, path = storage.resolve(src)
+        fs.copy_file(path, storage.resolve(dst)[1])
+    else:
+        with storage.local_copy(src) as local:
+            storage.upload(local, dst)
 
 
 def _not_selected(table: pa.Table, where: str) -> list[dict]:
@@ -48,9 +65,10 @@ def select_dataset(parent_dir: str | Path, out_dir: str | Path, where: str | Non
     """Write the child dataset to `out_dir`; returns its card. `repack`: write the selected samples into new
     shards of up to `shard_mb` (default: the parent curation's max_shard_mb, else 256) instead of linking the
     parent's; `progress(done, total)` is told the bytes of parent shards read so far, of all it will read."""
-    parent = mf.Dataset(Path(parent_dir))
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
+    parent = mf.Dataset(parent_dir)
+    out = storage.as_location(out_dir)
+    remote = storage.is_remote(out)
+    if storage.list_files(out) if remote else (out.exists() and any(out.iterdir())):
         raise FileExistsError(f"{out} is not empty")
     card = parent.card
     unknown = [m for m in modalities or () if m not in MODALITIES]
@@ -65,28 +83,37 @@ def select_dataset(parent_dir: str | Path, out_dir: str | Path, where: str | Non
     everything = parent.manifest()
     others = everything.filter(pa.array([i not in ids for i in everything["id"].to_pylist()]))
     counts = Counter(chosen["shard"].to_pylist())
-    if repack:
-        # Written under a name of its own and renamed when whole: a parent shard found damaged half-way leaves no
-        # child that looks finished.
+    # Written under a name of its own and renamed when whole (to a URI: uploaded, the card last), so a parent
+    # shard found damaged half-way leaves no child that looks finished.
+    if remote:
+        staging = Path(tempfile.mkdtemp(prefix="lf-select-", dir=storage.scratch_dir()))
+    else:
         staging = out.with_name(f".{out.name}.{os.getpid()}.partial")
         shutil.rmtree(staging, ignore_errors=True)
-        try:
+    try:
+        if repack:
             limit = shard_mb or (card.get("config") or {}).get("max_shard_mb") or 256.0
             placed, shards = _repack(parent, card, chosen, staging / mf.SHARDS, int(limit * 2**20), progress)
             chosen = chosen.set_column(chosen.schema.get_field_index("shard"), "shard",
                                        pa.array([placed[i] for i in chosen["id"].to_pylist()], pa.string()))
-            _write_child(staging, card, chosen, others, shards, where, modalities, repacked=True)
+        else:
+            shards = [{**s, "count": counts[s["name"]], "total": s.get("total", s["count"])}
+                      for s in card["shards"] if s["name"] in counts]
+            for s in shards:
+                _link(parent.shard_path(s["name"]), storage.join(out if remote else staging, mf.SHARDS, s["name"]))
+        child = _write_child(staging, card, chosen, others, shards, where, modalities, repacked=repack)
+        if remote:
+            if repack:
+                storage.upload(staging / mf.SHARDS, storage.join(out, mf.SHARDS))
+            for name in (mf.MANIFEST, mf.REJECTS, mf.CARD):  # the card last: it marks a complete dataset
+                storage.upload(staging / name, storage.join(out, name))
+        else:
             if out.exists():
                 out.rmdir()  # empty, checked above
             staging.rename(out)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return json.loads((out / mf.CARD).read_text())
-    shards = [{**s, "count": counts[s["name"]], "total": s.get("total", s["count"])}
-              for s in card["shards"] if s["name"] in counts]
-    for s in shards:
-        _link(parent.shard_path(s["name"]), out / mf.SHARDS / s["name"])
-    return _write_child(out, card, chosen, others, shards, where, modalities)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return child
 
 
 def _write_child(out: Path, card: dict, chosen: pa.Table, others: pa.Table, shards: list[dict], where: str | None,
@@ -119,10 +146,11 @@ def _child_card(card: dict, chosen: pa.Table, shards: list[dict], where: str | N
 
 
 class _Sha256Reader:
-    """A file read through once, hashed as it goes (the parent shard is checked on the read that copies it)."""
+    """A file read through once, hashed as it goes (the parent shard is checked on the read that copies it); an
+    object at a URI streams in the same way."""
 
-    def __init__(self, path: Path):
-        self._file = open(path, "rb")
+    def __init__(self, path: Path | str):
+        self._file = storage.open_input(path)
         self.hash = hashlib.sha256()
 
     def read(self, size: int = -1) -> bytes:
@@ -137,7 +165,7 @@ class _Sha256Reader:
         return self.hash.hexdigest()
 
 
-def _samples(path: Path, reader: _Sha256Reader) -> Iterator[tuple[str, dict[str, bytes]]]:
+def _samples(path: Path | str, reader: _Sha256Reader) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, members) of each sample of a shard tar, in order, as stored. webdataset's grouping rule (the key is
     the member name up to its first dot), on tarfile's stream reader: webdataset's own iterator decodes nothing
     either, but opens the file itself, and the bytes read here are the ones hashed."""
@@ -154,7 +182,8 @@ def _samples(path: Path, reader: _Sha256Reader) -> Iterator[tuple[str, dict[str,
                 key = name_key
                 members[member] = tar.extractfile(info).read()
     except tarfile.TarError as e:
-        raise ValueError(f"shard {path.name} cannot be read ({e}): run `latentforge verify` on the parent") from e
+        raise ValueError(f"shard {storage.name_of(path)} cannot be read ({e}): run `latentforge verify` on the "
+                         "parent") from e
     if members:
         yield key, members
 
@@ -168,8 +197,9 @@ def _repack(parent: mf.Dataset, card: dict, chosen: pa.Table, shard_dir: Path, m
     unlisted = sorted(set(wanted) - {entry["name"] for entry in card["shards"]})
     if unlisted:
         raise ValueError(f"the manifest places samples in shards the card does not list: {', '.join(unlisted[:5])}")
-    todo = [(entry, Path(parent.shard_path(entry["name"]))) for entry in card["shards"] if entry["name"] in wanted]
-    total, done = sum(path.stat().st_size for _, path in todo if path.is_file()), 0
+    todo = [(entry, parent.shard_path(entry["name"])) for entry in card["shards"] if entry["name"] in wanted]
+    sizes = {entry["name"]: storage.size_of(path) if storage.is_file(path) else 0 for entry, path in todo}
+    total, done = sum(sizes.values()), 0
     placed: dict[str, str] = {}
     writer, size = None, 0
 
@@ -204,7 +234,7 @@ def _repack(parent: mf.Dataset, card: dict, chosen: pa.Table, shard_dir: Path, m
                 missing = sorted(keys - found)
                 raise ValueError(f"shard {entry['name']} lacks {len(missing)} samples its manifest places there: "
                                  f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-            done += path.stat().st_size
+            done += sizes[entry["name"]]
             if progress is not None:
                 progress(done, total)
         close()

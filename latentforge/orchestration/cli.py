@@ -128,8 +128,8 @@ def verify(dataset: Annotated[str, typer.Argument(
 
 
 @app.command()
-def select(dataset: Annotated[Path, typer.Argument(help="a curated dataset directory", exists=True, file_okay=False)],
-           out: Annotated[Path, typer.Option("--out", help="where to write the child dataset")],
+def select(dataset: Annotated[str, typer.Argument(help="a curated dataset directory or URI (s3://...)")],
+           out: Annotated[str, typer.Option("--out", help="where to write the child dataset (a directory or URI)")],
            where: Annotated[Optional[str], typer.Option(help="e.g. \"score_motion > 0.3 and score_text_area < 0.05\"")] = None,
            modality: Annotated[Optional[list[str]], typer.Option(help="keep only these modalities")] = None,
            repack: Annotated[bool, typer.Option(
@@ -143,8 +143,12 @@ def select(dataset: Annotated[Path, typer.Argument(help="a curated dataset direc
     the parent named in the card."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
+    from latentforge.datasets import storage
     from latentforge.datasets.select import select_dataset
 
+    if not storage.is_remote(dataset) and not Path(dataset).is_dir():
+        console.print(f"[red]cannot select[/] {escape(dataset)}: not a dataset directory")
+        raise typer.Exit(2)
     try:
         with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                       TimeRemainingColumn(), console=console, disable=not repack) as bar:

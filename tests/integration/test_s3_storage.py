@@ -84,6 +84,33 @@ def test_a_rerun_on_s3_trusts_the_uploaded_markers(curated):
     assert (again.kept, again.rejected, again.filtered) == (first.kept, first.rejected, first.filtered)
 
 
+def test_select_reads_and_writes_s3_linked_or_repacked(curated, tmp_path):
+    """`select` from a dataset on s3: to s3 (shards copied inside the store), repacked to s3 (parent shards
+    streamed and checked, new tars uploaded), and repacked to a local directory; each child verifies."""
+    from typer.testing import CliRunner
+
+    from latentforge.datasets.select import select_dataset
+    from latentforge.orchestration.cli import app
+
+    bucket, _, result = curated
+    root = f"s3://{bucket}/ds"
+    images = [r["id"] for r in mf.Dataset(root).manifest().to_pylist() if r["modality"] == "image"]
+    linked = select_dataset(root, f"s3://{bucket}/sel", "modality == 'image'")
+    assert linked["num_samples"] == len(images) and verify_dataset(f"s3://{bucket}/sel").ok
+    assert {f"shards/{s['name']}" for s in linked["shards"]} <= set(storage.list_files(f"s3://{bucket}/sel"))
+    with pytest.raises(FileExistsError):
+        select_dataset(root, f"s3://{bucket}/sel", None)
+    packed = select_dataset(root, f"s3://{bucket}/packed", None, repack=True)
+    assert len(packed["shards"]) == 1 and packed["num_samples"] == result.kept
+    report = verify_dataset(f"s3://{bucket}/packed")
+    assert report.ok and report.checked["samples"] == result.kept, report.problems
+    cli = CliRunner().invoke(app, ["select", root, "--out", str(tmp_path / "local"), "--repack", "--where",
+                                   "modality == 'image'"])
+    assert cli.exit_code == 0 and f"selected {len(images)} samples" in cli.output, cli.output
+    assert sorted(mf.Dataset(tmp_path / "local").manifest()["id"].to_pylist()) == sorted(images)
+    assert verify_dataset(tmp_path / "local").ok
+
+
 def test_run_tracks_a_curation_that_lives_on_s3(curated, s3_server, mlflow_server, tmp_path):
     """`latentforge run`'s curation part: storage from the config, report and tables logged from the local
     copies, the MLflow dataset input pointing at the manifest in the bucket."""
