@@ -167,7 +167,11 @@ def select(dataset: Annotated[str, typer.Argument(help="a curated dataset direct
 def generate(model: Annotated[str, typer.Argument(
                  help="a stage export (WORKDIR/exports/STAGE), or an MLflow URI of one: models:/NAME/VERSION (the "
                       "registered model) or runs:/RUN_ID/model (a stage run)")],
-             prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="text to generate from (repeat it)")],
+             prompt: Annotated[Optional[list[str]], typer.Option(
+                 "--prompt", "-p", help="text to generate from (repeat it)")] = None,
+             prompts_file: Annotated[Optional[Path], typer.Option(
+                 help="a text file of prompts, one per line (blank lines and lines starting with # skipped)",
+                 exists=True, dir_okay=False)] = None,
              out: Annotated[Path, typer.Option(help="where to write the samples")] = Path("generated"),
              modality: Annotated[str, typer.Option(help="image, video or audio")] = "image",
              bucket: Annotated[Optional[str], typer.Option(
@@ -190,6 +194,13 @@ def generate(model: Annotated[str, typer.Argument(
 
     from latentforge.training.generate import generate_from_prompts, load_export
 
+    prompts = list(prompt or [])
+    if prompts_file is not None:
+        lines = prompts_file.read_text(encoding="utf-8").splitlines()
+        prompts += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        console.print("[red]cannot generate[/] no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE")
+        raise typer.Exit(2)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
@@ -205,7 +216,7 @@ def generate(model: Annotated[str, typer.Argument(
                 raise typer.Exit(2)
         try:
             export = load_export(source, device)
-            files = generate_from_prompts(export, prompt, out, modality, bucket, steps, cfg_scale, sampler, seed)
+            files = generate_from_prompts(export, prompts, out, modality, bucket, steps, cfg_scale, sampler, seed)
         except (ValueError, FileNotFoundError) as e:
             console.print(f"[red]cannot generate[/] {escape(str(e))}")
             raise typer.Exit(2)

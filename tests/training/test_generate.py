@@ -92,3 +92,11 @@ def test_cli_generate(export_dir, tmp_path):
     assert "wrote 5 files" in result.output and (tmp_path / "g" / "grid.png").is_file()
     bad = CliRunner().invoke(app, ["generate", str(export_dir), "-p", "x", "--bucket", "9x9"])
     assert bad.exit_code == 2 and "not a visual bucket" in bad.output
+    (tmp_path / "prompts.txt").write_text("# evaluation prompts\na red circle\n\na blue square\n")
+    listed = CliRunner().invoke(app, ["generate", str(export_dir), "--prompts-file", str(tmp_path / "prompts.txt"),
+                                      "-p", "a dot", "--out", str(tmp_path / "h"), "--steps", "1"])
+    assert listed.exit_code == 0, listed.output
+    assert [(tmp_path / "h" / f"0{i}_image.txt").read_text() for i in range(3)] == [
+        "a dot\n", "a red circle\n", "a blue square\n"]
+    none = CliRunner().invoke(app, ["generate", str(export_dir)])
+    assert none.exit_code == 2 and "no prompt" in none.output
