@@ -92,25 +92,23 @@ def verify(dataset: Annotated[str, typer.Argument(
     import json
     import tempfile
 
+    from latentforge.datasets import storage
     from latentforge.datasets.verify import verify_dataset, verify_lineage
+    from latentforge.orchestration.registry import export_source
 
     with tempfile.TemporaryDirectory() as tmp:
-        target = Path(dataset)
-        if ":/" in dataset and not dataset.startswith(("s3://", "gs://", "gcs://", "file://")):
-            from latentforge.orchestration.tracking import fetch_artifacts
-
-            try:
-                target = fetch_artifacts(dataset, tracking_uri, Path(tmp))
-            except ValueError as e:
-                console.print(f"[red]cannot verify[/] {escape(str(e))}")
-                raise typer.Exit(2)
+        try:
+            target = export_source(dataset, tracking_uri, Path(tmp))
+        except ValueError as e:
+            console.print(f"[red]cannot verify[/] {escape(str(e))}")
+            raise typer.Exit(2)
         lineage = target / "lineage.json" if target.is_dir() else target
         label = dataset
         if lineage.name == "lineage.json" and lineage.is_file():
             report = verify_lineage(json.loads(lineage.read_text()))
             label = f"{dataset} ({report.root})"
-        elif ":/" in dataset or target.is_dir():
-            report = verify_dataset(dataset if ":/" in dataset else target, decode=decode)
+        elif storage.is_remote(dataset) or target.is_dir():
+            report = verify_dataset(dataset if storage.is_remote(dataset) else target, decode=decode)
         else:
             console.print(f"[red]cannot verify[/] {escape(dataset)}: not a dataset directory, an export or a "
                           "lineage.json")
@@ -192,6 +190,7 @@ def generate(model: Annotated[str, typer.Argument(
 
     import torch
 
+    from latentforge.orchestration.registry import export_source
     from latentforge.training.generate import generate_from_prompts, load_export
 
     prompts = list(prompt or [])
@@ -204,18 +203,8 @@ def generate(model: Annotated[str, typer.Argument(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
-        source = Path(model)
-        if ":/" in model:
-            from latentforge.orchestration.tracking import fetch_artifacts
-
-            console.print(f"fetching {model} ...")
-            try:
-                source = fetch_artifacts(model, tracking_uri, Path(tmp))
-            except ValueError as e:
-                console.print(f"[red]cannot generate[/] {escape(str(e))}")
-                raise typer.Exit(2)
         try:
-            export = load_export(source, device)
+            export = load_export(export_source(model, tracking_uri, Path(tmp)), device)
             files = generate_from_prompts(export, prompts, out, modality, bucket, steps, cfg_scale, sampler, seed)
         except (ValueError, FileNotFoundError) as e:
             console.print(f"[red]cannot generate[/] {escape(str(e))}")
