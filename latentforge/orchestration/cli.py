@@ -183,6 +183,9 @@ def generate(model: Annotated[str, typer.Argument(
              device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
              tracking_uri: Annotated[Optional[str], typer.Option(
                  help="MLflow server or store of a models:/ or runs:/ URI (default: $MLFLOW_TRACKING_URI)")] = None,
+             dataset: Annotated[Optional[str], typer.Option(
+                 help="MODEL is a training checkpoint directory (checkpoint_*: its EMA weights), not an export: "
+                      "the dataset it trained on, for its encoders and statistics")] = None,
              ) -> None:
     """Samples from a trained stage for any prompts: PNG / GIF / WAV files and a labelled grid.png, decoded
     with the encoders of the dataset the stage trained on."""
@@ -204,7 +207,7 @@ def generate(model: Annotated[str, typer.Argument(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            export = load_export(export_source(model, tracking_uri, Path(tmp)), device)
+            export = load_export(export_source(model, tracking_uri, Path(tmp)), device, dataset)
             files = generate_from_prompts(export, prompts, out, modality, bucket, steps, cfg_scale, sampler, seed)
         except (ValueError, FileNotFoundError) as e:
             console.print(f"[red]cannot generate[/] {escape(str(e))}")

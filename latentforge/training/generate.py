@@ -53,23 +53,35 @@ def sampling_record(stage: TrainStageConfig, cards: list[dict]) -> dict:
     return {"stage": json.loads(stage.model_dump_json()), "latent_stats": stats}
 
 
-def load_export(directory: str | Path, device: str = "cpu") -> Export:
+def load_export(directory: str | Path, device: str = "cpu", dataset: str | Path | None = None) -> Export:
+    """A stage export; or, with `dataset` (the dataset directory it trained on, for its card), a training
+    checkpoint directory (its EMA weights; sampler settings then the stage defaults unless given)."""
     from safetensors.torch import load_file
 
-    from latentforge.training.checkpoint import fit_repa
+    from latentforge.training.checkpoint import EMA, fit_repa
     from latentforge.training.dit import DiT, DiTConfig
 
     directory = Path(directory)
-    missing = [n for n in ("model.safetensors", "model_config.json", "dataset_card.json")
-               if not (directory / n).is_file()]
+    checkpoint = dataset is not None
+    needed = ("model_config.json", EMA) if checkpoint else ("model.safetensors", "model_config.json",
+                                                            "dataset_card.json")
+    missing = [n for n in needed if not (directory / n).is_file()]
     if missing:
-        raise FileNotFoundError(f"{directory} is not a stage export: {', '.join(missing)} missing (an export is "
-                                "WORKDIR/exports/STAGE, or a stage run's `model` artifacts)")
-    card = json.loads((directory / "dataset_card.json").read_text())
+        raise FileNotFoundError(
+            f"{directory} is not a {'training checkpoint' if checkpoint else 'stage export'}: {', '.join(missing)} "
+            "missing (an export is WORKDIR/exports/STAGE or a stage run's `model` artifacts; a checkpoint, "
+            "given with the dataset it trained on, a checkpoint_* directory of the stage's run)")
+    if checkpoint:
+        from latentforge.datasets.manifest import Dataset
+
+        card = Dataset(dataset).card
+    else:
+        card = json.loads((directory / "dataset_card.json").read_text())
     record = json.loads((directory / SAMPLING).read_text()) if (directory / SAMPLING).is_file() else {}
     stage = TrainStageConfig.model_validate(record.get("stage") or {"name": "export", "modalities": ["image"]})
     model = DiT(DiTConfig.from_dict(json.loads((directory / "model_config.json").read_text())))
-    model.load_state_dict(fit_repa(load_file(str(directory / "model.safetensors")), model))
+    weights = directory / (EMA if checkpoint else "model.safetensors")  # an export's weights are the EMA's
+    model.load_state_dict(fit_repa(load_file(str(weights)), model))
     normalizer = LatentNormalizer({"latent_stats": record.get("latent_stats") or card["latent_stats"]})
     return Export(model.to(device).eval(), card, stage, normalizer)
 

@@ -81,6 +81,32 @@ def test_an_export_without_sampling_settings_uses_the_stage_defaults_and_the_car
     assert generate_from_prompts(export, ["x"], tmp_path / "out", steps=1)
 
 
+def test_a_training_checkpoint_samples_with_the_dataset_it_trained_on(export_dir, tmp_path):
+    """A checkpoint_* directory holds model, EMA, optimiser state and the model config, not the card: given the
+    dataset, its EMA weights sample as the export made from them does."""
+    import json
+    import shutil
+
+    from latentforge.datasets import manifest as mf
+
+    checkpoint, dataset = tmp_path / "checkpoint_000002", tmp_path / "ds"
+    checkpoint.mkdir()
+    dataset.mkdir()
+    shutil.copy(export_dir / "model.safetensors", checkpoint / "ema.safetensors")
+    shutil.copy(export_dir / "model_config.json", checkpoint / "model_config.json")
+    (dataset / mf.CARD).write_text((export_dir / "dataset_card.json").read_text())
+    with pytest.raises(FileNotFoundError, match="not a stage export"):
+        load_export(checkpoint)
+    with pytest.raises(FileNotFoundError, match="not a training checkpoint: ema.safetensors missing"):
+        load_export(export_dir, dataset=dataset)
+    settings = json.loads((export_dir / "sampling.json").read_text())["stage"]
+    kwargs = {"steps": settings["sample_steps"], "cfg_scale": settings["cfg_scale"], "sampler": settings["sampler"]}
+    from_checkpoint = generate_from_prompts(load_export(checkpoint, dataset=dataset), ["a red circle"],
+                                            tmp_path / "a", **kwargs)
+    from_export = generate_from_prompts(load_export(export_dir), ["a red circle"], tmp_path / "b")
+    assert from_checkpoint[1].read_bytes() == from_export[1].read_bytes()
+
+
 def test_cli_generate(export_dir, tmp_path):
     from typer.testing import CliRunner
 
