@@ -111,6 +111,11 @@ def select_dataset(parent_dir: str | Path, out_dir: str | Path, where: str | Non
             if out.exists():
                 out.rmdir()  # empty, checked above
             staging.rename(out)
+    except BaseException:
+        if remote:  # what reached the URI (it was empty): no shards left there without a card
+            for name in storage.list_files(out):
+                storage.remove(storage.join(out, name))
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return child

@@ -239,6 +239,19 @@ def sha256(location: str | Path) -> str:
     return digest.hexdigest()
 
 
+def remove(location: str | Path) -> None:
+    """Delete a file or object; one already gone is fine."""
+    location = as_location(location)
+    if isinstance(location, Path):
+        location.unlink(missing_ok=True)
+        return
+    fs, path = resolve(location)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
 def upload(local: str | Path, location: str | Path) -> None:
     """Copy a local file or directory tree to `location` (pyarrow.fs.copy_files; multi-threaded for trees)."""
     fs, path = resolve(location)

@@ -161,9 +161,9 @@ def discard_group(shard_dir: Path | str, group: int, rows: list[dict]) -> None:
     """Remove a stale group's done-marker, then the tars its marker `rows` name, so neither survives into the
     dataset when the group is redone (a redone group may write fewer parts, or none). The marker goes first:
     a crash in between leaves tars without a marker, which a rerun redoes anyway."""
-    _remove(storage.join(shard_dir, DONE_DIR, marker_name(group)))
+    storage.remove(storage.join(shard_dir, DONE_DIR, marker_name(group)))
     for name in sorted({str(r["shard_name"]) for r in rows if r.get("shard_name")}):
-        _remove(storage.join(shard_dir, name))
+        storage.remove(storage.join(shard_dir, name))
 
 
 def sweep(shard_dir: Path | str, named: set[str]) -> list[str]:
@@ -172,17 +172,5 @@ def sweep(shard_dir: Path | str, named: set[str]) -> list[str]:
     rerun gives the group's inputs to another group (regroup). Markers and other files are left alone."""
     stray = [n for n in storage.list_files(shard_dir) if SHARD_TAR.fullmatch(n) and n not in named]
     for name in stray:
-        _remove(storage.join(shard_dir, name))
+        storage.remove(storage.join(shard_dir, name))
     return stray
-
-
-def _remove(location: Path | str) -> None:
-    location = storage.as_location(location)
-    if isinstance(location, Path):
-        location.unlink(missing_ok=True)
-        return
-    fs, path = storage.resolve(location)
-    try:
-        fs.delete_file(path)
-    except FileNotFoundError:
-        pass

@@ -109,6 +109,14 @@ def test_select_reads_and_writes_s3_linked_or_repacked(curated, tmp_path):
     assert cli.exit_code == 0 and f"selected {len(images)} samples" in cli.output, cli.output
     assert sorted(mf.Dataset(tmp_path / "local").manifest()["id"].to_pylist()) == sorted(images)
     assert verify_dataset(tmp_path / "local").ok
+    # a parent whose last shard is gone: the shards uploaded before it are removed, no card-less child is left
+    storage.download(root, tmp_path / "parent")
+    shards = mf.Dataset(tmp_path / "parent").card["shards"]
+    assert len(shards) >= 2
+    (tmp_path / "parent" / mf.SHARDS / shards[-1]["name"]).unlink()
+    with pytest.raises(OSError):
+        select_dataset(tmp_path / "parent", f"s3://{bucket}/broken", None)
+    assert storage.list_files(f"s3://{bucket}/broken") == []
 
 
 def test_run_tracks_a_curation_that_lives_on_s3(curated, s3_server, mlflow_server, tmp_path):
