@@ -110,13 +110,11 @@ def generate_from_prompts(export: Export, prompts: list[str], out_dir: str | Pat
     """One sample per prompt, written as PNG (image), GIF (video) or WAV (audio) under `out_dir`, with the prompt
     beside it in a .txt; images and videos also in one labelled contact sheet (`grid.png`, first frames).
     Unset settings come from the stage that trained the export. Returns the files written."""
-    import soundfile as sf
-
     from latentforge.datasets.encoders import build_text_encoder, decoders_from_card
     from latentforge.datasets.encoders.config import TextEncoderConfig
     from latentforge.training.flow import resolution_shift
     from latentforge.training.loader import token_count
-    from latentforge.training.sampling import _label, _upscale, contact_sheet, generate
+    from latentforge.training.sampling import _label, contact_sheet, generate
 
     if modality not in MODALITY_IDS:
         raise ValueError(f"unknown modality {modality!r}: expected {', '.join(MODALITY_IDS)}")
@@ -153,22 +151,30 @@ def generate_from_prompts(export: Export, prompts: list[str], out_dir: str | Pat
         latent = export.normalizer.denormalize(latent[0].float().cpu().numpy(), modality)
         stem = out / f"{i:02d}_{modality}"
         stem.with_suffix(".txt").write_text(caption + "\n")
-        written.append(stem.with_suffix(".txt"))
-        if modality == "audio":
-            wave = audio.decode(latent[None])[0]
-            sf.write(stem.with_suffix(".wav"), np.clip(wave, -1, 1), audio.sample_rate)
-            written.append(stem.with_suffix(".wav"))
-            continue
-        frames = visual.decode(latent[None])[0]  # (T, H, W, 3) uint8
-        factor = scale or max(1, 256 // max(frames.shape[1:3]))  # tiny demo buckets: big enough to look at
-        pictures = [_upscale(f, factor) for f in frames]
-        if modality == "image":
-            pictures[0].save(stem.with_suffix(".png"))
-            written.append(stem.with_suffix(".png"))
-        else:
-            pictures[0].save(stem.with_suffix(".gif"), save_all=True, append_images=pictures[1:], duration=250, loop=0)
-            written.append(stem.with_suffix(".gif"))
-        sheet.append(_label(pictures[0], caption))
+        path, first = _write_sample(latent, modality, stem, visual, audio, scale)
+        written += [stem.with_suffix(".txt"), path]
+        if first is not None:
+            sheet.append(_label(first, caption))
     if sheet:
         written.append(contact_sheet(sheet, out / "grid.png"))
     return written
+
+
+def _write_sample(latent: np.ndarray, modality: str, stem: Path, visual, audio, scale: int | None):
+    """One decoded sample as `stem`.png / .gif / .wav; returns its path and, for pictures, the first (enlarged)."""
+    import soundfile as sf
+
+    from latentforge.training.sampling import _upscale
+
+    if modality == "audio":
+        wave = audio.decode(latent[None])[0]
+        sf.write(stem.with_suffix(".wav"), np.clip(wave, -1, 1), audio.sample_rate)
+        return stem.with_suffix(".wav"), None
+    frames = visual.decode(latent[None])[0]  # (T, H, W, 3) uint8
+    factor = scale or max(1, 256 // max(frames.shape[1:3]))  # tiny demo buckets: big enough to look at
+    pictures = [_upscale(f, factor) for f in frames]
+    if modality == "image":
+        pictures[0].save(stem.with_suffix(".png"))
+        return stem.with_suffix(".png"), pictures[0]
+    pictures[0].save(stem.with_suffix(".gif"), save_all=True, append_images=pictures[1:], duration=250, loop=0)
+    return stem.with_suffix(".gif"), pictures[0]
