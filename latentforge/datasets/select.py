@@ -203,7 +203,8 @@ def _repack(parent: mf.Dataset, card: dict, chosen: pa.Table, shard_dir: Path, m
     if unlisted:
         raise ValueError(f"the manifest places samples in shards the card does not list: {', '.join(unlisted[:5])}")
     todo = [(entry, parent.shard_path(entry["name"])) for entry in card["shards"] if entry["name"] in wanted]
-    sizes = {entry["name"]: storage.size_of(path) if storage.is_file(path) else 0 for entry, path in todo}
+    listed = storage.file_infos(storage.join(parent.root, mf.SHARDS))  # one listing, not a stat per shard
+    sizes = {entry["name"]: listed.get(entry["name"], (0, None))[0] for entry, _ in todo}
     total, done = sum(sizes.values()), 0
     placed: dict[str, str] = {}
     writer, size = None, 0

@@ -21,6 +21,8 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a k
 AddressOpt = Annotated[Optional[str], typer.Option(
     "--address", help="an existing Ray cluster (e.g. 10.0.0.5:6379 or auto); default: ray.address, else "
                       "RAY_ADDRESS, else start a local Ray")]
+TrackingUriOpt = Annotated[Optional[str], typer.Option(
+    help="MLflow server or store of a models:/ or runs:/ URI (default: $MLFLOW_TRACKING_URI)")]
 
 
 def _load(config: Path | None, overrides: list[str] | None):
@@ -84,8 +86,7 @@ def verify(dataset: Annotated[str, typer.Argument(
                help="a curated dataset directory; or a stage's lineage: its export (WORKDIR/exports/STAGE), a "
                     "lineage.json, or an MLflow URI of its model (models:/NAME/VERSION, runs:/RUN_ID/model)")],
            decode: Annotated[bool, typer.Option(help="read every sample, not just checksums and counts")] = True,
-           tracking_uri: Annotated[Optional[str], typer.Option(
-               help="MLflow server or store of a models:/ or runs:/ URI (default: $MLFLOW_TRACKING_URI)")] = None,
+           tracking_uri: TrackingUriOpt = None,
            ) -> None:
     """Re-check a dataset: card vs manifest vs shards (counts, sha256, schema, sample shapes). Given a trained
     stage instead, check that every shard it read is still there with the sha256 its lineage recorded."""
@@ -181,8 +182,7 @@ def generate(model: Annotated[str, typer.Argument(
              sampler: Annotated[Optional[str], typer.Option(help="euler or heun (default: the stage's)")] = None,
              seed: Annotated[int, typer.Option(help="noise seed of the first prompt; prompt i uses seed + i")] = 0,
              device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
-             tracking_uri: Annotated[Optional[str], typer.Option(
-                 help="MLflow server or store of a models:/ or runs:/ URI (default: $MLFLOW_TRACKING_URI)")] = None,
+             tracking_uri: TrackingUriOpt = None,
              dataset: Annotated[Optional[str], typer.Option(
                  help="MODEL is a training checkpoint directory (checkpoint_*: its EMA weights), not an export: "
                       "the dataset it trained on, for its encoders and statistics")] = None,

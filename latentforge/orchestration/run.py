@@ -234,7 +234,7 @@ def train(cfg: LatentforgeConfig, tracker: Tracker, parent_id: str | None, summa
             run_id = done["run_id"]
         else:
             run_id, checkpoint, export = train_stage_run(cfg, stage, key, tracker, parent_id, dataset_dirs,
-                                                         cards[0], lineage, previous)
+                                                         cards, lineage, previous)
             done = {"key": key, "run_id": run_id, "checkpoint": str(checkpoint), "export": str(export),
                     "weights_sha256": sha256_file(export / "model.safetensors")}
             write_marker(marker_path, done)
@@ -249,7 +249,8 @@ def train(cfg: LatentforgeConfig, tracker: Tracker, parent_id: str | None, summa
 
 
 def train_stage_run(cfg: LatentforgeConfig, stage, key: str, tracker: Tracker, parent_id: str | None,
-                    dataset_dirs: list[Path], card: dict, lineage: dict, previous: Path | None) -> tuple[str, Path, Path]:
+                    dataset_dirs: list[Path], cards: list[dict], lineage: dict,
+                    previous: Path | None) -> tuple[str, Path, Path]:
     """One stage as an MLflow run (reopened when resuming): fit (resumes from its checkpoint), export, log.
 
     Both the MLflow run and Ray Train's run directory belong to the stage's key: a rerun after a failure
@@ -266,7 +267,7 @@ def train_stage_run(cfg: LatentforgeConfig, stage, key: str, tracker: Tracker, p
         match={"latentforge.stage_key": key})
     tracker.log_dict(run_id, lineage, "lineage.json")
     log_stage_inputs(tracker, run_id, dataset_dirs, stage)
-    tracker.log_params(run_id, {"stage": json.loads(stage.model_dump_json()), "model": model_config(plan, card),
+    tracker.log_params(run_id, {"stage": json.loads(stage.model_dump_json()), "model": model_config(plan, cards[0]),
                                 "num_workers": plan.num_workers, "seed": plan.seed,
                                 "init_from": str(previous) if previous else "none"})
     console.print(f"[bold]training stage[/] {stage.name}: {stage.steps} steps on {stage.modalities}")
@@ -279,11 +280,10 @@ def train_stage_run(cfg: LatentforgeConfig, stage, key: str, tracker: Tracker, p
         tracker.end_run(run_id, "FAILED")
         raise
     tracker.replay(run_id)  # what a worker could not deliver before it exited
-    from latentforge.datasets.manifest import Dataset
     from latentforge.training.generate import sampling_record
 
-    export = export_weights(result.checkpoint_dir, cfg.workdir / "exports" / stage.name, card, lineage,
-                            sampling_record(stage, [Dataset(d).card for d in dataset_dirs]))
+    export = export_weights(result.checkpoint_dir, cfg.workdir / "exports" / stage.name, cards[0], lineage,
+                            sampling_record(stage, cards))
     for f in sorted(export.iterdir()):
         tracker.log_artifact(run_id, f, "model")
     tracker.end_run(run_id)

@@ -387,4 +387,3 @@ class RunSink:
             self._monitor.stop()
             self._monitor = None
         return self.queue.close(timeout_s) if self._queue is not None else True
-
