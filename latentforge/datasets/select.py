@@ -83,6 +83,7 @@ def select_dataset(parent_dir: str | Path, out_dir: str | Path, where: str | Non
     everything = parent.manifest()
     others = everything.filter(pa.array([i not in ids for i in everything["id"].to_pylist()]))
     counts = Counter(chosen["shard"].to_pylist())
+    listed = _check_shards(parent, card, counts)
     # Written under a name of its own and renamed when whole (to a URI: uploaded, the card last), so a parent
     # shard found damaged half-way leaves no child that looks finished.
     if remote:
@@ -93,7 +94,8 @@ def select_dataset(parent_dir: str | Path, out_dir: str | Path, where: str | Non
     try:
         if repack:
             limit = shard_mb or (card.get("config") or {}).get("max_shard_mb") or 256.0
-            placed, shards = _repack(parent, card, chosen, staging / mf.SHARDS, int(limit * 2**20), progress)
+            placed, shards = _repack(parent, card, chosen, staging / mf.SHARDS, int(limit * 2**20), listed,
+                                     progress)
             chosen = chosen.set_column(chosen.schema.get_field_index("shard"), "shard",
                                        pa.array([placed[i] for i in chosen["id"].to_pylist()], pa.string()))
         else:
@@ -119,6 +121,22 @@ def select_dataset(parent_dir: str | Path, out_dir: str | Path, where: str | Non
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return child
+
+
+def _check_shards(parent: mf.Dataset, card: dict, counts: Counter) -> dict[str, tuple[int, int | None]]:
+    """Every shard the selection needs is one the card lists and the parent still has (from one listing of its
+    shard directory, returned), before anything is written: a shard gone is named, not met half-way as the
+    OSError of a copy."""
+    unlisted = sorted(set(counts) - {entry["name"] for entry in card["shards"]})
+    if unlisted:
+        raise ValueError(f"the manifest places samples in shards the card does not list: {', '.join(unlisted[:5])}"
+                         f"{' ...' if len(unlisted) > 5 else ''}")
+    listed = storage.file_infos(storage.join(parent.root, mf.SHARDS))
+    gone = sorted(set(counts) - set(listed))
+    if gone:
+        raise ValueError(f"{len(gone)} shards holding selected samples are missing from {parent.root}: "
+                         f"{', '.join(gone[:5])}{' ...' if len(gone) > 5 else ''} (run `latentforge verify` on it)")
+    return listed
 
 
 def _write_child(out: Path, card: dict, chosen: pa.Table, others: pa.Table, shards: list[dict], where: str | None,
@@ -194,17 +212,15 @@ def _samples(path: Path | str, reader: _Sha256Reader) -> Iterator[tuple[str, dic
 
 
 def _repack(parent: mf.Dataset, card: dict, chosen: pa.Table, shard_dir: Path, max_bytes: int,
-            progress: Callable[[int, int], None] | None) -> tuple[dict[str, str], list[dict]]:
-    """Copy the `chosen` samples into new tars under `shard_dir`: id -> new shard name, and the card's entries."""
+            listed: dict[str, tuple[int, int | None]], progress: Callable[[int, int], None] | None
+            ) -> tuple[dict[str, str], list[dict]]:
+    """Copy the `chosen` samples into new tars under `shard_dir`: id -> new shard name, and the card's entries.
+    `listed`: the parent's shard files (name -> (size, mtime)), from one listing, for the progress total."""
     wanted: dict[str, set[str]] = {}
     for sample_id, shard in zip(chosen["id"].to_pylist(), chosen["shard"].to_pylist()):
         wanted.setdefault(shard, set()).add(sample_id)
-    unlisted = sorted(set(wanted) - {entry["name"] for entry in card["shards"]})
-    if unlisted:
-        raise ValueError(f"the manifest places samples in shards the card does not list: {', '.join(unlisted[:5])}")
     todo = [(entry, parent.shard_path(entry["name"])) for entry in card["shards"] if entry["name"] in wanted]
-    listed = storage.file_infos(storage.join(parent.root, mf.SHARDS))  # one listing, not a stat per shard
-    sizes = {entry["name"]: listed.get(entry["name"], (0, None))[0] for entry, _ in todo}
+    sizes = {entry["name"]: listed[entry["name"]][0] for entry, _ in todo}
     total, done = sum(sizes.values()), 0
     placed: dict[str, str] = {}
     writer, size = None, 0

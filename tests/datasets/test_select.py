@@ -175,6 +175,26 @@ def test_a_sample_missing_from_its_shard_is_named(parent, tmp_path):
         select_dataset(parent, tmp_path / "child", None, repack=True)
 
 
+@pytest.mark.parametrize("repack", [False, True])
+def test_a_parent_shard_gone_is_named_before_anything_is_written(parent, tmp_path, repack):
+    (parent / mf.SHARDS / "shard-000002-00.tar").unlink()
+    with pytest.raises(ValueError, match="1 shards holding selected samples are missing .*: shard-000002-00.tar"):
+        select_dataset(parent, tmp_path / "child", None, repack=repack)
+    assert not (tmp_path / "child").exists() and not list(tmp_path.glob(".child*"))
+    kept = select_dataset(parent, tmp_path / "first", "score_motion < 8", repack=repack)
+    assert kept["num_samples"] == 8  # a selection that needs only the shards still there goes ahead
+
+
+def test_a_manifest_naming_a_shard_the_card_lacks_is_refused(parent, tmp_path):
+    table = mf.Dataset(parent).manifest()
+    shards = [("shard-000009-00.tar" if s == "shard-000002-00.tar" else s) for s in table["shard"].to_pylist()]
+    mf.write_table(table.set_column(table.schema.get_field_index("shard"), "shard", pa.array(shards, pa.string())),
+                   parent / mf.MANIFEST)
+    for repack in (False, True):  # a linked child used to drop those rows' shard from its card silently
+        with pytest.raises(ValueError, match="shards the card does not list: shard-000009-00.tar"):
+            select_dataset(parent, tmp_path / "child", None, repack=repack)
+
+
 def test_cli_select_repack(parent, tmp_path):
     from typer.testing import CliRunner
 

@@ -109,13 +109,19 @@ def test_select_reads_and_writes_s3_linked_or_repacked(curated, tmp_path):
     assert cli.exit_code == 0 and f"selected {len(images)} samples" in cli.output, cli.output
     assert sorted(mf.Dataset(tmp_path / "local").manifest()["id"].to_pylist()) == sorted(images)
     assert verify_dataset(tmp_path / "local").ok
-    # a parent whose last shard is gone: the shards uploaded before it are removed, no card-less child is left
+    # a parent whose last shard is gone: named before anything is uploaded
     storage.download(root, tmp_path / "parent")
     shards = mf.Dataset(tmp_path / "parent").card["shards"]
     assert len(shards) >= 2
     (tmp_path / "parent" / mf.SHARDS / shards[-1]["name"]).unlink()
-    with pytest.raises(OSError):
+    with pytest.raises(ValueError, match=f"missing .*{shards[-1]['name']}"):
         select_dataset(tmp_path / "parent", f"s3://{bucket}/broken", None)
+    assert storage.list_files(f"s3://{bucket}/broken") == []
+    # one that breaks half-way (a shard cut short, found by the repack): what reached the URI is removed
+    path = tmp_path / "parent" / mf.SHARDS / shards[-2]["name"]
+    path.write_bytes(path.read_bytes()[:1500])
+    with pytest.raises(ValueError, match=shards[-2]["name"]):
+        select_dataset(tmp_path / "parent", f"s3://{bucket}/broken", f"shard != '{shards[-1]['name']}'", repack=True)
     assert storage.list_files(f"s3://{bucket}/broken") == []
 
 
