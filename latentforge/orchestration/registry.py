@@ -25,6 +25,7 @@ def fetch_artifacts(uri: str, tracking_uri: str | None, dst: Path) -> Path:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    asked = uri  # what the user typed, named in errors (the download URI it resolves to means little to them)
     try:
         if uri.startswith("models:/"):
             client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
@@ -44,4 +45,4 @@ def fetch_artifacts(uri: str, tracking_uri: str | None, dst: Path) -> Path:
             uri = client.get_model_version_download_uri(name, version)
         return Path(download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri))
     except MlflowException as e:
-        raise ValueError(f"{uri}: {e.message}") from e
+        raise ValueError(f"{asked}: {e.message}" + (f" (downloading {uri})" if uri != asked else "")) from e
