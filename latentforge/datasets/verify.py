@@ -84,7 +84,8 @@ def _verify_shard(root: Path | str, entry: dict, expected: dict[str, dict], card
         report.checked["shards"] += 1
         digest = sha256_file(local)
         if digest != entry.get("sha256"):
-            report.problems.append(f"{name}: sha256 {digest[:12]}... does not match the card's {str(entry.get('sha256'))[:12]}...")
+            report.problems.append(f"{name}: sha256 {digest[:12]}... does not match the card's "
+                                   f"{str(entry.get('sha256'))[:12]}...")
         if entry.get("count") != len(expected):
             report.problems.append(f"{name}: card counts {entry.get('count')} samples, manifest {len(expected)}")
         if decode:

@@ -261,7 +261,8 @@ def _frames_of(container: Any, stream: Any) -> Any:
 SEEK_AFTER_S = 2.0  # PyAV seeks to the next wanted frame's keyframe rather than decode this far to it
 
 
-def _pyav_frames_at(path: Path, times_s: np.ndarray, size, stretch: bool, seek: bool = True) -> tuple[np.ndarray, float]:
+def _pyav_frames_at(path: Path, times_s: np.ndarray, size, stretch: bool,
+                    seek: bool = True) -> tuple[np.ndarray, float]:
     """The frames shown at `times_s` through PyAV (files decord refused: AV1, which its FFmpeg cannot decode,
     and damaged files)."""
     frames = _pyav_frames(path, times_s, size, stretch, seek=seek)

@@ -88,8 +88,11 @@ def verify(dataset: Annotated[str, typer.Argument(
            decode: Annotated[bool, typer.Option(help="read every sample, not just checksums and counts")] = True,
            tracking_uri: TrackingUriOpt = None,
            ) -> None:
-    """Re-check a dataset: card vs manifest vs shards (counts, sha256, schema, sample shapes). Given a trained
-    stage instead, check that every shard it read is still there with the sha256 its lineage recorded."""
+    """Re-check a dataset, or that the shards a trained stage read are still as they were.
+
+    A dataset: card vs manifest vs shards (counts, sha256, schema, sample shapes).
+
+    A trained stage: every shard it read is still there with the sha256 its lineage recorded."""
     import json
     import tempfile
 
@@ -129,7 +132,8 @@ def verify(dataset: Annotated[str, typer.Argument(
 @app.command()
 def select(dataset: Annotated[str, typer.Argument(help="a curated dataset directory or URI (s3://...)")],
            out: Annotated[str, typer.Option("--out", help="where to write the child dataset (a directory or URI)")],
-           where: Annotated[Optional[str], typer.Option(help="e.g. \"score_motion > 0.3 and score_text_area < 0.05\"")] = None,
+           where: Annotated[Optional[str], typer.Option(
+               help="e.g. \"score_motion > 0.3 and score_text_area < 0.05\"")] = None,
            modality: Annotated[Optional[list[str]], typer.Option(help="keep only these modalities")] = None,
            repack: Annotated[bool, typer.Option(
                help="write the selected samples into new shards (members copied byte for byte) instead of linking "
@@ -138,8 +142,9 @@ def select(dataset: Annotated[str, typer.Argument(help="a curated dataset direct
            shard_mb: Annotated[Optional[float], typer.Option(
                help="with --repack: largest shard in MB (default: the parent curation's max_shard_mb)")] = None,
            ) -> None:
-    """A subset chosen from the manifest alone (no recompute): shards linked (or, with --repack, written anew),
-    the parent named in the card."""
+    """A subset chosen from the manifest alone (no recompute), or a dataset compacted (--repack).
+
+    Shards are linked from the parent (with --repack: the selected samples written anew); the card names it."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
     from latentforge.datasets import storage
@@ -187,8 +192,7 @@ def generate(model: Annotated[str, typer.Argument(
                  help="MODEL is a training checkpoint directory (checkpoint_*: its EMA weights), not an export: "
                       "the dataset it trained on, for its encoders and statistics")] = None,
              ) -> None:
-    """Samples from a trained stage for any prompts: PNG / GIF / WAV files and a labelled grid.png, decoded
-    with the encoders of the dataset the stage trained on."""
+    """Samples from a trained stage for any prompts, through its dataset's encoders: PNG / GIF / WAV and a grid."""
     import tempfile
 
     import torch

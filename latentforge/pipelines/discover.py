@@ -93,8 +93,8 @@ def _remote_rows(root: str) -> list[dict]:
             continue
         uri = storage.join(root, relpath)
         caption = captions.get(posixpath.splitext(relpath)[0])
-        rows.append(_row(relpath, uri, storage.join(root, caption) if caption else storage.with_suffix(uri, CAPTION_EXT),
-                         signature(infos[relpath], infos[caption] if caption else None)))
+        caption_uri = storage.join(root, caption) if caption else storage.with_suffix(uri, CAPTION_EXT)
+        rows.append(_row(relpath, uri, caption_uri, signature(infos[relpath], infos[caption] if caption else None)))
     return rows
 
 

@@ -55,7 +55,8 @@ def stage_model(model: dict, stage: TrainStageConfig, datasets: list[Dataset]) -
     if stage.repa is None:
         return {**model, "repa_depth": 0, "repa_dim": 0}
     if stage.repa.depth > model["depth"]:
-        raise ValueError(f"stage {stage.name!r}: repa.depth={stage.repa.depth} exceeds the model depth {model['depth']}")
+        raise ValueError(f"stage {stage.name!r}: repa.depth={stage.repa.depth} exceeds the model depth "
+                         f"{model['depth']}")
     return {**model, "repa_depth": stage.repa.depth, "repa_dim": repa_feature_dim(datasets, stage)}
 
 

@@ -68,7 +68,8 @@ def fit_stage(plan: PlanConfig, stage: TrainStageConfig, dataset_dirs: list[Path
     local = storage.cache_dir() / "checkpoints" / run_name / storage.name_of(result.checkpoint.path)
     result.checkpoint.to_directory(str(local))
     return StageResult(name=stage.name, checkpoint_dir=local, metrics=dict(result.metrics),
-                       checkpoint_uri=storage.join(str(storage_path), run_name, storage.name_of(result.checkpoint.path)))
+                       checkpoint_uri=storage.join(str(storage_path), run_name,
+                                                   storage.name_of(result.checkpoint.path)))
 
 
 def state_api_answers(timeout_s: int = 5) -> bool:

@@ -344,6 +344,9 @@ def test_cli_every_command_has_help(runner: CliRunner) -> None:
         result = runner.invoke(app, [name, "--help"] if name else ["--help"])
         assert result.exit_code == 0, (name, result.output)
         assert "Usage" in result.output
+    for name, command in group.commands.items():  # typer's command list keeps a first paragraph's line breaks
+        first = (command.help or "").strip().split("\n\n")[0]
+        assert first and "\n" not in first, f"{name}: the first paragraph of its help spans lines: {first!r}"
 
 
 def test_cli_ui_without_a_store_exits_2(runner: CliRunner, tmp_path: Path) -> None:

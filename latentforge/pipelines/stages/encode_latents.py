@@ -69,7 +69,8 @@ class EncodeLatents(Stage):
                 latents = encoder.encode(np.stack([pixels[i] for i in idx]))
             except Exception as e:  # one failing bucket batch is rejected with its reason, the rest go on
                 for i in idx:
-                    decoded["status"][i], decoded["reason"][i], decoded["stage"][i] = "rejected", "encode_error", self.name
+                    decoded["status"][i], decoded["reason"][i] = "rejected", "encode_error"
+                    decoded["stage"][i] = self.name
                     decoded["message"][i] = f"{type(e).__name__}: {e}"
                 continue
             for i, latent in zip(idx, latents):

@@ -201,7 +201,8 @@ class FilterAudioQuality(Stage):
         pending = [i for i, v in enumerate(column) if isinstance(v, _PendingSpeech)]
         if pending:
             try:
-                ratios = speech_ratios(self.vad, [column[i].signal for i in pending], self.cfg.audio_quality.sample_rate)
+                signals = [column[i].signal for i in pending]
+                ratios = speech_ratios(self.vad, signals, self.cfg.audio_quality.sample_rate)
             except Exception as e:  # noqa: BLE001 - as map_ok_rows does per row: the rows are lost, never the job
                 for i in pending:
                     column[i] = 0.0

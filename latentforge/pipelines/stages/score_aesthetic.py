@@ -2,12 +2,12 @@
 then a small MLP head shaped like LAION's aesthetic predictor.
 
 The CLIP vision tower loads with transformers (`CLIPVisionModelWithProjection` + its image processor through
-`AutoImageProcessor`, by hub id or local directory). The head is a directory (or hub repository) holding `aesthetic_head.safetensors` and
-`aesthetic_head.json` ({"input_dim": 768, "hidden_dims": [1024, 128, 64, 16], "dropout": [0.2, 0.2, 0.1, 0.0]}
-are the defaults): Linear layers, a Dropout module after each whose rate is above 0, and a last Linear to one
-output. With those defaults the module indices are LAION's improved-aesthetic-predictor's (`layers.0`,
-`layers.2`, ... `layers.7`), so its state dict saved as safetensors loads unchanged (`save_head` writes one).
-The score is on the head's own scale (LAION's: roughly 1-10).
+`AutoImageProcessor`, by hub id or local directory). The head is a directory (or hub repository) holding
+`aesthetic_head.safetensors` and `aesthetic_head.json` ({"input_dim": 768, "hidden_dims": [1024, 128, 64, 16],
+"dropout": [0.2, 0.2, 0.1, 0.0]} are the defaults): Linear layers, a Dropout module after each whose rate is above
+0, and a last Linear to one output. With those defaults the module indices are LAION's
+improved-aesthetic-predictor's (`layers.0`, `layers.2`, ... `layers.7`), so its state dict saved as safetensors
+loads unchanged (`save_head` writes one). The score is on the head's own scale (LAION's: roughly 1-10).
 """
 from __future__ import annotations
 
