@@ -16,11 +16,16 @@ from latentforge.pipelines.discover import orphan_captions
 from latentforge.pipelines.stages.encode_repa import repa_description
 
 FORMAT_VERSION = 1
+# Raised when a change to the code alters what a job writes for the same config: the config hash includes it, so
+# a resumed or incremental job redoes the groups an older version wrote instead of mixing both in one dataset.
+# 2: audio resampled through an anti-aliasing filter (linear interpolation before, which aliased).
+OUTPUT_VERSION = 2
 
 
 def config_hash(cfg: CurationConfig) -> str:
-    """What the job produces depends on: the config less how it runs (resources, fusion)."""
-    return hashlib.sha256(cfg.model_dump_json(exclude=set(cfg.EXECUTION_FIELDS)).encode()).hexdigest()[:16]
+    """What the job produces depends on: the config less how it runs (resources, fusion), and OUTPUT_VERSION."""
+    body = cfg.model_dump_json(exclude=set(cfg.EXECUTION_FIELDS))
+    return hashlib.sha256(f"{OUTPUT_VERSION}|{body}".encode()).hexdigest()[:16]
 
 
 def latent_statistics(kept: list[dict]) -> dict:

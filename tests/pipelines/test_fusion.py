@@ -139,6 +139,15 @@ def test_how_the_job_runs_does_not_change_what_it_is(tmp_path: Path) -> None:
     assert config_hash(CurationConfig(filters={"min_side": 48})) != config_hash(base)
 
 
+def test_a_code_change_that_alters_the_output_changes_the_config_hash(monkeypatch) -> None:
+    """Groups written by an older version (here: before anti-aliased audio) are not trusted on resume."""
+    from latentforge.pipelines import card
+
+    now = config_hash(CurationConfig())
+    monkeypatch.setattr(card, "OUTPUT_VERSION", card.OUTPUT_VERSION - 1)
+    assert config_hash(CurationConfig()) != now
+
+
 def test_the_dry_run_graph_lists_each_map_with_its_stages() -> None:
     graph = stage_graph(CurationConfig(), cluster_cpus=4)
     assert [row["stages"] for row in graph][0] == [s.name for s in SCAN_STAGES]

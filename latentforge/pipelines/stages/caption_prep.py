@@ -8,7 +8,6 @@ with the decoder's reason; a video's broken audio track only costs its transcrip
 """
 from __future__ import annotations
 
-from math import gcd
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -51,17 +50,10 @@ def decode_visual(row: dict, cfg: VLMCaptionConfig, timeout_s: float) -> np.ndar
 
 def decode_speech(row: dict, cfg: AudioCaptionConfig) -> np.ndarray:
     """float32 mono at cfg.sample_rate, at most cfg.max_seconds long."""
-    from scipy.signal import resample_poly
-
-    source = int(row.get("sample_rate", 0) or 0) or cfg.sample_rate
     seconds = min(float(row.get("duration_s", 0.0) or cfg.max_seconds), cfg.max_seconds)
-    mono = media.decode_audio(row["uri"], source, max(1, round(seconds * source)))  # native rate: no resampling
-    if source == cfg.sample_rate:
-        return mono
-    # Polyphase with an anti-alias filter, not media's linear interpolation: aliasing from 44.1/48 kHz down to
-    # 16 kHz folds hiss into the band Whisper listens to.
-    g = gcd(source, cfg.sample_rate)
-    return resample_poly(mono, cfg.sample_rate // g, source // g).astype(np.float32)
+    # decode_audio's resampling is anti-aliased: aliasing from 44.1/48 kHz down to 16 kHz would fold hiss into
+    # the band Whisper listens to.
+    return media.decode_audio(row["uri"], cfg.sample_rate, max(1, round(seconds * cfg.sample_rate)))
 
 
 def decode_track(row: dict, cfg: AudioCaptionConfig, timeout_s: float) -> np.ndarray | None:

@@ -3,9 +3,9 @@
 All scores are computed on the first `max_seconds` of the file, per channel where the channels matter (a mono
 mix hides a clipped channel, cancels out-of-phase content and reads stereo 3 dB low):
 - `score_clipping_ratio`: the largest fraction, over channels, of samples with |x| >= 0.999 of full scale,
-  on the file's own samples (before resampling, whose interpolation rounds clipped runs off).
+  on the file's own samples (before resampling, whose low-pass filter rounds clipped runs off).
 - `score_loudness`: integrated loudness in LUFS per ITU-R BS.1770-4 (K-weighting, channel weights, 400 ms
-  blocks, absolute and relative gates) via pyloudnorm, on the channels resampled (linearly) to `sample_rate`.
+  blocks, absolute and relative gates) via pyloudnorm, on the channels resampled (anti-aliased) to `sample_rate`.
   pyloudnorm weighs up to five channels as L R C Ls Rs; files of six channels and more (WAV/FLAC 5.1 order,
   L R C LFE Ls Rs ...) drop the LFE, as BS.1770 does, and are measured on their first five other channels.
   A clip shorter than one block is measured as its own one block; a signal with no block above the -70 LUFS
