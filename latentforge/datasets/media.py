@@ -255,7 +255,29 @@ def upright_rgb(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     """`img` decoded in RGB, EXIF orientation applied. A JPEG decodes at 1/2, 1/4 or 1/8 scale for free when
     that still covers `size` (H, W); other formats decode at full size."""
     img.draft("RGB", (size[1], size[0]))
-    return ImageOps.exif_transpose(img).convert("RGB")
+    return _to_rgb(ImageOps.exif_transpose(img))
+
+
+_WIDE_GREY_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}  # 16- (and 32-) bit greys: 16-bit PNG, PGM
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB of any mode. PIL's `convert("RGB")` alone clips 16-bit greys at 255 (a 16-bit PNG came out
+    nearly all white): they are scaled to 8 bits instead. Transparency (an alpha channel, or a palette or colour
+    key marked transparent) is composited over white, as a viewer shows it: the colour stored under a transparent
+    pixel is arbitrary (usually black), and the pixels a model would learn from should be the visible ones."""
+    if img.mode in _WIDE_GREY_MODES:
+        grey = np.asarray(img, dtype=np.float64)
+        if img.mode == "I" and grey.max(initial=0) <= 255:  # an "I" image that holds 8-bit values
+            scaled = grey
+        else:
+            scaled = grey / 257.0  # 65535 -> 255
+        img = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 def decode_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:

@@ -143,6 +143,36 @@ def test_jpeg_decode_is_close_and_writable(tmp_path: Path) -> None:
     pixels[0, 0] = 0  # callers normalise in place
 
 
+def test_a_16_bit_grey_png_keeps_its_tones(tmp_path: Path) -> None:
+    """PIL's convert("RGB") clips 16-bit values at 255: this ramp came out all but white (mean 254.5)."""
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    assert Image.open(tmp_path / "ramp16.png").mode.startswith("I")
+    pixels = decode_image(tmp_path / "ramp16.png", (64, 64))
+    assert pixels.min() == 0 and pixels.max() == 255 and abs(pixels.mean() - 127.5) < 1
+    assert (pixels[..., 0] == pixels[..., 1]).all() and (np.diff(pixels[:, :, 0].ravel().astype(int)) >= 0).all()
+
+
+def test_transparent_pixels_decode_as_white(tmp_path: Path) -> None:
+    """An alpha channel, a grey+alpha image and a palette entry marked transparent: composited over white, not
+    the colour stored under the transparent pixels (black here, what a plain convert("RGB") gave)."""
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[16:48, 16:48] = (255, 0, 0, 255)
+    rgba[:8, :8] = (0, 0, 255, 128)  # half transparent blue over white
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    grey = np.zeros((64, 64, 2), np.uint8)
+    grey[16:48, 16:48] = (200, 255)
+    Image.fromarray(grey, "LA").save(tmp_path / "la.png")
+    palette = Image.new("P", (64, 64), 0)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette.paste(1, (16, 16, 48, 48))
+    palette.save(tmp_path / "p.png", transparency=0)
+    for name, inside in (("rgba.png", (255, 0, 0)), ("la.png", (200, 200, 200)), ("p.png", (255, 0, 0))):
+        pixels = decode_image(tmp_path / name, (64, 64))
+        assert tuple(pixels[60, 60]) == (255, 255, 255) and tuple(pixels[32, 32]) == inside, name
+    assert tuple(decode_image(tmp_path / "rgba.png", (64, 64))[2, 2]) == pytest.approx((127, 127, 255), abs=2)
+
+
 def test_exif_rotation_is_applied(tmp_path: Path) -> None:
     path = tmp_path / "rotated.jpg"
     exif = Image.Exif()
