@@ -253,6 +253,14 @@ def _decord_frames_at(path: Path, times_s: np.ndarray, size, stretch: bool) -> t
     return np.stack([decoded[i] for i in indices.tolist()]), fps
 
 
+def _upright(frame: Any) -> np.ndarray:
+    """A PyAV frame as RGB, turned as its display matrix says (a phone's portrait video is stored landscape with
+    a rotation), as decord returns it: both decoders give a file the same frames, whichever reads it."""
+    pixels = frame.to_ndarray(format="rgb24")
+    turns = round(getattr(frame, "rotation", 0) / 90) % 4  # counterclockwise; decord keeps only multiples of 90
+    return np.ascontiguousarray(np.rot90(pixels, turns)) if turns else pixels
+
+
 def _frames_of(container: Any, stream: Any) -> Any:
     """The stream's decoded frames from where the container stands (one place, so tests can count them)."""
     return container.decode(stream)
@@ -295,7 +303,7 @@ def _pyav_frames(path: Path, times_s: np.ndarray, size, stretch: bool, *, fps: f
             wanted = set(order)
             for position, frame in enumerate(_frames_of(container, stream)):
                 if position in wanted:
-                    kept[position] = _fit(frame.to_ndarray(format="rgb24"), size, stretch)
+                    kept[position] = _fit(_upright(frame), size, stretch)
                 if position >= order[-1]:
                     break
         else:
@@ -311,7 +319,7 @@ def _pyav_frames(path: Path, times_s: np.ndarray, size, stretch: bool, *, fps: f
                     if position > target:
                         return None  # landed past it, or timestamps skip it
                     if position == target:
-                        kept[position] = _fit(frame.to_ndarray(format="rgb24"), size, stretch)
+                        kept[position] = _fit(_upright(frame), size, stretch)
                         if len(kept) == len(order):
                             break
                         target = order[len(kept)]

@@ -19,7 +19,8 @@ FORMAT_VERSION = 1
 # Raised when a change to the code alters what a job writes for the same config: the config hash includes it, so
 # a resumed or incremental job redoes the groups an older version wrote instead of mixing both in one dataset.
 # 2: audio resampled through an anti-aliasing filter (linear interpolation before, which aliased); transparent
-#    pixels composited over white and 16-bit greys scaled (before: the stored colour, often black; clipped white).
+#    pixels composited over white and 16-bit greys scaled (before: the stored colour, often black; clipped white);
+#    PyAV turns frames by the display rotation as decord does.
 OUTPUT_VERSION = 2
 
 

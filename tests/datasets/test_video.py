@@ -80,3 +80,29 @@ def test_another_file_at_the_same_path_and_a_failed_decode_open_afresh(clip_vide
     video.decode_clip(clip_video, 0.1, 1.9, 2, None)
     video.decode_clip(clip_video, 2.1, 3.9, 2, None)
     assert taken[1] is not taken[0] and taken[2] is taken[1]  # the reader that raised was not put back
+
+
+@pytest.mark.parametrize("rotation", [90, -90, 180])
+def test_a_rotated_video_reads_the_same_upright_frames_through_either_decoder(tmp_path: Path, rotation: int):
+    """A phone's portrait video: landscape frames stored with a display rotation. decord turns them; PyAV (the
+    fallback for what decord cannot read) now does the same, so a file's frames do not depend on its decoder."""
+    import av
+
+    path = tmp_path / f"rot{rotation}.mp4"
+    stored = np.zeros((32, 64, 3), np.uint8)
+    stored[:, :16] = 255  # a white band on the left and a grey one on top: every turn looks different
+    stored[:8] = 128
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        stream.set_display_rotation(rotation)
+        for _ in range(6):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(stored, format="rgb24")))
+        out.mux(stream.encode())
+    upright = np.rot90(stored, rotation // 90)
+    times = np.array([0.0, 0.1])
+    for decode in (video._decord_frames_at, video._pyav_frames_at):
+        frames, _ = decode(path, times, None, False)
+        assert frames.shape[1:] == upright.shape and np.abs(frames[0].astype(int) - upright).mean() < 4, decode
+    by_decord, by_pyav = video.decord_probe(path), video.pyav_probe(path)
+    assert (by_decord.width, by_decord.height) == (by_pyav.width, by_pyav.height) == upright.shape[1::-1]
