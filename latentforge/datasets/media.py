@@ -1,4 +1,4 @@
-"""Probe media files with real decoders; decode images and audio (videos: `latentforge.datasets.video`).
+"""Probe media files with real decoders; decode images (videos: `datasets.video`, audio: `datasets.audio`).
 
 `probe` is the gate a curation pipeline puts in front of everything else: it either returns a
 `ProbeResult` or raises `MediaError` whose `reason` is a short code a filter can count and route on.
@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import numpy as np
-import soundfile as sf
 from PIL import Image, ImageOps
 
 T = TypeVar("T")
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
-AUDIO_EXTS = {".wav", ".flac", ".ogg", ".opus", ".mp3", ".aiff", ".aif"}  # what libsndfile >= 1.1 reads
+AUDIO_EXTS = {".wav", ".flac", ".ogg", ".opus", ".mp3", ".aiff", ".aif", ".m4a", ".aac"}  # see datasets/audio.py
 _MODALITY_BY_EXT = {
     **dict.fromkeys(IMAGE_EXTS, "image"),
     **dict.fromkeys(VIDEO_EXTS, "video"),
@@ -51,8 +50,9 @@ _RIFF_FORMS = {
     b"AVI ": ("video", "an AVI video"),
     b"WAVE": ("audio", "a WAV audio file"),
 }
-# ISO-BMFF brands that hold still images rather than video.
+# ISO-BMFF brands that hold still images, or audio, rather than video.
 _IMAGE_BRANDS = {b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1"}
+_AUDIO_BRANDS = {b"M4A ", b"M4B ", b"M4P "}
 # BITMAPINFOHEADER sizes; "BM" alone is too weak a signature (plenty of text starts with it).
 _BMP_DIB_SIZES = {12, 40, 52, 56, 64, 108, 124}
 # EXIF orientations that rotate by 90 degrees and therefore swap width and height.
@@ -119,10 +119,12 @@ def _sniff(head: bytes) -> tuple[str, str] | None:
     if head[4:8] == b"ftyp":
         if head[8:12] in _IMAGE_BRANDS:
             return "image", "a HEIF/AVIF image"
+        if head[8:12] in _AUDIO_BRANDS:
+            return "audio", "an MPEG-4 audio file"
         return "video", "an MP4/QuickTime video"
     if head[:2] == b"BM" and len(head) >= 18 and int.from_bytes(head[14:18], "little") in _BMP_DIB_SIZES:
         return "image", "a BMP image"
-    # An MPEG audio frame's 11-bit sync word (an MP3 without an ID3 tag; JPEG's FF D8 was matched above).
+    # An MPEG audio frame's 11-bit sync word (an MP3 without an ID3 tag, ADTS AAC; JPEG's FF D8 was matched above).
     if len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0:
         return "audio", "an MPEG audio file"
     return None
@@ -147,7 +149,9 @@ def probe(path: str | Path, *, max_pixels: int = 64_000_000, timeout_s: float = 
         from latentforge.datasets import video  # lazy: video imports this module
 
         return video.with_fallback(lambda: video.decord_probe(path), lambda: video.pyav_probe(path), timeout_s)
-    return run_with_timeout(lambda: _probe_audio(path), timeout_s, "soundfile")
+    from latentforge.datasets import audio  # lazy: audio imports this module
+
+    return run_with_timeout(lambda: audio.probe_audio(path), timeout_s, "audio decoder")
 
 
 def _check_container(path: Path) -> str:
@@ -306,85 +310,3 @@ def resize_crop(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     resized = Image.fromarray(frame).resize((new_w, new_h), Image.Resampling.BICUBIC)
     top, left = (new_h - out_h) // 2, (new_w - out_w) // 2
     return np.asarray(resized)[top : top + out_h, left : left + out_w].copy()  # writable, unlike PIL's buffer
-
-
-# ---------------------------------------------------------------- audio
-
-
-_PROBE_FRAMES = 4096  # decoded from each end of an audio file
-
-
-def _probe_audio(path: Path) -> ProbeResult:
-    try:
-        info = sf.info(str(path))
-        # The header can promise samples a damaged body does not hold: its first frames and its last are decoded
-        # (a FLAC or MP3 cut short keeps a header counting every sample; WAV and AIFF count what is there).
-        if info.frames > 0:
-            with sf.SoundFile(str(path)) as handle:
-                handle.read(min(info.frames, _PROBE_FRAMES), dtype="float32")
-                if info.frames > _PROBE_FRAMES:
-                    handle.seek(info.frames - _PROBE_FRAMES)
-                    if len(handle.read(_PROBE_FRAMES, dtype="float32")) < _PROBE_FRAMES:
-                        raise MediaError("decode_error", f"{path.name} ends before the {info.frames} samples its "
-                                                         "header counts (truncated)")
-    except MediaError:
-        raise
-    except Exception as exc:  # libsndfile errors, plus whatever a damaged header provokes
-        raise MediaError("decode_error", f"soundfile could not decode {path.name}: {short_error(exc)}") from exc
-    if info.frames == 0:
-        raise MediaError("no_content", "audio has zero samples")
-    duration = info.frames / info.samplerate
-    return ProbeResult("audio", 0, 0, info.frames, 0.0, duration, info.samplerate, info.channels, "soundfile")
-
-
-def decode_audio(path: str | Path, sample_rate: int, num_samples: int) -> np.ndarray:
-    """Decode to float32 mono at `sample_rate`, cut or zero-padded to exactly `num_samples`."""
-    data, source_rate = read_audio(path, sample_rate, num_samples)
-    mono = _resample(data.mean(axis=1), source_rate, sample_rate)[:num_samples]
-    out = np.zeros(num_samples, dtype=np.float32)
-    out[: len(mono)] = mono
-    return out
-
-
-def read_audio(path: str | Path, sample_rate: int, num_samples: int) -> tuple[np.ndarray, int]:
-    """The file's own float32 samples, (frames, channels) at its own rate, and that rate: as many frames as
-    `num_samples` at `sample_rate` span, plus the resampling filter's reach past the last one (fewer where the
-    file ends). Unmixed and not resampled, for scores that depend on the channels as recorded (clipping)."""
-    path = Path(path)
-    try:
-        source_rate = sf.info(str(path)).samplerate
-        ratio = source_rate / sample_rate
-        # The filter's half-length in input frames (see _resample): read that much past the span, so the cut's
-        # last samples are filtered from real signal, not from the zeros resample_poly pads an edge with.
-        needed = int(np.ceil(num_samples * ratio)) + int(np.ceil(_FILTER_HALF_TAPS * max(ratio, 1.0))) + 1
-        data, _ = sf.read(str(path), frames=needed, dtype="float32", always_2d=True)
-    except Exception as exc:  # see _probe_audio
-        raise MediaError("decode_error", f"soundfile could not decode {path.name}: {short_error(exc)}") from exc
-    return data, source_rate
-
-
-def resample_channels(data: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
-    """`_resample` of each channel of (frames, channels) data; float32 (frames', channels)."""
-    return np.stack([_resample(data[:, c], source_rate, target_rate) for c in range(data.shape[1])], axis=1)
-
-
-# scipy's resample_poly default: a Kaiser-windowed sinc of 2 * 10 * max(up, down) + 1 taps at the upsampled rate,
-# i.e. 10 input samples each side (more when downsampling: 10 * source / target).
-_FILTER_HALF_TAPS = 10
-_MAX_FACTOR = 2048  # up / down beyond this (coprime odd rates): the ratio is approximated to a few ppm
-
-
-def _resample(signal: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
-    """Polyphase resampling with an anti-aliasing low-pass at the lower rate's Nyquist (scipy's resample_poly).
-    Linear interpolation, used before, folded everything above the target's Nyquist back into the band: a 7 kHz
-    tone read at 8 kHz came out as a 1 kHz tone at 92% of its level, in the latents training learns from."""
-    if source_rate == target_rate or len(signal) == 0:
-        return signal.astype(np.float32, copy=False)
-    from fractions import Fraction
-
-    from scipy.signal import resample_poly
-
-    ratio = Fraction(target_rate, source_rate).limit_denominator(_MAX_FACTOR)
-    count = int(round(len(signal) * target_rate / source_rate))
-    out = resample_poly(signal.astype(np.float32, copy=False), ratio.numerator, ratio.denominator)
-    return out[:count].astype(np.float32, copy=False)

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from PIL import Image, ImageDraw
 
 from latentforge.datasets import manifest as mf
-from latentforge.datasets import media, storage, video
+from latentforge.datasets import audio, media, storage, video
 
 REPORT = "report.html"
 MODALITIES = ("image", "video", "audio")
@@ -281,7 +281,7 @@ def _thumbnail_png(row: dict) -> str:
         frames, _ = video.decode_video(uri, VIDEO_FRAMES, VIDEO_THUMB, timeout_s=DECODE_TIMEOUT_S)
         pixels = np.concatenate(list(frames), axis=1)  # a left-to-right strip
     elif modality == "audio":
-        pixels = _waveform(media.decode_audio(uri, AUDIO_RATE, int(AUDIO_RATE * AUDIO_SECONDS)))
+        pixels = _waveform(audio.decode_audio(uri, AUDIO_RATE, int(AUDIO_RATE * AUDIO_SECONDS)))
     else:
         raise media.MediaError("unsupported_modality", f"no preview for modality {modality!r}")
     return _png_base64(pixels)

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from latentforge.datasets.demo_corpus import COLORS, POSITIONS, DemoCorpusSpec, generate_demo_corpus
-from latentforge.datasets.media import MediaError, decode_audio, probe
+from latentforge.datasets.audio import decode_audio
+from latentforge.datasets.media import MediaError, probe
 from latentforge.datasets.video import decode_video
 
 SMALL = DemoCorpusSpec(num_images=4, num_videos=3, num_audio=6, seed=7)

@@ -14,10 +14,10 @@ import soundfile as sf
 from PIL import Image
 
 from latentforge.datasets import media, video
+from latentforge.datasets.audio import decode_audio
 from latentforge.datasets.demo_corpus import encode_video
 from latentforge.datasets.media import (
     MediaError,
-    decode_audio,
     decode_image,
     modality_from_extension,
     probe,
@@ -324,6 +324,49 @@ def test_an_audio_file_cut_short_is_rejected(tmp_path: Path, name: str, kind: st
     assert sf.info(str(path)).frames == 66150  # what the header still says
     error = str(expect_error(path, "decode_error"))
     assert "truncated" in error if kind == "MP3" else "could not decode cut.flac" in error  # libsndfile's seek fails
+
+
+def write_aac(path: Path, seconds: float, rate: int = 44100, fmt: str | None = None, **options: str) -> None:
+    """A stereo 440 Hz tone as AAC through PyAV: MPEG-4 (.m4a; its index at the end unless `movflags="faststart"`)
+    or ADTS (`fmt="adts"`)."""
+    import av
+
+    tone = (0.5 * np.sin(2 * np.pi * 440 * np.arange(int(rate * seconds)) / rate)).astype(np.float32)
+    with av.open(str(path), "w", format=fmt, options=options) as out:
+        stream = out.add_stream("aac", rate=rate, layout="stereo")
+        for start in range(0, len(tone), 1024):
+            frame = av.AudioFrame.from_ndarray(np.stack([tone[start:start + 1024]] * 2), format="fltp", layout="stereo")
+            frame.sample_rate, frame.pts = rate, start
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+
+
+@pytest.mark.parametrize("name, fmt", [("tone.m4a", None), ("tone.aac", "adts")])
+def test_aac_in_m4a_and_adts_decodes_through_pyav(tmp_path: Path, name: str, fmt: str | None) -> None:
+    """libsndfile has no AAC decoder; FFmpeg (PyAV) reads these, with the same probe fields and decode semantics."""
+    path = tmp_path / name
+    write_aac(path, 3.0, fmt=fmt)
+    assert sniff_modality(path) == "audio"
+    result = probe(path)
+    assert (result.modality, result.sample_rate, result.channels, result.decoder) == ("audio", 44100, 2, "pyav")
+    assert result.duration_s == pytest.approx(3.0, abs=0.1)
+    samples = decode_audio(path, 16000, 16000)
+    assert peak_hz(samples, 16000) == pytest.approx(440, abs=4) and np.abs(samples[4000:]).max() > 0.4
+    assert decode_audio(path, 16000, 80000)[60000:].any() == False  # noqa: E712 - past its 3 s: zero-padded
+
+
+def test_an_m4a_cut_short_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "cut.m4a"
+    write_aac(path, 3.0)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # its index (written last) goes too
+    assert "pyav could not decode cut.m4a" in str(expect_error(path, "decode_error"))
+    write_aac(path, 3.0, movflags="faststart")  # index first: it opens, and still counts the samples cut off
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert "cut.m4a has nothing to decode in its last second, of the 3.0" in str(expect_error(path, "decode_error"))
+    video_named = tmp_path / "song.m4a"
+    encode_video(video_named, np.zeros((4, 16, 16, 3), np.uint8), 8)
+    assert "extension .m4a says audio but content is an MP4/QuickTime video" in str(
+        expect_error(video_named, "extension_mismatch"))
 
 
 def test_an_image_named_mp3_is_a_mismatch(tmp_path: Path, png_path: Path) -> None:

@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 from lf_batches import by_relpath, to_batch
 
-from latentforge.datasets import media
+from latentforge.datasets import audio
 from latentforge.pipelines.config import CurationConfig
 from latentforge.pipelines.discover import discover
 from latentforge.pipelines.stages.filter_audio import CLIP_LEVEL, AudioQualityConfig, FilterAudioQuality
@@ -130,9 +130,9 @@ def test_a_clip_shorter_than_one_frame_is_measured_on_what_it_has(rows: dict) ->
 
 def test_read_audio_returns_the_channels_as_recorded(root: Path) -> None:
     """Raw frames at the file's own rate, unmixed; decode_audio stays the mono mix it was."""
-    raw, rate = media.read_audio(root / "left_clipped_44k.flac", RATE, RATE)
+    raw, rate = audio.read_audio(root / "left_clipped_44k.flac", RATE, RATE)
     assert rate == 44100 and raw.dtype == np.float32 and raw.ndim == 2 and raw.shape[1] == 2
     assert raw.shape[0] >= 44100 and np.abs(raw[:, 0]).max() == pytest.approx(1.0, abs=1e-3)
     assert not raw[:, 1].any()
-    mono = media.decode_audio(root / "stereo_same.wav", RATE, RATE)
+    mono = audio.decode_audio(root / "stereo_same.wav", RATE, RATE)
     assert mono.shape == (RATE,) and np.abs(mono).max() == pytest.approx(0.5, abs=1e-3)

@@ -15,7 +15,7 @@ import pytest
 from lf_batches import to_batch
 from PIL import Image
 
-from latentforge.datasets import media, video
+from latentforge.datasets import audio, media, video
 from latentforge.datasets.codec import DctAudioCodec, HaarPixelCodec
 from latentforge.datasets.demo_corpus import DemoCorpusSpec, generate_demo_corpus
 from latentforge.datasets.manifest import channel_stats
@@ -310,7 +310,7 @@ def test_kept_latents_decode_to_the_expected_shape_and_content(final: dict[str, 
             frames, _ = video.decode_video(row["uri"], VIDEO_FRAMES, size)
             np.testing.assert_array_equal(HaarPixelCodec().decode(latent), frames)
         else:
-            wave = media.decode_audio(row["uri"], AUDIO_RATE, AUDIO_RATE)
+            wave = audio.decode_audio(row["uri"], AUDIO_RATE, AUDIO_RATE)
             np.testing.assert_allclose(DctAudioCodec().decode(latent), wave, atol=1e-5)
             assert np.abs(wave).max() > 0.1  # real sound, not zero padding
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from latentforge.datasets import media, video
+from latentforge.datasets import audio, media, video
 from latentforge.datasets.shards import npy_bytes
 from latentforge.datasets.video import decode_frames_at
 from latentforge.pipelines.resources import StageResources
@@ -53,7 +53,7 @@ def decode_speech(row: dict, cfg: AudioCaptionConfig) -> np.ndarray:
     seconds = min(float(row.get("duration_s", 0.0) or cfg.max_seconds), cfg.max_seconds)
     # decode_audio's resampling is anti-aliased: aliasing from 44.1/48 kHz down to 16 kHz would fold hiss into
     # the band Whisper listens to.
-    return media.decode_audio(row["uri"], cfg.sample_rate, max(1, round(seconds * cfg.sample_rate)))
+    return audio.decode_audio(row["uri"], cfg.sample_rate, max(1, round(seconds * cfg.sample_rate)))
 
 
 def decode_track(row: dict, cfg: AudioCaptionConfig, timeout_s: float) -> np.ndarray | None:

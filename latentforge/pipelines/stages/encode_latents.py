@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from latentforge.datasets import media, video
+from latentforge.datasets import audio, media, video
 from latentforge.datasets.buckets import Bucket, choose_bucket
 from latentforge.datasets.encoders import build_audio_encoder, build_visual_encoder
 from latentforge.datasets.manifest import channel_stats
@@ -93,7 +93,7 @@ class EncodeLatents(Stage):
             raise Reject("unsupported_modality", f"no latent encoder for modality {modality!r}")
         if modality == "audio":
             n = self.audio.valid_samples(int(round(self.audio.sample_rate * self.cfg.audio_seconds)))
-            return f"{n}samples@{self.audio.sample_rate}Hz", media.decode_audio(row["uri"], self.audio.sample_rate, n)
+            return f"{n}samples@{self.audio.sample_rate}Hz", audio.decode_audio(row["uri"], self.audio.sample_rate, n)
         clip = int(row.get("clip_index", -1)) >= 0
         available = int(row["num_frames"])
         if clip:  # a clip of a longer video: only its own span counts

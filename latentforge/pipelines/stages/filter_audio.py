@@ -26,7 +26,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from latentforge.datasets import media
+from latentforge.datasets import audio, media
 from latentforge.pipelines.resources import StageResources, Strict
 from latentforge.pipelines.stage import Reject, Stage, error_message, mark_row
 
@@ -222,7 +222,7 @@ class FilterAudioQuality(Stage):
         bad = int(np.count_nonzero(~np.isfinite(raw)))
         if bad:  # NaN loudness would read as -120 LUFS, i.e. "too quiet"
             raise Reject("non_finite_samples", f"{bad} of {raw.size} samples are NaN or infinite: no defined level")
-        channels = media.resample_channels(raw, source_rate, rate)[:num_samples]
+        channels = audio.resample_channels(raw, source_rate, rate)[:num_samples]
         return {
             "score_loudness": integrated_loudness(channels, rate),
             "score_silence_ratio": silence_ratio(channels, rate),
@@ -238,7 +238,7 @@ class FilterAudioQuality(Stage):
         seconds = min(duration, cfg.max_seconds) if duration > 0 else cfg.max_seconds
         num_samples = max(1, round(seconds * cfg.sample_rate))
         try:
-            return (*media.read_audio(row["uri"], cfg.sample_rate, num_samples), num_samples)
+            return (*audio.read_audio(row["uri"], cfg.sample_rate, num_samples), num_samples)
         except media.MediaError as e:
             raise Reject(e.reason, str(e)) from e
 

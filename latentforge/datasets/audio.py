@@ -1,0 +1,156 @@
+"""Probe and decode audio files: libsndfile (soundfile) for WAV, FLAC, Ogg (Vorbis, Opus), MP3 and AIFF, PyAV
+(FFmpeg) for AAC in MPEG-4 (.m4a) or ADTS (.aac), which libsndfile cannot read.
+
+Both return the file's own float32 samples (frames, channels) at its own rate; `decode_audio` mixes them to mono
+and resamples them through an anti-aliasing filter. Every failure is a `MediaError` with a reason code, as in
+`media`, which calls `probe_audio` for files its extension check says are audio.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from latentforge.datasets.media import MediaError, ProbeResult, short_error
+
+FFMPEG_EXTS = {".m4a", ".aac"}  # AAC: decoded by PyAV
+_PROBE_FRAMES = 4096  # decoded from each end of a file
+_TAIL_SECONDS = 1.0  # PyAV: decoded from the end of an MPEG-4 file, whose header holds its exact duration
+# scipy's resample_poly default: a Kaiser-windowed sinc of 2 * 10 * max(up, down) + 1 taps at the upsampled rate,
+# i.e. 10 input samples each side (more when downsampling: 10 * source / target).
+_FILTER_HALF_TAPS = 10
+_MAX_FACTOR = 2048  # up / down beyond this (coprime odd rates): the ratio is approximated to a few ppm
+
+
+def probe_audio(path: Path) -> ProbeResult:
+    """Describe a usable audio file or raise MediaError: its header, its first frames and its last decoded (the
+    header can promise samples a damaged body does not hold: a FLAC, MP3 or M4A cut short keeps a header counting
+    every sample; WAV and AIFF count what is there)."""
+    if path.suffix.lower() in FFMPEG_EXTS:
+        return _pyav_probe(path)
+    try:
+        info = sf.info(str(path))
+        if info.frames > 0:
+            with sf.SoundFile(str(path)) as handle:
+                handle.read(min(info.frames, _PROBE_FRAMES), dtype="float32")
+                if info.frames > _PROBE_FRAMES:
+                    handle.seek(info.frames - _PROBE_FRAMES)
+                    if len(handle.read(_PROBE_FRAMES, dtype="float32")) < _PROBE_FRAMES:
+                        raise MediaError("decode_error", f"{path.name} ends before the {info.frames} samples its "
+                                                         "header counts (truncated)")
+    except MediaError:
+        raise
+    except Exception as exc:  # libsndfile errors, plus whatever a damaged header provokes
+        raise MediaError("decode_error", f"soundfile could not decode {path.name}: {short_error(exc)}") from exc
+    if info.frames == 0:
+        raise MediaError("no_content", "audio has zero samples")
+    duration = info.frames / info.samplerate
+    return ProbeResult("audio", 0, 0, info.frames, 0.0, duration, info.samplerate, info.channels, "soundfile")
+
+
+def _pyav_probe(path: Path) -> ProbeResult:
+    import av  # lazy: most workers never decode AAC
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise MediaError("no_content", f"{path.name} has no audio stream")
+            stream = container.streams.audio[0]
+            rate, channels = int(stream.rate or 0), int(stream.channels or 0)
+            duration = float(container.duration or 0) / av.time_base
+            if next(iter(container.decode(stream)), None) is None or rate <= 0 or duration <= 0:
+                raise MediaError("no_content", f"{path.name} has no decodable audio")
+            # MPEG-4 records the exact duration, ADTS only an estimate from the bit rate: its end is not checked.
+            if "mp4" in container.format.name and duration > _TAIL_SECONDS:
+                container.seek(int((duration - _TAIL_SECONDS) * av.time_base))
+                end = max((f.time + f.samples / f.sample_rate for f in container.decode(stream)
+                           if f.time is not None), default=0.0)
+                if end < duration - _TAIL_SECONDS / 2:
+                    where = f"ends at {end:.2f} s" if end else "has nothing to decode in its last second"
+                    raise MediaError("decode_error", f"{path.name} {where}, of the {duration:.2f} s its header "
+                                                     "counts (truncated)")
+    except MediaError:
+        raise
+    except Exception as exc:  # FFmpeg errors on a damaged file (a cut MPEG-4 file lacks its index)
+        raise MediaError("decode_error", f"pyav could not decode {path.name}: {short_error(exc)}") from exc
+    return ProbeResult("audio", 0, 0, round(duration * rate), 0.0, duration, rate, channels, "pyav")
+
+
+def decode_audio(path: str | Path, sample_rate: int, num_samples: int) -> np.ndarray:
+    """Decode to float32 mono at `sample_rate`, cut or zero-padded to exactly `num_samples`."""
+    data, source_rate = read_audio(path, sample_rate, num_samples)
+    mono = _resample(data.mean(axis=1), source_rate, sample_rate)[:num_samples]
+    out = np.zeros(num_samples, dtype=np.float32)
+    out[: len(mono)] = mono
+    return out
+
+
+def read_audio(path: str | Path, sample_rate: int, num_samples: int) -> tuple[np.ndarray, int]:
+    """The file's own float32 samples, (frames, channels) at its own rate, and that rate: as many frames as
+    `num_samples` at `sample_rate` span, plus the resampling filter's reach past the last one (fewer where the
+    file ends). Unmixed and not resampled, for scores that depend on the channels as recorded (clipping)."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in FFMPEG_EXTS:
+            return _pyav_read(path, sample_rate, num_samples)
+        source_rate = sf.info(str(path)).samplerate
+        data, _ = sf.read(str(path), frames=_frames_needed(num_samples, source_rate, sample_rate), dtype="float32",
+                          always_2d=True)
+    except MediaError:
+        raise
+    except Exception as exc:  # see probe_audio
+        decoder = "pyav" if path.suffix.lower() in FFMPEG_EXTS else "soundfile"
+        raise MediaError("decode_error", f"{decoder} could not decode {path.name}: {short_error(exc)}") from exc
+    return data, source_rate
+
+
+def _frames_needed(num_samples: int, source_rate: int, sample_rate: int) -> int:
+    """Frames at `source_rate` that `num_samples` at `sample_rate` span, plus the filter's half-length (see
+    _resample): the cut's last samples are then filtered from real signal, not from the zeros resample_poly pads
+    an edge with."""
+    ratio = source_rate / sample_rate
+    return int(np.ceil(num_samples * ratio)) + int(np.ceil(_FILTER_HALF_TAPS * max(ratio, 1.0))) + 1
+
+
+def _pyav_read(path: Path, sample_rate: int, num_samples: int) -> tuple[np.ndarray, int]:
+    import av
+
+    with av.open(str(path)) as container:
+        if not container.streams.audio:
+            raise MediaError("no_content", f"{path.name} has no audio stream")
+        stream = container.streams.audio[0]
+        source_rate = int(stream.rate)
+        needed = _frames_needed(num_samples, source_rate, sample_rate)
+        resampler = av.AudioResampler(format="fltp")  # planar float at the stream's own rate and channels
+        chunks, count = [], 0
+        for frame in container.decode(stream):
+            for out in resampler.resample(frame):
+                chunks.append(out.to_ndarray())
+                count += out.samples
+            if count >= needed:
+                break
+    if not chunks:
+        raise MediaError("no_content", f"{path.name} has no decodable audio")
+    return np.ascontiguousarray(np.concatenate(chunks, axis=1)[:, :needed].T, dtype=np.float32), source_rate
+
+
+def resample_channels(data: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
+    """`_resample` of each channel of (frames, channels) data; float32 (frames', channels)."""
+    return np.stack([_resample(data[:, c], source_rate, target_rate) for c in range(data.shape[1])], axis=1)
+
+
+def _resample(signal: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
+    """Polyphase resampling with an anti-aliasing low-pass at the lower rate's Nyquist (scipy's resample_poly).
+    Linear interpolation, used before, folded everything above the target's Nyquist back into the band: a 7 kHz
+    tone read at 8 kHz came out as a 1 kHz tone at 92% of its level, in the latents training learns from."""
+    if source_rate == target_rate or len(signal) == 0:
+        return signal.astype(np.float32, copy=False)
+    from fractions import Fraction
+
+    from scipy.signal import resample_poly
+
+    ratio = Fraction(target_rate, source_rate).limit_denominator(_MAX_FACTOR)
+    count = int(round(len(signal) * target_rate / source_rate))
+    out = resample_poly(signal.astype(np.float32, copy=False), ratio.numerator, ratio.denominator)
+    return out[:count].astype(np.float32, copy=False)
