@@ -157,11 +157,37 @@ def curate(cfg: LatentforgeConfig, tracker: Tracker, parent_id: str | None, summ
                   "dataset_dir": str(result.dataset_dir), "inputs_digest": digest})
     console.print(f"[green]curated[/] {result.kept}/{result.inputs} kept, {result.rejected} rejected, "
                   f"{result.filtered} filtered -> {result.dataset_dir}")
+    if result.rejected or result.filtered:
+        console.print(reasons_table(local))
     if result.groups.get("kept"):
         console.print("shard groups: {kept} kept from an earlier run, {redone} redone, {new} new"
                       .format(**result.groups))
     if result.stage_seconds:  # none when every group was already done
         console.print(stage_time_table(result.stage_seconds))
+
+
+def reasons_table(dataset_dir: Path, most: int = 12):
+    """Why samples were left out (status, stage, reason: count, an example), most frequent first; the rest, and
+    every sample, are in rejects.parquet and report.html beside the manifest."""
+    from collections import Counter
+
+    from rich.table import Table
+
+    from latentforge.datasets.manifest import Dataset
+
+    rows = Dataset(dataset_dir).rejects().select(["status", "stage", "reason", "relpath"]).to_pylist()
+    counts = Counter((r["status"], r["stage"], r["reason"]) for r in rows)
+    example = {(r["status"], r["stage"], r["reason"]): r["relpath"] for r in reversed(rows)}
+    table = Table(title="left out, by reason", title_justify="left", caption="each one: rejects.parquet, report.html",
+                  caption_justify="left")
+    for column in ("status", "stage", "reason", "samples", "e.g."):
+        table.add_column(column, justify="right" if column == "samples" else "left")
+    for key, count in counts.most_common(most):
+        table.add_row(*key, str(count), example[key])
+    if len(counts) > most:
+        table.add_row("...", "", f"{len(counts) - most} more reasons", str(sum(counts.values()) - sum(
+            c for _, c in counts.most_common(most))), "")
+    return table
 
 
 def stage_time_table(stage_seconds: dict[str, dict[str, float]]):
