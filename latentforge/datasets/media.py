@@ -124,8 +124,9 @@ def _sniff(head: bytes) -> tuple[str, str] | None:
         return "video", "an MP4/QuickTime video"
     if head[:2] == b"BM" and len(head) >= 18 and int.from_bytes(head[14:18], "little") in _BMP_DIB_SIZES:
         return "image", "a BMP image"
-    # An MPEG audio frame's 11-bit sync word (an MP3 without an ID3 tag, ADTS AAC; JPEG's FF D8 was matched above).
-    if len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0:
+    # An MPEG audio frame's 11-bit sync word (an MP3 without an ID3 tag, ADTS AAC; JPEG's FF D8 was matched above),
+    # not UTF-16 text's byte-order mark FF FE.
+    if len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0 and head[1] != 0xFE:
         return "audio", "an MPEG audio file"
     return None
 

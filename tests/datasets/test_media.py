@@ -102,6 +102,10 @@ def test_sniff_modality_unknown_content(tmp_path: Path) -> None:
     text = tmp_path / "notes.bin"
     text.write_bytes(b"BMW and other words, but not a bitmap header")
     assert sniff_modality(text) is None
+    text.write_bytes("UTF-16 text starts FF FE, as MPEG audio's sync word might".encode("utf-16"))
+    assert sniff_modality(text) is None
+    text.write_bytes(b"\xff\xfb\x90\x64" + bytes(28))  # an MPEG-1 Layer III frame header
+    assert sniff_modality(text) == "audio"
 
 
 # ---------------------------------------------------------------- images
