@@ -1,5 +1,6 @@
 """Probe and decode audio files: libsndfile (soundfile) for WAV, FLAC, Ogg (Vorbis, Opus), MP3 and AIFF, PyAV
-(FFmpeg) for AAC in MPEG-4 (.m4a) or ADTS (.aac), which libsndfile cannot read.
+(FFmpeg) for AAC in MPEG-4 (.m4a) or ADTS (.aac), which libsndfile cannot read, and for video containers that
+hold only sound (an .mp4 or .webm of a podcast or a soundtrack: `media.probe` calls them audio).
 
 Both return the file's own float32 samples (frames, channels) at its own rate; `decode_audio` mixes them to mono
 and resamples them through an anti-aliasing filter. Every failure is a `MediaError` with a reason code, as in
@@ -12,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from latentforge.datasets.media import MediaError, ProbeResult, short_error
+from latentforge.datasets.media import VIDEO_EXTS, MediaError, ProbeResult, short_error
 
-FFMPEG_EXTS = {".m4a", ".aac"}  # AAC: decoded by PyAV
+FFMPEG_EXTS = {".m4a", ".aac"} | VIDEO_EXTS  # decoded by PyAV: AAC, and video containers holding only sound
 _PROBE_FRAMES = 4096  # decoded from each end of a file
 _TAIL_SECONDS = 1.0  # PyAV: decoded from the end of an MPEG-4 file, whose header holds its exact duration
 # scipy's resample_poly default: a Kaiser-windowed sinc of 2 * 10 * max(up, down) + 1 taps at the upsampled rate,
@@ -49,6 +50,17 @@ def probe_audio(path: Path) -> ProbeResult:
     return ProbeResult("audio", 0, 0, info.frames, 0.0, duration, info.samplerate, info.channels, "soundfile")
 
 
+def sound_only(path: Path) -> bool:
+    """Whether a container holds an audio stream and no video stream."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            return bool(container.streams.audio) and not container.streams.video
+    except Exception:  # noqa: BLE001 - unreadable: not audio either; the caller keeps its own error
+        return False
+
+
 def _pyav_probe(path: Path) -> ProbeResult:
     import av  # lazy: most workers never decode AAC
 
@@ -59,9 +71,13 @@ def _pyav_probe(path: Path) -> ProbeResult:
             stream = container.streams.audio[0]
             rate, channels = int(stream.rate or 0), int(stream.channels or 0)
             duration = float(container.duration or 0) / av.time_base
-            if next(iter(container.decode(stream)), None) is None or rate <= 0 or duration <= 0:
+            if next(iter(container.decode(stream)), None) is None or rate <= 0:
                 raise MediaError("no_content", f"{path.name} has no decodable audio")
-            # MPEG-4 records the exact duration, ADTS only an estimate from the bit rate: its end is not checked.
+            if duration <= 0:  # a container that records no duration (a live-written WebM): counted by decoding
+                container.seek(0)
+                duration = sum(frame.samples for frame in container.decode(stream)) / rate
+            # MPEG-4 records the exact duration, ADTS only an estimate from the bit rate (and WebM may record none):
+            # only MPEG-4's end is checked.
             if "mp4" in container.format.name and duration > _TAIL_SECONDS:
                 container.seek(int((duration - _TAIL_SECONDS) * av.time_base))
                 end = max((f.time + f.samples / f.sample_rate for f in container.decode(stream)

@@ -146,12 +146,14 @@ def probe(path: str | Path, *, max_pixels: int = 64_000_000, timeout_s: float = 
     modality = _check_container(path)
     if modality == "image":
         return run_with_timeout(lambda: _probe_image(path, max_pixels, thumb_side), timeout_s, "PIL")
+    from latentforge.datasets import audio, video  # lazy: they import this module
+
     if modality == "video":
-        from latentforge.datasets import video  # lazy: video imports this module
-
-        return video.with_fallback(lambda: video.decord_probe(path), lambda: video.pyav_probe(path), timeout_s)
-    from latentforge.datasets import audio  # lazy: audio imports this module
-
+        try:
+            return video.with_fallback(lambda: video.decord_probe(path), lambda: video.pyav_probe(path), timeout_s)
+        except MediaError as exc:  # a container of video's kind that holds only sound (a podcast's .webm): audio
+            if exc.reason != "no_content" or not run_with_timeout(lambda: audio.sound_only(path), timeout_s, "PyAV"):
+                raise
     return run_with_timeout(lambda: audio.probe_audio(path), timeout_s, "audio decoder")
 
 

@@ -118,3 +118,27 @@ def test_audio_decode_cuts(tmp_path: Path) -> None:
     write_tone(path, 16000, 1.0, 220)
     assert decode_audio(path, 16000, 100).shape == (100,)
 
+
+
+@pytest.mark.parametrize("name, codec", [("podcast.webm", "libopus"), ("soundtrack.mp4", "aac"),
+                                         ("session.mkv", "flac")])
+def test_a_video_container_holding_only_sound_is_audio(tmp_path: Path, name: str, codec: str) -> None:
+    """What an audio download often is (YouTube's best audio is Opus in WebM): probed and decoded as audio,
+    through PyAV, not rejected for lacking a video stream."""
+    import av
+
+    path, rate = tmp_path / name, 48000
+    wave = (0.5 * np.sin(2 * np.pi * 440 * np.arange(2 * rate) / rate)).astype(np.float32)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=rate, layout="mono")
+        step = 960 if codec == "libopus" else 1024
+        for start in range(0, len(wave), step):
+            frame = av.AudioFrame.from_ndarray(wave[None, start:start + step].copy(), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = rate, start
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    result = probe(path)
+    assert (result.modality, result.decoder, result.sample_rate) == ("audio", "pyav", rate)
+    assert result.duration_s == pytest.approx(2.0, abs=0.05)
+    samples = decode_audio(path, 16000, 16000)
+    assert peak_hz(samples, 16000) == pytest.approx(440, abs=4) and np.abs(samples[4000:]).max() > 0.4
