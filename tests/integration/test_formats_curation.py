@@ -1,7 +1,7 @@
-"""Inputs a real corpus holds beside the demo corpus's PNG / H.264 / WAV, through the Ray Data job: MP3, AAC in
-M4A, Opus and AIFF audio at 44.1 / 48 kHz, a PNG with transparency, a 16-bit grey PNG, and a phone's portrait
-video (landscape frames stored with a display rotation). Each is kept with the latents its decoders give outside
-the job, and an M4A cut short is rejected with its reason."""
+"""Inputs a real corpus holds beside the demo corpus's PNG / H.264 / WAV, through the Ray Data job: MP3, AAC in M4A,
+Opus (in Ogg and in a WebM holding only sound) and AIFF audio at 44.1 / 48 kHz, a PNG with transparency, a 16-bit
+grey PNG, and a phone's portrait video (landscape frames stored with a display rotation). Each is kept with the
+latents its decoders give outside the job, and an M4A cut short is rejected with its reason."""
 from __future__ import annotations
 
 import numpy as np
@@ -23,14 +23,14 @@ def tone(rate: int, seconds: float = 1.5) -> np.ndarray:
     return (0.5 * np.sin(2 * np.pi * 440 * np.arange(int(rate * seconds)) / rate)).astype(np.float32)
 
 
-def write_m4a(path, rate: int = 44100, **options: str) -> None:
+def write_m4a(path, rate: int = 44100, codec: str = "aac", step: int = 1024, **options: str) -> None:
     import av
 
     wave = tone(rate)
     with av.open(str(path), "w", options=options) as out:
-        stream = out.add_stream("aac", rate=rate, layout="mono")
-        for start in range(0, len(wave), 1024):
-            frame = av.AudioFrame.from_ndarray(wave[None, start:start + 1024], format="fltp", layout="mono")
+        stream = out.add_stream(codec, rate=rate, layout="mono")
+        for start in range(0, len(wave), step):
+            frame = av.AudioFrame.from_ndarray(wave[None, start:start + step], format="fltp", layout="mono")
             frame.sample_rate, frame.pts = rate, start
             out.mux(stream.encode(frame))
         out.mux(stream.encode())
@@ -60,6 +60,7 @@ def test_common_formats_are_curated_as_their_decoders_read_them(tmp_path, ray_lo
     sf.write(str(corpus / "voice.opus"), tone(48000), 48000, format="OGG", subtype="OPUS")
     sf.write(str(corpus / "take.aiff"), tone(44100), 44100, format="AIFF")
     write_m4a(corpus / "podcast.m4a")
+    write_m4a(corpus / "talk.webm", 48000, "libopus", 960)  # a video container holding only sound
     write_m4a(corpus / "cut.m4a", movflags="faststart")
     (corpus / "cut.m4a").write_bytes((corpus / "cut.m4a").read_bytes()[:3000])
     rgba = np.zeros((64, 64, 4), np.uint8)
@@ -75,10 +76,11 @@ def test_common_formats_are_curated_as_their_decoders_read_them(tmp_path, ray_lo
     ds = mf.Dataset(tmp_path / "ds")
     rows = {r["relpath"]: r for r in ds.manifest().to_pylist()}
     rejects = {r["relpath"]: r for r in ds.rejects().to_pylist()}
-    assert result.inputs == 8 and set(rows) | set(rejects) == {p.name for p in corpus.iterdir()
+    assert result.inputs == 9 and set(rows) | set(rejects) == {p.name for p in corpus.iterdir()
                                                                if p.suffix != ".txt"}
     assert set(rejects) == {"cut.m4a"} and rejects["cut.m4a"]["reason"] == "decode_error", rejects
-    assert {r["modality"] for name, r in rows.items() if name.endswith(("mp3", "opus", "aiff", "m4a"))} == {"audio"}
+    assert {r["modality"] for name, r in rows.items() if name.endswith(("mp3", "opus", "aiff", "m4a", "webm"))} == {
+        "audio"} and "talk.webm" in rows
     assert (rows["phone.mp4"]["width"], rows["phone.mp4"]["height"]) == (32, 64)  # upright: portrait
 
     samples = {s.key: s for s in iter_shards(sorted((tmp_path / "ds" / mf.SHARDS).glob("*.tar")))}
