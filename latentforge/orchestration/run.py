@@ -180,12 +180,14 @@ def reasons_table(dataset_dir: Path, most: int = 12):
     example = {(r["status"], r["stage"], r["reason"]): r["relpath"] for r in reversed(rows)}
     table = Table(title="left out, by reason", title_justify="left", caption="each one: rejects.parquet, report.html",
                   caption_justify="left")
-    for column in ("status", "stage", "reason", "samples", "e.g."):
-        table.add_column(column, justify="right" if column == "samples" else "left")
+    for column in ("status", "stage", "reason", "samples"):  # kept whole on a narrow terminal; the example wraps
+        table.add_column(column, justify="right" if column == "samples" else "left", no_wrap=True)
+    table.add_column("e.g.", overflow="fold")
     for key, count in counts.most_common(most):
         table.add_row(*key, str(count), example[key])
     if len(counts) > most:
-        table.add_row("...", "", f"{len(counts) - most} more reasons", str(sum(counts.values()) - sum(
+        rest = len(counts) - most
+        table.add_row("...", "", f"{rest} more reason{'s' if rest > 1 else ''}", str(sum(counts.values()) - sum(
             c for _, c in counts.most_common(most))), "")
     return table
 
