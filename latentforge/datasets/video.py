@@ -105,7 +105,7 @@ def pyav_probe(path: Path) -> ProbeResult:
     """The frame count from the container's packets (demuxed, not decoded), and the first, middle and last
     frames decoded to prove the body, as decord_probe does: decoding every frame made a probe as slow as
     playing the file (an hour of AV1, which decord cannot open, ran past the decode timeout). A file whose
-    frames carry no timestamps is decoded in full."""
+    frames carry no timestamps is decoded in full once, then up to its middle frame."""
     import av  # lazy, see open_decord
 
     total, fps = _pyav_frame_count(path)
@@ -113,12 +113,18 @@ def pyav_probe(path: Path) -> ProbeResult:
         raise MediaError("no_content", "video has no frames")
     middle = int(_even_indices(total, 1)[0])
     ends = _pyav_frames(path, np.array([0, middle, total - 1]), None, False, fps=fps)
-    if ends is None:  # no timestamps: count by decoding
+    if ends is None:  # no timestamps: counted by decoding, keeping the first and last frames on the way
+        first = last = None
+        total = 0
         with av.open(str(path)) as container:
-            total = sum(1 for _ in container.decode(pyav_video_stream(container)))
+            for frame in _frames_of(container, pyav_video_stream(container)):
+                first = frame if first is None else first
+                last, total = frame, total + 1
         if total == 0:
             raise MediaError("no_content", "video has no decodable frames")
-        ends = _pyav_frames(path, np.array([0, total // 2, total - 1]), None, False, fps=fps, seek=False)
+        # then decoded again only up to the middle one (it was to the last: two whole passes)
+        middle_frame = _pyav_frames(path, np.array([total // 2]), None, False, fps=fps, seek=False)[0][0]
+        ends = np.stack([_upright(first), middle_frame, _upright(last)]), fps
     frames, _ = ends
     result = _video_result(frames.shape[2], frames.shape[1], total, fps, "pyav")
     return replace(result, key_frame=frames[1])
