@@ -4,7 +4,8 @@ hold only sound (an .mp4 or .webm of a podcast or a soundtrack: `media.probe` ca
 
 Both return the file's own float32 samples (frames, channels) at its own rate; `decode_audio` mixes them to mono
 and resamples them through an anti-aliasing filter. Every failure is a `MediaError` with a reason code, as in
-`media`, which calls `probe_audio` for files its extension check says are audio.
+`media`, which calls `probe_audio` for files its extension check says are audio. `decode_video_audio` reads the
+sound of a video (its first audio track over a clip's span), for the audio captioner.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from latentforge.datasets.media import VIDEO_EXTS, MediaError, ProbeResult, short_error
+from latentforge.datasets.media import VIDEO_EXTS, MediaError, ProbeResult, run_with_timeout, short_error
 
 FFMPEG_EXTS = {".m4a", ".aac"} | VIDEO_EXTS  # decoded by PyAV: AAC, and video containers holding only sound
 _PROBE_FRAMES = 4096  # decoded from each end of a file
@@ -170,3 +171,44 @@ def _resample(signal: np.ndarray, source_rate: int, target_rate: int) -> np.ndar
     count = int(round(len(signal) * target_rate / source_rate))
     out = resample_poly(signal.astype(np.float32, copy=False), ratio.numerator, ratio.denominator)
     return out[:count].astype(np.float32, copy=False)
+
+
+# ---------------------------------------------------------------- a video's audio track
+
+
+def decode_video_audio(path: str | Path, sample_rate: int, start_s: float = 0.0, end_s: float | None = None,
+                       *, timeout_s: float = 30.0) -> np.ndarray | None:
+    """float32 mono at `sample_rate` of a video's first audio track within [start_s, end_s); None if it has none."""
+    path = Path(path)
+
+    def read() -> np.ndarray | None:
+        import av  # lazy: most workers never decode a video's sound
+
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                return None
+            stream = container.streams.audio[0]
+            # libswresample through PyAV (anti-aliased, as _resample is), on the frames as they stream. Channels
+            # are averaged here, as decode_audio does (a mono downmix adds them at -3 dB and can clip).
+            resampler = av.AudioResampler(format="fltp", rate=sample_rate)
+            if start_s > 0:
+                container.seek(int(start_s / stream.time_base), stream=stream)  # lands at or before start_s
+            chunks, first = [], None
+            for frame in container.decode(stream):
+                if first is None:
+                    first = float(frame.time if frame.time is not None else 0.0)
+                if end_s is not None and frame.time is not None and frame.time >= end_s:
+                    break
+                chunks += [f.to_ndarray().mean(axis=0) for f in resampler.resample(frame)]
+            chunks += [f.to_ndarray().mean(axis=0) for f in resampler.resample(None)]
+        mono = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+        skip = max(0, round((start_s - (first or 0.0)) * sample_rate))
+        stop = None if end_s is None else skip + max(0, round((end_s - start_s) * sample_rate))
+        return mono[skip:stop]
+
+    try:
+        return run_with_timeout(read, timeout_s, "pyav audio")
+    except MediaError:
+        raise
+    except Exception as exc:  # PyAV/FFmpeg errors on a damaged track
+        raise MediaError("decode_error", f"pyav could not decode the audio of {path.name}: {short_error(exc)}") from exc

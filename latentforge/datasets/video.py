@@ -1,7 +1,7 @@
 """Video: decord first, PyAV when decord refuses a file, every decode under a timeout.
 
 Frames either evenly spaced over a whole video (`decode_video`) or at given times (`decode_frames_at`,
-`decode_clip`: clips, shot detection), plus a video's own audio track (`decode_video_audio`). Failures raise
+`decode_clip`: clips, shot detection); a video's own audio track is `audio.decode_video_audio`. Failures raise
 `media.MediaError` like the image and audio decoders. decord and PyAV are imported lazily: they are heavy
 and most workers never touch video.
 """
@@ -370,45 +370,3 @@ def decode_clip(uri: str | Path, start_s: float, end_s: float, num_frames: int, 
     step = (end_s - start_s) / num_frames
     frames, _ = decode_frames_at(uri, start_s + (np.arange(num_frames) + 0.5) * step, size, timeout_s=timeout_s)
     return frames, 1.0 / step
-
-
-
-# ---------------------------------------------------------------- a video's audio track
-
-
-def decode_video_audio(path: str | Path, sample_rate: int, start_s: float = 0.0, end_s: float | None = None,
-                       *, timeout_s: float = 30.0) -> np.ndarray | None:
-    """float32 mono at `sample_rate` of a video's first audio track within [start_s, end_s); None if it has none."""
-    path = Path(path)
-
-    def read() -> np.ndarray | None:
-        import av  # lazy, see open_decord
-
-        with av.open(str(path)) as container:
-            if not container.streams.audio:
-                return None
-            stream = container.streams.audio[0]
-            # libswresample through PyAV: anti-aliased rate conversion, which _resample is not. Channels are
-            # averaged here, as decode_audio does (its mono downmix adds them at -3 dB and can clip).
-            resampler = av.AudioResampler(format="fltp", rate=sample_rate)
-            if start_s > 0:
-                container.seek(int(start_s / stream.time_base), stream=stream)  # lands at or before start_s
-            chunks, first = [], None
-            for frame in container.decode(stream):
-                if first is None:
-                    first = float(frame.time if frame.time is not None else 0.0)
-                if end_s is not None and frame.time is not None and frame.time >= end_s:
-                    break
-                chunks += [f.to_ndarray().mean(axis=0) for f in resampler.resample(frame)]
-            chunks += [f.to_ndarray().mean(axis=0) for f in resampler.resample(None)]
-        mono = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
-        skip = max(0, round((start_s - (first or 0.0)) * sample_rate))
-        stop = None if end_s is None else skip + max(0, round((end_s - start_s) * sample_rate))
-        return mono[skip:stop]
-
-    try:
-        return run_with_timeout(read, timeout_s, "pyav audio")
-    except MediaError:
-        raise
-    except Exception as exc:  # PyAV/FFmpeg errors on a damaged track
-        raise MediaError("decode_error", f"pyav could not decode the audio of {path.name}: {short_error(exc)}") from exc

@@ -61,7 +61,7 @@ def decode_track(row: dict, cfg: AudioCaptionConfig, timeout_s: float) -> np.nda
     start, end = float(row.get("clip_start_s", 0.0) or 0.0), float(row.get("clip_end_s", 0.0) or 0.0)
     if end <= start:  # no span known: the file from its start
         end = start + cfg.max_seconds
-    return video.decode_video_audio(row["uri"], cfg.sample_rate, start, min(end, start + cfg.max_seconds),
+    return audio.decode_video_audio(row["uri"], cfg.sample_rate, start, min(end, start + cfg.max_seconds),
                                     timeout_s=timeout_s)
 
 
