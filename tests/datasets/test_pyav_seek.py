@@ -38,21 +38,6 @@ def av1_film(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture
-def decoded(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """How many frames PyAV decodes, counted as they leave the decoder."""
-    counts = []
-    frames_of = video._frames_of
-
-    def counted(container, stream):
-        for frame in frames_of(container, stream):
-            counts.append(1)
-            yield frame
-
-    monkeypatch.setattr(video, "_frames_of", counted)
-    return counts
-
-
 def test_decord_refuses_av1_and_the_probe_decodes_three_frames_not_all(av1_film: Path, decoded: list[int]):
     with pytest.raises(Exception):
         video.open_decord(av1_film)  # the premise: without PyAV these files could not be curated at all
