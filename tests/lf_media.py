@@ -1,4 +1,4 @@
-"""Helpers of the media tests (tests/datasets): a tone written with libsndfile, its peak frequency, and a probe
+"""Helpers of the media tests: a tone written with libsndfile or with FFmpeg (PyAV), its peak frequency, and a probe
 expected to fail for a given reason."""
 from __future__ import annotations
 
@@ -27,3 +27,21 @@ def expect_error(path: Path, reason: str, **kwargs) -> MediaError:
         probe(path, **kwargs)
     assert info.value.reason == reason, str(info.value)
     return info.value
+
+
+def write_pyav_audio(path: Path, seconds: float, rate: int, codec: str = "aac", channels: int = 1,
+                     fmt: str | None = None, **options: str) -> None:
+    """A 440 Hz tone at half scale, encoded by FFmpeg through PyAV (AAC, Opus, FLAC, ...) in the container the name
+    (or `fmt`, e.g. "adts") says; `options` go to the muxer (`movflags="faststart"`: an MPEG-4 index first)."""
+    import av
+
+    tone = (0.5 * np.sin(2 * np.pi * 440 * np.arange(int(rate * seconds)) / rate)).astype(np.float32)
+    layout, step = ("stereo" if channels == 2 else "mono"), (960 if codec == "libopus" else 1024)
+    with av.open(str(path), "w", format=fmt, options=options) as out:
+        stream = out.add_stream(codec, rate=rate, layout=layout)
+        for start in range(0, len(tone), step):
+            frame = av.AudioFrame.from_ndarray(np.stack([tone[start:start + step]] * channels), format="fltp",
+                                               layout=layout)
+            frame.sample_rate, frame.pts = rate, start
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())

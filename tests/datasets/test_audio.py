@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from lf_media import expect_error, peak_hz, write_tone
+from lf_media import expect_error, peak_hz, write_pyav_audio, write_tone
 
 from latentforge.datasets.audio import decode_audio
 from latentforge.datasets.demo_corpus import encode_video
@@ -70,26 +70,11 @@ def test_an_audio_file_cut_short_is_rejected(tmp_path: Path, name: str, kind: st
     assert "truncated" in error if kind == "MP3" else "could not decode cut.flac" in error  # libsndfile's seek fails
 
 
-def write_aac(path: Path, seconds: float, rate: int = 44100, fmt: str | None = None, **options: str) -> None:
-    """A stereo 440 Hz tone as AAC through PyAV: MPEG-4 (.m4a; its index at the end unless `movflags="faststart"`)
-    or ADTS (`fmt="adts"`)."""
-    import av
-
-    tone = (0.5 * np.sin(2 * np.pi * 440 * np.arange(int(rate * seconds)) / rate)).astype(np.float32)
-    with av.open(str(path), "w", format=fmt, options=options) as out:
-        stream = out.add_stream("aac", rate=rate, layout="stereo")
-        for start in range(0, len(tone), 1024):
-            frame = av.AudioFrame.from_ndarray(np.stack([tone[start:start + 1024]] * 2), format="fltp", layout="stereo")
-            frame.sample_rate, frame.pts = rate, start
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode())
-
-
 @pytest.mark.parametrize("name, fmt", [("tone.m4a", None), ("tone.aac", "adts")])
 def test_aac_in_m4a_and_adts_decodes_through_pyav(tmp_path: Path, name: str, fmt: str | None) -> None:
     """libsndfile has no AAC decoder; FFmpeg (PyAV) reads these, with the same probe fields and decode semantics."""
     path = tmp_path / name
-    write_aac(path, 3.0, fmt=fmt)
+    write_pyav_audio(path, 3.0, 44100, channels=2, fmt=fmt)
     assert sniff_modality(path) == "audio"
     result = probe(path)
     assert (result.modality, result.sample_rate, result.channels, result.decoder) == ("audio", 44100, 2, "pyav")
@@ -101,10 +86,10 @@ def test_aac_in_m4a_and_adts_decodes_through_pyav(tmp_path: Path, name: str, fmt
 
 def test_an_m4a_cut_short_is_rejected(tmp_path: Path) -> None:
     path = tmp_path / "cut.m4a"
-    write_aac(path, 3.0)
+    write_pyav_audio(path, 3.0, 44100, channels=2)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # its index (written last) goes too
     assert "pyav could not decode cut.m4a" in str(expect_error(path, "decode_error"))
-    write_aac(path, 3.0, movflags="faststart")  # index first: it opens, and still counts the samples cut off
+    write_pyav_audio(path, 3.0, 44100, channels=2, movflags="faststart")  # index first: opens, header counts all
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     assert "cut.m4a has nothing to decode in its last second, of the 3.0" in str(expect_error(path, "decode_error"))
     video_named = tmp_path / "song.m4a"
@@ -125,18 +110,8 @@ def test_audio_decode_cuts(tmp_path: Path) -> None:
 def test_a_video_container_holding_only_sound_is_audio(tmp_path: Path, name: str, codec: str) -> None:
     """What an audio download often is (YouTube's best audio is Opus in WebM): probed and decoded as audio,
     through PyAV, not rejected for lacking a video stream."""
-    import av
-
     path, rate = tmp_path / name, 48000
-    wave = (0.5 * np.sin(2 * np.pi * 440 * np.arange(2 * rate) / rate)).astype(np.float32)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream(codec, rate=rate, layout="mono")
-        step = 960 if codec == "libopus" else 1024
-        for start in range(0, len(wave), step):
-            frame = av.AudioFrame.from_ndarray(wave[None, start:start + step].copy(), format="fltp", layout="mono")
-            frame.sample_rate, frame.pts = rate, start
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode())
+    write_pyav_audio(path, 2.0, rate, codec)
     result = probe(path)
     assert (result.modality, result.decoder, result.sample_rate) == ("audio", "pyav", rate)
     assert result.duration_s == pytest.approx(2.0, abs=0.05)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import soundfile as sf
+from lf_media import write_pyav_audio
 from PIL import Image
 
 from latentforge.datasets import audio, media, video
@@ -21,19 +22,6 @@ pytestmark = pytest.mark.integration
 
 def tone(rate: int, seconds: float = 1.5) -> np.ndarray:
     return (0.5 * np.sin(2 * np.pi * 440 * np.arange(int(rate * seconds)) / rate)).astype(np.float32)
-
-
-def write_m4a(path, rate: int = 44100, codec: str = "aac", step: int = 1024, **options: str) -> None:
-    import av
-
-    wave = tone(rate)
-    with av.open(str(path), "w", options=options) as out:
-        stream = out.add_stream(codec, rate=rate, layout="mono")
-        for start in range(0, len(wave), step):
-            frame = av.AudioFrame.from_ndarray(wave[None, start:start + step], format="fltp", layout="mono")
-            frame.sample_rate, frame.pts = rate, start
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode())
 
 
 STORED = np.zeros((32, 64, 3), np.uint8)  # landscape as stored: a white band on the left, a grey one on top
@@ -59,9 +47,9 @@ def test_common_formats_are_curated_as_their_decoders_read_them(tmp_path, ray_lo
     sf.write(str(corpus / "song.mp3"), tone(44100), 44100, format="MP3")
     sf.write(str(corpus / "voice.opus"), tone(48000), 48000, format="OGG", subtype="OPUS")
     sf.write(str(corpus / "take.aiff"), tone(44100), 44100, format="AIFF")
-    write_m4a(corpus / "podcast.m4a")
-    write_m4a(corpus / "talk.webm", 48000, "libopus", 960)  # a video container holding only sound
-    write_m4a(corpus / "cut.m4a", movflags="faststart")
+    write_pyav_audio(corpus / "podcast.m4a", 1.5, 44100)
+    write_pyav_audio(corpus / "talk.webm", 1.5, 48000, "libopus")  # a video container holding only sound
+    write_pyav_audio(corpus / "cut.m4a", 1.5, 44100, movflags="faststart")
     (corpus / "cut.m4a").write_bytes((corpus / "cut.m4a").read_bytes()[:3000])
     rgba = np.zeros((64, 64, 4), np.uint8)
     rgba[16:48, 16:48] = (255, 0, 0, 255)
