@@ -108,6 +108,37 @@ def test_a_rotated_video_reads_the_same_upright_frames_through_either_decoder(tm
     assert (by_decord.width, by_decord.height) == (by_pyav.width, by_pyav.height) == upright.shape[1::-1]
 
 
+@pytest.mark.parametrize("matrix, full_range", [("ITU709", False), ("ITU709", True), ("ITU601", False)])
+def test_a_tagged_colour_matrix_is_honoured_by_either_decoder(tmp_path: Path, matrix: str, full_range: bool):
+    """HD video is BT.709 (limited range, or full range from phones); SD and untagged video BT.601. Read with the
+    other matrix, a saturated red shifts by ~20 levels; both decoders read the tags, so the colour comes back."""
+    import av
+    from av.video.reformatter import ColorRange, Colorspace
+
+    colour, path = np.array([200, 40, 90]), tmp_path / "tagged.mp4"
+    tag, rng = {"ITU709": 1, "ITU601": 6}[matrix], 2 if full_range else 1  # AVCOL_SPC_*, AVCOL_RANGE_JPEG/MPEG
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=24, options={"crf": "0", "preset": "ultrafast"})
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        codec = stream.codec_context
+        codec.colorspace, codec.color_primaries, codec.color_trc, codec.color_range = tag, tag, tag, rng
+        for i in range(6):
+            frame = av.VideoFrame.from_ndarray(np.broadcast_to(colour, (32, 64, 3)).astype(np.uint8), "rgb24")
+            frame = frame.reformat(format="yuv420p", dst_colorspace=getattr(Colorspace, matrix),
+                                   dst_color_range=ColorRange.JPEG if full_range else ColorRange.MPEG)
+            frame.colorspace, frame.color_range, frame.pts = tag, rng, i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    with av.open(str(path)) as check:  # the file carries the tags, and the other matrix would read it wrong
+        first = next(check.decode(video=0))
+        assert (first.colorspace, first.color_range) == (tag, rng)
+        other = Colorspace.ITU601 if matrix == "ITU709" else Colorspace.ITU709
+        assert np.abs(first.reformat(format="rgb24", src_colorspace=other).to_ndarray()[16, 32] - colour).max() > 8
+    for decode in (video._decord_frames_at, video._pyav_frames_at):
+        frames, _ = decode(path, np.array([0.0, 0.1]), (32, 16), False)
+        assert np.abs(frames.astype(int) - colour).max() <= 3, (decode, frames[0, 8, 16])
+
+
 def test_a_video_without_timestamps_is_probed_in_one_pass_and_a_half(tmp_path: Path, monkeypatch, decoded):
     """When seeking cannot place frames (no timestamps: forced here), the probe counts by decoding, keeping the
     first and last frames, then decodes to the middle one only; it decoded the whole file twice."""
