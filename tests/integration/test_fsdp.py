@@ -70,6 +70,7 @@ def test_fsdp2_resumes_and_matches_ddp(dataset, ddp, tmp_path, compile_blocks):
     print("max |ddp - fsdp|", moved)
 
 
+@pytest.mark.heavy  # parts: tests/training/test_inherit.py, test_fsdp_parts (optimizer state by name and back)
 def test_an_fsdp_stage_inherits_the_moments_under_its_own_hyperparameters(dataset, ddp, tmp_path):
     """inherit: full from the DDP stage into a sharded one: AdamW's moments carry on (the step count goes on
     from the DDP stage's 6), while lr, betas and weight decay are this stage's (they were the saved ones)."""

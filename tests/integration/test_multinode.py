@@ -162,6 +162,7 @@ def test_a_worker_node_lost_mid_curation_costs_no_sample(cluster, tmp_path, writ
                                      else {"workers": 0, "driver": groups})
 
 
+@pytest.mark.heavy  # parts: test_resume (a worker failure healed, a rerun resuming from its checkpoint, one node)
 def test_training_survives_a_lost_node_and_resumes_from_its_checkpoint(cluster, tmp_path):
     import ray.cloudpickle
     from test_resume import plan, write_dataset

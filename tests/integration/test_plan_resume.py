@@ -124,6 +124,7 @@ def test_training_runs_have_system_metrics(resumed, mlflow_server):
         assert metrics["system/system_memory_usage_megabytes"] > 0
 
 
+@pytest.mark.heavy  # one more stage run; test_resume checks a resumed stage's weights bitwise, per stage
 def test_the_resumed_stage_ends_with_the_weights_of_an_uninterrupted_one(resumed, tmp_path):
     import torch
     from safetensors.torch import load_file
@@ -140,6 +141,7 @@ def test_the_resumed_stage_ends_with_the_weights_of_an_uninterrupted_one(resumed
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
+@pytest.mark.heavy  # one more stage run; test_tracking_lookup checks the same for a changed curation
 def test_a_changed_stage_trains_from_its_start_in_runs_of_its_own(resumed, mlflow_server):
     """A new learning rate for the second stage: it trains again, all its steps, from the first stage's
     weights, in a new MLflow run and a new checkpoint directory; the first stage and the old runs stay as

@@ -111,6 +111,7 @@ ray.shutdown()
 """
 
 
+@pytest.mark.heavy  # three drivers, two of them starting a Ray; test_resume checks the local head's side
 def test_the_placement_group_cleaner_stays_only_where_the_state_api_knows_this_cluster(ray_head, ray_local):
     """On this head the State API answers for its own cluster: the stage trainer is Ray's, cleaner included. A
     local Ray without a dashboard whose State API address leads to this head's dashboard (as the default
