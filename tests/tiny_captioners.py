@@ -12,6 +12,23 @@ WHISPER_SPECIALS = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|trans
                     "<|notimestamps|>"]
 
 
+CPU = {"device": "cpu", "dtype": "float32"}
+
+
+def captioning_config(captioners: dict, root: Path | str = "corpus", **captioning):
+    """A CurationConfig with the tiny BLIP and Whisper (`captioners`: their saved paths) captioning on the CPU;
+    `captioning` overrides the settings key by key."""
+    from latentforge.pipelines.config import CurationConfig
+
+    base = {"vlm": {"enabled": True, "model": captioners["blip"], "image_size": 32, "frames": 3, "max_new_tokens": 8,
+                    "min_new_tokens": 2, "num_beams": 1, **CPU},
+            "audio": {"enabled": True, "model": captioners["whisper"], "max_seconds": 2.0, "max_new_tokens": 8,
+                      **CPU}}
+    for key, value in captioning.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return CurationConfig(input_dir=Path(root), captioning=base)
+
+
 def save_tiny_blip(root: Path, image_size: int = 32) -> str:
     """BlipForConditionalGeneration + BlipProcessor (BlipImageProcessor + BertTokenizer on a 35-token vocab)."""
     import torch

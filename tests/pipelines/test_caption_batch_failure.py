@@ -13,31 +13,15 @@ import pytest
 import soundfile as sf
 from lf_batches import by_relpath, to_batch
 from PIL import Image
-from tiny_captioners import save_tiny_blip, save_tiny_whisper
+from tiny_captioners import captioning_config
 
 from latentforge.datasets.demo_corpus import encode_video
 from latentforge.datasets.shards import load_npy, npy_bytes
-from latentforge.pipelines.config import CurationConfig
 from latentforge.pipelines.discover import discover
 from latentforge.pipelines.stages.caption_audio import AUDIO_COLUMN, CaptionAudio
 from latentforge.pipelines.stages.caption_prep import CaptionPrep
 from latentforge.pipelines.stages.caption_vlm import FRAMES_COLUMN, CaptionVLM
 from latentforge.pipelines.stages.probe_media import ProbeMedia
-
-CPU = {"device": "cpu", "dtype": "float32"}
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("captioners")
-    return {"blip": save_tiny_blip(root / "blip"), "whisper": save_tiny_whisper(root / "whisper")}
-
-
-def config(models: dict, root: Path) -> CurationConfig:
-    return CurationConfig(input_dir=root, captioning={
-        "vlm": {"enabled": True, "model": models["blip"], "image_size": 32, "frames": 3, "max_new_tokens": 8,
-                "min_new_tokens": 2, "num_beams": 1, **CPU},
-        "audio": {"enabled": True, "model": models["whisper"], "max_seconds": 2.0, "max_new_tokens": 8, **CPU}})
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +39,8 @@ def corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def prepared(corpus: Path, models: dict) -> dict[str, np.ndarray]:
-    cfg = config(models, corpus)
+def prepared(corpus: Path, captioners: dict) -> dict[str, np.ndarray]:
+    cfg = captioning_config(captioners, corpus)
     batch = ProbeMedia(cfg)(to_batch(discover(corpus, samples_per_shard=64)))
     n = len(batch["id"])
     batch["caption_error"] = np.array([""] * n, dtype=object)  # CaptionSidecar's column, empty: no sidecars
@@ -73,8 +57,8 @@ def damaged(prepared: dict, column: str, relpath: str, value: np.ndarray) -> dic
     return batch
 
 
-def test_a_frame_stack_the_vlm_refuses_costs_only_its_row(prepared: dict, models: dict, corpus: Path) -> None:
-    stage = CaptionVLM(config(models, corpus))
+def test_a_frame_stack_the_vlm_refuses_costs_only_its_row(prepared: dict, captioners: dict, corpus: Path) -> None:
+    stage = CaptionVLM(captioning_config(captioners, corpus))
     clean = by_relpath(stage(dict(prepared)))
     out = by_relpath(stage(damaged(prepared, FRAMES_COLUMN, "img_1.png", np.zeros((1, 4), np.uint8))))
     bad = out["img_1.png"]
@@ -86,8 +70,8 @@ def test_a_frame_stack_the_vlm_refuses_costs_only_its_row(prepared: dict, models
     assert all(out[f"tone_{k}.wav"]["caption_error"] == "" for k in range(3))
 
 
-def test_a_waveform_whisper_refuses_costs_only_its_row(prepared: dict, models: dict, corpus: Path) -> None:
-    stage = CaptionAudio(config(models, corpus))
+def test_a_waveform_whisper_refuses_costs_only_its_row(prepared: dict, captioners: dict, corpus: Path) -> None:
+    stage = CaptionAudio(captioning_config(captioners, corpus))
     clean = by_relpath(stage(dict(prepared)))
     mono = load_npy(prepared[AUDIO_COLUMN][list(prepared["relpath"]).index("tone_1.wav")])
     out = by_relpath(stage(damaged(prepared, AUDIO_COLUMN, "tone_1.wav", np.stack([mono, mono]))))  # two channels
@@ -99,9 +83,9 @@ def test_a_waveform_whisper_refuses_costs_only_its_row(prepared: dict, models: d
         assert out[relpath]["caption_error"] == clean[relpath]["caption_error"] == "", relpath
 
 
-def test_a_batch_that_succeeds_is_one_generate_call(prepared: dict, models: dict, corpus: Path) -> None:
+def test_a_batch_that_succeeds_is_one_generate_call(prepared: dict, captioners: dict, corpus: Path) -> None:
     """The retry is only for a failed batch: a good batch still goes to the model at once."""
-    stages = CaptionVLM(config(models, corpus)), CaptionAudio(config(models, corpus))
+    stages = CaptionVLM(captioning_config(captioners, corpus)), CaptionAudio(captioning_config(captioners, corpus))
     calls: list[int] = []
     for stage, method in zip(stages, ("caption", "transcribe")):
         real = getattr(stage.captioner, method)

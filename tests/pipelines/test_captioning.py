@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from lf_batches import by_relpath, to_batch
 from pydantic import ValidationError
-from tiny_captioners import save_tiny_blip, save_tiny_whisper
+from tiny_captioners import captioning_config
 
 from latentforge.datasets.demo_corpus import DemoCorpusSpec, encode_video, generate_demo_corpus
 from latentforge.datasets.shards import load_npy
@@ -22,22 +22,6 @@ from latentforge.pipelines.stages.caption_vlm import FRAMES_COLUMN, CaptionVLM
 from latentforge.pipelines.stages.probe_media import ProbeMedia
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
-CPU = {"device": "cpu", "dtype": "float32"}
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("captioners")
-    return {"blip": save_tiny_blip(root / "blip"), "whisper": save_tiny_whisper(root / "whisper")}
-
-
-def config(models: dict, root: Path | str = "corpus", **captioning) -> CurationConfig:
-    base = {"vlm": {"enabled": True, "model": models["blip"], "image_size": 32, "frames": 3, "max_new_tokens": 8,
-                    "min_new_tokens": 2, "num_beams": 1, **CPU},
-            "audio": {"enabled": True, "model": models["whisper"], "max_seconds": 2.0, "max_new_tokens": 8, **CPU}}
-    for key, value in captioning.items():
-        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
-    return CurationConfig(input_dir=Path(root), captioning=base)
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +38,8 @@ def corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def prepared(corpus: Path, models: dict) -> dict[str, np.ndarray]:
-    cfg = config(models, corpus)
+def prepared(corpus: Path, captioners: dict) -> dict[str, np.ndarray]:
+    cfg = captioning_config(captioners, corpus)
     rows = discover(corpus, samples_per_shard=64)
     batch = CaptionSidecar(cfg)(ProbeMedia(cfg)(to_batch(rows)))
     batch["clip_start_s"] = np.array([0.0] * len(rows))
@@ -81,12 +65,12 @@ def test_prep_decodes_frames_and_16k_audio(prepared: dict) -> None:
     assert {r["sample_rate"] for r in rows.values() if r["modality"] == "audio"} >= {8000, 16000}
 
 
-def test_prep_respects_the_clip_span(prepared: dict, models: dict, corpus: Path) -> None:
+def test_prep_respects_the_clip_span(prepared: dict, captioners: dict, corpus: Path) -> None:
     row = {k: v for k, v in by_relpath(prepared)["videos/halves.mp4"].items()}
     whole = load_npy(row[FRAMES_COLUMN]).astype(float)
     assert whole[0, ..., 0].mean() > 150 and whole[-1, ..., 2].mean() > 150  # starts red, ends blue
     second_half = {**row, "clip_start_s": 1.0, "clip_end_s": 2.0, "clip_index": 1}
-    out = CaptionPrep(config(models, corpus))(to_batch([second_half]))
+    out = CaptionPrep(captioning_config(captioners, corpus))(to_batch([second_half]))
     frames = load_npy(out[FRAMES_COLUMN][0]).astype(float)
     assert frames[..., 2].mean() > 150 and frames[..., 0].mean() < 60
 
@@ -97,19 +81,19 @@ def test_frame_times_never_ask_for_more_frames_than_the_span_holds() -> None:
     assert list(frame_times(1.0, 1.05, 8.0, 3)) == [1.025]  # never none
 
 
-def test_prep_rejects_an_undecodable_file_with_its_reason(prepared: dict, models: dict, tmp_path: Path) -> None:
+def test_prep_rejects_an_undecodable_file_with_its_reason(prepared: dict, captioners: dict, tmp_path: Path) -> None:
     row = dict(by_relpath(prepared)["videos/halves.mp4"])
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(Path(row["uri"]).read_bytes()[:300])
-    out = CaptionPrep(config(models, tmp_path))(to_batch([{**row, "uri": str(broken)}]))
+    out = CaptionPrep(captioning_config(captioners, tmp_path))(to_batch([{**row, "uri": str(broken)}]))
     assert (out["status"][0], out["stage"][0]) == ("rejected", "caption_prep")
     assert out["reason"][0] in {"decode_error", "no_content"}
 
 
-def test_vlm_captions_visual_rows_and_cleans_them(prepared: dict, models: dict, corpus: Path) -> None:
-    raw = by_relpath(CaptionVLM(config(models, corpus, vlm={"prompt": "a picture of"}, clean={"enabled": False}))(
+def test_vlm_captions_visual_rows_and_cleans_them(prepared: dict, captioners: dict, corpus: Path) -> None:
+    raw = by_relpath(CaptionVLM(captioning_config(captioners, corpus, vlm={"prompt": "a picture of"}, clean={"enabled": False}))(
         dict(prepared)))
-    cleaned = by_relpath(CaptionVLM(config(models, corpus, vlm={"prompt": "a picture of"}))(dict(prepared)))
+    cleaned = by_relpath(CaptionVLM(captioning_config(captioners, corpus, vlm={"prompt": "a picture of"}))(dict(prepared)))
     assert FRAMES_COLUMN not in next(iter(cleaned.values()))  # consumed, so it never reaches the shards
     for relpath, row in cleaned.items():
         if row["modality"] == "audio":
@@ -122,13 +106,13 @@ def test_vlm_captions_visual_rows_and_cleans_them(prepared: dict, models: dict, 
             assert 1 <= len(text.split(", then ")) <= 3
 
 
-def test_a_failing_vlm_batch_is_recorded_not_fatal(prepared: dict, models: dict, corpus: Path) -> None:
+def test_a_failing_vlm_batch_is_recorded_not_fatal(prepared: dict, captioners: dict, corpus: Path) -> None:
     from latentforge.datasets.shards import npy_bytes
 
     batch = {k: v.copy() for k, v in prepared.items()}
     visual = [i for i, m in enumerate(batch["modality"]) if m != "audio"]
     batch[FRAMES_COLUMN][visual[0]] = npy_bytes(np.zeros((1, 4), np.uint8))  # not an image
-    out = CaptionVLM(config(models, corpus))(batch)
+    out = CaptionVLM(captioning_config(captioners, corpus))(batch)
     bad = visual[0]
     assert out["status"][bad] == "ok" and out["caption_generated"][bad] == ""
     assert "vlm: " in out["caption_error"][bad]
@@ -136,8 +120,8 @@ def test_a_failing_vlm_batch_is_recorded_not_fatal(prepared: dict, models: dict,
         assert out["status"][i] == "ok" and out["caption_generated"][i] and not out["caption_error"][i]
 
 
-def test_whisper_transcribes_audio_rows(prepared: dict, models: dict, corpus: Path) -> None:
-    out = by_relpath(CaptionAudio(config(models, corpus))(dict(prepared)))
+def test_whisper_transcribes_audio_rows(prepared: dict, captioners: dict, corpus: Path) -> None:
+    out = by_relpath(CaptionAudio(captioning_config(captioners, corpus))(dict(prepared)))
     for row in out.values():
         assert AUDIO_COLUMN not in row
         if row["modality"] == "audio":
@@ -146,36 +130,36 @@ def test_whisper_transcribes_audio_rows(prepared: dict, models: dict, corpus: Pa
             assert row["caption_audio"] == ""
 
 
-def select(models: dict, rows: list[dict], **captioning) -> dict[str, np.ndarray]:
+def select(captioners: dict, rows: list[dict], **captioning) -> dict[str, np.ndarray]:
     base = {"status": "ok", "reason": "", "message": "", "stage": "", "caption": "", "caption_origin": "",
             "caption_sidecar": "", "caption_generated": "", "caption_audio": "", "caption_error": ""}
-    return CaptionSelect(config(models, **captioning))(to_batch([{**base, **r} for r in rows]))
+    return CaptionSelect(captioning_config(captioners, **captioning))(to_batch([{**base, **r} for r in rows]))
 
 
-def test_select_follows_the_policy_and_keeps_every_source(models: dict) -> None:
+def test_select_follows_the_policy_and_keeps_every_source(captioners: dict) -> None:
     rows = [{"id": "a", "caption_sidecar": "alt text", "caption_generated": "a red circle"},
             {"id": "b", "caption_generated": "a red circle", "caption_audio": "hello"},
             {"id": "c", "caption_audio": "hello"}]
-    out = select(models, rows)
+    out = select(captioners, rows)
     assert list(out["caption"]) == ["alt text", "a red circle", "hello"]
     assert list(out["caption_origin"]) == ["sidecar", "vlm", "audio"]
     assert list(out["caption_sidecar"]) == ["alt text", "", ""]
     assert list(out["score_caption_words"]) == [2.0, 3.0, 1.0]
-    out = select(models, rows, prefer=["vlm", "sidecar", "audio"])
+    out = select(captioners, rows, prefer=["vlm", "sidecar", "audio"])
     assert list(out["caption"]) == ["a red circle", "a red circle", "hello"]
 
 
-def test_select_rejects_a_row_without_any_caption(models: dict) -> None:
-    out = select(models, [{"id": "a", "caption_error": "sidecar: missing_caption: no file; vlm: empty caption"}],
+def test_select_rejects_a_row_without_any_caption(captioners: dict) -> None:
+    out = select(captioners, [{"id": "a", "caption_error": "sidecar: missing_caption: no file; vlm: empty caption"}],
                  prefer=["sidecar", "vlm", "audio"])
     assert (out["status"][0], out["reason"][0], out["stage"][0]) == ("rejected", "no_caption", "caption_select")
     assert "missing_caption" in out["message"][0]
 
 
-def test_sidecar_cleaning_is_opt_in_and_the_original_is_kept(models: dict) -> None:
+def test_sidecar_cleaning_is_opt_in_and_the_original_is_kept(captioners: dict) -> None:
     rows = [{"id": "a", "caption_sidecar": "An image of a house"}]
-    assert select(models, rows)["caption"][0] == "An image of a house"
-    out = select(models, rows, clean={"clean_sidecar": True})
+    assert select(captioners, rows)["caption"][0] == "An image of a house"
+    out = select(captioners, rows, clean={"clean_sidecar": True})
     assert out["caption"][0] == "a house" and out["caption_sidecar"][0] == "An image of a house"
 
 
@@ -193,7 +177,7 @@ def test_missing_sidecar_still_rejects_without_captioners(prepared: dict) -> Non
     assert (out["status"][0], out["reason"][0]) == ("rejected", "missing_caption")
 
 
-def test_captioning_config_errors_name_the_key(models: dict) -> None:
+def test_captioning_config_errors_name_the_key(captioners: dict) -> None:
     with pytest.raises(ValidationError, match=r"captioning\.vlm\.num_beam"):
         CurationConfig(captioning={"vlm": {"num_beam": 2}})
     with pytest.raises(ValidationError, match="not in prefer"):
@@ -202,10 +186,10 @@ def test_captioning_config_errors_name_the_key(models: dict) -> None:
         CurationConfig(captioning={"vlm": {"family": "llava"}})
 
 
-def test_stage_graph_shows_captioners_only_when_enabled(models: dict) -> None:
+def test_stage_graph_shows_captioners_only_when_enabled(captioners: dict) -> None:
     names = [n for r in stage_graph(CurationConfig()) for n in r["stages"]]
     assert not any(n.startswith("caption_") and n != "caption_sidecar" for n in names)
-    cfg = CurationConfig.model_validate({**config(models).model_dump(),
+    cfg = CurationConfig.model_validate({**captioning_config(captioners).model_dump(),
                                          "resources": {"caption_vlm": {"num_gpus": 1.0, "num_cpus": 1.0}}})
     graph = {n: r for r in stage_graph(cfg) for n in r["stages"]}  # stage -> the map it runs in
     order = [n for r in stage_graph(cfg) for n in r["stages"]]
@@ -215,7 +199,7 @@ def test_stage_graph_shows_captioners_only_when_enabled(models: dict) -> None:
     # are fused with the CPU stages around them.
     assert graph["caption_vlm"]["stages"] == ["caption_vlm"] and graph["caption_vlm"]["num_gpus"] == 1.0
     assert "caption_prep" in graph["filter_sharpness"]["stages"] and graph["caption_audio"]["num_gpus"] == 0.0
-    only_audio = config(models, vlm={"enabled": False})
+    only_audio = captioning_config(captioners, vlm={"enabled": False})
     assert [s.name for s in active_stages(STAGES, only_audio) if s.name.startswith("caption")] == \
         ["caption_prep", "caption_audio", "caption_select"]
 
@@ -230,16 +214,16 @@ def vlms(tmp_path_factory) -> dict[str, str]:
     return {"florence2": save_tiny_florence2(root / "florence2"), "qwen2_vl": save_tiny_qwen2_vl(root / "qwen2_vl")}
 
 
-def vlm_config(models: dict, vlms: dict, family: str, **vlm) -> CurationConfig:
-    return config(models, vlm={"family": family, "model": vlms[family], "max_new_tokens": 6, **vlm},
+def vlm_config(captioners: dict, vlms: dict, family: str, **vlm) -> CurationConfig:
+    return captioning_config(captioners, vlm={"family": family, "model": vlms[family], "max_new_tokens": 6, **vlm},
                   clean={"enabled": False})
 
 
 @pytest.mark.parametrize("family", ["florence2", "qwen2_vl"])
-def test_vlm_family_captions_images_and_clips(family: str, prepared: dict, models: dict, vlms: dict) -> None:
+def test_vlm_family_captions_images_and_clips(family: str, prepared: dict, captioners: dict, vlms: dict) -> None:
     from tiny_captioners import BLIP_WORDS
 
-    out = by_relpath(CaptionVLM(vlm_config(models, vlms, family))(dict(prepared)))
+    out = by_relpath(CaptionVLM(vlm_config(captioners, vlms, family))(dict(prepared)))
     visual = {r: row for r, row in out.items() if row["modality"] != "audio"}
     assert {row["modality"] for row in visual.values()} == {"image", "video"}
     for relpath, row in out.items():
@@ -255,29 +239,29 @@ def test_vlm_family_captions_images_and_clips(family: str, prepared: dict, model
 
 
 @pytest.mark.parametrize("family", ["florence2", "qwen2_vl"])
-def test_vlm_family_batches_frames_like_one_at_a_time(family: str, models: dict, vlms: dict) -> None:
+def test_vlm_family_batches_frames_like_one_at_a_time(family: str, captioners: dict, vlms: dict) -> None:
     from latentforge.pipelines.stages.caption_vlm import CAPTIONERS
 
     rng = np.random.default_rng(0)
     # Two sizes: Qwen2-VL gives them different token counts, so a batch pads (on the left) and must not change them.
     frames = [rng.integers(0, 256, (32, 32, 3), np.uint8) for _ in range(3)] + \
         [rng.integers(0, 256, (48, 32, 3), np.uint8) for _ in range(2)]
-    cfg = vlm_config(models, vlms, family, chunk=4).captioning.vlm
+    cfg = vlm_config(captioners, vlms, family, chunk=4).captioning.vlm
     captioner = CAPTIONERS[family](cfg)
     batched = captioner.caption(frames)  # 5 frames: one call of 4, one of 1
     assert batched == [captioner.caption([f])[0] for f in frames]
     assert all(isinstance(t, str) and t and t == t.strip() and "<" not in t for t in batched), batched
 
 
-def test_qwen2_vl_runs_in_bfloat16(models: dict, vlms: dict) -> None:
+def test_qwen2_vl_runs_in_bfloat16(captioners: dict, vlms: dict) -> None:
     from latentforge.pipelines.stages.caption_vlm import Qwen2VLCaptioner
 
-    captioner = Qwen2VLCaptioner(vlm_config(models, vlms, "qwen2_vl", dtype="bfloat16").captioning.vlm)
+    captioner = Qwen2VLCaptioner(vlm_config(captioners, vlms, "qwen2_vl", dtype="bfloat16").captioning.vlm)
     assert next(captioner.model.parameters()).dtype == captioner.torch.bfloat16
     assert captioner.caption([np.full((32, 32, 3), 200, np.uint8)])[0]
 
 
-def test_qwen2_vl_without_a_chat_template_falls_back_to_the_same_prompt(models: dict, vlms: dict,
+def test_qwen2_vl_without_a_chat_template_falls_back_to_the_same_prompt(captioners: dict, vlms: dict,
                                                                        tmp_path: Path) -> None:
     """A checkpoint whose tokenizer has no chat template (older exports) gets Qwen2-VL's turn format written out
     by hand: the same text the template renders, so it captions the same."""
@@ -295,19 +279,19 @@ def test_qwen2_vl_without_a_chat_template_falls_back_to_the_same_prompt(models: 
             data = json.loads(path.read_text())
             data.pop("chat_template", None)
             path.write_text(json.dumps(data))
-    templated = Qwen2VLCaptioner(vlm_config(models, vlms, "qwen2_vl").captioning.vlm)
-    fallback = Qwen2VLCaptioner(vlm_config(models, {"qwen2_vl": str(bare)}, "qwen2_vl").captioning.vlm)
+    templated = Qwen2VLCaptioner(vlm_config(captioners, vlms, "qwen2_vl").captioning.vlm)
+    fallback = Qwen2VLCaptioner(vlm_config(captioners, {"qwen2_vl": str(bare)}, "qwen2_vl").captioning.vlm)
     assert templated.tokenizer.chat_template and not fallback.tokenizer.chat_template
     assert fallback.text == templated.text  # the hand-written turn is what the template renders
     frames = [np.full((32, 32, 3), v, np.uint8) for v in (40, 200)]
     assert fallback.caption(frames) == templated.caption(frames)
 
 
-def test_vlm_family_bad_model_or_prompt_is_a_clear_error(models: dict, vlms: dict, tmp_path: Path) -> None:
+def test_vlm_family_bad_model_or_prompt_is_a_clear_error(captioners: dict, vlms: dict, tmp_path: Path) -> None:
     from latentforge.pipelines.stages.caption_vlm import Florence2Captioner, Qwen2VLCaptioner
 
     def cfg(family: str, **vlm):
-        return vlm_config(models, vlms, family, **vlm).captioning.vlm
+        return vlm_config(captioners, vlms, family, **vlm).captioning.vlm
 
     with pytest.raises(ValueError, match=r"captioning\.vlm\.model=.*missing.*no such directory"):
         Florence2Captioner(cfg("florence2", model=str(tmp_path / "missing")))
@@ -315,7 +299,7 @@ def test_vlm_family_bad_model_or_prompt_is_a_clear_error(models: dict, vlms: dic
     with pytest.raises(ValueError, match=r"captioning\.vlm\.model=.*empty.*cannot load"):
         Qwen2VLCaptioner(cfg("qwen2_vl", model=str(tmp_path / "empty")))
     with pytest.raises(ValueError, match=r"family qwen2_vl.*'blip' model"):
-        Qwen2VLCaptioner(cfg("qwen2_vl", model=models["blip"]))
+        Qwen2VLCaptioner(cfg("qwen2_vl", model=captioners["blip"]))
     with pytest.raises(ValueError, match=r"captioning\.vlm\.prompt='<CAPTION> of a cat'"):
         Florence2Captioner(cfg("florence2", prompt="<CAPTION> of a cat"))
 
@@ -327,103 +311,3 @@ def test_vlm_family_defaults_replace_blips() -> None:
     assert VLMCaptionConfig(family="qwen2_vl").image_size == 448
     assert VLMCaptionConfig(family="qwen2_vl", model="/m", image_size=64).model_dump()["image_size"] == 64
     assert VLMCaptionConfig().model == "Salesforce/blip-image-captioning-base"
-
-
-# ---- audio tracks of videos: decoded by CaptionPrep (clip span), transcribed by CaptionAudio ----
-
-def encode_video_with_audio(path: Path, frames: np.ndarray, fps: int, audio: np.ndarray, rate: int) -> None:
-    """An mp4 with a video stream and a stereo AAC track carrying `audio` on both channels."""
-    import av
-
-    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-    with av.open(str(path), mode="w") as container:
-        video = container.add_stream(codec, rate=fps)
-        video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        sound = container.add_stream("aac", rate=rate, layout="stereo")
-        for pixels in frames:
-            container.mux(video.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
-        container.mux(video.encode())
-        stereo = np.stack([audio, audio]).astype(np.float32)
-        for start in range(0, stereo.shape[1], 1024):
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(stereo[:, start : start + 1024]), format="fltp",
-                                               layout="stereo")
-            frame.sample_rate, frame.pts = rate, start
-            container.mux(sound.encode(frame))
-        container.mux(sound.encode())
-
-
-@pytest.fixture(scope="module")
-def av_rows(tmp_path_factory, models: dict) -> dict[str, dict]:
-    """Probed rows: a 2 s video whose track is a tone for 1 s then silence, and the same video without a track."""
-    root = tmp_path_factory.mktemp("av")
-    rate, frames = 44100, np.full((16, 32, 32, 3), 120, np.uint8)
-    t = np.arange(2 * rate) / rate
-    encode_video_with_audio(root / "talk.mp4", frames, 8, np.where(t < 1.0, 0.5 * np.sin(2 * np.pi * 440 * t), 0.0),
-                            rate)
-    encode_video(root / "mute.mp4", frames, 8)
-    cfg = config(models, root)
-    batch = ProbeMedia(cfg)(to_batch(discover(root, samples_per_shard=64)))
-    batch.update(clip_start_s=np.zeros(len(batch["id"])), clip_end_s=np.array(batch["duration_s"], dtype=float),
-                 clip_index=np.full(len(batch["id"]), -1), caption_error=np.full(len(batch["id"]), "", dtype=object))
-    return by_relpath(batch)
-
-
-def test_prep_decodes_a_videos_audio_track_within_the_clip(av_rows: dict, models: dict) -> None:
-    talk, mute = av_rows["talk.mp4"], av_rows["mute.mp4"]
-    halves = [{**talk, "clip_start_s": 0.0, "clip_end_s": 1.0, "clip_index": 0},
-              {**talk, "clip_start_s": 1.0, "clip_end_s": 2.0, "clip_index": 1}]
-    out = CaptionPrep(config(models, "av"))(to_batch([talk, mute, *halves]))
-    assert list(out["status"]) == ["ok"] * 4 and list(out["caption_error"]) == [""] * 4
-    whole, first, second = (load_npy(out[AUDIO_COLUMN][i]) for i in (0, 2, 3))
-    assert whole.dtype == np.float32 and whole.ndim == 1 and abs(len(whole) - 32000) <= 1024  # 16 kHz mono
-    assert len(first) == len(second) == 16000
-    assert 0.25 < np.abs(first).mean() < 0.4 and np.abs(second[800:]).mean() < 0.01  # the tone, then silence
-    assert out[AUDIO_COLUMN][1] == b"" and load_npy(out[FRAMES_COLUMN][1]).shape == (3, 32, 32, 3)  # no track
-
-
-def damage_audio_packets(path: Path) -> int:
-    """Overwrite every audio packet's bytes in place with noise (the container and the video stream intact);
-    returns how many packets were damaged."""
-    import av
-
-    with av.open(str(path)) as container:
-        spans = [(p.pos, p.size) for p in container.demux(container.streams.audio[0]) if p.size and (p.pos or 0) > 0]
-    data, rng = bytearray(path.read_bytes()), np.random.default_rng(0)
-    for pos, size in spans:
-        data[pos:pos + size] = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
-    path.write_bytes(bytes(data))
-    return len(spans)
-
-
-def test_a_damaged_audio_track_costs_only_the_transcript(tmp_path: Path, av_rows: dict, models: dict) -> None:
-    """A video whose AAC packets are noise: its frames are still captioned, the track's decode error is noted in
-    caption_error, Whisper gets no waveform for it, and the row stays ok (the transcript alone is lost)."""
-    import shutil
-
-    damaged = tmp_path / "damaged.mp4"
-    shutil.copy(av_rows["talk.mp4"]["uri"], damaged)
-    assert damage_audio_packets(damaged) > 10
-    row = {**av_rows["talk.mp4"], "uri": str(damaged), "relpath": "damaged.mp4", "id": "damaged"}
-    cfg = config(models, "av")
-    prepared = CaptionPrep(cfg)(to_batch([row, av_rows["talk.mp4"]]))
-    assert list(prepared["status"]) == ["ok", "ok"]
-    note = prepared["caption_error"][0]
-    assert note.startswith("audio: decode_error") and "damaged.mp4" in note
-    assert prepared[AUDIO_COLUMN][0] == b"" and prepared["caption_error"][1] == ""  # the intact copy keeps its track
-    assert load_npy(prepared[FRAMES_COLUMN][0]).shape == load_npy(prepared[FRAMES_COLUMN][1]).shape
-    out = CaptionAudio(cfg)(prepared)
-    assert out["caption_audio"][0] == "" and out["caption_audio"][1].strip()
-    assert out["caption_error"][0] == prepared["caption_error"][0] and out["status"][0] == "ok"
-
-
-def test_whisper_transcribes_a_videos_track_and_select_can_pick_it(av_rows: dict, models: dict) -> None:
-    cfg = config(models, "av", vlm={"enabled": False})
-    prepared = CaptionPrep(cfg)(to_batch([av_rows["talk.mp4"], av_rows["mute.mp4"]]))
-    out = CaptionAudio(cfg)(prepared)
-    assert isinstance(out["caption_audio"][0], str) and out["caption_audio"][0].strip()
-    assert out["caption_audio"][1] == "" and out["caption_error"][1] == ""  # no track: not an error
-    base = {"caption": "", "caption_origin": "", "caption_sidecar": "", "caption_generated": ""}
-    selected = CaptionSelect(cfg)({**out, **{k: np.array([v, v], dtype=object) for k, v in base.items()}})
-    assert list(selected["caption_origin"]) == ["audio", ""]
-    assert selected["caption"][0] == out["caption_audio"][0]
-    assert (selected["status"][1], selected["reason"][1]) == ("rejected", "no_caption")

@@ -1,6 +1,7 @@
 """The curation stages as plain callables on a real demo corpus: discover -> probe -> filter -> caption -> encode.
 
-No Ray here: each stage is constructed and called on the column batch the way an actor would be.
+No Ray here: each stage is constructed and called on the column batch the way an actor would be. Single stages
+on hand-made batches are in test_stage_rows.py, discovery's edge cases in test_discover.py.
 """
 
 from __future__ import annotations
@@ -22,11 +23,10 @@ from latentforge.datasets.manifest import channel_stats
 from latentforge.datasets.shards import iter_shards, load_npy, sha256_file
 from latentforge.pipelines.config import CurationConfig, FilterConfig
 from latentforge.pipelines.curate import SCAN_STAGES, STAGES, active_stages
-from latentforge.pipelines.discover import discover, orphan_captions, sample_id
-from latentforge.pipelines.stage import Reject, Stage, map_ok_rows, rows_of
-from latentforge.pipelines.stages.caption_sidecar import CaptionSidecar, read_sidecar_caption
+from latentforge.pipelines.discover import discover, sample_id
+from latentforge.pipelines.stage import rows_of
 from latentforge.pipelines.stages.dedup import find_duplicates, mark_duplicates
-from latentforge.pipelines.stages.encode_latents import EncodeLatents, parse_shape
+from latentforge.pipelines.stages.encode_latents import parse_shape
 from latentforge.pipelines.stages.encode_text import EncodeText, default_text_model
 from latentforge.pipelines.stages.filter_basic import FilterBasic
 from latentforge.pipelines.stages.probe_media import ProbeMedia
@@ -156,61 +156,6 @@ def test_discover_assigns_shards_by_samples_per_shard(corpus: tuple[Path, dict],
     assert shards == sorted(shards)
     assert (counts[:-1] == per_shard).all() and 1 <= counts[-1] <= per_shard
     assert len(counts) == -(-len(rows) // per_shard)
-
-
-def test_discover_rejects_a_symlink_out_of_the_root_and_keeps_one_inside(tmp_path: Path) -> None:
-    root = tmp_path / "root"
-    (root / "a").mkdir(parents=True)
-    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / "a" / "real.png")
-    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "elsewhere.png")
-    (root / "a" / "inside.png").symlink_to(root / "a" / "real.png")
-    (root / "a" / "escape.png").symlink_to(tmp_path / "elsewhere.png")
-    (root / "a" / "dotdot.png").symlink_to(Path("..") / ".." / "elsewhere.png")  # relative escape
-    (root / ".hidden.png").write_bytes(b"x")
-    (root / "a" / "caption.TXT").write_text("not an input")
-    rows = {r["relpath"]: r for r in discover(root, 10)}
-    assert set(rows) == {"a/dotdot.png", "a/escape.png", "a/inside.png", "a/real.png"}
-    for name in ("a/escape.png", "a/dotdot.png"):
-        assert rows[name]["status"] == "rejected"
-        assert rows[name]["reason"] == "outside_root" and rows[name]["stage"] == "discover"
-        assert name in rows[name]["message"]
-    for name in ("a/inside.png", "a/real.png"):
-        assert (rows[name]["status"], rows[name]["reason"]) == ("ok", "")
-
-
-def test_discover_refuses_a_missing_root(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError):
-        discover(tmp_path / "nope", 4)
-
-
-def test_orphan_captions_lists_captions_without_media(tmp_path: Path) -> None:
-    (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "x.png").write_bytes(b"x")
-    (tmp_path / "d" / "x.txt").write_text("x")
-    (tmp_path / "d" / "lonely.txt").write_text("no media")
-    assert orphan_captions(tmp_path) == ["d/lonely.txt"]
-    # Paired as discover pairs them (media path with its suffix replaced by .txt): dotted stems, and names with
-    # glob characters, which a per-caption glob got wrong.
-    for name in ("clip.v2.mp4", "clip.v2.txt", "[a].png", "[a].txt", "a.png", "clip.txt", "e/only.TXT"):
-        (tmp_path / name).parent.mkdir(exist_ok=True)
-        (tmp_path / name).write_bytes(b"x")
-    assert orphan_captions(tmp_path) == ["clip.txt", "d/lonely.txt", "e/only.TXT"]
-    assert {r["caption_path"] for r in discover(tmp_path, 4)} >= {str(tmp_path.resolve() / n) for n in
-                                                                   ("clip.v2.txt", "[a].txt", "d/x.txt")}
-
-
-def test_a_caption_is_paired_whatever_the_case_of_its_extension(tmp_path: Path) -> None:
-    """`cat.TXT` beside `cat.png` is its caption (it was an input's missing_caption, and no orphan either);
-    beside both `dog.txt` and `dog.TXT`, the lower-case one, the other left over. Files in dot directories are
-    neither inputs nor captions."""
-    for name in ("cat.png", "cat.TXT", "dog.png", "dog.txt", "dog.TXT", ".git/notes.txt", ".hidden.txt"):
-        (tmp_path / name).parent.mkdir(exist_ok=True)
-        (tmp_path / name).write_text("a caption")
-    rows = {r["relpath"]: r for r in discover(tmp_path, 4)}
-    assert set(rows) == {"cat.png", "dog.png"}
-    assert rows["cat.png"]["caption_path"] == str(tmp_path.resolve() / "cat.TXT")
-    assert rows["dog.png"]["caption_path"] == str(tmp_path.resolve() / "dog.txt")
-    assert orphan_captions(tmp_path) == ["dog.TXT"]
 
 
 # ---------------------------------------------------------------- the stage chain on the corpus
@@ -347,49 +292,6 @@ def test_long_caption_is_truncated_to_max_len(text_stage: EncodeText) -> None:
     assert masks[2].sum() == 5  # [CLS] a red circle [SEP]
 
 
-# ---------------------------------------------------------------- single stages on small batches
-
-
-class Explode(Stage):
-    name = "explode"
-    outputs = {"x": 0}
-
-    def process_row(self, row: dict) -> dict:
-        if row["id"] == "boom":
-            raise ZeroDivisionError("division by zero in a stage")
-        if row["id"] == "weak":
-            raise Reject("too_weak", "score below the bar", status="filtered")
-        return {"x": 7}
-
-
-def plain_rows(ids: list[str], status: dict[str, str] | None = None) -> list[dict]:
-    status = status or {}
-    return [{"id": i, "status": status.get(i, "ok"), "reason": "earlier" if i in status else "", "message": "",
-             "stage": "before" if i in status else ""} for i in ids]
-
-
-def test_an_exception_in_process_row_rejects_that_row_only(cfg: CurationConfig) -> None:
-    batch = to_batch(plain_rows(["a", "boom", "gone", "weak", "b"], status={"gone": "rejected"}))
-    out = Explode(cfg)(batch)
-    assert list(out["id"]) == ["a", "boom", "gone", "weak", "b"]
-    assert list(out["x"]) == [7, 0, 0, 0, 7]
-    assert out["x"].dtype.kind == "i"
-    assert list(out["status"]) == ["ok", "rejected", "rejected", "filtered", "ok"]
-    assert list(out["reason"]) == ["", "stage_error", "earlier", "too_weak", ""]
-    assert list(out["stage"]) == ["", "explode", "before", "explode", ""]
-    assert "ZeroDivisionError" in out["message"][1] and "division by zero" in out["message"][1]
-    assert out["message"][3] == "score below the bar"
-    # The input batch is not modified in place.
-    assert list(batch["status"]) == ["ok", "ok", "rejected", "ok", "ok"]
-
-
-def test_probe_turns_a_vanished_file_into_a_rejection(cfg: CurationConfig, tmp_path: Path) -> None:
-    rows = [{**r, "uri": str(tmp_path / "gone.png")} for r in plain_rows(["a"])]
-    out = ProbeMedia(cfg)(to_batch(rows))
-    assert (out["status"][0], out["reason"][0], out["stage"][0]) == ("rejected", "not_found", "probe")
-    assert out["width"][0] == 0 and out["modality"][0] == ""
-
-
 def test_a_worker_granted_one_thread_rejects_the_broken_files_for_the_same_reasons(
         corpus: tuple[Path, dict], cfg: CurationConfig, monkeypatch: pytest.MonkeyPatch) -> None:
     """In a Ray worker (OMP_NUM_THREADS set) the decoders are held to its threads (video.open_decord); an
@@ -418,41 +320,6 @@ def test_filter_thresholds_come_from_config(cfg: CurationConfig, snapshots: list
     assert loose_out["audio/aud_00002.wav"]["status"] == "ok"  # 8000 Hz passes a 1000 Hz floor
     assert loose_out["images/img_00003.jpg"]["status"] == "ok"
     assert loose_out["videos/vid_00002.mp4"]["status"] == "ok"
-
-
-def test_caption_sidecar_normalises_and_rejects(cfg: CurationConfig, tmp_path: Path) -> None:
-    files = {"spaces": "  a  red\n\tcircle  ", "empty": " \n\t ", "good": "fine"}
-    rows = plain_rows(list(files) + ["missing"])
-    for row in rows:
-        row["caption_path"] = str(tmp_path / f"{row['id']}.txt")
-        if row["id"] in files:
-            (tmp_path / f"{row['id']}.txt").write_text(files[row["id"]], encoding="utf-8")
-    out = CaptionSidecar(cfg)(to_batch(rows))
-    assert list(out["caption"]) == ["a red circle", "", "fine", ""]
-    assert list(out["score_caption_words"]) == [3.0, 0.0, 1.0, 0.0]
-    assert list(out["reason"]) == ["", "empty_caption", "", "missing_caption"]
-
-
-def test_a_long_valid_utf8_caption_is_truncated_not_rejected(tmp_path: Path) -> None:
-    path = tmp_path / "long.txt"
-    path.write_text("a" + "\u00e9" * 10_000, encoding="utf-8")  # byte 16384 falls inside an 'é'
-    caption = read_sidecar_caption(path)
-    assert caption.startswith("a\u00e9") and len(caption.encode("utf-8")) <= 16_384
-
-
-def test_encode_latents_refuses_an_unknown_modality(cfg: CurationConfig) -> None:
-    rows = [{**r, "modality": "text", "uri": "/nonexistent"} for r in plain_rows(["a"])]
-    out = EncodeLatents(cfg)(to_batch(rows))
-    assert (out["status"][0], out["reason"][0], out["stage"][0]) == ("rejected", "unsupported_modality",
-                                                                     "encode_latents")
-    assert out["latent"][0] == b""
-
-
-def test_map_ok_rows_on_an_all_rejected_batch_keeps_defaults() -> None:
-    batch = to_batch(plain_rows(["a", "b"], status={"a": "rejected", "b": "filtered"}))
-    out = map_ok_rows(batch, lambda row: {"y": 1.5}, {"y": 0.0, "shape": []}, "noop")
-    assert list(out["y"]) == [0.0, 0.0] and list(out["shape"]) == [[], []]
-    assert list(out["status"]) == ["rejected", "filtered"]
 
 
 # ---------------------------------------------------------------- shards
