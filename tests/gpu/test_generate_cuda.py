@@ -3,23 +3,14 @@ the CPU's up to rounding (the noise is drawn on the CPU from the seed, then move
 LF_GPU_TESTS_DEVICE."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
-import pytest
-import torch
+from lf_gpu import DEVICE, GPU_MARKS
 from PIL import Image
 from tiny_export import save_tiny_export
 
 from latentforge.training.generate import generate_from_prompts, load_export
 
-DEVICE = os.environ.get("LF_GPU_TESTS_DEVICE", "cuda")
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
-                       reason=f"no CUDA device (torch {torch.__version__}); "
-                              "LF_GPU_TESTS_DEVICE=cpu runs these bodies on the CPU"),
-]
+pytestmark = GPU_MARKS
 
 
 def test_generate_on_the_device_matches_the_cpu(tmp_path):
