@@ -13,7 +13,10 @@ import pytest
 from latentforge.orchestration.config import LatentforgeConfig, resolve_paths
 from latentforge.orchestration.run import run_all
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# heavy: test_quickstart stops and reruns the quickstart's plan the same way (one parent, curation and finished
+# stages not redone, the stage resumed, tags, lineage, system metrics); this module adds a resumed stage's weights
+# against an uninterrupted plan's and a changed stage's runs, each one more stage run.
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.heavy]
 
 STAGE = {"modalities": ["image", "video"], "video_frames_as_images": True, "steps": 4, "batch_size": 4,
          "checkpoint_every": 2, "log_every": 1, "val_fraction": 0.2, "val_every": 4, "num_samples": 0}
@@ -124,7 +127,6 @@ def test_training_runs_have_system_metrics(resumed, mlflow_server):
         assert metrics["system/system_memory_usage_megabytes"] > 0
 
 
-@pytest.mark.heavy  # one more stage run; test_resume checks a resumed stage's weights bitwise, per stage
 def test_the_resumed_stage_ends_with_the_weights_of_an_uninterrupted_one(resumed, tmp_path):
     import torch
     from safetensors.torch import load_file
@@ -141,7 +143,6 @@ def test_the_resumed_stage_ends_with_the_weights_of_an_uninterrupted_one(resumed
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-@pytest.mark.heavy  # one more stage run; test_tracking_lookup checks the same for a changed curation
 def test_a_changed_stage_trains_from_its_start_in_runs_of_its_own(resumed, mlflow_server):
     """A new learning rate for the second stage: it trains again, all its steps, from the first stage's
     weights, in a new MLflow run and a new checkpoint directory; the first stage and the old runs stay as

@@ -1,4 +1,9 @@
-"""The quickstart, shrunk: demo corpus -> Ray Data curation -> 3 Ray Train stages, tracked by a real MLflow server."""
+"""The quickstart, shrunk: demo corpus -> Ray Data curation -> 3 Ray Train stages, tracked by a real MLflow server.
+
+The plan is stopped once in its last stage (a failure injected after that stage's first checkpoint, no retries)
+and run again, as `latentforge run` on the same workdir: curation and the finished stages are not redone, the
+interrupted stage resumes from its checkpoint, and MLflow holds one parent run with one child per job and stage.
+(tests/integration/test_plan_resume.py checks the same on a smaller plan, and more, in the `heavy` runs.)"""
 from __future__ import annotations
 
 import json
@@ -17,7 +22,10 @@ SHRINK = [
     "curation.samples_per_shard=16",
     "training.stages.0.steps=80", "training.stages.0.checkpoint_every=40", "training.stages.0.log_every=5",
     "training.stages.1.steps=20", "training.stages.1.checkpoint_every=20",
-    "training.stages.2.steps=20", "training.stages.2.checkpoint_every=20", "training.stages.2.num_samples=4",
+    "training.stages.2.steps=20", "training.stages.2.checkpoint_every=10", "training.stages.2.log_every=5",
+    "training.stages.2.num_samples=4",
+    # the first run stops at step 11 of the last stage, after its step-10 checkpoint; the rerun resumes there
+    "training.stages.2.fail_at_step=11", "training.max_failures=0", "tracking.system_metrics_interval_s=1",
 ]
 
 
@@ -33,12 +41,17 @@ def quickstart(tmp_path_factory, mlflow_server, ray_local):
                       SHRINK + [f"workdir={root / 'work'}", f"curation.input_dir={corpus}",
                                 f"tracking.uri={mlflow_server}", "tracking.experiment=quickstart-test"])
     cfg = resolve_paths(cfg, root)
+    with pytest.raises(Exception, match="injected failure"):
+        run_all(cfg)
+    work = cfg.workdir
+    done = sorted((work / "datasets").glob("*/shards/*.tar")) + sorted(work.glob("exports/*/model.safetensors"))
+    assert len(done) > 2 and not (work / "exports" / "finetune").exists()
     summary = run_all(cfg)
-    return cfg, summary, index, corpus
+    return cfg, summary, index, corpus, {p: p.stat().st_mtime_ns for p in done}
 
 
 def test_every_input_is_kept_or_rejected_with_a_reason(quickstart):
-    cfg, summary, index, corpus = quickstart
+    cfg, summary, index, corpus, _ = quickstart
     ds = Dataset(summary.dataset_dirs[0])
     kept = set(ds.manifest()["relpath"].to_pylist())
     rejects = ds.rejects().to_pylist()
@@ -64,7 +77,7 @@ def test_every_input_is_kept_or_rejected_with_a_reason(quickstart):
 def test_runs_metrics_and_artifacts_in_mlflow(quickstart, mlflow_server):
     from mlflow.tracking import MlflowClient
 
-    _, summary, _, _ = quickstart
+    _, summary, _, _, _ = quickstart
     client = MlflowClient(mlflow_server)
     parent = client.get_run(summary.parent_run_id)
     assert parent.info.status == "FINISHED"
@@ -98,7 +111,7 @@ def test_runs_metrics_and_artifacts_in_mlflow(quickstart, mlflow_server):
 def test_final_stage_is_registered_with_lineage(quickstart, mlflow_server):
     from mlflow.tracking import MlflowClient
 
-    _, summary, _, _ = quickstart
+    _, summary, _, _, _ = quickstart
     name, version = summary.registered
     mv = MlflowClient(mlflow_server).get_model_version(name, version)
     assert mv.run_id == summary.stage_runs["finetune"]
@@ -109,7 +122,7 @@ def test_final_stage_is_registered_with_lineage(quickstart, mlflow_server):
 def test_validation_loss_on_held_out_samples(quickstart, mlflow_server):
     from mlflow.tracking import MlflowClient
 
-    _, summary, _, _ = quickstart
+    _, summary, _, _, _ = quickstart
     metrics = MlflowClient(mlflow_server).get_run(summary.stage_runs["image_pretrain"]).data.metrics
     assert {"val_loss", "val_loss_t0.1", "val_loss_t0.9"} <= set(metrics)
     per_t = [metrics[f"val_loss_t{t}"] for t in ("0.1", "0.3", "0.5", "0.7", "0.9")]
@@ -119,7 +132,7 @@ def test_validation_loss_on_held_out_samples(quickstart, mlflow_server):
 def test_image_pretrain_loss_falls(quickstart, mlflow_server):
     from mlflow.tracking import MlflowClient
 
-    _, summary, _, _ = quickstart
+    _, summary, _, _, _ = quickstart
     history = MlflowClient(mlflow_server).get_metric_history(summary.stage_runs["image_pretrain"], "loss")
     losses = [m.value for m in sorted(history, key=lambda m: m.step)]
     assert len(losses) >= 10
@@ -131,7 +144,7 @@ def test_stages_chain_checkpoints_and_export_safetensors(quickstart, mlflow_serv
     from mlflow.tracking import MlflowClient
     from safetensors.torch import load_file
 
-    cfg, summary, _, _ = quickstart
+    cfg, summary, _, _, _ = quickstart
     assert list(summary.exports) == ["image_pretrain", "video_pretrain", "finetune"]
     final = summary.exports["finetune"]
     weights = load_file(str(final / "model.safetensors"))
@@ -156,7 +169,7 @@ def test_the_registered_model_generates_from_a_new_prompt_and_its_lineage_verifi
 
     from latentforge.orchestration.cli import app
 
-    cfg, summary, _, _ = quickstart
+    cfg, summary, _, _, _ = quickstart
     name, version = summary.registered
     sampling = json.loads((summary.exports["finetune"] / "sampling.json").read_text())
     stage = next(s for s in cfg.training.stages if s.name == "finetune")
@@ -174,3 +187,72 @@ def test_the_registered_model_generates_from_a_new_prompt_and_its_lineage_verifi
     # and the shards it was trained on are all still there, as they were (`verify` on its lineage)
     verified = CliRunner().invoke(app, ["verify", f"models:/{name}/{version}", "--tracking-uri", mlflow_server])
     assert verified.exit_code == 0 and "(lineage of stage finetune): checked" in verified.output, verified.output
+
+
+# ---- the plan stopped in its last stage and run again -------------------------------------------------------
+
+def test_one_parent_and_one_child_per_job_and_stage_after_the_rerun(quickstart, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    _, summary, _, _, _ = quickstart
+    runs = MlflowClient(mlflow_server).search_runs([summary.experiment_id], "")
+    assert [r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags] == [summary.parent_run_id]
+    children = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == summary.parent_run_id)
+    assert children == ["curate-demo", "train-finetune", "train-image_pretrain", "train-video_pretrain"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_curation_and_the_finished_stages_are_not_redone(quickstart, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    _, summary, _, _, before = quickstart
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # shards and the two exports, as the first run left
+    client = MlflowClient(mlflow_server)
+    for stage, logged in (("image_pretrain", range(5, 81, 5)), ("video_pretrain", (10, 20))):
+        steps = [m.step for m in client.get_metric_history(summary.stage_runs[stage], "loss")]
+        assert sorted(steps) == list(logged), stage  # trained once
+
+
+def test_the_interrupted_stage_resumed_from_its_checkpoint(quickstart, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    _, summary, _, _, _ = quickstart
+    steps = sorted(m.step for m in MlflowClient(mlflow_server).get_metric_history(summary.stage_runs["finetune"],
+                                                                                  "loss"))
+    assert steps == [5, 10, 15, 20]  # 5 and 10 before the failure at 11, 15 and 20 after resuming from step 10
+
+
+def test_every_run_has_git_commit_config_hash_and_the_training_runs_system_metrics(quickstart, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    cfg, summary, _, _, _ = quickstart
+    client = MlflowClient(mlflow_server)
+    for run_id in [summary.parent_run_id, summary.curation_run_id, *summary.stage_runs.values()]:
+        tags = client.get_run(run_id).data.tags
+        assert len(tags["mlflow.source.git.commit"]) == 40, run_id
+        assert tags["latentforge.config_hash"] == cfg.config_hash(), run_id
+    for run_id in summary.stage_runs.values():
+        metrics = client.get_run(run_id).data.metrics
+        assert "system/cpu_utilization_percentage" in metrics
+        assert metrics["system/system_memory_usage_megabytes"] > 0
+
+
+def test_dataset_lineage_as_run_inputs(quickstart, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    cfg, summary, _, _, _ = quickstart
+    client = MlflowClient(mlflow_server)
+    card = Dataset(summary.dataset_dirs[0]).card
+    manifest = str((cfg.curation.output_dir / "manifest.parquet").resolve())
+
+    def inputs(run_id):
+        return {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset
+                for i in client.get_run(run_id).inputs.dataset_inputs}
+
+    out = inputs(summary.curation_run_id)["curation_output"]
+    assert out.digest == card["id"] and json.loads(out.source)["uri"] == manifest
+    assert "validation" in inputs(summary.stage_runs["image_pretrain"])  # the stage holding samples out
+    for name, run_id in summary.stage_runs.items():
+        got = inputs(run_id)
+        assert "training" in got and set(got) <= {"training", "validation"}, (name, set(got))
+        assert all(d.digest == card["id"] and json.loads(d.source)["uri"] == manifest for d in got.values()), name
