@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+from lf_plan_runs import assert_commit_and_config_hash, assert_system_metrics, dataset_inputs, parents_and_children
 
 from latentforge.orchestration.config import LatentforgeConfig, resolve_paths
 from latentforge.orchestration.run import run_all
@@ -65,12 +66,9 @@ def client_for(uri):
 def test_one_parent_and_one_child_per_job_and_stage(resumed, mlflow_server):
     cfg, summary, _ = resumed
     client = client_for(mlflow_server)
-    runs = client.search_runs([summary.experiment_id], "")
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert [r.info.run_id for r in parents] == [summary.parent_run_id]
-    children = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == summary.parent_run_id)
+    parents, children, statuses = parents_and_children(client, summary)
+    assert parents == [summary.parent_run_id] and statuses == {"FINISHED"}
     assert children == ["curate-tiny", "train-first", "train-second"]
-    assert all(r.info.status == "FINISHED" for r in runs)
 
 
 def test_curation_and_the_finished_stage_are_not_redone(resumed, mlflow_server):
@@ -94,10 +92,8 @@ def test_the_interrupted_stage_resumed_from_its_checkpoint(resumed, mlflow_serve
 def test_every_run_has_git_commit_and_config_hash(resumed, mlflow_server):
     cfg, summary, _ = resumed
     client = client_for(mlflow_server)
-    for run_id in [summary.parent_run_id, summary.curation_run_id, *summary.stage_runs.values()]:
-        tags = client.get_run(run_id).data.tags
-        assert len(tags["mlflow.source.git.commit"]) == 40, run_id
-        assert tags["latentforge.config_hash"] == cfg.config_hash(), run_id
+    assert_commit_and_config_hash(client, [summary.parent_run_id, summary.curation_run_id,
+                                           *summary.stage_runs.values()], cfg.config_hash())
 
 
 def test_dataset_lineage_as_run_inputs(resumed, mlflow_server):
@@ -105,15 +101,10 @@ def test_dataset_lineage_as_run_inputs(resumed, mlflow_server):
     client = client_for(mlflow_server)
     card = json.loads((cfg.curation.output_dir / "card.json").read_text())
     manifest = str((cfg.curation.output_dir / "manifest.parquet").resolve())
-
-    def inputs(run_id):
-        return {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset
-                for i in client.get_run(run_id).inputs.dataset_inputs}
-
-    out = inputs(summary.curation_run_id)["curation_output"]
+    out = dataset_inputs(client, summary.curation_run_id)["curation_output"]
     assert out.digest == card["id"] and json.loads(out.source)["uri"] == manifest
     for run_id in summary.stage_runs.values():
-        got = inputs(run_id)
+        got = dataset_inputs(client, run_id)
         assert set(got) == {"training", "validation"}
         assert all(d.digest == card["id"] and json.loads(d.source)["uri"] == manifest for d in got.values())
 
@@ -121,10 +112,7 @@ def test_dataset_lineage_as_run_inputs(resumed, mlflow_server):
 def test_training_runs_have_system_metrics(resumed, mlflow_server):
     _, summary, _ = resumed
     client = client_for(mlflow_server)
-    for run_id in summary.stage_runs.values():
-        metrics = client.get_run(run_id).data.metrics
-        assert "system/cpu_utilization_percentage" in metrics
-        assert metrics["system/system_memory_usage_megabytes"] > 0
+    assert_system_metrics(client, list(summary.stage_runs.values()))
 
 
 def test_the_resumed_stage_ends_with_the_weights_of_an_uninterrupted_one(resumed, tmp_path):

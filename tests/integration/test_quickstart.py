@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 import pytest
+from lf_plan_runs import assert_commit_and_config_hash, assert_system_metrics, dataset_inputs, parents_and_children
 
 from latentforge.datasets.manifest import Dataset
 from latentforge.orchestration.config import load_config, resolve_paths
@@ -195,11 +196,9 @@ def test_one_parent_and_one_child_per_job_and_stage_after_the_rerun(quickstart, 
     from mlflow.tracking import MlflowClient
 
     _, summary, _, _, _ = quickstart
-    runs = MlflowClient(mlflow_server).search_runs([summary.experiment_id], "")
-    assert [r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags] == [summary.parent_run_id]
-    children = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == summary.parent_run_id)
+    parents, children, statuses = parents_and_children(MlflowClient(mlflow_server), summary)
+    assert parents == [summary.parent_run_id] and statuses == {"FINISHED"}
     assert children == ["curate-demo", "train-finetune", "train-image_pretrain", "train-video_pretrain"]
-    assert all(r.info.status == "FINISHED" for r in runs)
 
 
 def test_curation_and_the_finished_stages_are_not_redone(quickstart, mlflow_server):
@@ -227,14 +226,9 @@ def test_every_run_has_git_commit_config_hash_and_the_training_runs_system_metri
 
     cfg, summary, _, _, _ = quickstart
     client = MlflowClient(mlflow_server)
-    for run_id in [summary.parent_run_id, summary.curation_run_id, *summary.stage_runs.values()]:
-        tags = client.get_run(run_id).data.tags
-        assert len(tags["mlflow.source.git.commit"]) == 40, run_id
-        assert tags["latentforge.config_hash"] == cfg.config_hash(), run_id
-    for run_id in summary.stage_runs.values():
-        metrics = client.get_run(run_id).data.metrics
-        assert "system/cpu_utilization_percentage" in metrics
-        assert metrics["system/system_memory_usage_megabytes"] > 0
+    assert_commit_and_config_hash(client, [summary.parent_run_id, summary.curation_run_id,
+                                           *summary.stage_runs.values()], cfg.config_hash())
+    assert_system_metrics(client, list(summary.stage_runs.values()))
 
 
 def test_dataset_lineage_as_run_inputs(quickstart, mlflow_server):
@@ -244,15 +238,10 @@ def test_dataset_lineage_as_run_inputs(quickstart, mlflow_server):
     client = MlflowClient(mlflow_server)
     card = Dataset(summary.dataset_dirs[0]).card
     manifest = str((cfg.curation.output_dir / "manifest.parquet").resolve())
-
-    def inputs(run_id):
-        return {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset
-                for i in client.get_run(run_id).inputs.dataset_inputs}
-
-    out = inputs(summary.curation_run_id)["curation_output"]
+    out = dataset_inputs(client, summary.curation_run_id)["curation_output"]
     assert out.digest == card["id"] and json.loads(out.source)["uri"] == manifest
-    assert "validation" in inputs(summary.stage_runs["image_pretrain"])  # the stage holding samples out
+    assert "validation" in dataset_inputs(client, summary.stage_runs["image_pretrain"])  # the stage holding samples out
     for name, run_id in summary.stage_runs.items():
-        got = inputs(run_id)
+        got = dataset_inputs(client, run_id)
         assert "training" in got and set(got) <= {"training", "validation"}, (name, set(got))
         assert all(d.digest == card["id"] and json.loads(d.source)["uri"] == manifest for d in got.values()), name
