@@ -370,25 +370,25 @@ def ui_hint(uri: str, workdir: Path, experiment_id: str | None) -> str:
 
 
 def _print_summary(cfg, summary) -> None:
+    """Where the run put things, one `name  value` line each. Not a table: a table on an 80-column terminal (or in
+    a log, where rich assumes 80) cut the paths short with an ellipsis, and the paths are what people copy."""
     from latentforge.orchestration.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(cfg.tracking.uri, cfg.workdir)
-    table = Table(title="latentforge: where things are", show_header=False)
-    for path in summary.dataset_dirs:
-        table.add_row("dataset", str(path))
-    for name, path in summary.exports.items():
-        table.add_row(f"weights ({name})", str(path))
-    for name, path in summary.checkpoints.items():
-        table.add_row(f"checkpoint ({name})", str(path))
-    table.add_row("MLflow store", uri)
-    table.add_row("MLflow parent run", str(summary.parent_run_id))
+    rows = [("dataset", str(path)) for path in summary.dataset_dirs]
+    rows += [(f"weights ({name})", str(path)) for name, path in summary.exports.items()]
+    rows += [(f"checkpoint ({name})", str(path)) for name, path in summary.checkpoints.items()]
+    rows += [("MLflow store", uri), ("MLflow parent run", str(summary.parent_run_id))]
     if summary.registered:
-        table.add_row("registered model", f"{summary.registered[0]} v{summary.registered[1]}")
-    table.add_row("open the UI", ui_hint(uri, cfg.workdir, summary.experiment_id))
+        rows.append(("registered model", f"{summary.registered[0]} v{summary.registered[1]}"))
+    rows.append(("open the UI", ui_hint(uri, cfg.workdir, summary.experiment_id)))
     if summary.exports:
         last = shlex.quote(str(list(summary.exports.values())[-1]))
-        table.add_row("try a prompt", f'latentforge generate {last} -p "a red circle" --out generated')
-    console.print(table)
+        rows.append(("try a prompt", f'latentforge generate {last} -p "a red circle" --out generated'))
+    width = max(len(name) for name, _ in rows)
+    console.print("[bold]latentforge: where things are[/bold]")
+    for name, value in rows:  # soft_wrap: a long value stays one line (the terminal wraps it, a copy gets it whole)
+        console.print(f"  {escape(name.ljust(width))}  {escape(value)}", soft_wrap=True, highlight=False)
 
 
 def main() -> None:

@@ -1,5 +1,7 @@
-"""The tables a curation prints when it ends: why samples were left out, and where the time went."""
+"""What a run prints when it ends: why samples were left out, where the time went, where things are."""
 from __future__ import annotations
+
+import os
 
 from rich.console import Console
 
@@ -31,3 +33,30 @@ def test_reasons_are_counted_most_frequent_first_with_an_example(tmp_path):
 def test_stage_times_show_each_stage_share():
     text = render(stage_time_table({"probe": {"cpu_s": 3.0, "wall_s": 2.0}, "encode": {"cpu_s": 1.0, "wall_s": 1.5}}))
     assert "75%" in text and "25%" in text and "probe" in text
+
+
+def test_the_run_summary_keeps_every_path_whole_on_an_80_column_terminal(tmp_path, monkeypatch):
+    """The paths are what people copy from it; a table at rich's 80 columns (a log, a small terminal) cut them."""
+    from latentforge.orchestration import cli
+    from latentforge.orchestration.config import LatentforgeConfig, resolve_paths
+    from latentforge.orchestration.run import RunSummary
+
+    cfg = resolve_paths(LatentforgeConfig.model_validate({
+        "name": "plan", "workdir": str(tmp_path / "work"), "curation": {"name": "demo", "input_dir": "corpus"}}),
+        tmp_path)
+    checkpoint = tmp_path / "work" / "checkpoints" / "quickstart-image_pretrain-df4b4fff" / "checkpoint_2026-11-28"
+    export = tmp_path / "work" / "exports" / "a stage with spaces"
+    summary = RunSummary(parent_run_id="4b68fd5968f2402eaca6a09628afcb2f", experiment_id="1",
+                         dataset_dirs=[tmp_path / "work" / "datasets" / "demo"],
+                         checkpoints={"image_pretrain": checkpoint}, exports={"finetune": export},
+                         registered=("quickstart", "1"))
+    console = Console(width=80, record=True, file=open(os.devnull, "w"))
+    monkeypatch.setattr(cli, "console", console)
+    cli._print_summary(cfg, summary)
+    lines = console.export_text().splitlines()
+    assert len(str(checkpoint)) > 80 - len("checkpoint (image_pretrain)")  # too long for a table's value column
+    assert any(line.split() == ["checkpoint", "(image_pretrain)", str(checkpoint)] for line in lines)
+    assert any(line.endswith(f"  {tmp_path / 'work' / 'datasets' / 'demo'}") for line in lines)
+    assert any(line.endswith(f"latentforge generate '{export}' -p \"a red circle\" --out generated") for line in lines)
+    assert any(line.split() == ["registered", "model", "quickstart", "v1"] for line in lines)
+    assert "…" not in "\n".join(lines)
