@@ -145,8 +145,21 @@ def train_step(acc, model, stream, stage: TrainStageConfig, generator, patch: in
     return total, seen, ({} if stage.repa is None else {"train/repa_loss": repa_total})
 
 
+def sum_over_ranks(values: list[float], device) -> list[float]:
+    """Element-wise sums over every rank of the process group (one all_reduce); the values as they are outside
+    one. Every rank must call it at the same point: it is a collective."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return list(values)
+    summed = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(summed)
+    return summed.tolist()
+
+
 class Meter:
-    """Loss / throughput over a logging window."""
+    """Loss / throughput over a logging window, over all ranks: ranks read different buckets and modalities,
+    so one rank's loss is a noisy, biased sample of the run's (DiT's and torchtitan's loops all-reduce it too)."""
 
     def __init__(self):
         self.losses, self.seen, self.t0, self.extra = [], 0, time.perf_counter(), {}
@@ -157,10 +170,15 @@ class Meter:
         for name, value in (extra or {}).items():
             self.extra.setdefault(name, []).append(value)
 
-    def flush(self, world: int) -> dict[str, float]:
-        out = {"loss": sum(self.losses) / len(self.losses),
-               "samples_per_s": self.seen * world / (time.perf_counter() - self.t0),
-               **{name: sum(values) / len(values) for name, values in self.extra.items()}}
+    def flush(self, device=None) -> dict[str, float]:
+        """Means over every step of the window on every rank, and samples/s of all ranks together. A collective
+        where a process group is up: every rank flushes at the same steps."""
+        names = sorted(self.extra)
+        totals = sum_over_ranks([sum(self.losses), len(self.losses), self.seen,
+                                 *(sum(self.extra[n]) for n in names), *(len(self.extra[n]) for n in names)], device)
+        loss, steps, seen, rest = totals[0], totals[1], totals[2], totals[3:]
+        out = {"loss": loss / steps, "samples_per_s": seen / (time.perf_counter() - self.t0),
+               **{name: rest[i] / rest[len(names) + i] for i, name in enumerate(names)}}
         self.__init__()
         return out
 
@@ -204,7 +222,7 @@ def train_stage(config: dict) -> None:
         meter.update(loss, seen, extra)
         done = step + 1
         if done % stage.log_every == 0 or done == stage.steps:
-            log_progress(sink, meter.flush(world), scheduler, grad_norm, stage, done, acc.is_main_process)
+            log_progress(sink, meter.flush(acc.device), scheduler, grad_norm, stage, done, acc.is_main_process)
         if validation and (done == stage.steps or (stage.val_every and done % stage.val_every == 0)):
             sink.log_metrics(validate(raw, validation, stage, model_cfg.visual_patch, acc.device), done)
         if done % stage.checkpoint_every == 0 or done == stage.steps:
@@ -359,7 +377,9 @@ def report(acc, raw, ema, optimizer, scheduler, job: StageJob, step: int, loss: 
     """Every worker reports (a barrier); rank 0 attaches the checkpoint."""
     import ray.train
 
-    metrics = {"step": step, "loss": loss}
+    # The step's loss averaged over the ranks (a collective, like the report itself): Ray keeps rank 0's metrics
+    # as the result's and logs every rank's, which then disagreed.
+    metrics = {"step": step, "loss": sum_over_ranks([loss], acc.device)[0] / acc.num_processes}
     # data_position counts the batches every rank has consumed; with the seed, loader.workers and the world size
     # (readers = world x loader.workers) it fixes each reader's place in its epoch (see loader.LatentStream), so a
     # resumed run reads on mid-epoch.
