@@ -20,7 +20,7 @@ from latentforge.datasets.encoders import decoders_from_card
 from latentforge.datasets.manifest import Dataset
 from latentforge.training import checkpoint as ckpt
 from latentforge.training import fsdp
-from latentforge.training.config import TrainStageConfig
+from latentforge.training.config import MODALITY_IDS, TrainStageConfig
 from latentforge.training.dit import DiT, DiTConfig
 from latentforge.training.flow import flow_loss, flow_repa_loss, resolution_shift, validation_loss
 from latentforge.training.loader import (
@@ -119,13 +119,28 @@ def batch_shift(stage: TrainStageConfig, batch, patch: int) -> float | None:
     return stage.timestep_shift
 
 
+MODALITY_NAMES = {i: name for name, i in MODALITY_IDS.items()}
+# Logged beside `loss`: one family's loss can sit still while the mean falls (the quickstart's audio, a few dozen
+# finetune batches among images and videos, stays near the loss of predicting zero while images learn).
+MODALITY_LOSSES = tuple(f"loss/{name}" for name in MODALITY_IDS)
+
+
+def batch_modality(batch) -> str | None:
+    """The one modality of a batch (buckets hold one latent shape, so one modality in practice), else None."""
+    ids = batch.modality.unique()
+    return MODALITY_NAMES[int(ids[0])] if len(ids) == 1 else None
+
+
 def train_step(acc, model, stream, stage: TrainStageConfig, generator, patch: int) -> tuple[float, int, dict]:
     """One optimiser step over `grad_accum` micro-batches (gradients synchronised on the last one).
 
-    Returns (loss, samples, extra metrics); with REPA the loss is flow + weight * repa."""
-    total, seen, repa_total = 0.0, 0, 0.0
+    Returns (loss, samples, extra metrics): each micro-batch's loss under `loss/MODALITY` (a list: micro-batches of
+    one step can differ in modality), and with REPA `train/repa_loss` (the loss is then flow + weight * repa)."""
+    total, seen, repa_total, extra = 0.0, 0, 0.0, {}
     for micro in range(stage.grad_accum):
-        batch = next(stream).to(acc.device)
+        batch = next(stream)
+        modality = batch_modality(batch)  # on the host copy: no device sync
+        batch = batch.to(acc.device)
         sync = micro == stage.grad_accum - 1
         # The backward inside no_sync too: FSDP2 decides there whether to reduce-scatter (DDP at the forward).
         with contextlib.nullcontext() if sync else acc.no_sync(model):
@@ -140,9 +155,14 @@ def train_step(acc, model, stream, stage: TrainStageConfig, generator, patch: in
                     loss = flow + stage.repa.weight * repa
                     repa_total += repa.item() / stage.grad_accum
             acc.backward(loss / stage.grad_accum)
-        total += loss.item() / stage.grad_accum
+        value = loss.item()
+        total += value / stage.grad_accum
         seen += batch.latent.shape[0]
-    return total, seen, ({} if stage.repa is None else {"train/repa_loss": repa_total})
+        if modality is not None:
+            extra.setdefault(f"loss/{modality}", []).append(value)
+    if stage.repa is not None:
+        extra["train/repa_loss"] = repa_total
+    return total, seen, extra
 
 
 def sum_over_ranks(values: list[float], device) -> list[float]:
@@ -159,27 +179,36 @@ def sum_over_ranks(values: list[float], device) -> list[float]:
 
 class Meter:
     """Loss / throughput over a logging window, over all ranks: ranks read different buckets and modalities,
-    so one rank's loss is a noisy, biased sample of the run's (DiT's and torchtitan's loops all-reduce it too)."""
+    so one rank's loss is a noisy, biased sample of the run's (DiT's and torchtitan's loops all-reduce it too).
 
-    def __init__(self):
-        self.losses, self.seen, self.t0, self.extra = [], 0, time.perf_counter(), {}
+    `extras` names the other metrics, declared up front: the all-reduce needs the same vector on every rank,
+    whichever modalities each happened to read."""
 
-    def update(self, loss: float, seen: int, extra: dict[str, float] | None = None) -> None:
+    def __init__(self, extras: tuple[str, ...] = ()):
+        self.names = tuple(sorted(extras))
+        self.losses, self.seen, self.t0 = [], 0, time.perf_counter()
+        self.extra: dict[str, list[float]] = {name: [] for name in self.names}
+
+    def update(self, loss: float, seen: int, extra: dict[str, float | list[float]] | None = None) -> None:
+        """One step: its loss, its samples, and values of the declared extras (a list adds several)."""
         self.losses.append(loss)
         self.seen += seen
         for name, value in (extra or {}).items():
-            self.extra.setdefault(name, []).append(value)
+            if name not in self.extra:
+                raise KeyError(f"metric {name!r} was not declared to the Meter ({', '.join(self.names)})")
+            self.extra[name].extend(value if isinstance(value, list) else [value])
 
     def flush(self, device=None) -> dict[str, float]:
-        """Means over every step of the window on every rank, and samples/s of all ranks together. A collective
-        where a process group is up: every rank flushes at the same steps."""
-        names = sorted(self.extra)
+        """Means over every value of the window on every rank (an extra no rank saw is left out), and samples/s
+        of all ranks together. A collective where a process group is up: every rank flushes at the same steps."""
+        names = self.names
         totals = sum_over_ranks([sum(self.losses), len(self.losses), self.seen,
                                  *(sum(self.extra[n]) for n in names), *(len(self.extra[n]) for n in names)], device)
-        loss, steps, seen, rest = totals[0], totals[1], totals[2], totals[3:]
+        loss, steps, seen = totals[:3]
+        sums, counts = totals[3:3 + len(names)], totals[3 + len(names):]
         out = {"loss": loss / steps, "samples_per_s": seen / (time.perf_counter() - self.t0),
-               **{name: rest[i] / rest[len(names) + i] for i, name in enumerate(names)}}
-        self.__init__()
+               **{name: total / count for name, total, count in zip(names, sums, counts) if count}}
+        self.__init__(names)
         return out
 
 
@@ -207,7 +236,7 @@ def train_stage(config: dict) -> None:
     validation = validation_batches(datasets, stage, normalizer, job.seed, model_cfg.visual_patch,
                                     acc.is_main_process or sharded)
     stream = build_stream(batches, rank, position)  # what an uninterrupted run would see next
-    meter = Meter()
+    meter = Meter(MODALITY_LOSSES + (("train/repa_loss",) if stage.repa is not None else ()))
     warmup = ema_warmup(job)
     for step in range(start, stage.steps):
         maybe_fail(job, step + 1, acc.is_main_process)

@@ -96,6 +96,10 @@ def test_runs_metrics_and_artifacts_in_mlflow(quickstart, mlflow_server):
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED"
         assert {"loss", "lr", "samples_per_s", "grad_norm"} <= set(run.data.metrics)
+        # one loss per modality the stage's batches held (image_pretrain reads video frames as images)
+        assert {m for m in run.data.metrics if m.startswith("loss/")} == {
+            "image_pretrain": {"loss/image"}, "video_pretrain": {"loss/video"},
+            "finetune": {"loss/image", "loss/video", "loss/audio"}}[stage]
         assert run.data.params["stage.name"] == stage
         model = {Path(a.path).name for a in client.list_artifacts(run_id, "model")}
         assert {"model.safetensors", "model_config.json", "dataset_card.json", "lineage.json"} <= model

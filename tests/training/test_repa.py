@@ -16,7 +16,7 @@ from latentforge.training.config import TrainStageConfig
 from latentforge.training.dit import DiT, DiTConfig
 from latentforge.training.flow import align_repa_targets
 from latentforge.training.loader import LatentNormalizer, build_stream, rank_plan
-from latentforge.training.loop import Meter, build_accelerator, stage_model, step_generator, train_step
+from latentforge.training.loop import MODALITY_LOSSES, Meter, build_accelerator, stage_model, step_generator, train_step
 
 MODEL = {"hidden": 32, "depth": 2, "heads": 2, "visual_channels": 4, "text_dim": 8, "max_text_len": 4,
          "mixer_depth": 1}
@@ -60,7 +60,7 @@ def test_a_stage_with_repa_trains_the_projector_and_logs_its_loss(tmp_path, repa
     model, optimizer = acc.prepare(model, optimizer)
     stream = build_stream(rank_plan(ds, st, LatentNormalizer(ds.card), seed=0, world=1, repa=True), 0)
     projector = acc.unwrap_model(model).repa_projector
-    meter, repa_losses = Meter(), []
+    meter, repa_losses = Meter(("train/repa_loss", *MODALITY_LOSSES)), []
     for step in range(12):
         loss, seen, extra = train_step(acc, model, stream, st, step_generator(0, 0, step), cfg.visual_patch)
         assert seen == 4 and np.isfinite(loss) and np.isfinite(extra["train/repa_loss"])
