@@ -18,7 +18,8 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from latentforge.pipelines.stages.dedup import BandIndex, DedupConfig, _exact_groups, _near_groups, _preference
+from latentforge.pipelines.near_index import HashSet, width
+from latentforge.pipelines.stages.dedup import DedupConfig, _exact_groups, _near_groups, _preference
 
 CLEARED = {"status": "ok", "reason": "", "stage": "", "message": "", "duplicate_of": ""}
 READMITTED = "readmitted"  # a column set on the rows of readmission's shard groups (so their markers say so)
@@ -95,14 +96,18 @@ def _to_kept(pool: list[dict], kept: list[dict], max_distance: int, plan: Readmi
     if not kept or not hashed:
         return pool
     kept = sorted(kept, key=_preference)
-    index = BandIndex([r["phash"] for r in kept + hashed], max_distance)
-    at = {str(r["id"]): len(kept) + j for j, r in enumerate(hashed)}  # the row's position in the index
+    bits = width([r["phash"] for r in kept + hashed])
+    rows, near = HashSet([r["phash"] for r in hashed], max_distance, bits).pairs_with(
+        HashSet([r["phash"] for r in kept], max_distance, bits))
+    best: dict[int, int] = {}
+    for row, k in zip(rows.tolist(), near.tolist()):  # sorted by row then kept index: the first is the best
+        best.setdefault(row, k)
+    at = {str(r["id"]): j for j, r in enumerate(hashed)}
     out = []
     for row in pool:
-        i = at.get(str(row["id"]))
-        close = [] if i is None else sorted(k for k in index.candidates(i) if k < len(kept) and index.close(i, k))
-        if close:
-            plan.repoint[str(row["id"])] = (str(kept[close[0]]["id"]), "near")
+        k = best.get(at.get(str(row["id"]), -1))
+        if k is not None:
+            plan.repoint[str(row["id"])] = (str(kept[k]["id"]), "near")
         else:
             out.append(row)
     return out

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict, defaultdict
 from functools import lru_cache
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from pydantic import Field, model_validator
 
 from latentforge.datasets import media, video
 from latentforge.datasets.video import decode_clip
+from latentforge.pipelines.near_index import HashSet
 from latentforge.pipelines.resources import StageResources, Strict
 from latentforge.pipelines.stage import Reject, Stage
 
@@ -212,68 +212,43 @@ def _exact_groups(rows: list[dict]) -> dict[str, tuple[str, str]]:
         groups[row["content_sha256"]].append(row)
     dups = {}
     for members in groups.values():
+        if len(members) == 1:  # most rows: nothing to choose
+            continue
         best, *rest = sorted(members, key=_preference)
         dups.update({r["id"]: (best["id"], "exact") for r in rest})
     return dups
 
 
-def band_slices(bits: int, max_distance: int) -> list[slice]:
-    """max_distance + 1 near-equal slices of the bit string: hashes within max_distance share one exactly."""
-    bands = max_distance + 1
-    edges = [round(i * bits / bands) for i in range(bands + 1)]
-    return [slice(a, b) for a, b in pairwise(edges)]
-
-
-class BandIndex:
-    """Multi-index over hash bands: rows within max_distance share at least one band exactly (pigeonhole),
-    so candidates come from a few buckets instead of all n^2 pairs."""
-
-    def __init__(self, phashes: list[str], max_distance: int):
-        width = 4 * max(len(h) for h in phashes)
-        self.values = [int(h, 16) for h in phashes]
-        self.bits = [f"{v:0{width}b}" for v in self.values]
-        self.slices = band_slices(width, max_distance)
-        self.max_distance = max_distance
-        self.buckets: dict[tuple[int, str], list[int]] = defaultdict(list)
-        for i, b in enumerate(self.bits):
-            for band, s in enumerate(self.slices):
-                self.buckets[band, b[s]].append(i)
-
-    def candidates(self, i: int) -> set[int]:
-        return {j for band, s in enumerate(self.slices) for j in self.buckets[band, self.bits[i][s]] if j != i}
-
-    def close(self, i: int, j: int) -> bool:
-        return (self.values[i] ^ self.values[j]).bit_count() <= self.max_distance
-
-
 def near_pairs(phashes: list[str], max_distance: int) -> set[tuple[int, int]]:
-    """All index pairs (i < j) whose hashes are within max_distance bits, found through the band index.
-    Empty hashes (audio, flat pictures) pair with nothing."""
+    """All index pairs (i < j) whose hashes are within max_distance bits (`near_index`). Empty hashes (audio,
+    flat pictures) pair with nothing."""
     where = [i for i, h in enumerate(phashes) if h]
     if not where:
         return set()
-    index = BandIndex([phashes[i] for i in where], max_distance)
-    return {(where[i], where[j]) for i in range(len(where)) for j in index.candidates(i)
-            if i < j and index.close(i, j)}
+    first, second = HashSet([phashes[i] for i in where], max_distance).pairs()
+    return {(where[i], where[j]) for i, j in zip(first.tolist(), second.tolist())}
 
 
 def _near_groups(rows: list[dict], max_distance: int) -> dict[str, tuple[str, str]]:
     """Greedy leaders, best first: each unclaimed row claims all unclaimed rows within max_distance of it.
 
     Leaders rather than connected components, so a chain of small steps cannot pull in a row far from its
-    representative; as a consequence no two representatives are within max_distance of each other.
+    representative; as a consequence no two representatives are within max_distance of each other. A row's
+    earlier neighbours have all been claimed or led by the time its turn comes, so only its later ones count:
+    the pairs (i < j) in preference order, walked once.
     """
     rows = sorted(rows, key=_preference)
-    index = BandIndex([r["phash"] for r in rows], max_distance)
-    claimed, dups = [False] * len(rows), {}
-    for i, leader in enumerate(rows):
-        if claimed[i]:
+    first, second = HashSet([r["phash"] for r in rows], max_distance).pairs()
+    claimed, dups = np.zeros(len(rows), dtype=bool), {}
+    leaders, starts = np.unique(first, return_index=True)
+    ends = np.append(starts[1:], len(first))
+    for leader, lo, hi in zip(leaders.tolist(), starts.tolist(), ends.tolist()):
+        if claimed[leader]:
             continue
-        claimed[i] = True
-        for j in sorted(index.candidates(i)):
-            if not claimed[j] and index.close(i, j):
-                claimed[j] = True
-                dups[rows[j]["id"]] = (leader["id"], "near")
+        followers = second[lo:hi][~claimed[second[lo:hi]]]
+        claimed[followers] = True
+        for j in followers.tolist():
+            dups[rows[j]["id"]] = (rows[leader]["id"], "near")
     return dups
 
 

@@ -1,0 +1,122 @@
+"""Every pair of perceptual hashes within a Hamming distance, in numpy: the near-duplicate search at corpus scale.
+
+Pigeonhole banding: cut the bits into max_distance + 1 bands, and two hashes within max_distance bits agree
+exactly on at least one band. So candidates are the pairs that share a band's value, and each candidate is
+checked by its real distance; the pairs found do not depend on where the bands are cut.
+
+Sorting each band's values puts equal values in runs; the candidates are the pairs inside a run (or, between
+two sets, a row and the other set's run of its value), enumerated in bounded chunks and checked by XOR and
+popcount over whole arrays. The same search in Python sets and loops (the first version) took 4 s at 100k
+hashes and 33 s at 300k, growing as n^2, on the driver while the cluster waits at the dedup barrier; see
+BENCHMARKS.md (`bench/dedup.py`). A candidate count still grows as n^2 / 2^(bits / bands), which at 64 bits
+and distance 4 is n^2 / 8192 per band: a few hundred million checks at a million hashes, a few seconds here.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+_CHUNK = 1 << 22  # candidate pairs checked per array operation (bounds memory: ~100 MB of indices)
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # folds a band wider than 64 bits into one key (collisions: more candidates)
+
+
+class HashSet:
+    """Hex perceptual hashes as bit arrays, each band's value as one uint64 key. `bits` fixes the width (left-
+    padded with zeros, as `int(h, 16)` reads a short hash); two sets compared must share it. No hash may be ""."""
+
+    def __init__(self, phashes: list[str], max_distance: int, bits: int | None = None):
+        self.n, self.max_distance = len(phashes), max_distance
+        self.bits = bits if bits is not None else width(phashes)
+        digits = self.bits // 4 + (self.bits // 4) % 2  # whole bytes
+        raw = np.frombuffer(b"".join(bytes.fromhex(h.rjust(digits, "0")) for h in phashes), dtype=np.uint8)
+        unpacked = np.unpackbits(raw.reshape(self.n, digits // 2), axis=1)[:, -self.bits:]
+        words = _words(unpacked)
+        self.columns = [np.ascontiguousarray(column) for column in words.T]  # the whole hash, 64 bits a column
+        edges = [round(i * self.bits / (max_distance + 1)) for i in range(max_distance + 2)]
+        self.keys = [_fold(_words(unpacked[:, a:b])) for a, b in zip(edges, edges[1:])]
+
+    def distance(self, i: np.ndarray, other: HashSet, j: np.ndarray) -> np.ndarray:
+        total = np.bitwise_count(self.columns[0][i] ^ other.columns[0][j])
+        for mine, theirs in zip(self.columns[1:], other.columns[1:]):
+            total += np.bitwise_count(mine[i] ^ theirs[j])
+        return total
+
+    def pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every (i, j), i < j, within max_distance: two int64 arrays, sorted by i then j."""
+        found = []
+        for keys in self.keys:
+            order = np.argsort(keys, kind="stable")
+            ends = _run_ends(keys[order])
+            positions = np.arange(self.n)
+            found += self._checked(order, positions + 1, ends, order, self)  # a row, then the rest of its run
+        return _unique([(np.minimum(i, j), np.maximum(i, j)) for i, j in found], self.n)
+
+    def pairs_with(self, other: HashSet) -> tuple[np.ndarray, np.ndarray]:
+        """Every (i in self, j in other) within max_distance, sorted by i then j."""
+        if other.bits != self.bits or other.max_distance != self.max_distance:
+            raise ValueError("hash sets of different widths or distances")
+        found = []
+        for mine, theirs in zip(self.keys, other.keys):
+            order = np.argsort(theirs, kind="stable")
+            ordered = theirs[order]
+            starts = np.searchsorted(ordered, mine, side="left")
+            ends = np.searchsorted(ordered, mine, side="right")
+            found += self._checked(np.arange(self.n), starts, ends, order, other)
+        return _unique(found, max(other.n, 1))
+
+    def _checked(self, rows: np.ndarray, starts: np.ndarray, ends: np.ndarray, order: np.ndarray,
+                 other: HashSet) -> list[tuple[np.ndarray, np.ndarray]]:
+        """For each k: rows[k] against other's rows order[starts[k]:ends[k]], kept where within max_distance."""
+        counts = np.maximum(ends - starts, 0)
+        live = np.flatnonzero(counts)
+        rows, starts, counts = rows[live], starts[live], counts[live]
+        out, total = [], np.cumsum(counts)
+        lo = 0
+        while lo < len(live):  # chunks of about _CHUNK candidates (at least one row's run)
+            hi = max(lo + 1, int(np.searchsorted(total, (total[lo - 1] if lo else 0) + _CHUNK, side="right")))
+            n = counts[lo:hi]
+            first = np.repeat(np.cumsum(n) - n, n)
+            i = np.repeat(rows[lo:hi], n)
+            j = order[np.repeat(starts[lo:hi], n) + np.arange(first.size) - first]
+            close = self.distance(i, other, j) <= self.max_distance
+            out.append((i[close], j[close]))
+            lo = hi
+        return out
+
+
+def width(phashes: list[str]) -> int:
+    """Bits of the longest hash (as `int(h, 16)` reads them: 4 per hex digit)."""
+    return 4 * max((len(h) for h in phashes), default=1)
+
+
+def _words(bits: np.ndarray) -> np.ndarray:
+    """(n, b) 0/1 bits, most significant first -> (n, ceil(b / 64)) uint64, zero-padded on the left."""
+    pad = (-bits.shape[1]) % 64
+    padded = np.pad(bits, ((0, 0), (pad, 0)))
+    packed = np.packbits(padded, axis=1).reshape(bits.shape[0], padded.shape[1] // 64, 8)
+    return packed.view(">u8").astype(np.uint64).reshape(bits.shape[0], padded.shape[1] // 64)
+
+
+def _fold(words: np.ndarray) -> np.ndarray:
+    key = words[:, 0].copy()
+    for column in range(1, words.shape[1]):
+        key = key * _MIX ^ words[:, column]
+    return key
+
+
+def _run_ends(ordered: np.ndarray) -> np.ndarray:
+    """For each position of a sorted array, where its run of equal values ends."""
+    if not len(ordered):
+        return np.zeros(0, np.int64)
+    breaks = np.flatnonzero(ordered[1:] != ordered[:-1]) + 1
+    bounds = np.concatenate([breaks, [len(ordered)]])
+    return np.repeat(bounds, np.diff(np.concatenate([[0], bounds])))
+
+
+def _unique(found: list[tuple[np.ndarray, np.ndarray]], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs found by several bands once, sorted by i then j (j < n)."""
+    if not found:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    i = np.concatenate([a for a, _ in found]).astype(np.int64)
+    j = np.concatenate([b for _, b in found]).astype(np.int64)
+    codes = np.unique(i * n + j)
+    return codes // n, codes % n
