@@ -21,14 +21,12 @@ nor a mid-epoch resume position would be reproducible; a rank here re-derives it
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 import random
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -39,6 +37,8 @@ from latentforge.datasets.shards import MEMBERS, ShardFormatError
 from latentforge.training.batch import Batch, LatentNormalizer  # re-exported
 from latentforge.training.batch import Decoded, MemberFormat, check_alike
 from latentforge.training.config import MODALITY_IDS, TrainStageConfig
+from latentforge.training.entries import Entries, Entry  # noqa: F401  (Entry re-exported for tests)
+from latentforge.training.entries import select_entries as entries_of
 from latentforge.training.shard_reader import NpyDecoder, iter_raw_samples
 
 
@@ -56,43 +56,10 @@ def open_datasets(datasets: Dataset | list[Dataset]) -> list[Dataset]:
     return datasets
 
 
-def is_validation(key: str, fraction: float) -> bool:
-    """A stable held-out split by sample id: the same samples whatever the worker count or order."""
-    return fraction > 0 and int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 2**32 < fraction
-
-
-class Entry(NamedTuple):
-    """One selected sample, as the manifest describes it (no shard read needed)."""
-
-    dataset: int
-    key: str
-    shard: str  # shard URI, opened by shard_reader.open_shard
-    shape: tuple[int, ...]  # latent (C, T, H, W)
-    modality: str
-
-
-def select_entries(datasets: Dataset | list[Dataset], stage: TrainStageConfig, split: str = "train") -> list[Entry]:
+def select_entries(datasets: Dataset | list[Dataset], stage: TrainStageConfig, split: str = "train") -> Entries:
     """The samples the stage's selection picks (manifest `where`, modalities, train/val split by id hash),
-    sorted by (shard, key): the order they lie in the shards."""
-    out = []
-    for n, dataset in enumerate(as_list(datasets)):
-        table = dataset.select(stage.where, list(stage.modalities))
-        columns = [table[c].to_pylist() for c in ("id", "shard", "latent_shape", "modality")]
-        shard_paths: dict[str, str] = {}
-        for key, shard, shape, modality in zip(*columns):
-            if is_validation(key, stage.val_fraction) != (split == "val"):
-                continue
-            if not shape:
-                raise ValueError(f"{dataset.root}: manifest row {key!r} has no latent_shape (needed to plan batches)")
-            if shard not in shard_paths:
-                shard_paths[shard] = str(dataset.shard_path(shard))
-            out.append(Entry(n, key, shard_paths[shard], tuple(shape), modality))
-    out.sort(key=lambda e: (e.shard, e.key))
-    for a, b in zip(out, out[1:]):  # the reader finds a sample by (shard, key): two would never both be read
-        if (a.shard, a.key) == (b.shard, b.key):
-            raise ValueError(f"sample {a.key!r} of shard {a.shard} is selected twice (datasets "
-                             f"{as_list(datasets)[a.dataset].root} and {as_list(datasets)[b.dataset].root})")
-    return out
+    sorted by (shard, key): the order they lie in the shards (see entries.select_entries)."""
+    return entries_of(as_list(datasets), stage.where, list(stage.modalities), stage.val_fraction, split)
 
 
 def select_samples(datasets: Dataset | list[Dataset], stage: TrainStageConfig,
@@ -128,15 +95,16 @@ Item = tuple[int, "int | None"]  # (entry index, frame for video_frames_as_image
 class StreamPlan:
     """Which samples each reader reads in each epoch, and how they batch; see the module docstring."""
 
-    def __init__(self, entries: list[Entry], stage: TrainStageConfig, normalizer: LatentNormalizer, seed: int,
+    def __init__(self, entries: Entries | list[Entry], stage: TrainStageConfig, normalizer: LatentNormalizer, seed: int,
                  readers: int = 1, patch: int = 2, repa: bool = False, member_format: MemberFormat | None = None):
         if len(entries) < readers:
             raise ValueError(f"stage {stage.name!r} selects {len(entries)} samples, fewer than {readers} readers "
                              f"(workers x loader.workers)")
-        self.entries, self.stage, self.normalizer = entries, stage, normalizer
+        self.entries, self.stage, self.normalizer = Entries.of(entries), stage, normalizer
         self.seed, self.readers, self.patch, self.repa = seed, readers, patch, repa
         self.member_format = member_format or MemberFormat()  # text / REPA shapes the dataset cards fix, where they do
-        starts = [0] + [i for i in range(1, len(entries)) if entries[i].shard != entries[i - 1].shard]
+        shard = self.entries.shard_index
+        starts = [0] + (np.flatnonzero(shard[1:] != shard[:-1]) + 1).tolist()
         self.shards = list(zip(starts, starts[1:] + [len(entries)]))  # entry index range [lo, hi) per shard
         self._plans: dict[tuple[int, int], list[list[Item]]] = {}
         self.peak_held = 0  # most decoded samples held at once (bounded by the buffer, not the share)
@@ -152,17 +120,18 @@ class StreamPlan:
         first batches of one reader hold only the buckets its share happens to start with)."""
         order = list(range(len(self.shards)))
         random.Random(f"prompts:{self.seed}").shuffle(order)
-        need = {shape: min(per_bucket, n) for shape, n in Counter(e.shape for e in self.entries).items()}
-        taken: dict[tuple, list[int]] = {shape: [] for shape in need}
+        shapes = self.entries.shape_index
+        need = {shape: min(per_bucket, n) for shape, n in Counter(shapes.tolist()).items()}
+        taken: dict[int, list[int]] = {shape: [] for shape in need}
         for lo, hi in (self.shards[s] for s in order):
-            for i in range(lo, hi):
-                bucket = taken[self.entries[i].shape]
-                if len(bucket) < need[self.entries[i].shape]:
+            for i, shape in enumerate(shapes[lo:hi].tolist(), start=lo):
+                bucket = taken[shape]
+                if len(bucket) < need[shape]:
                     bucket.append(i)
             if all(len(taken[shape]) == n for shape, n in need.items()):
                 break
         chosen = sorted(i for bucket in taken.values() for i in bucket)
-        return StreamPlan([self.entries[i] for i in chosen], self.stage, self.normalizer, self.seed, 1, self.patch,
+        return StreamPlan(self.entries.take(chosen), self.stage, self.normalizer, self.seed, 1, self.patch,
                           self.repa, self.member_format)
 
     def share(self, reader: int, epoch: int) -> list[int]:
@@ -197,11 +166,13 @@ class StreamPlan:
             if len(group) == self.batch_size(shape):
                 plan.append(accumulators.pop(shape))
 
+        entries = self.entries
+        frames_of = self.stage.video_frames_as_images and "video" in entries.modalities
+        video = entries.modalities.index("video") if frames_of else -1
         for i in self.share(reader, epoch):
-            entry = self.entries[i]
             frame = None
-            if entry.modality == "video" and self.stage.video_frames_as_images:
-                frame = rng.randrange(entry.shape[1])
+            if entries.modality_index[i] == video:
+                frame = rng.randrange(entries.shape(i)[1])
             if len(buffer) < size:
                 buffer.append((i, frame))
                 continue
@@ -216,7 +187,7 @@ class StreamPlan:
         return plan
 
     def item_shape(self, item: Item) -> tuple[int, ...]:
-        shape = self.entries[item[0]].shape
+        shape = self.entries.shape(item[0])
         return shape if item[1] is None else (shape[0], 1, *shape[2:])
 
     def batches(self, reader: int, start: int = 0) -> Iterator[Batch]:
@@ -238,13 +209,13 @@ class StreamPlan:
         decode = NpyDecoder()
         cursor = start
         needed = [i for i in self.share(reader, epoch) if i in batch_of]
-        for uri, group in itertools.groupby(needed, key=lambda i: self.entries[i].shard):
-            wanted = {self.entries[i].key: i for i in group}
+        for uri, group in itertools.groupby(needed, key=self.entries.shard):
+            wanted = {self.entries.key(i): i for i in group}
             for key, members in iter_raw_samples(uri, wanted_key=wanted.__contains__):
                 i = wanted.pop(key, None)
                 if i is None:
                     continue
-                decoded[i] = self.decode(members, decode, uri, key, self.entries[i].shape)
+                decoded[i] = self.decode(members, decode, uri, key, self.entries.shape(i))
                 self.peak_held = max(self.peak_held, len(decoded))
                 missing[batch_of[i]] -= 1
                 while cursor < len(plan) and missing[cursor] == 0:
@@ -278,7 +249,7 @@ class StreamPlan:
 
     def collate(self, items: list[Item], decoded: dict[int, Decoded]) -> Batch:
         samples = [decoded.pop(i) for i, _ in items]
-        check_alike(samples, lambda n: f"{self.entries[items[n][0]].shard}: sample {self.entries[items[n][0]].key}")
+        check_alike(samples, lambda n: f"{self.entries.shard(items[n][0])}: sample {self.entries.key(items[n][0])}")
         modalities = ["image" if frame is not None else self.entries[i].modality for i, frame in items]
         latent = np.stack([s.latent if f is None else s.latent[:, f:f + 1] for s, (_, f) in zip(samples, items)])
         families = {LatentNormalizer.family(m) for m in modalities}
@@ -343,8 +314,8 @@ def load_batches(datasets: Dataset | list[Dataset], stage: TrainStageConfig, nor
     sampling prompts, tests."""
     datasets = open_datasets(datasets)
     entries = select_entries(datasets, stage, split)
-    if limit is not None:
-        entries = sorted(sorted(entries, key=lambda e: (e.dataset, e.key))[:limit], key=lambda e: (e.shard, e.key))
+    if limit is not None:  # the first `limit` by (dataset, key), then back in (shard, key) order
+        entries = entries.take(np.sort(np.lexsort((entries.keys, entries.dataset))[:limit]))
     if not entries:
         return []
     member_format = MemberFormat.of([d.card for d in datasets])

@@ -1,0 +1,30 @@
+"""Benches that run in seconds at a small size, each checking its two sides agree: bench/dedup.py (near-duplicate
+search, numpy vs Python sets) and bench/plan_memory.py (a selection as columns vs objects)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHES = Path(__file__).resolve().parents[2] / "bench"
+
+
+def test_a_small_run_times_both_searches_which_agree():
+    out = subprocess.run([sys.executable, str(BENCHES / "dedup.py"), "--rows", "500", "3000", "--baseline-max", "3000"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout  # exits 1 on disagreement
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["hashes"] for r in rows] == [500, 3000]
+    for r in rows:
+        assert r["rows"] == r["hashes"] * 23 // 20 and r["duplicates"] >= r["hashes"] // 20  # the exact copies
+        assert r["numpy_s"] >= 0 and r["previous_s"] >= 0 and r["speedup"] > 0
+
+
+def test_a_small_selection_is_measured_both_ways_and_agrees(tmp_path):
+    out = subprocess.run([sys.executable, str(BENCHES / "plan_memory.py"), "--samples", "5000", "--dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, check=True).stdout  # exits 1 on disagreement
+    result = json.loads(out.splitlines()[-1])
+    assert result["samples"] == 5000
+    for side in ("previous_entry_objects", "numpy_columns"):
+        assert result[side]["s"] >= 0 and result[side]["peak_mb"] >= result[side]["held_mb"] > 0
+    assert result["numpy_columns"]["held_mb"] < result["previous_entry_objects"]["held_mb"]
