@@ -1,10 +1,10 @@
 """The samples a stage selects, held column by column: what every rank and DataLoader worker keeps for a run.
 
-A list of one Python object per sample cost ~0.9 GB per process at a million samples (measured with
-`select_entries` + `StreamPlan` on a 1M-row manifest), and a DataLoader worker forked from its rank copies
-those pages as soon as it touches them (reference counts are writes), so a node of 8 ranks x 4 workers would
-hold the selection 40 times over. Here the selection is a few numpy arrays (keys as UTF-8 bytes, shard and
-shape as indices into short lists), ~0.1 GB at a million, which forked workers share as they are.
+A list of one Python object per sample kept ~290 MB of Python heap per rank at a million samples (peaking at
+~540 MB while built; `bench/plan_memory.py`), on every rank of a node, and a DataLoader worker forked from its
+rank copies the pages of the objects it reads (reference counts are writes). Here the selection is a few numpy
+arrays (keys as UTF-8 bytes; shard, shape and modality as indices into short lists), ~33 MB at a million,
+which forked workers share as they are.
 """
 from __future__ import annotations
 
