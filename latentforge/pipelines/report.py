@@ -69,8 +69,8 @@ def write_report(dataset_dir: Path | str, out: Path | str | None = None, *, thum
         _header(card, kept, rejects),
         _section("Why inputs were dropped", _reasons_chart(rejects)),
         _section("Score distributions", _histograms(kept)),
-        _section("Kept samples", _thumb_grid(_pick(kept.to_pylist(), thumbnails), kept=True)),
-        _section("Rejected and filtered samples", _thumb_grid(_pick(rejects.to_pylist(), thumbnails), kept=False)),
+        _section("Kept samples", _thumb_grid(_pick(kept, thumbnails), kept=True)),
+        _section("Rejected and filtered samples", _thumb_grid(_pick(rejects, thumbnails), kept=False)),
     ]
     title = f"latentforge report: {card.get('name') or storage.name_of(dataset_dir)}"
     tmp = out.with_suffix(".partial")  # a reader never sees half a report
@@ -233,14 +233,20 @@ def _histogram_svg(column: str, modality: str, values: np.ndarray) -> str:
 # ---------------------------------------------------------------- thumbnails
 
 
-def _pick(rows: list[dict], limit: int) -> list[dict]:
-    """Up to `limit` rows taken round-robin across modalities, so a dominant modality cannot hide the others."""
-    groups: dict[str, list[dict]] = {}
-    for row in rows:
-        groups.setdefault(str(row.get("modality") or "unknown"), []).append(row)
+def _pick(table: pa.Table, limit: int) -> list[dict]:
+    """Up to `limit` rows taken round-robin across modalities, so a dominant modality cannot hide the others.
+    Only the rows shown become Python objects: the first `limit` of each modality (a whole manifest as dicts
+    took 5.5 s and 2 GB at a million rows)."""
+    limit = max(limit, 0)
+    if "modality" in table.column_names:
+        names = pc.fill_null(table["modality"].cast(pa.string()), "unknown")
+        names = pc.if_else(pc.equal(names, ""), "unknown", names)
+    else:
+        names = pa.array(["unknown"] * table.num_rows, pa.string())
+    groups = {m: table.filter(pc.equal(names, m)).slice(0, limit).to_pylist() for m in pc.unique(names).to_pylist()}
     queues = [groups[m] for m in sorted(groups, key=_modality_key)]
     interleaved = (row for batch in itertools.zip_longest(*queues) for row in batch if row is not None)
-    return list(itertools.islice(interleaved, max(limit, 0)))
+    return list(itertools.islice(interleaved, limit))
 
 
 def _thumb_grid(rows: list[dict], *, kept: bool) -> str:

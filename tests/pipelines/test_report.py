@@ -124,3 +124,18 @@ def test_thumbnail_limit_and_explicit_out(tmp_path):
     page = out.read_text(encoding="utf-8")
     figures = _figures(page)
     assert len(figures) == 2 and all("placeholder" in f and "not_found" in f for f in figures)
+
+
+def test_thumbnails_are_picked_round_robin_across_modalities_from_the_table():
+    """From the Arrow table, only the rows shown become dicts: the first of each modality in turn, a row
+    without a modality under "unknown" (after image, video, audio)."""
+    import pyarrow as pa
+
+    from latentforge.pipelines.report import _pick
+
+    modalities = ["image"] * 50 + ["audio", None, "video", "", "audio", "video"]
+    table = pa.table({"id": [f"r{i:02d}" for i in range(len(modalities))], "modality": modalities})
+    picked = [row["id"] for row in _pick(table, 7)]
+    assert picked == ["r00", "r52", "r50", "r51", "r01", "r55", "r54"]  # image, video, audio, unknown, ...
+    assert [row["id"] for row in _pick(table, 0)] == [] and len(_pick(table, 100)) == len(modalities)
+    assert [row["id"] for row in _pick(table.drop_columns(["modality"]), 2)] == ["r00", "r01"]
