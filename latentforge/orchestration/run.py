@@ -209,15 +209,27 @@ def log_tables(tracker: Tracker, run_id: str, dataset_dir: Path) -> None:
     """Readable copies for the MLflow UI: rejects and a manifest summary as CSV."""
     from latentforge.datasets.manifest import Dataset
 
+    from pyarrow import csv
+
     ds = Dataset(dataset_dir)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:  # pyarrow writes them straight from the columns (no pandas copy)
         rejects = Path(tmp) / "rejects.csv"
-        ds.rejects().to_pandas().to_csv(rejects, index=False)
+        csv.write_csv(ds.rejects(), rejects)
         summary = Path(tmp) / "manifest_summary.csv"
-        frame = ds.manifest().to_pandas()
-        frame.groupby(["modality", "bucket"]).agg(samples=("id", "count")).reset_index().to_csv(summary, index=False)
+        csv.write_csv(manifest_summary(ds.manifest()), summary)
         tracker.log_artifact(run_id, rejects, "dataset")
         tracker.log_artifact(run_id, summary, "dataset")
+
+
+def manifest_summary(manifest):
+    """Samples per (modality, bucket), sorted; rows without either are not counted."""
+    import pyarrow.compute as pc
+
+    keyed = manifest.select(["modality", "bucket", "id"]).filter(
+        pc.is_valid(pc.field("modality")) & pc.is_valid(pc.field("bucket")))
+    counts = keyed.group_by(["modality", "bucket"]).aggregate([("id", "count")])
+    return counts.select(["modality", "bucket", "id_count"]).rename_columns(["modality", "bucket", "samples"]) \
+        .sort_by([("modality", "ascending"), ("bucket", "ascending")])
 
 
 def stage_key(plan: PlanConfig, stage, cards: list[dict], previous_key: str) -> str:

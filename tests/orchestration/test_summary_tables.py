@@ -60,3 +60,17 @@ def test_the_run_summary_keeps_every_path_whole_on_an_80_column_terminal(tmp_pat
     assert any(line.endswith(f"latentforge generate '{export}' -p \"a red circle\" --out generated") for line in lines)
     assert any(line.split() == ["registered", "model", "quickstart", "v1"] for line in lines)
     assert "…" not in "\n".join(lines)
+
+
+def test_the_manifest_summary_counts_samples_per_modality_and_bucket():
+    import pyarrow as pa
+
+    from latentforge.orchestration.run import manifest_summary
+
+    manifest = pa.table({"id": list("abcdefg"),
+                         "modality": ["video", "image", "image", "audio", "image", None, "video"],
+                         "bucket": ["4x8x8", "1x8x8", "1x16x16", "8000", "1x8x8", "1x8x8", "4x8x8"],
+                         "score_x": [1.0] * 7})
+    assert manifest_summary(manifest).to_pylist() == [
+        {"modality": "audio", "bucket": "8000", "samples": 1}, {"modality": "image", "bucket": "1x16x16", "samples": 1},
+        {"modality": "image", "bucket": "1x8x8", "samples": 2}, {"modality": "video", "bucket": "4x8x8", "samples": 2}]
