@@ -90,6 +90,10 @@ class TrainStageConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
     modalities: list[Modality] = Field(min_length=1, description="manifest modalities this stage trains on")
     video_frames_as_images: bool = Field(False, description="train on single random frames of the clips")
+    mix: dict[Modality, float] | None = Field(None, description=(
+        "each modality's share of an epoch's samples, e.g. {image: 0.6, video: 0.3, audio: 0.1} (normalised; "
+        "every modality of the stage, none other): a modality's samples are repeated or subsampled, seeded per "
+        "epoch, to reach it; default: the shares the selection has"))
     where: str | None = Field(None, description="manifest selection, e.g. \"score_caption_words >= 6\"")
     steps: int = Field(100, ge=1)
     batch_size: int = Field(16, ge=1, description="per worker (each bucket's, unless tokens_per_batch is set)")
@@ -127,6 +131,16 @@ class TrainStageConfig(Strict):
     sample_every: int | None = Field(None, ge=1, description="also sample every N steps (None: only at the end)")
     sample_steps: int = Field(20, ge=1)
     cfg_scale: float = Field(2.0, ge=0)
+
+    @model_validator(mode="after")
+    def _mix_covers_the_modalities(self) -> TrainStageConfig:
+        if self.mix is not None:
+            if set(self.mix) != set(self.modalities):
+                raise ValueError(f"mix gives shares to {sorted(self.mix)}; it needs exactly the stage's modalities "
+                                 f"{sorted(self.modalities)}")
+            if any(share <= 0 for share in self.mix.values()):
+                raise ValueError(f"mix shares must be > 0 (leave a modality out of `modalities` instead): {self.mix}")
+        return self
 
     @field_validator("where")
     @classmethod

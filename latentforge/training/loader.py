@@ -89,6 +89,19 @@ def token_count(shape: tuple[int, ...], patch: int) -> int:
     return t if h == w == 1 else t * (h // patch) * (w // patch)
 
 
+def mix_copies(entries: Entries, mix: dict[str, float], stage: str) -> np.ndarray:
+    """Expected copies per epoch of one sample of each modality (by `entries.modalities` index), so that each
+    modality's share of the epoch is its share of `mix` and the epoch keeps its size."""
+    counts = np.bincount(entries.modality_index, minlength=len(entries.modalities))
+    absent = sorted(m for m in mix if m not in entries.modalities or not counts[entries.modalities.index(m)])
+    if absent:
+        raise ValueError(f"stage {stage!r}: mix gives {', '.join(absent)} a share, but the selection has no "
+                         f"such samples")
+    total = sum(mix.values())
+    return np.array([mix.get(m, 0.0) / total * len(entries) / max(int(c), 1)
+                     for m, c in zip(entries.modalities, counts)])
+
+
 Item = tuple[int, "int | None"]  # (entry index, frame for video_frames_as_images)
 
 
@@ -96,7 +109,8 @@ class StreamPlan:
     """Which samples each reader reads in each epoch, and how they batch; see the module docstring."""
 
     def __init__(self, entries: Entries | list[Entry], stage: TrainStageConfig, normalizer: LatentNormalizer, seed: int,
-                 readers: int = 1, patch: int = 2, repa: bool = False, member_format: MemberFormat | None = None):
+                 readers: int = 1, patch: int = 2, repa: bool = False, member_format: MemberFormat | None = None,
+                 mix: dict[str, float] | None = None):
         if len(entries) < readers:
             raise ValueError(f"stage {stage.name!r} selects {len(entries)} samples, fewer than {readers} readers "
                              f"(workers x loader.workers)")
@@ -108,6 +122,7 @@ class StreamPlan:
         self.shards = list(zip(starts, starts[1:] + [len(entries)]))  # entry index range [lo, hi) per shard
         self._plans: dict[tuple[int, int], list[list[Item]]] = {}
         self.peak_held = 0  # most decoded samples held at once (bounded by the buffer, not the share)
+        self.copies = None if mix is None else mix_copies(self.entries, mix, stage.name)  # per modality index
 
     def batch_size(self, shape: tuple[int, ...]) -> int:
         if self.stage.tokens_per_batch is None:
@@ -170,15 +185,20 @@ class StreamPlan:
         frames_of = self.stage.video_frames_as_images and "video" in entries.modalities
         video = entries.modalities.index("video") if frames_of else -1
         for i in self.share(reader, epoch):
-            frame = None
-            if entries.modality_index[i] == video:
-                frame = rng.randrange(entries.shape(i)[1])
-            if len(buffer) < size:
-                buffer.append((i, frame))
-                continue
-            slot = rng.randrange(size)
-            add(buffer[slot])
-            buffer[slot] = (i, frame)
+            copies = 1
+            if self.copies is not None:  # stage.mix: a whole number of copies, and one more with the fraction's odds
+                expected = self.copies[entries.modality_index[i]]
+                copies = int(expected) + (rng.random() < expected - int(expected))
+            for _ in range(copies):
+                frame = None
+                if entries.modality_index[i] == video:
+                    frame = rng.randrange(entries.shape(i)[1])
+                if len(buffer) < size:
+                    buffer.append((i, frame))
+                    continue
+                slot = rng.randrange(size)
+                add(buffer[slot])
+                buffer[slot] = (i, frame)
         rng.shuffle(buffer)
         for item in buffer:
             add(item)
@@ -203,12 +223,16 @@ class StreamPlan:
     def read_epoch(self, reader: int, epoch: int, start: int = 0) -> Iterator[Batch]:
         """Decode exactly the samples of batches [start:] of the plan and emit each batch once complete."""
         plan = self.plan(reader, epoch)
-        batch_of = {i: b for b in range(start, len(plan)) for i, _ in plan[b]}
+        batches_of: dict[int, list[int]] = {}  # an entry is in several batches where stage.mix repeats it
+        for b in range(start, len(plan)):
+            for i, _ in plan[b]:
+                batches_of.setdefault(i, []).append(b)
+        uses = {i: len(b) for i, b in batches_of.items()}  # collate drops a decoded sample after its last use
         missing = [len(batch) for batch in plan]
         decoded: dict[int, Decoded] = {}
         decode = NpyDecoder()
         cursor = start
-        needed = [i for i in self.share(reader, epoch) if i in batch_of]
+        needed = [i for i in self.share(reader, epoch) if i in batches_of]
         for uri, group in itertools.groupby(needed, key=self.entries.shard):
             wanted = {self.entries.key(i): i for i in group}
             for key, members in iter_raw_samples(uri, wanted_key=wanted.__contains__):
@@ -217,9 +241,10 @@ class StreamPlan:
                     continue
                 decoded[i] = self.decode(members, decode, uri, key, self.entries.shape(i))
                 self.peak_held = max(self.peak_held, len(decoded))
-                missing[batch_of[i]] -= 1
+                for b in batches_of[i]:
+                    missing[b] -= 1
                 while cursor < len(plan) and missing[cursor] == 0:
-                    yield self.collate(plan[cursor], decoded)
+                    yield self.collate(plan[cursor], decoded, uses)
                     cursor += 1
             if wanted:
                 raise ShardFormatError(f"{uri}: samples named by the manifest are missing: {sorted(wanted)[:5]}")
@@ -247,8 +272,13 @@ class StreamPlan:
         self.member_format.check(out, f"{uri}: sample {key}")  # text, text_mask, repa: the cards' shapes, float
         return out
 
-    def collate(self, items: list[Item], decoded: dict[int, Decoded]) -> Batch:
-        samples = [decoded.pop(i) for i, _ in items]
+    def collate(self, items: list[Item], decoded: dict[int, Decoded], uses: dict[int, int]) -> Batch:
+        """The batch of `items`; a decoded sample is dropped after its last use (`uses`: the uses left)."""
+        samples = [decoded[i] for i, _ in items]
+        for i, _ in items:
+            uses[i] -= 1
+            if not uses[i]:
+                del decoded[i]
         check_alike(samples, lambda n: f"{self.entries.shard(items[n][0])}: sample {self.entries.key(items[n][0])}")
         modalities = ["image" if frame is not None else self.entries[i].modality for i, frame in items]
         latent = np.stack([s.latent if f is None else s.latent[:, f:f + 1] for s, (_, f) in zip(samples, items)])
@@ -304,7 +334,7 @@ def rank_plan(datasets: Dataset | list[Dataset], stage: TrainStageConfig, normal
     datasets = open_datasets(datasets)
     return StreamPlan(select_entries(datasets, stage), stage, normalizer, seed,
                       readers=world * max(1, stage.loader.workers), patch=patch, repa=repa,
-                      member_format=MemberFormat.of([d.card for d in datasets]))
+                      member_format=MemberFormat.of([d.card for d in datasets]), mix=stage.mix)
 
 
 def load_batches(datasets: Dataset | list[Dataset], stage: TrainStageConfig, normalizer: LatentNormalizer,
