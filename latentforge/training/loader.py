@@ -280,7 +280,8 @@ class StreamPlan:
             if not uses[i]:
                 del decoded[i]
         check_alike(samples, lambda n: f"{self.entries.shard(items[n][0])}: sample {self.entries.key(items[n][0])}")
-        modalities = ["image" if frame is not None else self.entries[i].modality for i, frame in items]
+        names, kinds = self.entries.modalities, self.entries.modality_index
+        modalities = ["image" if frame is not None else names[kinds[i]] for i, frame in items]
         latent = np.stack([s.latent if f is None else s.latent[:, f:f + 1] for s, (_, f) in zip(samples, items)])
         families = {LatentNormalizer.family(m) for m in modalities}
         if len(families) > 1:
