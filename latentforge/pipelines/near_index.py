@@ -4,12 +4,13 @@ Pigeonhole banding: cut the bits into max_distance + 1 bands, and two hashes wit
 exactly on at least one band. So candidates are the pairs that share a band's value, and each candidate is
 checked by its real distance; the pairs found do not depend on where the bands are cut.
 
-Sorting each band's values puts equal values in runs; the candidates are the pairs inside a run (or, between
-two sets, a row and the other set's run of its value), enumerated in bounded chunks and checked by XOR and
-popcount over whole arrays. The same search in Python sets and loops (the first version) took 4 s at 100k
+Sorting each band's values puts equal values in runs; the candidates are the pairs inside a run (each
+position against its later run-mates, one offset at a time, the hashes in the band's order) or, between two
+sets, a row and the other set's run of its value (enumerated in bounded chunks), checked by XOR and popcount
+over whole arrays. The same search in Python sets and loops (the first version) took 4 s at 100k
 hashes and 33 s at 300k, growing as n^2, on the driver while the cluster waits at the dedup barrier; see
 BENCHMARKS.md (`bench/dedup.py`). A candidate count still grows as n^2 / 2^(bits / bands), which at 64 bits
-and distance 4 is n^2 / 8192 per band: a few hundred million checks at a million hashes, a few seconds here.
+and distance 4 is n^2 / 2^13 / 2 per band: ~3e8 checks at a million hashes (the whole pass ~9 s here).
 """
 from __future__ import annotations
 
@@ -41,13 +42,28 @@ class HashSet:
         return total
 
     def pairs(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every (i, j), i < j, within max_distance: two int64 arrays, sorted by i then j."""
+        """Every (i, j), i < j, within max_distance: two int64 arrays, sorted by i then j.
+
+        Per band, in the band's sorted order: position p against p + 1, p + 2, ... while still in p's run, one
+        offset at a time over every position whose run reaches that far. Hashes are compared in sorted order
+        (neighbours in memory), and only the close pairs are mapped back to row numbers."""
         found = []
         for keys in self.keys:
             order = np.argsort(keys, kind="stable")
             ends = _run_ends(keys[order])
-            positions = np.arange(self.n)
-            found += self._checked(order, positions + 1, ends, order, self)  # a row, then the rest of its run
+            columns = [column[order] for column in self.columns]
+            active = np.flatnonzero(ends > np.arange(self.n) + 1)  # positions with at least one later run-mate
+            offset = 1
+            while len(active):
+                later = active + offset
+                distance = np.bitwise_count(columns[0][active] ^ columns[0][later])
+                for column in columns[1:]:
+                    distance += np.bitwise_count(column[active] ^ column[later])
+                close = distance <= self.max_distance
+                if close.any():
+                    found.append((order[active[close]], order[later[close]]))
+                offset += 1
+                active = active[ends[active] > active + offset]
         return _unique([(np.minimum(i, j), np.maximum(i, j)) for i, j in found], self.n)
 
     def pairs_with(self, other: HashSet) -> tuple[np.ndarray, np.ndarray]:

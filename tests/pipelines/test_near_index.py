@@ -46,15 +46,18 @@ def test_every_pair_within_the_distance_and_no_other(bits: int, max_distance: in
     assert as_set(across) == {(j - 100, i) for i, j in expected if i < 100 <= j}
 
 
-def test_chunks_and_long_runs_lose_no_pair(monkeypatch):
-    """Candidates are checked in chunks; a run of equal band values longer than a chunk still yields all."""
+def test_long_runs_and_chunks_lose_no_pair(monkeypatch):
+    """A run of 40 equal hashes gives all its 780 pairs; across two sets, candidates checked in chunks of any
+    size (one row's run longer than a chunk included) give the same pairs."""
     rng = np.random.default_rng(5)
     hashes = ["00ff00ff00ff00ff"] * 40 + planted(rng, 64, 120, 4)
     expected = brute(hashes, 4)
+    assert as_set(HashSet(hashes, 4).pairs()) == expected
+    assert {(i, j) for i, j in expected if j < 40} == {(i, j) for i in range(40) for j in range(i + 1, 40)}
+    across = {(j - 100, i) for i, j in expected if i < 100 <= j}
     for chunk in (1, 7, 1000):
         monkeypatch.setattr(near_index, "_CHUNK", chunk)
-        assert as_set(HashSet(hashes, 4).pairs()) == expected
-    assert {(i, j) for i, j in expected if j < 40} == {(i, j) for i in range(40) for j in range(i + 1, 40)}
+        assert as_set(HashSet(hashes[100:], 4).pairs_with(HashSet(hashes[:100], 4))) == across
 
 
 def test_empty_and_single_sets():
