@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,13 +92,15 @@ def token_count(shape: tuple[int, ...], patch: int) -> int:
 
 def mix_copies(entries: Entries, mix: dict[str, float], stage: str) -> np.ndarray:
     """Expected copies per epoch of one sample of each modality (by `entries.modalities` index), so that each
-    modality's share of the epoch is its share of `mix` and the epoch keeps its size."""
+    modality's share of the epoch is its share of `mix` and the epoch keeps its size. A modality the selection
+    has no sample of is left out with a warning, the others' shares renormalised (as `modalities` naming one
+    the data lacks is no error either)."""
     counts = np.bincount(entries.modality_index, minlength=len(entries.modalities))
     absent = sorted(m for m in mix if m not in entries.modalities or not counts[entries.modalities.index(m)])
     if absent:
-        raise ValueError(f"stage {stage!r}: mix gives {', '.join(absent)} a share, but the selection has no "
-                         f"such samples")
-    total = sum(mix.values())
+        warnings.warn(f"stage {stage!r}: mix gives {', '.join(absent)} a share, but the selection has no such "
+                      f"samples; the other modalities share the epoch", stacklevel=2)
+    total = sum(share for m, share in mix.items() if m not in absent)
     return np.array([mix.get(m, 0.0) / total * len(entries) / max(int(c), 1)
                      for m, c in zip(entries.modalities, counts)])
 

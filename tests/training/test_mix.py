@@ -86,8 +86,9 @@ def test_mix_is_checked_against_the_stage_and_the_selection(mixed):
     st = TrainStageConfig(name="m", modalities=["image", "video"], where="score_caption_words > 100", batch_size=4,
                           mix={"image": 1.0, "video": 1.0})
     images = [e for e in select_entries(ds, stage()) if e.modality == "image"]
-    with pytest.raises(ValueError, match="mix gives video a share, but the selection has no such samples"):
-        StreamPlan(images, st, None, seed=0, mix=st.mix)
+    with pytest.warns(UserWarning, match="mix gives video a share, but the selection has no such samples"):
+        plan = StreamPlan(images, st, None, seed=0, mix=st.mix)
+    assert sorted(i for batch in plan.plan(0, 0) for i, _ in batch) == list(range(len(images)))  # images alone
 
 
 def test_frames_as_images_draw_a_frame_for_each_copy(tmp_path: Path):
