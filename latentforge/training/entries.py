@@ -109,14 +109,15 @@ def select_entries(datasets: list[Dataset], where: str | None, modalities: list[
     kinds = sorted({m for _, _, t in parts for m in pc.unique(t["modality"]).to_pylist()})
     for n, ds, table in parts:
         columns["dataset"].append(np.full(table.num_rows, n, dtype=np.int32))
-        columns["keys"].append(table["id"])
+        columns["keys"].append(table["id"].cast(pa.large_string()))  # pandas / polars write large_string too
         columns["shard"].append(_codes(table["shard"], lambda name: shard_rank[str(ds.shard_path(name))]))
         columns["modality"].append(_codes(table["modality"], kinds.index))
         columns["shape"].append(_shape_codes(table["latent_shape"], shapes))
     if not parts or not sum(len(d) for d in columns["dataset"]):
         empty = np.zeros(0, np.int32)
         return Entries(empty, np.zeros(0, "S1"), empty, shard_uris, empty, shapes, empty, kinds)
-    keys = _fixed_width(pa.chunked_array([c for k in columns["keys"] for c in k.chunks], pa.string()).combine_chunks())
+    keys = _fixed_width(pa.chunked_array([c for k in columns["keys"] for c in k.chunks], pa.large_string())
+                        .combine_chunks())
     shard_index = np.concatenate(columns["shard"])
     entries = Entries(np.concatenate(columns["dataset"]), keys, shard_index, shard_uris,
                       np.concatenate(columns["shape"]), shapes, np.concatenate(columns["modality"]), kinds)
@@ -154,10 +155,10 @@ def _shape_codes(column: pa.ChunkedArray, shapes: list[tuple[int, ...]]) -> np.n
     return codes
 
 
-def _fixed_width(keys: pa.StringArray) -> np.ndarray:
+def _fixed_width(keys: pa.LargeStringArray) -> np.ndarray:
     """UTF-8 keys as a fixed-width bytes array (numpy compares and sorts them bytewise, which orders them as
     Python orders the strings), straight from the Arrow buffers."""
-    offsets = np.frombuffer(keys.buffers()[1], dtype=np.int32)[keys.offset:keys.offset + len(keys) + 1]
+    offsets = np.frombuffer(keys.buffers()[1], dtype=np.int64)[keys.offset:keys.offset + len(keys) + 1]
     data = np.frombuffer(keys.buffers()[2], dtype=np.uint8) if keys.buffers()[2] is not None else \
         np.zeros(0, np.uint8)
     lengths = np.diff(offsets)

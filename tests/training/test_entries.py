@@ -88,3 +88,19 @@ def test_empty_and_refused_selections(tmp_path: Path):
                                            "shard": "shard-000000-00.tar"}])
     with pytest.raises(ValueError, match="'x' has no latent_shape"):
         select_entries(bad, TrainStageConfig(name="s", modalities=["image"]))
+
+
+def test_a_manifest_written_with_large_strings_and_doubles_plans_alike(tmp_path: Path):
+    """pandas and polars write large_string (and float64): the columns come out the same."""
+    import pyarrow as pa
+
+    rows = rows_of(np.random.default_rng(4), [f"k{i:03d}" for i in range(60)])
+    plain = manifest_only(tmp_path / "plain", rows)
+    wide = manifest_only(tmp_path / "wide", rows)
+    table = mf.read_table(wide.root / mf.MANIFEST)
+    widened = pa.schema([f.with_type(pa.large_string() if f.type == pa.string() else f.type) for f in table.schema])
+    mf.write_table(table.cast(widened), wide.root / mf.MANIFEST)
+    assert mf.read_table(wide.root / mf.MANIFEST).schema.field("id").type == pa.large_string()
+    stage = TrainStageConfig(name="s", modalities=["image", "video", "audio"])
+    as_plain = [e._replace(shard=e.shard.replace("/wide/", "/plain/")) for e in select_entries(wide, stage)]
+    assert as_plain == list(select_entries(plain, stage))
