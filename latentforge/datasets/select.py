@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from latentforge.datasets import manifest as mf
 from latentforge.datasets import storage
@@ -53,10 +54,28 @@ def _link(src: Path | str, dst: Path | str) -> None:
             storage.upload(local, dst)
 
 
-def _not_selected(table: pa.Table, where: str) -> list[dict]:
-    return [{"id": r["id"], "source_id": r["source_id"], "uri": r["uri"], "relpath": r["relpath"],
-             "modality": r["modality"], "status": "filtered", "stage": "select", "reason": "not_selected",
-             "message": f"not selected by: {where}"} for r in table.to_pylist()]
+def _not_selected(table: pa.Table, where: str) -> pa.Table:
+    """The child's rejects: the parent's rows left out, `filtered` by stage `select`, built column by column (a
+    dict per row cost gigabytes when a small selection leaves millions out)."""
+    n = table.num_rows
+    constant = {"status": "filtered", "stage": "select", "reason": "not_selected",
+                "message": f"not selected by: {where}"}
+    columns = []
+    for field in mf.REJECTS_SCHEMA:
+        if field.name in constant:
+            columns.append(pa.repeat(pa.scalar(constant[field.name], field.type), n))
+        elif field.name in table.column_names and field.name != "duplicate_of":
+            columns.append(table[field.name].cast(field.type))
+        else:
+            columns.append(pa.nulls(n, field.type))
+    out = pa.Table.from_arrays(columns, schema=mf.REJECTS_SCHEMA)
+    return out.sort_by("id") if n else out
+
+
+def _counts(column) -> dict:
+    """{value: rows} in order of first appearance (as Counter over the rows gave)."""
+    counted = pc.value_counts(column).to_pylist()
+    return {c["values"]: c["counts"] for c in counted}
 
 
 def select_dataset(parent_dir: str | Path, out_dir: str | Path, where: str | None,
@@ -79,9 +98,8 @@ def select_dataset(parent_dir: str | Path, out_dir: str | Path, where: str | Non
     if chosen.num_rows == 0:
         asked = ([repr(where)] if where else []) + ([f"modality {', '.join(modalities)}"] if modalities else [])
         raise ValueError(f"selection {' and '.join(asked) or '(all)'} matches no sample of {parent.root}")
-    ids = set(chosen["id"].to_pylist())
     everything = parent.manifest()
-    others = everything.filter(pa.array([i not in ids for i in everything["id"].to_pylist()]))
+    others = everything.filter(pc.invert(pc.is_in(everything["id"], value_set=chosen["id"].combine_chunks())))
     counts = Counter(chosen["shard"].to_pylist())
     listed = _check_shards(parent, card, counts)
     # Written under a name of its own and renamed when whole (to a URI: uploaded, the card last), so a parent
@@ -142,7 +160,7 @@ def _check_shards(parent: mf.Dataset, card: dict, counts: Counter) -> dict[str, 
 def _write_child(out: Path, card: dict, chosen: pa.Table, others: pa.Table, shards: list[dict], where: str | None,
                  modalities, repacked: bool = False) -> dict:
     mf.write_table(chosen.sort_by("id"), out / mf.MANIFEST)
-    mf.write_table(mf.to_table(_not_selected(others, where or str(modalities)), mf.REJECTS_SCHEMA), out / mf.REJECTS)
+    mf.write_table(_not_selected(others, where or str(modalities)), out / mf.REJECTS)
     child = _child_card(card, chosen, shards, where, modalities, repacked)
     (out / mf.CARD).write_text(json.dumps(child, indent=2, sort_keys=True))
     return child
@@ -150,16 +168,15 @@ def _write_child(out: Path, card: dict, chosen: pa.Table, others: pa.Table, shar
 
 def _child_card(card: dict, chosen: pa.Table, shards: list[dict], where: str | None, modalities,
                 repacked: bool = False) -> dict:
-    rows = chosen.to_pylist()
     digest = hashlib.sha256(f"{card.get('id')}|{where}|{modalities}".encode())
     for s in shards:
         digest.update(f"{s['name']}:{s['sha256']}:{s['count']}".encode())
     return {
         **card,
         "id": f"{card.get('name', 'dataset')}-sel-{digest.hexdigest()[:12]}",
-        "num_samples": len(rows),
-        "modalities": dict(Counter(r["modality"] for r in rows)),
-        "buckets": dict(sorted(Counter(r["bucket"] for r in rows).items())),
+        "num_samples": chosen.num_rows,
+        "modalities": _counts(chosen["modality"]),
+        "buckets": dict(sorted(_counts(chosen["bucket"]).items())),
         "shards": shards,
         "parents": [card.get("id")],
         # Latent statistics stay the parent's: normalisation must match the data the parent was trained on.
