@@ -169,26 +169,28 @@ def curate(cfg: LatentforgeConfig, tracker: Tracker, parent_id: str | None, summ
 def reasons_table(dataset_dir: Path, most: int = 12):
     """Why samples were left out (status, stage, reason: count, an example), most frequent first; the rest, and
     every sample, are in rejects.parquet and report.html beside the manifest."""
-    from collections import Counter
-
+    from rich import box
     from rich.table import Table
 
     from latentforge.datasets.manifest import Dataset
 
-    rows = Dataset(dataset_dir).rejects().select(["status", "stage", "reason", "relpath"]).to_pylist()
-    counts = Counter((r["status"], r["stage"], r["reason"]) for r in rows)
-    example = {(r["status"], r["stage"], r["reason"]): r["relpath"] for r in reversed(rows)}
+    keys = ["status", "stage", "reason"]
+    rejects = Dataset(dataset_dir).rejects().select([*keys, "relpath"])
+    # Counted in Arrow, the first example of each in table order (no dict per rejected row).
+    groups = rejects.group_by(keys, use_threads=False).aggregate([([], "count_all"), ("relpath", "first")])
+    rows = sorted(groups.to_pylist(), key=lambda g: -g["count_all"])  # stable: ties keep their first appearance
+    # No vertical rules: on an 80-column terminal (or a log) they took the example column's width.
     table = Table(title="left out, by reason", title_justify="left", caption="each one: rejects.parquet, report.html",
-                  caption_justify="left")
+                  caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for column in ("status", "stage", "reason", "samples"):  # kept whole on a narrow terminal; the example wraps
         table.add_column(column, justify="right" if column == "samples" else "left", no_wrap=True)
     table.add_column("e.g.", overflow="fold")
-    for key, count in counts.most_common(most):
-        table.add_row(*key, str(count), example[key])
-    if len(counts) > most:
-        rest = len(counts) - most
-        table.add_row("...", "", f"{rest} more reason{'s' if rest > 1 else ''}", str(sum(counts.values()) - sum(
-            c for _, c in counts.most_common(most))), "")
+    for group in rows[:most]:
+        table.add_row(*(group[k] for k in keys), str(group["count_all"]), group["relpath_first"])
+    if len(rows) > most:
+        rest = rows[most:]
+        table.add_row("...", "", f"{len(rest)} more reason{'s' if len(rest) > 1 else ''}",
+                      str(sum(g["count_all"] for g in rest)), "")
     return table
 
 
