@@ -1,18 +1,22 @@
 """Every pair of perceptual hashes within a Hamming distance, in numpy: the near-duplicate search at corpus scale.
 
-Pigeonhole banding: cut the bits into max_distance + 1 bands, and two hashes within max_distance bits agree
-exactly on at least one band. So candidates are the pairs that share a band's value, and each candidate is
-checked by its real distance; the pairs found do not depend on where the bands are cut.
+Pigeonhole banding: cut the bits into max_distance + k bands, and two hashes within max_distance bits agree
+exactly on at least k of them. So each k-subset of bands is a sort key, the candidates are the pairs that share
+a key's value, and each candidate is checked by its real distance; the pairs found do not depend on where the
+bands are cut or on k. k = 1 takes the fewest sorts; a larger k makes wider keys and far fewer candidates,
+which pays for its extra sorts on a large corpus (`agreeing_bands`).
 
-Sorting each band's values puts equal values in runs; the candidates are the pairs inside a run (each
-position against its later run-mates, one offset at a time, the hashes in the band's order) or, between two
-sets, a row and the other set's run of its value (enumerated in bounded chunks), checked by XOR and popcount
-over whole arrays. The same search in Python sets and loops (the first version) took 4 s at 100k
-hashes and 33 s at 300k, growing as n^2, on the driver while the cluster waits at the dedup barrier; see
-BENCHMARKS.md (`bench/dedup.py`). A candidate count still grows as n^2 / 2^(bits / bands), which at 64 bits
-and distance 4 is n^2 / 2^13 / 2 per band: ~3e8 checks at a million hashes (the whole pass ~9 s here).
+Sorting each key puts equal values in runs; the candidates are the pairs inside a run (each position against
+its later run-mates, one offset at a time, the hashes in the key's order) or, between two sets, a row and the
+other set's run of its value (enumerated in bounded chunks), checked by XOR and popcount over whole arrays.
+The same search in Python sets and loops (the first version, k = 1) took 3-4 s at 100k hashes and 20-34 s at
+300k, growing as n^2, on the driver while the cluster waits at the dedup barrier; this one takes 7.6 s at a
+million and 2 minutes at ten million (BENCHMARKS.md, `bench/dedup.py`).
 """
 from __future__ import annotations
+
+import itertools
+import math
 
 import numpy as np
 
@@ -24,16 +28,21 @@ class HashSet:
     """Hex perceptual hashes as bit arrays, each band's value as one uint64 key. `bits` fixes the width (left-
     padded with zeros, as `int(h, 16)` reads a short hash); two sets compared must share it. No hash may be ""."""
 
-    def __init__(self, phashes: list[str], max_distance: int, bits: int | None = None):
+    def __init__(self, phashes: list[str], max_distance: int, bits: int | None = None, agree: int | None = None):
         self.n, self.max_distance = len(phashes), max_distance
         self.bits = bits if bits is not None else width(phashes)
+        # `agree` bands of max_distance + agree must match exactly; two sets compared must share it
+        self.agree = agree if agree is not None else agreeing_bands(self.n, self.bits, max_distance)
         digits = self.bits // 4 + (self.bits // 4) % 2  # whole bytes
         raw = np.frombuffer(b"".join(bytes.fromhex(h.rjust(digits, "0")) for h in phashes), dtype=np.uint8)
         unpacked = np.unpackbits(raw.reshape(self.n, digits // 2), axis=1)[:, -self.bits:]
         words = _words(unpacked)
         self.columns = [np.ascontiguousarray(column) for column in words.T]  # the whole hash, 64 bits a column
-        edges = [round(i * self.bits / (max_distance + 1)) for i in range(max_distance + 2)]
-        self.keys = [_fold(_words(unpacked[:, a:b])) for a, b in zip(edges, edges[1:])]
+        bands = max_distance + self.agree
+        edges = [round(i * self.bits / bands) for i in range(bands + 1)]
+        cuts = list(zip(edges, edges[1:]))
+        self.keys = [_fold(_words(np.concatenate([unpacked[:, a:b] for a, b in chosen], axis=1)))
+                     for chosen in itertools.combinations(cuts, self.agree)]
 
     def distance(self, i: np.ndarray, other: HashSet, j: np.ndarray) -> np.ndarray:
         total = np.bitwise_count(self.columns[0][i] ^ other.columns[0][j])
@@ -68,8 +77,8 @@ class HashSet:
 
     def pairs_with(self, other: HashSet) -> tuple[np.ndarray, np.ndarray]:
         """Every (i in self, j in other) within max_distance, sorted by i then j."""
-        if other.bits != self.bits or other.max_distance != self.max_distance:
-            raise ValueError("hash sets of different widths or distances")
+        if (other.bits, other.max_distance, other.agree) != (self.bits, self.max_distance, self.agree):
+            raise ValueError("hash sets of different widths, distances or bands")
         found = []
         for mine, theirs in zip(self.keys, other.keys):
             order = np.argsort(theirs, kind="stable")
@@ -97,6 +106,18 @@ class HashSet:
             out.append((i[close], j[close]))
             lo = hi
         return out
+
+
+def agreeing_bands(n: int, bits: int, max_distance: int) -> int:
+    """How many bands must match, k, for the least work on n hashes: cut into max_distance + k bands, two hashes
+    within max_distance bits agree exactly on at least k of them, so each k-subset of bands is one sort key. A
+    larger k means more sorts (C(d + k, k)) but keys of k times the bits, which leave far fewer candidates
+    (n^2 / 2^(key bits) / 2 per key). Costs: ~1e-7 s per row and sort, ~1e-8 s per candidate (this machine)."""
+    def cost(k: int) -> float:
+        keys = math.comb(max_distance + k, k)
+        return keys * (n * 1e-7 + n * n / 2 ** (k * bits / (max_distance + k)) / 2 * 1e-8)
+
+    return min((k for k in range(1, 5) if max_distance + k <= bits), key=cost, default=1)
 
 
 def width(phashes: list[str]) -> int:

@@ -18,7 +18,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from latentforge.pipelines.near_index import HashSet, width
+from latentforge.pipelines.near_index import HashSet, agreeing_bands, width
 from latentforge.pipelines.stages.dedup import DedupConfig, _exact_groups, _near_groups, _preference
 
 CLEARED = {"status": "ok", "reason": "", "stage": "", "message": "", "duplicate_of": ""}
@@ -97,8 +97,9 @@ def _to_kept(pool: list[dict], kept: list[dict], max_distance: int, plan: Readmi
         return pool
     kept = sorted(kept, key=_preference)
     bits = width([r["phash"] for r in kept + hashed])
-    rows, near = HashSet([r["phash"] for r in hashed], max_distance, bits).pairs_with(
-        HashSet([r["phash"] for r in kept], max_distance, bits))
+    agree = agreeing_bands(len(kept) + len(hashed), bits, max_distance)  # both sides cut alike
+    rows, near = HashSet([r["phash"] for r in hashed], max_distance, bits, agree).pairs_with(
+        HashSet([r["phash"] for r in kept], max_distance, bits, agree))
     best: dict[int, int] = {}
     for row, k in zip(rows.tolist(), near.tolist()):  # sorted by row then kept index: the first is the best
         best.setdefault(row, k)

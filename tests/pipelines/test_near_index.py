@@ -38,12 +38,21 @@ def test_every_pair_within_the_distance_and_no_other(bits: int, max_distance: in
     hashes = planted(rng, bits, 160, max_distance)
     expected = brute(hashes, max_distance)
     assert len(expected) >= 15  # the plants within reach
-    pairs = HashSet(hashes, max_distance).pairs()
-    assert as_set(pairs) == expected
-    assert list(zip(*pairs)) == sorted(zip(*pairs))  # sorted by i, then j: what the greedy walk needs
-    kept, rest = hashes[:100], hashes[100:]
-    across = HashSet(rest, max_distance, bits).pairs_with(HashSet(kept, max_distance, bits))
-    assert as_set(across) == {(j - 100, i) for i, j in expected if i < 100 <= j}
+    for agree in (1, 2, 3):  # bands that must match: 1 of d + 1, 2 of d + 2, ... (chosen by size otherwise)
+        pairs = HashSet(hashes, max_distance, agree=agree).pairs()
+        assert as_set(pairs) == expected, agree
+        assert list(zip(*pairs)) == sorted(zip(*pairs))  # sorted by i, then j: what the greedy walk needs
+        kept, rest = hashes[:100], hashes[100:]
+        across = HashSet(rest, max_distance, bits, agree).pairs_with(HashSet(kept, max_distance, bits, agree))
+        assert as_set(across) == {(j - 100, i) for i, j in expected if i < 100 <= j}, agree
+
+
+def test_the_bands_that_must_agree_grow_with_the_corpus():
+    """More agreeing bands cost more sorts and save candidates: worth it only for many hashes."""
+    assert near_index.agreeing_bands(1_000, 64, 4) == 1
+    assert near_index.agreeing_bands(3_000_000, 64, 4) == 2
+    assert near_index.agreeing_bands(3_000_000, 256, 4) == 1  # 51-bit bands already leave few candidates
+    assert near_index.agreeing_bands(10, 4, 4) == 1  # no room for more bands than bits
 
 
 def test_long_runs_and_chunks_lose_no_pair(monkeypatch):
@@ -64,7 +73,7 @@ def test_empty_and_single_sets():
     assert as_set(HashSet([], 4, bits=64).pairs()) == set()
     assert as_set(HashSet(["ab" * 8], 4).pairs()) == set()
     assert as_set(HashSet(["ab" * 8], 4).pairs_with(HashSet([], 4, bits=64))) == set()
-    with pytest.raises(ValueError, match="widths"):
+    with pytest.raises(ValueError, match="widths, distances or bands"):
         HashSet(["ab" * 8], 4).pairs_with(HashSet(["ab" * 4], 4))
 
 
