@@ -96,17 +96,22 @@ def _to_kept(pool: list[dict], kept: list[dict], max_distance: int, plan: Readmi
     if not kept or not hashed:
         return pool
     kept = sorted(kept, key=_preference)
-    bits = width([r["phash"] for r in kept + hashed])
-    agree = agreeing_bands(len(kept) + len(hashed), bits, max_distance)  # both sides cut alike
-    rows, near = HashSet([r["phash"] for r in hashed], max_distance, bits, agree).pairs_with(
-        HashSet([r["phash"] for r in kept], max_distance, bits, agree))
-    best: dict[int, int] = {}
-    for row, k in zip(rows.tolist(), near.tolist()):  # sorted by row then kept index: the first is the best
-        best.setdefault(row, k)
-    at = {str(r["id"]): j for j, r in enumerate(hashed)}
+    best_kept: dict[str, int] = {}  # each distinct hash's best kept row: the one a match points at
+    for k, row in enumerate(kept):
+        best_kept.setdefault(row["phash"], k)
+    asked = list(dict.fromkeys(r["phash"] for r in hashed))  # distinct hashes of the pool
+    bits = width(list(best_kept) + asked)
+    agree = agreeing_bands(len(best_kept) + len(asked), bits, max_distance)  # both sides cut alike
+    targets = list(best_kept.values())
+    found, near = HashSet(asked, max_distance, bits, agree).pairs_with(
+        HashSet(list(best_kept), max_distance, bits, agree))
+    best: dict[str, int] = {}
+    for a, k in zip(found.tolist(), near.tolist()):  # the best kept row within reach, per pool hash
+        if asked[a] not in best or targets[k] < best[asked[a]]:
+            best[asked[a]] = targets[k]
     out = []
     for row in pool:
-        k = best.get(at.get(str(row["id"]), -1))
+        k = best.get(row.get("phash") or "")
         if k is not None:
             plan.repoint[str(row["id"])] = (str(kept[k]["id"]), "near")
         else:

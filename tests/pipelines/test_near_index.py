@@ -122,3 +122,33 @@ def test_readmission_points_a_duplicate_at_the_best_kept_row_within_reach():
         else:
             assert row["id"] not in plan.repoint and row in left
     assert 5 <= len(plan.repoint) < len(pool) - 5
+
+
+def test_copies_of_one_hash_are_grouped_before_the_search(monkeypatch):
+    """600 rows with one pHash (re-encoded copies of one picture) and near copies of it: the same groups as the
+    definition, with the index given each distinct hash once (no pair inside a group is listed)."""
+    from latentforge.pipelines.stages import dedup
+
+    rng = np.random.default_rng(11)
+    popular = "0f0f0f0f33cc33cc"
+    near = [f"{int(popular, 16) ^ (1 << int(b)):016x}" for b in rng.choice(64, 5, replace=False)]
+    hashes = [popular] * 600 + near * 3 + planted(rng, 64, 60, 4)
+    rows = [{"id": f"r{i:04d}", "phash": h, "score_resolution": float(rng.integers(0, 5))}
+            for i, h in enumerate(hashes)]
+    seen = []
+
+    class Spy(HashSet):
+        def __init__(self, phashes, *args, **kw):
+            seen.append(len(phashes))
+            super().__init__(phashes, *args, **kw)
+
+    monkeypatch.setattr(dedup, "HashSet", Spy)
+    assert _near_groups(rows, 4) == greedy_reference(rows, 4)
+    assert seen == [len(set(hashes))]
+    kept, pool = rows[:300] + rows[615:650], [{"id": f"p{i}", "phash": h} for i, h in enumerate(hashes[600:700])]
+    plan = Readmission()
+    _to_kept(pool, kept, 4, plan)
+    best = sorted(kept, key=_preference)
+    for row in pool:
+        within = [k for k in best if (int(k["phash"], 16) ^ int(row["phash"], 16)).bit_count() <= 4]
+        assert plan.repoint.get(row["id"]) == ((within[0]["id"], "near") if within else None)

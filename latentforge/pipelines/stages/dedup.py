@@ -236,19 +236,34 @@ def _near_groups(rows: list[dict], max_distance: int) -> dict[str, tuple[str, st
     representative; as a consequence no two representatives are within max_distance of each other. A row's
     earlier neighbours have all been claimed or led by the time its turn comes, so only its later ones count:
     the pairs (i < j) in preference order, walked once.
+
+    Rows with the same pHash (re-encoded or resized copies: thousands of one popular picture in a web crawl) are
+    one group: a leader claims all of a group at once, so the walk runs over distinct hashes, in the order of
+    each one's best row, and no pair inside a group is ever listed (10k copies would be 5e7 pairs per key).
     """
     rows = sorted(rows, key=_preference)
-    first, second = HashSet([r["phash"] for r in rows], max_distance).pairs()
-    claimed, dups = np.zeros(len(rows), dtype=bool), {}
+    group_of: dict[str, int] = {}
+    members: list[list[int]] = []  # row indices per distinct hash, best first; groups in order of their best
+    for index, row in enumerate(rows):
+        group = group_of.setdefault(row["phash"], len(members))
+        if group == len(members):
+            members.append([])
+        members[group].append(index)
+    first, second = HashSet(list(group_of), max_distance).pairs()
+    claimed, dups = np.zeros(len(members), dtype=bool), {}
     leaders, starts = np.unique(first, return_index=True)
     ends = np.append(starts[1:], len(first))
-    for leader, lo, hi in zip(leaders.tolist(), starts.tolist(), ends.tolist()):
-        if claimed[leader]:
+    follows = {g: second[lo:hi] for g, lo, hi in zip(leaders.tolist(), starts.tolist(), ends.tolist())}
+    # Only groups that can claim anything: those with later neighbours or with copies of their own.
+    for group in sorted(set(follows).union(g for g, m in enumerate(members) if len(m) > 1)):
+        if claimed[group]:
             continue
-        followers = second[lo:hi][~claimed[second[lo:hi]]]
+        indices, later = members[group], follows.get(group, second[:0])
+        followers = later[~claimed[later]]
         claimed[followers] = True
-        for j in followers.tolist():
-            dups[rows[j]["id"]] = (rows[leader]["id"], "near")
+        leader = rows[indices[0]]["id"]
+        for j in indices[1:] + [i for g in followers.tolist() for i in members[g]]:
+            dups[rows[j]["id"]] = (leader, "near")
     return dups
 
 
