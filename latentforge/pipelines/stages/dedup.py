@@ -242,27 +242,30 @@ def _near_groups(rows: list[dict], max_distance: int) -> dict[str, tuple[str, st
     each one's best row, and no pair inside a group is ever listed (10k copies would be 5e7 pairs per key).
     """
     rows = sorted(rows, key=_preference)
-    group_of: dict[str, int] = {}
-    members: list[list[int]] = []  # row indices per distinct hash, best first; groups in order of their best
-    for index, row in enumerate(rows):
-        group = group_of.setdefault(row["phash"], len(members))
-        if group == len(members):
-            members.append([])
-        members[group].append(index)
-    first, second = HashSet(list(group_of), max_distance).pairs()
-    claimed, dups = np.zeros(len(members), dtype=bool), {}
+    hashes = [r["phash"] for r in rows]
+    distinct = list(dict.fromkeys(hashes))  # in the order of each hash's best row
+    number = {h: g for g, h in enumerate(distinct)}
+    group_of = np.fromiter((number[h] for h in hashes), dtype=np.int64, count=len(hashes))
+    by_group = np.argsort(group_of, kind="stable")  # rows grouped, best first within a group
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(group_of, minlength=len(distinct)))])
+    first, second = HashSet(distinct, max_distance).pairs()
+    claimed, dups = np.zeros(len(distinct), dtype=bool), {}
     leaders, starts = np.unique(first, return_index=True)
     ends = np.append(starts[1:], len(first))
     follows = {g: second[lo:hi] for g, lo, hi in zip(leaders.tolist(), starts.tolist(), ends.tolist())}
-    # Only groups that can claim anything: those with later neighbours or with copies of their own.
-    for group in sorted(set(follows).union(g for g, m in enumerate(members) if len(m) > 1)):
+    copies = np.flatnonzero(np.diff(bounds) > 1)
+    # Only groups that can claim anything: those with later neighbours or with copies of their own, best first.
+    for group in np.union1d(leaders, copies).tolist():
         if claimed[group]:
             continue
-        indices, later = members[group], follows.get(group, second[:0])
+        later = follows.get(group, second[:0])
         followers = later[~claimed[later]]
         claimed[followers] = True
+        indices = by_group[bounds[group]:bounds[group + 1]].tolist()
+        for g in followers.tolist():
+            indices += by_group[bounds[g]:bounds[g + 1]].tolist()
         leader = rows[indices[0]]["id"]
-        for j in indices[1:] + [i for g in followers.tolist() for i in members[g]]:
+        for j in indices[1:]:
             dups[rows[j]["id"]] = (leader, "near")
     return dups
 
