@@ -10,8 +10,8 @@ Sorting each key puts equal values in runs; the candidates are the pairs inside 
 its later run-mates, one offset at a time, the hashes in the key's order) or, between two sets, a row and the
 other set's run of its value (enumerated in bounded chunks), checked by XOR and popcount over whole arrays.
 The same search in Python sets and loops (the first version, k = 1) took 3-4 s at 100k hashes and 20-34 s at
-300k, growing as n^2, on the driver while the cluster waits at the dedup barrier; this one takes 7.6 s at a
-million and 2 minutes at ten million (BENCHMARKS.md, `bench/dedup.py`).
+300k, growing as n^2, on the driver while the cluster waits at the dedup barrier; the whole pass now takes
+~10 s at a million and under 3 minutes at ten million (BENCHMARKS.md, `bench/dedup.py`).
 """
 from __future__ import annotations
 
