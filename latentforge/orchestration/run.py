@@ -209,9 +209,9 @@ def stage_time_table(stage_seconds: dict[str, dict[str, float]]):
 
 def log_tables(tracker: Tracker, run_id: str, dataset_dir: Path) -> None:
     """Readable copies for the MLflow UI: rejects and a manifest summary as CSV."""
-    from latentforge.datasets.manifest import Dataset
-
     from pyarrow import csv
+
+    from latentforge.datasets.manifest import Dataset
 
     ds = Dataset(dataset_dir)
     with tempfile.TemporaryDirectory() as tmp:  # pyarrow writes them straight from the columns (no pandas copy)

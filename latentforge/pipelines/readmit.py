@@ -106,9 +106,8 @@ def _to_kept(pool: list[dict], kept: list[dict], max_distance: int, plan: Readmi
     found, near = HashSet(asked, max_distance, bits, agree).pairs_with(
         HashSet(list(best_kept), max_distance, bits, agree))
     best: dict[str, int] = {}
-    for a, k in zip(found.tolist(), near.tolist()):  # the best kept row within reach, per pool hash
-        if asked[a] not in best or targets[k] < best[asked[a]]:
-            best[asked[a]] = targets[k]
+    for a, k in zip(found.tolist(), near.tolist()):  # sorted by kept hash, i.e. by its best row: the first is best
+        best.setdefault(asked[a], targets[k])
     out = []
     for row in pool:
         k = best.get(row.get("phash") or "")

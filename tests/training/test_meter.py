@@ -8,7 +8,7 @@ import multiprocessing
 import pytest
 import torch
 
-from latentforge.training.loop import MODALITY_LOSSES, Meter, sum_over_ranks
+from latentforge.training.metrics import MODALITY_LOSSES, Meter, sum_over_ranks
 
 # Per rank: the losses of its steps in one logging window, its samples per step, its REPA losses, and the
 # modality of each step's batch (no rank reads a video: that metric is left out, not logged as 0).
@@ -22,11 +22,11 @@ EXTRAS = ("train/repa_loss", *MODALITY_LOSSES)
 def one_rank(rank: int, init: str, out) -> None:
     import torch.distributed as dist
 
-    from latentforge.training import loop
+    from latentforge.training import metrics
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     clock = itertools.chain([100.0], itertools.repeat(102.0))  # the window starts, and flushes 2 s later
-    loop.time = type("Clock", (), {"perf_counter": staticmethod(lambda: next(clock))})
+    metrics.time = type("Clock", (), {"perf_counter": staticmethod(lambda: next(clock))})
     try:
         meter = Meter(EXTRAS)
         for loss, repa, modality in zip(LOSSES[rank], REPA[rank], MODALITY[rank]):

@@ -16,7 +16,8 @@ from latentforge.training.config import TrainStageConfig
 from latentforge.training.dit import DiT, DiTConfig
 from latentforge.training.flow import align_repa_targets
 from latentforge.training.loader import LatentNormalizer, build_stream, rank_plan
-from latentforge.training.loop import MODALITY_LOSSES, Meter, build_accelerator, stage_model, step_generator, train_step
+from latentforge.training.loop import build_accelerator, stage_model, step_generator, train_step
+from latentforge.training.metrics import MODALITY_LOSSES, Meter
 
 MODEL = {"hidden": 32, "depth": 2, "heads": 2, "visual_channels": 4, "text_dim": 8, "max_text_len": 4,
          "mixer_depth": 1}
