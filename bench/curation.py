@@ -106,18 +106,15 @@ def loop(cfg, out: Path) -> tuple[float, int, float]:
     from latentforge.pipelines import curate
     from latentforge.pipelines.discover import discover
     from latentforge.pipelines.readmit import readmit
-    from latentforge.pipelines.stages.dedup import find_duplicates
+    from latentforge.pipelines.duplicates import Marks, duplicates, hash_table, mark
     from latentforge.pipelines.stages.write_shards import write_shard_group
 
     start, cpu, busy = time.perf_counter(), time.process_time(), busy_cores()
     inputs = discover(cfg.input_dir, cfg.samples_per_shard)
     spent: dict[str, float] = {}
     scanned = [r for b in run_stages(curate.SCAN_STAGES, [batch_of(inputs)], cfg, spent) for r in rows_of(b)]
-    hashes = [{k: r[k] for k in curate.HASH_COLUMNS} for r in scanned]
-    dups = find_duplicates(hashes, cfg.dedup)
-    where = {h["id"]: h["relpath"] for h in hashes}
-    notes = {d: f"{kind} duplicate of {where[rep]} ({rep})" for d, (rep, kind) in dups.items()}
-    marked = curate.mark_and_explain(batch_of(scanned), dups, notes)
+    hashes = hash_table(scanned)
+    marked = mark(batch_of(scanned), Marks.of(hashes, duplicates(hashes, cfg.dedup)))
     (out / "shards").mkdir(parents=True)
 
     def stages_and_shards(batch: dict, cpu: dict[str, float] | None = None) -> list[dict]:

@@ -12,11 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
+
 from latentforge.datasets import manifest as mf
 from latentforge.datasets import storage
 from latentforge.pipelines.card import build_card, config_hash, dataset_id  # noqa: F401  (re-exported)
 from latentforge.pipelines.config import CurationConfig
 from latentforge.pipelines.discover import discover
+from latentforge.pipelines.duplicates import HASH_COLUMNS, SETTLED, Marks, duplicates, hash_table, mark
 from latentforge.pipelines.readmit import earlier_groups, readmit
 from latentforge.pipelines.resume import discard_group, done_groups, regroup, sweep
 from latentforge.pipelines.shard_writes import write_groups, writes_in_workers
@@ -32,7 +35,7 @@ from latentforge.pipelines.stages.caption_prep import CaptionPrep
 from latentforge.pipelines.stages.caption_select import CaptionSelect
 from latentforge.pipelines.stages.caption_sidecar import CaptionSidecar
 from latentforge.pipelines.stages.caption_vlm import CaptionVLM
-from latentforge.pipelines.stages.dedup import SETTLED, ContentHash, find_duplicates, mark_duplicates
+from latentforge.pipelines.stages.dedup import ContentHash
 from latentforge.pipelines.stages.encode_latents import EncodeLatents, parse_shape
 from latentforge.pipelines.stages.encode_repa import EncodeRepa
 from latentforge.pipelines.stages.encode_text import EncodeText
@@ -53,7 +56,6 @@ STAGES: tuple[type[Stage], ...] = (FilterSharpness, FilterMotion, FilterTextArea
                                    FilterAudioQuality, CaptionPrep, CaptionVLM, CaptionAudio, CaptionSelect,
                                    EncodeLatents, EncodeRepa,
                                    EncodeText)
-HASH_COLUMNS = ["id", "relpath", "status", "modality", "content_sha256", "phash", "score_resolution"]
 
 
 @dataclass
@@ -206,13 +208,24 @@ def dedup(ds, cfg: CurationConfig, done: list[dict] = (), settled: bool = False)
     come first (a new input that duplicates one becomes its duplicate even where dedup would prefer it, as for a
     higher resolution; preferring it would keep both), and their duplicates do not vote (one preferred over a
     redone group's input would take that input out while staying out itself).
+
+    The hash columns come to the driver as Arrow tables (Ray Data's blocks), not as a dict per row.
     """
     voters = [r for r in done if not (settled and r.get("duplicate_of"))]
-    hashes = ds.select_columns(HASH_COLUMNS).take_all() + [hashes_as_at_dedup(r, settled) for r in voters]
-    dups = find_duplicates(hashes, cfg.dedup) if cfg.dedup.enabled else {}
-    where = {h["id"]: h["relpath"] for h in hashes}
-    notes = {d: f"{kind} duplicate of {where[rep]} ({rep})" for d, (rep, kind) in dups.items()}
-    return mark_and_explain, {"dups": dups, "notes": notes}
+    table = pa.concat_tables([hash_columns(ds), hash_table([hashes_as_at_dedup(r, settled) for r in voters])],
+                             promote_options="permissive")
+    return mark, {"marks": Marks.of(table, duplicates(table, cfg.dedup))}
+
+
+def hash_columns(ds) -> pa.Table:
+    """The scanned dataset's hash columns as one Arrow table (each block fetched as it is)."""
+    import ray
+
+    parts = [t.select(HASH_COLUMNS) for t in ray.get(ds.select_columns(HASH_COLUMNS).to_arrow_refs())]
+    parts = [t for t in parts if t.num_rows]
+    if not parts:
+        return hash_table([]).select(HASH_COLUMNS)
+    return pa.concat_tables(parts, promote_options="permissive")
 
 
 def hashes_as_at_dedup(row: dict, settled: bool = False) -> dict:
@@ -222,14 +235,6 @@ def hashes_as_at_dedup(row: dict, settled: bool = False) -> dict:
     status = "ok" if row["status"] == "ok" or row["stage"] in later else row["status"]
     return {**{k: row.get(k) for k in HASH_COLUMNS}, "status": status,
             SETTLED: settled and status == "ok" and not row.get("duplicate_of")}
-
-
-def mark_and_explain(batch: dict, dups: dict, notes: dict) -> dict:
-    out = mark_duplicates(batch, dups)
-    for i, row_id in enumerate(out["id"]):
-        if row_id in notes:
-            out["message"][i] = notes[row_id]
-    return out
 
 
 def build_pipeline(rows: list[dict], cfg: CurationConfig, shard_dir: Path | str, done: list[dict] = (),

@@ -19,7 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from latentforge.pipelines.near_index import HashSet, agreeing_bands, width
-from latentforge.pipelines.stages.dedup import DedupConfig, _exact_groups, _near_groups, _preference
+from latentforge.pipelines.duplicates import _exact_groups, _near_groups, _preference
+from latentforge.pipelines.stages.dedup import DedupConfig
 
 CLEARED = {"status": "ok", "reason": "", "stage": "", "message": "", "duplicate_of": ""}
 READMITTED = "readmitted"  # a column set on the rows of readmission's shard groups (so their markers say so)

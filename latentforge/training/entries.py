@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from latentforge.datasets.columns import fixed_width
 from latentforge.datasets.manifest import Dataset
 
 
@@ -116,8 +117,7 @@ def select_entries(datasets: list[Dataset], where: str | None, modalities: list[
     if not parts or not sum(len(d) for d in columns["dataset"]):
         empty = np.zeros(0, np.int32)
         return Entries(empty, np.zeros(0, "S1"), empty, shard_uris, empty, shapes, empty, kinds)
-    keys = _fixed_width(pa.chunked_array([c for k in columns["keys"] for c in k.chunks], pa.large_string())
-                        .combine_chunks())
+    keys = fixed_width(pa.chunked_array([c for k in columns["keys"] for c in k.chunks], pa.large_string()))
     shard_index = np.concatenate(columns["shard"])
     entries = Entries(np.concatenate(columns["dataset"]), keys, shard_index, shard_uris,
                       np.concatenate(columns["shape"]), shapes, np.concatenate(columns["modality"]), kinds)
@@ -153,19 +153,6 @@ def _shape_codes(column: pa.ChunkedArray, shapes: list[tuple[int, ...]]) -> np.n
         codes[rows] = np.array([shapes.index(tuple(row)) for row in distinct.tolist()], dtype=np.int32)[
             inverse.reshape(-1)]
     return codes
-
-
-def _fixed_width(keys: pa.LargeStringArray) -> np.ndarray:
-    """UTF-8 keys as a fixed-width bytes array (numpy compares and sorts them bytewise, which orders them as
-    Python orders the strings), straight from the Arrow buffers."""
-    offsets = np.frombuffer(keys.buffers()[1], dtype=np.int64)[keys.offset:keys.offset + len(keys) + 1]
-    data = np.frombuffer(keys.buffers()[2], dtype=np.uint8) if keys.buffers()[2] is not None else \
-        np.zeros(0, np.uint8)
-    lengths = np.diff(offsets)
-    width = max(1, int(lengths.max(initial=0)))
-    out = np.zeros((len(keys), width), dtype=np.uint8)
-    out[np.arange(width) < lengths[:, None]] = data[offsets[0]:offsets[-1]]
-    return out.view(f"S{width}").reshape(len(keys))
 
 
 def _index(values: list) -> tuple[list, np.ndarray]:

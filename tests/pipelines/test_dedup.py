@@ -18,17 +18,13 @@ from latentforge.datasets.video import decode_clip
 from latentforge.pipelines.config import FilterConfig
 from latentforge.pipelines.discover import discover
 from latentforge.pipelines.stage import rows_of
+from latentforge.pipelines.duplicates import SETTLED, apply_duplicates, find_duplicates, mark_duplicates, near_pairs
 from latentforge.pipelines.stages.dedup import (
-    SETTLED,
     ContentHash,
     DedupConfig,
-    apply_duplicates,
     clip_span,
     file_digest,
     file_sha256,
-    find_duplicates,
-    mark_duplicates,
-    near_pairs,
     phash,
 )
 from latentforge.pipelines.stages.filter_basic import FilterBasic

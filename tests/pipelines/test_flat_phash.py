@@ -13,13 +13,11 @@ from latentforge.datasets.demo_corpus import encode_video
 from latentforge.pipelines.config import FilterConfig
 from latentforge.pipelines.discover import discover
 from latentforge.pipelines.stage import rows_of
+from latentforge.pipelines.duplicates import apply_duplicates, find_duplicates, near_pairs
 from latentforge.pipelines.stages.dedup import (
     ContentHash,
     DedupConfig,
-    apply_duplicates,
-    find_duplicates,
     grey_thumbnail,
-    near_pairs,
     phash,
     phash_of_grey,
 )

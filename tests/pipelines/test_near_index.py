@@ -9,7 +9,7 @@ import pytest
 from latentforge.pipelines import near_index
 from latentforge.pipelines.near_index import HashSet
 from latentforge.pipelines.readmit import Readmission, _to_kept
-from latentforge.pipelines.stages.dedup import SETTLED, _near_groups, _preference
+from latentforge.pipelines.duplicates import SETTLED, _near_groups, _preference
 
 
 def planted(rng: np.random.Generator, bits: int, n: int, max_distance: int) -> list[str]:
@@ -127,7 +127,7 @@ def test_readmission_points_a_duplicate_at_the_best_kept_row_within_reach():
 def test_copies_of_one_hash_are_grouped_before_the_search(monkeypatch):
     """600 rows with one pHash (re-encoded copies of one picture) and near copies of it: the same groups as the
     definition, with the index given each distinct hash once (no pair inside a group is listed)."""
-    from latentforge.pipelines.stages import dedup
+    from latentforge.pipelines import duplicates as dedup
 
     rng = np.random.default_rng(11)
     popular = "0f0f0f0f33cc33cc"

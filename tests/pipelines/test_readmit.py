@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from latentforge.pipelines.readmit import READMITTED, apply_repoint, earlier_groups, readmission_round, readmit
-from latentforge.pipelines.stages.dedup import DedupConfig, apply_duplicates, find_duplicates
+from latentforge.pipelines.duplicates import apply_duplicates, find_duplicates
+from latentforge.pipelines.stages.dedup import DedupConfig
 
 LATER = {"filter_sharpness", "caption_select"}
 CFG = DedupConfig(max_distance=4)

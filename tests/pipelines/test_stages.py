@@ -25,7 +25,7 @@ from latentforge.pipelines.config import CurationConfig, FilterConfig
 from latentforge.pipelines.curate import SCAN_STAGES, STAGES, active_stages
 from latentforge.pipelines.discover import discover, sample_id
 from latentforge.pipelines.stage import rows_of
-from latentforge.pipelines.stages.dedup import find_duplicates, mark_duplicates
+from latentforge.pipelines.duplicates import find_duplicates, mark_duplicates
 from latentforge.pipelines.stages.encode_latents import parse_shape
 from latentforge.pipelines.stages.encode_text import EncodeText, default_text_model
 from latentforge.pipelines.stages.filter_basic import FilterBasic

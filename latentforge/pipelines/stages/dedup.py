@@ -1,13 +1,13 @@
-"""Exact and near-duplicate removal: hashes per row inside Ray (`ContentHash`), grouping once on the driver.
+"""Exact and near-duplicate hashes per row inside Ray (`ContentHash`); the grouping runs once on the driver.
 
 Duplicates waste compute and over-weight whatever was copied most. Grouping needs every row's hash at once,
 so it cannot run inside a Ray batch: `ContentHash` writes `content_sha256` and `phash` columns, then the
-driver calls `find_duplicates` over all ok rows and `apply_duplicates` to mark the losers `filtered`.
+driver groups all ok rows (pipelines/duplicates.py) and the first map after it marks the losers `filtered`.
 """
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,6 @@ from pydantic import Field, model_validator
 
 from latentforge.datasets import media, video
 from latentforge.datasets.video import decode_clip
-from latentforge.pipelines.near_index import HashSet
 from latentforge.pipelines.resources import StageResources, Strict
 from latentforge.pipelines.stage import Reject, Stage
 
@@ -71,7 +70,6 @@ def clip_span(row: dict) -> bytes:
 # Set by the probe (ProbeMedia): the grey thumbnail `phash` takes of an image or a video's middle frame, uint8
 # bytes.
 KEY_GREY = "key_grey"
-SETTLED = "settled"  # a hash row of an earlier run's representative that stays (curate.dedup): preferred
 
 
 @lru_cache(maxsize=8)
@@ -195,139 +193,3 @@ class ContentHash(Stage):
             while len(digests) > self._KEEP_DIGESTS:
                 digests.popitem(last=False)
         return digests[uri].copy()
-
-
-# ---------------------------------------------------------------- grouping (on the driver)
-
-
-def _preference(row: dict) -> tuple[bool, float, str]:
-    """Sort key, best first: a SETTLED row (an earlier run's representative that stays, curate.dedup), then the
-    highest resolution score, then the smallest id (deterministic across runs)."""
-    return (not row.get(SETTLED, False), -float(row.get("score_resolution", 0.0) or 0.0), str(row["id"]))
-
-
-def _exact_groups(rows: list[dict]) -> dict[str, tuple[str, str]]:
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for row in rows:
-        groups[row["content_sha256"]].append(row)
-    dups = {}
-    for members in groups.values():
-        if len(members) == 1:  # most rows: nothing to choose
-            continue
-        best, *rest = sorted(members, key=_preference)
-        dups.update({r["id"]: (best["id"], "exact") for r in rest})
-    return dups
-
-
-def near_pairs(phashes: list[str], max_distance: int) -> set[tuple[int, int]]:
-    """All index pairs (i < j) whose hashes are within max_distance bits (`near_index`). Empty hashes (audio,
-    flat pictures) pair with nothing."""
-    where = [i for i, h in enumerate(phashes) if h]
-    if not where:
-        return set()
-    first, second = HashSet([phashes[i] for i in where], max_distance).pairs()
-    return {(where[i], where[j]) for i, j in zip(first.tolist(), second.tolist())}
-
-
-def _near_groups(rows: list[dict], max_distance: int) -> dict[str, tuple[str, str]]:
-    """Greedy leaders, best first: each unclaimed row claims all unclaimed rows within max_distance of it.
-
-    Leaders rather than connected components, so a chain of small steps cannot pull in a row far from its
-    representative; as a consequence no two representatives are within max_distance of each other. A row's
-    earlier neighbours have all been claimed or led by the time its turn comes, so only its later ones count:
-    the pairs (i < j) in preference order, walked once.
-
-    Rows with the same pHash (re-encoded or resized copies: thousands of one popular picture in a web crawl) are
-    one group: a leader claims all of a group at once, so the walk runs over distinct hashes, in the order of
-    each one's best row, and no pair inside a group is ever listed (10k copies would be 5e7 pairs per key).
-    """
-    rows = sorted(rows, key=_preference)
-    hashes = [r["phash"] for r in rows]
-    distinct = list(dict.fromkeys(hashes))  # in the order of each hash's best row
-    number = {h: g for g, h in enumerate(distinct)}
-    group_of = np.fromiter((number[h] for h in hashes), dtype=np.int64, count=len(hashes))
-    by_group = np.argsort(group_of, kind="stable")  # rows grouped, best first within a group
-    bounds = np.concatenate([[0], np.cumsum(np.bincount(group_of, minlength=len(distinct)))])
-    first, second = HashSet(distinct, max_distance).pairs()
-    claimed, dups = np.zeros(len(distinct), dtype=bool), {}
-    leaders, starts = np.unique(first, return_index=True)
-    ends = np.append(starts[1:], len(first))
-    follows = {g: second[lo:hi] for g, lo, hi in zip(leaders.tolist(), starts.tolist(), ends.tolist())}
-    copies = np.flatnonzero(np.diff(bounds) > 1)
-    # Only groups that can claim anything: those with later neighbours or with copies of their own, best first.
-    for group in np.union1d(leaders, copies).tolist():
-        if claimed[group]:
-            continue
-        later = follows.get(group, second[:0])
-        followers = later[~claimed[later]]
-        claimed[followers] = True
-        indices = by_group[bounds[group]:bounds[group + 1]].tolist()
-        for g in followers.tolist():
-            indices += by_group[bounds[g]:bounds[g + 1]].tolist()
-        leader = rows[indices[0]]["id"]
-        for j in indices[1:]:
-            dups[rows[j]["id"]] = (leader, "near")
-    return dups
-
-
-def find_duplicates(rows: list[dict], cfg: DedupConfig) -> dict[str, tuple[str, str]]:
-    """{duplicate id: (representative id, "exact" | "near")} over the ok rows of a whole job.
-
-    Exact groups collapse first; their representatives then meet near duplicates of the same modality.
-    Every row maps to its final representative (never to another duplicate), labelled "exact" when its
-    bytes equal the representative's. Rows need id, status, modality, content_sha256, phash and
-    optionally score_resolution.
-    """
-    if not cfg.enabled:
-        return {}
-    live = [r for r in rows if r["status"] == "ok" and r.get("content_sha256")]
-    exact = _exact_groups(live) if cfg.exact else {}
-    survivors = [r for r in live if r["id"] not in exact]
-    near: dict[str, tuple[str, str]] = {}
-    if cfg.near:
-        by_modality: dict[str, list[dict]] = defaultdict(list)
-        for r in survivors:
-            if r.get("phash"):
-                by_modality[r.get("modality", "")].append(r)
-        for group in by_modality.values():
-            near.update(_near_groups(group, cfg.max_distance))
-    return _resolve(exact, near, {r["id"]: r["content_sha256"] for r in live})
-
-
-def _resolve(exact: dict, near: dict, sha: dict[str, str]) -> dict[str, tuple[str, str]]:
-    """Point members of an exact group whose representative was itself a near duplicate at the final one."""
-    out = dict(near)
-    for dup, (rep, _) in exact.items():
-        final = near.get(rep, (rep, "exact"))[0]
-        out[dup] = (final, "exact" if sha[dup] == sha[final] else "near")
-    return out
-
-
-def apply_duplicates(rows: list[dict], dups: dict[str, tuple[str, str]]) -> list[dict]:
-    """New rows with `duplicate_of` ("" unless a duplicate); duplicates become `filtered` by stage `dedup`."""
-    relpaths = {r["id"]: r.get("relpath", "") for r in rows}
-    out = []
-    for row in rows:
-        if row["id"] not in dups:
-            out.append({**row, "duplicate_of": ""})
-            continue
-        rep, kind = dups[row["id"]]
-        out.append({**row, "duplicate_of": rep, "status": "filtered", "reason": f"duplicate_{kind}",
-                    "stage": "dedup", "message": f"{kind} duplicate of {relpaths.get(rep, '')} ({rep})"})
-    return out
-
-
-def mark_duplicates(batch: dict[str, np.ndarray], dups: dict[str, tuple[str, str]]) -> dict[str, np.ndarray]:
-    """`apply_duplicates` on a columnar batch, for a `map_batches(fn_kwargs={"dups": ...})` after the global pass.
-
-    The representative's relpath is not in the batch, so the message names its id only.
-    """
-    out = {k: np.array(v, dtype=object, copy=True) if k in ("status", "reason", "stage", "message") else v
-           for k, v in batch.items()}
-    out["duplicate_of"] = np.array([""] * len(batch["id"]), dtype=object)
-    for i, row_id in enumerate(batch["id"]):
-        if row_id in dups:
-            rep, kind = dups[row_id]
-            out["status"][i], out["reason"][i], out["stage"][i] = "filtered", f"duplicate_{kind}", "dedup"
-            out["message"][i], out["duplicate_of"][i] = f"{kind} duplicate of {rep}", rep
-    return out
