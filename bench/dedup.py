@@ -69,7 +69,8 @@ def _preference(row: dict) -> tuple[bool, float, str]:
 
 
 class FromHexHashSet(near_index.HashSet):
-    """near_index.HashSet with its previous parse, one `bytes.fromhex` per hash."""
+    """near_index.HashSet as it was: its previous parse (one `bytes.fromhex` per hash) and every band key built
+    and held up front."""
 
     def __init__(self, phashes: list[str], max_distance: int):
         self.n, self.max_distance = len(phashes), max_distance
@@ -83,8 +84,11 @@ class FromHexHashSet(near_index.HashSet):
         bands = max_distance + self.agree
         edges = [round(i * self.bits / bands) for i in range(bands + 1)]
         cuts = list(zip(edges, edges[1:]))
-        self.keys = [near_index._fold(near_index._words(np.concatenate([unpacked[:, a:b] for a, b in chosen], axis=1)))
+        self.held = [near_index._fold(near_index._words(np.concatenate([unpacked[:, a:b] for a, b in chosen], axis=1)))
                      for chosen in itertools.combinations(cuts, self.agree)]
+
+    def keys(self):
+        return iter(self.held)
 
 
 def dict_exact_groups(rows: list[dict]) -> dict[str, tuple[str, str]]:
@@ -238,6 +242,7 @@ def main() -> None:
             held = table.to_pylist()
             result["dicts_held_mb"] = round(tracemalloc.get_traced_memory()[0] / 2**20, 1)
             tracemalloc.stop()
+            assert len(held) == table.num_rows
             del held
             before_s, before_mb, before = measured(dict_pass, table, cfg)
             if before != now:

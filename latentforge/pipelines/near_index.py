@@ -11,7 +11,7 @@ its later run-mates, one offset at a time, the hashes in the key's order) or, be
 other set's run of its value (enumerated in bounded chunks), checked by XOR and popcount over whole arrays.
 The same search in Python sets and loops (the first version, k = 1) took 3-4 s at 100k hashes and 20-34 s at
 300k, growing as n^2, on the driver while the cluster waits at the dedup barrier; the whole pass now takes
-~10 s at a million and under 3 minutes at ten million (BENCHMARKS.md, `bench/dedup.py`).
+~4 s at a million and ~1 minute at ten million, in columns (BENCHMARKS.md, `bench/dedup.py`).
 """
 from __future__ import annotations
 
@@ -43,9 +43,18 @@ class HashSet:
         self.columns = [np.ascontiguousarray(column) for column in words.T]  # the whole hash, 64 bits a column
         bands = max_distance + self.agree
         edges = [round(i * self.bits / bands) for i in range(bands + 1)]
-        cuts = list(zip(edges, edges[1:]))
-        self.keys = [_fold(_words(np.concatenate([unpacked[:, a:b] for a, b in chosen], axis=1)))
-                     for chosen in itertools.combinations(cuts, self.agree)]
+        # each band's value as one uint64 (folded when wider); a key is built from them when a search needs it
+        self.bands = [_fold(_words(unpacked[:, a:b])) for a, b in zip(edges, edges[1:])]
+
+    def keys(self):
+        """One uint64 per hash for each `agree`-subset of the bands: equal when those bands all match (a fold of
+        their values; a collision only adds candidates, which are checked by their distance). Built one at a
+        time: holding all C(d + k, k) of them cost 8 bytes each per hash at the barrier's peak."""
+        for chosen in itertools.combinations(self.bands, self.agree):
+            key = chosen[0].copy()
+            for value in chosen[1:]:
+                key = key * _MIX ^ value
+            yield key
 
     def distance(self, i: np.ndarray, other: HashSet, j: np.ndarray) -> np.ndarray:
         total = np.bitwise_count(self.columns[0][i] ^ other.columns[0][j])
@@ -60,7 +69,7 @@ class HashSet:
         offset at a time over every position whose run reaches that far. Hashes are compared in sorted order
         (neighbours in memory), and only the close pairs are mapped back to row numbers."""
         found = []
-        for keys in self.keys:
+        for keys in self.keys():
             order = np.argsort(keys, kind="stable")
             ends = _run_ends(keys[order])
             columns = [column[order] for column in self.columns]
@@ -83,7 +92,7 @@ class HashSet:
         if (other.bits, other.max_distance, other.agree) != (self.bits, self.max_distance, self.agree):
             raise ValueError("hash sets of different widths, distances or bands")
         found = []
-        for mine, theirs in zip(self.keys, other.keys):
+        for mine, theirs in zip(self.keys(), other.keys()):
             order = np.argsort(theirs, kind="stable")
             ordered = theirs[order]
             starts = np.searchsorted(ordered, mine, side="left")
@@ -151,13 +160,14 @@ def _hex_bits(phashes: list[str] | pa.Array | pa.ChunkedArray, digits: int) -> n
     if (nibbles == 255).any():
         bad = text[np.flatnonzero((nibbles == 255).any(axis=1))[0]]
         raise ValueError(f"not a hex hash: {bad.decode(errors='replace')!r}")
-    return ((nibbles[:, :, None] >> np.arange(3, -1, -1, dtype=np.uint8)) & 1).reshape(len(text), 4 * digits)
+    bits = nibbles[:, :, None] >> np.arange(3, -1, -1, dtype=np.uint8)
+    return np.bitwise_and(bits, 1, out=bits).reshape(len(text), 4 * digits)
 
 
 def _words(bits: np.ndarray) -> np.ndarray:
     """(n, b) 0/1 bits, most significant first -> (n, ceil(b / 64)) uint64, zero-padded on the left."""
     pad = (-bits.shape[1]) % 64
-    padded = np.pad(bits, ((0, 0), (pad, 0)))
+    padded = np.pad(bits, ((0, 0), (pad, 0))) if pad else bits
     packed = np.packbits(padded, axis=1).reshape(bits.shape[0], padded.shape[1] // 64, 8)
     return packed.view(">u8").astype(np.uint64).reshape(bits.shape[0], padded.shape[1] // 64)
 
