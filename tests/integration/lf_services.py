@@ -81,22 +81,60 @@ cluster.shutdown()
 """
 
 
-def start_ray_head(temp_dir: str, num_cpus: int, env: dict) -> tuple[subprocess.Popen, str, str]:
-    """A real Ray head with its Jobs API: (process, dashboard URL, GCS address). Stop it with stop_ray_head."""
+def quiet_port(low: int = 20000, high: int = 30000) -> int:
+    """A free port below Linux's ephemeral range (32768+) and above Ray's worker ports (10002-19999): one that
+    no process binding port 0 (every Ray worker of the session's local Ray does) can take between this choice
+    and the server's start."""
+    import random
+
+    for port in random.sample(range(low, high), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
+
+
+def start_ray_head(temp_dir: str, num_cpus: int, env: dict, attempts: int = 3) -> tuple[subprocess.Popen, str, str]:
+    """A real Ray head with its Jobs API: (process, dashboard URL, GCS address). Stop it with stop_ray_head.
+
+    The Jobs API needs the head's dashboard agent, on its own port; a head whose agent never came up (its port
+    taken meanwhile: CI saw "No available agent to submit job" for minutes) is stopped and started afresh."""
     import json
     import sys
 
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", HEAD_SCRIPT, str(num_cpus), str(port), temp_dir, str(free_port())],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    line = proc.stdout.readline()
-    if not line:
-        stop_group(proc)
-        raise RuntimeError(f"the Ray head exited with {proc.wait()} before starting")
-    url = f"http://127.0.0.1:{port}"
-    wait_http(f"{url}/api/version", proc, headers=ray_auth_headers(env))
-    return proc, url, json.loads(line)["gcs"]
+    for attempt in range(attempts):
+        port = quiet_port()
+        proc = subprocess.Popen([sys.executable, "-c", HEAD_SCRIPT, str(num_cpus), str(port), temp_dir,
+                                 str(quiet_port())], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                env=env, start_new_session=True)
+        line = proc.stdout.readline()
+        if not line:
+            stop_group(proc)
+            raise RuntimeError(f"the Ray head exited with {proc.wait()} before starting")
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/api/version", proc, headers=ray_auth_headers(env))
+        if agent_ready(url, env) or attempt == attempts - 1:
+            return proc, url, json.loads(line)["gcs"]
+        stop_ray_head(proc)
+    raise AssertionError("unreachable")
+
+
+def agent_ready(url: str, env: dict, wait_s: float = 90.0) -> bool:
+    """Whether the head accepts a job (a no-op one) within `wait_s`: its Jobs API answers 500 "No available
+    agent" until the dashboard agent is up."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        answer = requests.post(f"{url}/api/jobs/", json={"entrypoint": "true"}, headers=ray_auth_headers(env),
+                               timeout=30)
+        if answer.ok:
+            return True
+        if "No available agent" not in answer.text:
+            answer.raise_for_status()
+        time.sleep(2.0)
+    return False
 
 
 def ray_token_env(env: dict) -> dict:
