@@ -3,7 +3,8 @@
 Grouping needs every row's hash at once, so it runs on the driver at the scan's barrier while the cluster waits
 (`ContentHash` in stages/dedup.py wrote the hashes). It works on an Arrow table of the hash columns, as Ray
 Data's blocks hold them, and numpy arrays of positions: the first version took the rows as one dict each
-(`take_all`), ~1.5 KB of driver memory a row (15 GB at ten million), and walked them in Python.
+(`take_all`): ~0.6 KB of driver memory a row held (7 GB at ten million) and ~1.2 KB at the pass's peak, which
+walked them in Python (bench/dedup.py).
 `find_duplicates` and the `_*_groups` functions keep the dict interface for readmission and small callers.
 
 Preference, best first: a SETTLED row (an earlier run's representative that stays, curate.dedup), then the
@@ -72,7 +73,8 @@ def duplicates(table: pa.Table, cfg: DedupConfig) -> Duplicates:
                                   pc.not_equal(sha, "")).to_numpy(zero_copy_only=False))
     if not len(live):
         return none
-    order = live[preference_order(table.take(live))]  # table positions, best first
+    ranked = table.select([c for c in ("id", "score_resolution", SETTLED) if c in table.column_names])
+    order = live[preference_order(ranked.take(live))]  # table positions, best first
     position = np.arange(len(order))
     sha_codes = codes(sha.take(order))
     exact_rep = first_of_each(sha_codes) if cfg.exact else position  # each one's exact representative
