@@ -81,13 +81,15 @@ cluster.shutdown()
 """
 
 
-def quiet_port(low: int = 20000, high: int = 30000) -> int:
+def quiet_port(low: int = 20000, high: int = 30000, taken: tuple[int, ...] = ()) -> int:
     """A free port below Linux's ephemeral range (32768+) and above Ray's worker ports (10002-19999): one that
     no process binding port 0 (every Ray worker of the session's local Ray does) can take between this choice
     and the server's start."""
     import random
 
     for port in random.sample(range(low, high), 200):
+        if port in taken:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
@@ -107,9 +109,10 @@ def start_ray_head(temp_dir: str, num_cpus: int, env: dict, attempts: int = 3) -
 
     for attempt in range(attempts):
         port = quiet_port()
-        proc = subprocess.Popen([sys.executable, "-c", HEAD_SCRIPT, str(num_cpus), str(port), temp_dir,
-                                 str(quiet_port())], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                env=env, start_new_session=True)
+        agent = quiet_port(taken=(port,))
+        proc = subprocess.Popen([sys.executable, "-c", HEAD_SCRIPT, str(num_cpus), str(port), temp_dir, str(agent)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)
         line = proc.stdout.readline()
         if not line:
             stop_group(proc)
