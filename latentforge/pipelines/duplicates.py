@@ -182,9 +182,10 @@ class Marks:
 
     @classmethod
     def of(cls, table: pa.Table, found: Duplicates) -> Marks:
-        ids = fixed_width(table["id"].cast(pa.string()).take(found.rows))
+        names = table["id"].cast(pa.string())
+        ids = fixed_width(names.take(found.rows))
         order = np.argsort(ids, kind="stable")
-        reps = table["id"].cast(pa.string()).take(found.representatives)
+        reps = names.take(found.representatives)
         paths = (table["relpath"].take(found.representatives) if "relpath" in table.column_names
                  else pa.array([""] * len(found.rows)))
         return cls(ids[order], fixed_width(reps)[order], fixed_width(paths)[order], found.exact[order])

@@ -50,7 +50,7 @@ class Entries:
         shards, shard_index = _index([e.shard for e in entries])
         shapes, shape_index = _index([tuple(e.shape) for e in entries])
         modalities, modality_index = _index([e.modality for e in entries])
-        return cls(np.array([e.dataset for e in entries], dtype=np.int32), _keys([e.key for e in entries]),
+        return cls(np.array([e.dataset for e in entries], dtype=np.int32), fixed_width([e.key for e in entries]),
                    shard_index, shards, shape_index, shapes, modality_index, modalities)
 
     def __len__(self) -> int:
@@ -160,10 +160,3 @@ def _index(values: list) -> tuple[list, np.ndarray]:
     distinct = sorted(set(values))
     position = {v: i for i, v in enumerate(distinct)}
     return distinct, np.array([position[v] for v in values], dtype=np.int32)
-
-
-def _keys(keys: list[str]) -> np.ndarray:
-    """Keys as fixed-width UTF-8 bytes (numpy compares and sorts them bytewise, which orders ASCII ids as str)."""
-    if not keys:
-        return np.zeros(0, dtype="S1")
-    return np.array([k.encode() for k in keys])
