@@ -13,6 +13,7 @@ import logging
 import math
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +97,37 @@ def to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     columns = {f.name: [row.get(f.name) for row in rows] for f in schema}
     table = pa.Table.from_pydict(columns, schema=schema)
     return table.sort_by("id") if table.num_rows else table
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A table (metadata rows in columns: pipelines/meta.py) with exactly `schema`'s columns, each cast to its
+    type (dictionary-encoded columns decoded; missing columns null; extra columns dropped), rows as they are."""
+    columns = []
+    for f in schema:
+        if f.name not in table.column_names:
+            columns.append(pa.nulls(table.num_rows, f.type))
+            continue
+        column = table[f.name]
+        if pa.types.is_dictionary(column.type):
+            column = column.cast(column.type.value_type)
+        columns.append(column.cast(f.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+ROW_GROUP = 1 << 15  # rows per Parquet row group when a table is written in parts (write_rows)
+
+
+def write_rows(table: pa.Table, positions: pa.Array, schema: pa.Schema, path: Path,
+               prepare: Callable[[pa.Table], pa.Table] | None = None, rows_per_group: int = ROW_GROUP) -> None:
+    """The rows of `table` at `positions`, in that order, through `prepare` and conformed to `schema`, written
+    to a Parquet file one row group at a time: the selection is never copied whole (a job's manifest is the
+    driver's largest table)."""
+    tmp = path.with_suffix(".partial")
+    with pq.ParquetWriter(tmp, schema) as writer:
+        for start in range(0, len(positions), rows_per_group):
+            part = table.take(positions.slice(start, rows_per_group))
+            writer.write_table(conform(prepare(part) if prepare is not None else part, schema))
+    tmp.replace(path)
 
 
 def read_table(location: Path | str) -> pa.Table:

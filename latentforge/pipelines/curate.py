@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from latentforge.datasets import manifest as mf
 from latentforge.datasets import storage
 from latentforge.pipelines.card import build_card, config_hash, dataset_id  # noqa: F401  (re-exported)
+from latentforge.pipelines import meta as mt
 from latentforge.pipelines.config import CurationConfig
 from latentforge.pipelines.discover import discover
 from latentforge.pipelines.duplicates import HASH_COLUMNS, SETTLED, Marks, duplicates, hash_table, mark
@@ -294,7 +296,7 @@ def run_curation(cfg: CurationConfig, dataset_dir: Path | str, rows: list[dict] 
     seconds: dict[str, float] = {}
     stage_seconds: dict[str, list[float]] = {}
     written: dict[str, int] = {}
-    meta = []
+    meta = mt.from_rows([])
     if pending:
         writer_args = shard_writer_args(cfg, shard_dir)
         ds = build_pipeline(pending, cfg, shard_dir, finished, seconds,
@@ -302,7 +304,7 @@ def run_curation(cfg: CurationConfig, dataset_dir: Path | str, rows: list[dict] 
         meta = write_groups(ds, pending, writer_args, seconds=seconds, stage_seconds=stage_seconds, written=written)
     start = time.perf_counter()
 
-    def curate_again(todo: list[dict]) -> list[dict]:
+    def curate_again(todo: list[dict]) -> pa.Table:
         import ray.data
 
         ds = map_stages(ray.data.from_items(todo), active_stages(STAGES, cfg), cfg,
@@ -310,11 +312,11 @@ def run_curation(cfg: CurationConfig, dataset_dir: Path | str, rows: list[dict] 
         return write_groups(ds, todo, shard_writer_args(cfg, shard_dir), stage_seconds=stage_seconds, by_rows=True)
 
     first_group = 1 + max(int(r["shard"]) for r in rows)  # readmission's groups come after the job's own
-    meta, readmitted = readmit(finished + meta, cfg.dedup, {s.name for s in STAGES}, first_group,
-                               cfg.samples_per_shard, readmitted_done, curate_again,
-                               lambda g, group_rows: discard_group(shard_dir, g, group_rows))
+    meta, readmitted = readmit(mt.concat([mt.from_rows(finished), meta], combine=False), cfg.dedup,
+                               {s.name for s in STAGES}, first_group, cfg.samples_per_shard, readmitted_done,
+                               curate_again, lambda g, group_rows: discard_group(shard_dir, g, group_rows))
     seconds["readmit"] = time.perf_counter() - start
-    stray = sweep(shard_dir, {str(m["shard_name"]) for m in meta if m.get("shard_name")})
+    stray = sweep(shard_dir, set(pc.unique(mt.strings(meta, "shard_name")).to_pylist()) - {""})
     if stray:
         log.warning("removed %d shard tars no sample names (written by a stopped job before its group's marker): %s",
                     len(stray), ", ".join(stray[:10]) + (" ..." if len(stray) > 10 else ""))
@@ -332,37 +334,75 @@ def run_curation(cfg: CurationConfig, dataset_dir: Path | str, rows: list[dict] 
     return result
 
 
-def write_dataset(meta: list[dict], rows: list[dict], cfg: CurationConfig, dataset_dir: Path | str) -> CurationResult:
-    lost = {r["id"] for r in rows} - {m["source_id"] for m in meta}
-    if lost:  # every input must come out as manifest or rejects rows (one per clip when split)
-        raise RuntimeError(f"curation lost track of {len(lost)} inputs, e.g. {sorted(lost)[:3]}")
-    strays = {m["source_id"] for m in meta} - {r["id"] for r in rows}
-    if strays:  # ... and nothing else: rows of inputs no longer under the root (a stale resume) are refused
+def write_dataset(meta: pa.Table | list[dict], rows: list[dict], cfg: CurationConfig,
+                  dataset_dir: Path | str) -> CurationResult:
+    """The manifest (kept rows, by id), the rejects table and the card from the job's metadata rows (meta.py),
+    once every input is accounted for."""
+    meta = mt.as_table(meta)
+    inputs = pa.array([str(r["id"]) for r in rows], pa.string())
+    sources = pc.unique(mt.strings(meta, "source_id"))
+    lost = inputs.filter(pc.invert(pc.is_in(inputs, value_set=sources)))
+    if len(lost):  # every input must come out as manifest or rejects rows (one per clip when split)
+        raise RuntimeError(f"curation lost track of {len(lost)} inputs, e.g. {sorted(lost.to_pylist())[:3]}")
+    strays = sources.filter(pc.invert(pc.is_in(sources, value_set=inputs)))
+    if len(strays):  # ... and nothing else: rows of inputs no longer under the root (a stale resume) are refused
         raise RuntimeError(f"curation holds rows of {len(strays)} inputs that are not inputs of this job, "
-                           f"e.g. {sorted(strays)[:3]}")
-    if len({m["id"] for m in meta}) != len(meta):
+                           f"e.g. {sorted(strays.to_pylist())[:3]}")
+    if pc.count_distinct(mt.strings(meta, "id")).as_py() != meta.num_rows:
         raise RuntimeError("curation produced duplicate sample ids")
+    status = mt.strings(meta, "status")
     # In id order: float sums (latent statistics) then do not depend on the order Ray returned the rows in.
-    kept = sorted((m for m in meta if m["status"] == "ok"), key=lambda m: m["id"])
-    for m in kept:
-        m["shard"], m["latent_shape"] = m["shard_name"], parse_shape(m["latent_shape"])
-    others = [m for m in meta if m["status"] != "ok"]
+    # The tables are written a row group at a time and the card reads only its columns: no copy of every row.
+    order = pc.sort_indices(mt.strings(meta, "id"))
+    ok = pc.equal(status, "ok").take(order)
+    kept_at, others_at = order.filter(ok).combine_chunks(), order.filter(pc.invert(ok)).combine_chunks()
     local = staging_dir(dataset_dir) if storage.is_remote(dataset_dir) else dataset_dir
-    mf.write_table(mf.to_table(kept, mf.MANIFEST_SCHEMA), local / mf.MANIFEST)
-    mf.write_table(mf.to_table(others, mf.REJECTS_SCHEMA), local / mf.REJECTS)
+    mf.write_rows(meta, kept_at, mf.MANIFEST_SCHEMA, local / mf.MANIFEST, prepare=_as_kept)
+    mf.write_rows(meta, others_at, mf.REJECTS_SCHEMA, local / mf.REJECTS)
+    kept = meta.select([c for c in CARD_COLUMNS if c in meta.column_names]).take(kept_at)
     card = build_card(kept, cfg, dataset_dir)
     (local / mf.CARD).write_text(json.dumps(card, indent=2, sort_keys=True))
     if local != dataset_dir:  # the card last: a dataset with a card is complete
         for name in (mf.MANIFEST, mf.REJECTS, mf.CARD):
             storage.upload(local / name, storage.join(dataset_dir, name))
+    counts = mt.counts(status)
     return CurationResult(
         dataset_dir=dataset_dir, local_dir=local if local != dataset_dir else None, inputs=len(rows),
-        samples=len(meta), kept=len(kept),
-        rejected=sum(m["status"] == "rejected" for m in others),
-        filtered=sum(m["status"] == "filtered" for m in others),
-        reasons=dict(Counter(m["reason"] for m in others)), by_modality=dict(Counter(m["modality"] for m in kept)),
-        card=card,
+        samples=meta.num_rows, kept=kept.num_rows, rejected=counts.get("rejected", 0),
+        filtered=counts.get("filtered", 0), reasons=mt.counts(mt.strings(meta, "reason").take(others_at)),
+        by_modality=mt.counts(mt.strings(kept, "modality")), card=card,
     )
+
+
+# What the card reads of the kept rows (card.build_card).
+CARD_COLUMNS = ("modality", "shard_name", "shard_sha256", "bucket", "latent_encoder", "text_encoder", "repa_encoder",
+                "lat_stats")
+
+
+def _as_kept(rows: pa.Table) -> pa.Table:
+    """Kept rows as the manifest holds them: `shard` names the tar (the group number before), `latent_shape`
+    a list of ints."""
+    return _set(_set(rows, "shard", mt.strings(rows, "shard_name")), "latent_shape", _shapes(rows))
+
+
+def _set(table: pa.Table, name: str, column) -> pa.Table:
+    """`table` with column `name` set to `column` (replaced, or appended)."""
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, column)
+    return table.append_column(name, column)
+
+
+def _shapes(kept: pa.Table) -> pa.ChunkedArray:
+    """The kept rows' `latent_shape` (text such as "[4, 32, 32]", as the encode stage writes it) as lists of ints,
+    each distinct value parsed once."""
+    if "latent_shape" not in kept.column_names or not kept.num_rows:
+        return pa.chunked_array([pa.array([[]] * kept.num_rows, pa.list_(pa.int32()))])
+    column = kept["latent_shape"]
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        return column.cast(pa.list_(pa.int32()))
+    encoded = mt.plain(column).cast(pa.string()).combine_chunks().dictionary_encode()
+    shapes = pa.array([parse_shape(v) for v in encoded.dictionary.to_pylist()], pa.list_(pa.int32()))
+    return pa.chunked_array([shapes.take(encoded.indices)])
 
 
 def staging_dir(dataset_dir: str) -> Path:

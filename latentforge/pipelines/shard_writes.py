@@ -10,10 +10,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+
 from latentforge.datasets import storage
+from latentforge.pipelines import meta as mt
 from latentforge.pipelines.config import CurationConfig
-from latentforge.pipelines.stage import add_timing, batch_of, rows_of
-from latentforge.pipelines.stages.write_shards import HEAVY, WRITTEN, write_shard_group
+from latentforge.pipelines.stage import TIMING_COLUMN, add_timing, batch_of, num_rows
+from latentforge.pipelines.stages.write_shards import WRITTEN, write_shard_group
 
 
 def writes_in_workers(cfg: CurationConfig, shard_dir: Path | str) -> bool:
@@ -28,9 +32,9 @@ def writes_in_workers(cfg: CurationConfig, shard_dir: Path | str) -> bool:
 
 def write_groups(ds, rows: list[dict], writer_args: dict, in_flight: int = 2,
                  seconds: dict[str, float] | None = None, stage_seconds: dict[str, list[float]] | None = None,
-                 written: dict[str, int] | None = None, by_rows: bool = False) -> list[dict]:
+                 written: dict[str, int] | None = None, by_rows: bool = False) -> pa.Table:
     """Stream the pipeline's rows and write each shard group as soon as all its rows are in; returns the
-    groups' metadata rows (latents left in the tars).
+    groups' metadata rows (latents left in the tars) as one table (meta.py).
 
     Groups are written while the pipeline goes on, so the first groups are on disk (with their done-markers,
     for resume) long before the last input is decoded. Not `groupby("shard")`: that is a hash shuffle, a
@@ -54,7 +58,7 @@ def write_groups(ds, rows: list[dict], writer_args: dict, in_flight: int = 2,
     pending: dict[int, list[dict]] = {}
     rows_left: dict[int, dict[str, int]] = {}  # group -> source id -> rows still to come
     finished: Counter = Counter()  # group -> inputs whose rows are all in
-    futures, meta = set(), []
+    futures, meta = set(), mt.Collector()
     timing = {} if stage_seconds is None else stage_seconds
     by_workers: set[int] = set()
     on_driver: list[int] = []
@@ -64,7 +68,7 @@ def write_groups(ds, rows: list[dict], writer_args: dict, in_flight: int = 2,
         while len(futures) > keep:
             done, futures = wait(futures, return_when=FIRST_COMPLETED)
             for future in done:
-                meta.extend(rows_of(future.result()))
+                meta.add(mt.from_batch(future.result()))
 
     with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="lf-shard-writer") as pool:
         def write(group: int) -> None:
@@ -76,12 +80,15 @@ def write_groups(ds, rows: list[dict], writer_args: dict, in_flight: int = 2,
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             if seconds is not None and "first_row" not in seconds:
                 seconds["first_row"] = time.perf_counter() - start
-            for row in rows_of(batch):
-                add_timing(timing, row)
-                if row.pop(WRITTEN, False):  # its group is in its tars already (write_finished_groups)
-                    meta.append({k: v for k, v in row.items() if k not in HEAVY})
-                    by_workers.add(int(row["shard"]))
-                    continue
+            n = num_rows(batch)
+            for value in batch.pop(TIMING_COLUMN, ()):
+                add_timing(timing, {TIMING_COLUMN: value})
+            done_here = np.asarray(batch.pop(WRITTEN, np.zeros(n, bool)), dtype=bool)
+            if done_here.any():  # their groups are in their tars already (write_finished_groups)
+                meta.add(mt.from_batch(batch, np.flatnonzero(done_here)))
+                by_workers.update(int(g) for g in np.unique(batch["shard"][done_here]))
+            for i in np.flatnonzero(~done_here).tolist():
+                row = {k: v[i] for k, v in batch.items()}
                 group, source = int(row["shard"]), str(row["source_id"])
                 pending.setdefault(group, []).append(row)
                 if by_rows:
@@ -101,4 +108,4 @@ def write_groups(ds, rows: list[dict], writer_args: dict, in_flight: int = 2,
         written.update({"workers": len(by_workers), "driver": len(on_driver)})
     if seconds is not None:
         seconds["stages"] = time.perf_counter() - start - seconds.get("first_row", 0.0)
-    return meta
+    return meta.table()

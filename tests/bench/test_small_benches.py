@@ -1,6 +1,6 @@
 """Benches that run in seconds at a small size, each checking its sides agree: bench/dedup.py (the dedup pass in
-columns, one dict per row, and the first Python index) and bench/plan_memory.py (a selection as columns vs
-objects)."""
+columns, one dict per row, and the first Python index), bench/plan_memory.py (a selection as columns vs
+objects) and bench/metadata.py (the job's metadata rows on the driver)."""
 from __future__ import annotations
 
 import json
@@ -30,3 +30,17 @@ def test_a_small_selection_is_measured_both_ways_and_agrees(tmp_path):
     for side in ("previous_entry_objects", "numpy_columns"):
         assert result[side]["s"] >= 0 and result[side]["peak_mb"] >= result[side]["held_mb"] > 0
     assert result["numpy_columns"]["held_mb"] < result["previous_entry_objects"]["held_mb"]
+
+
+def test_a_small_metadata_tail_is_measured_and_both_sides_write_the_same_dataset():
+    """bench/metadata.py on 2,000 rows, with this checkout as its own 'before' (the comparison still runs: each
+    side in its own process, their manifests, rejects tables and cards compared by digest)."""
+    here = BENCHES.parent
+    out = subprocess.run([sys.executable, str(BENCHES / "metadata.py"), "--rows", "2000", "--before", str(here)],
+                         capture_output=True, text=True, timeout=300, check=True).stdout  # exits 1 on disagreement
+    row = json.loads(out.splitlines()[-1])
+    assert row["rows"] == 2000 and row["same_output"] is True
+    for side in ("now", "before"):
+        r = row[side]
+        assert r["kept"] > 1500 and r["readmitted"] > 0 and r["peak_mb"] >= r["held_mb"] >= 0
+        assert r["collect_s"] >= 0 and r["write_s"] >= 0

@@ -64,7 +64,7 @@ def test_the_driver_finishes_a_group_split_across_blocks(ray_local, tmp_path) ->
     ds = ray_local.data.from_items([r for b in blocks for r in rows_of(b)], override_num_blocks=2)
     written: dict[str, int] = {}
     args = {"shard_dir": str(shards), "max_bytes": 2**30, "config_hash": None}
-    meta = write_groups(ds, [{"shard": 0}, {"shard": 0}, {"shard": 1}], args, written=written)
+    meta = write_groups(ds, [{"shard": 0}, {"shard": 0}, {"shard": 1}], args, written=written).to_pylist()
     assert written == {"workers": 1, "driver": 1}
     assert sorted(m["id"] for m in meta) == ["a-c0", "b-c0", "c-c0", "c-c1", "c-c2"]
     assert all(not set(HEAVY) & set(m) and m["shard_name"] for m in meta)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from latentforge.pipelines import near_index
+from latentforge.pipelines import meta, near_index
 from latentforge.pipelines.near_index import HashSet
 from latentforge.pipelines.readmit import Readmission, _to_kept
 from latentforge.pipelines.duplicates import SETTLED, _near_groups, _preference
@@ -106,6 +106,14 @@ def test_greedy_groups_match_their_definition(seed: int):
     assert _near_groups(rows, 6) == expected
 
 
+def to_kept(pool: list[dict], kept: list[dict], max_distance: int, plan: Readmission) -> list[dict]:
+    """readmit._to_kept with the kept rows as the table it searches (all of them kept), the rows found by id."""
+    by_id: dict[str, dict] = {}
+    left = _to_kept(pool, meta.from_rows(kept), np.arange(len(kept)), max_distance, plan, by_id)
+    assert set(by_id) == {rep for rep, _ in plan.repoint.values()}
+    return left
+
+
 def test_readmission_points_a_duplicate_at_the_best_kept_row_within_reach():
     rng = np.random.default_rng(9)
     hashes = planted(rng, 64, 120, 4)
@@ -113,7 +121,7 @@ def test_readmission_points_a_duplicate_at_the_best_kept_row_within_reach():
             for i, h in enumerate(hashes[:100])]
     pool = [{"id": f"p{i:03d}", "phash": h} for i, h in enumerate(hashes[100:])] + [{"id": "audio", "phash": ""}]
     plan = Readmission()
-    left = _to_kept(pool, kept, 4, plan)
+    left = to_kept(pool, kept, 4, plan)
     best = sorted(kept, key=_preference)
     for row in pool:
         within = [k for k in best if row["phash"] and (int(k["phash"], 16) ^ int(row["phash"], 16)).bit_count() <= 4]
@@ -147,7 +155,7 @@ def test_copies_of_one_hash_are_grouped_before_the_search(monkeypatch):
     assert seen == [len(set(hashes))]
     kept, pool = rows[:300] + rows[615:650], [{"id": f"p{i}", "phash": h} for i, h in enumerate(hashes[600:700])]
     plan = Readmission()
-    _to_kept(pool, kept, 4, plan)
+    to_kept(pool, kept, 4, plan)
     best = sorted(kept, key=_preference)
     for row in pool:
         within = [k for k in best if (int(k["phash"], 16) ^ int(row["phash"], 16)).bit_count() <= 4]

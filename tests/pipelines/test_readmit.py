@@ -1,6 +1,8 @@
 """Readmission planning: which duplicates of a representative filtered after dedup are curated again."""
 from __future__ import annotations
 
+import pyarrow as pa
+
 from latentforge.pipelines.readmit import READMITTED, apply_repoint, earlier_groups, readmission_round, readmit
 from latentforge.pipelines.duplicates import apply_duplicates, find_duplicates
 from latentforge.pipelines.stages.dedup import DedupConfig
@@ -23,6 +25,11 @@ def fail(rows: list[dict], *ids: str, stage: str = "filter_sharpness", reason: s
     return [{**r, "status": "filtered", "stage": stage, "reason": reason} if r["id"] in ids else r for r in rows]
 
 
+def by_id(table: pa.Table) -> dict[str, dict]:
+    """readmit's table of rows, by id (keys a row lacked: None)."""
+    return {r["id"]: r for r in table.to_pylist()}
+
+
 H = "ffff0000ffff0000"  # a pHash, and near copies of it (one, two bits off)
 H1, H2 = "ffff0000ffff0001", "ffff0000ffff0003"
 FAR = "0000ffff0000ffff"
@@ -40,7 +47,7 @@ def test_the_best_near_duplicate_of_a_filtered_representative_is_readmitted_not_
     assert [c["id"] for c in plan.candidates] == ["orig"]
     assert plan.candidates[0]["status"] == "ok" and plan.candidates[0]["duplicate_of"] == ""
     assert plan.repoint == {"small": ("orig", "near")}
-    after = {r["id"]: r for r in apply_repoint(rows, plan)}
+    after = by_id(apply_repoint(rows, plan))
     assert after["small"]["duplicate_of"] == "orig" and after["up2"]["duplicate_of"] == "up"
     assert "orig.png (orig), after up.png (up) left at filter_sharpness: blurry" in after["small"]["message"]
 
@@ -82,31 +89,32 @@ def test_rounds_go_on_while_readmitted_rows_fail_and_reuse_the_groups_a_run_fini
 
     discarded: list[int] = []
     meta, count = readmit(rows, CFG, LATER, 7, 64, {}, curate, lambda g, _: discarded.append(g))
-    out = {r["id"]: r for r in meta}
+    out = by_id(meta)
     assert calls == [["b"], ["c"]] and count == 2 and not discarded
     assert out["c"]["status"] == "ok" and out["c"]["shard"] == 8 and out["b"]["shard"] == 7
     assert out["b"]["status"] == "filtered" and out["b"]["stage"] == "filter_sharpness"
-    assert out["a"]["status"] == "filtered" and len(meta) == 3
+    assert out["a"]["status"] == "filtered" and meta.num_rows == 3
     # a second run with both groups done curates nothing; a group whose input changed is discarded and redone
     done = {7: [out["b"]], 8: [out["c"]], 9: [out["c"]]}
     calls.clear()
     again, _ = readmit(rows, CFG, LATER, 7, 64, done, curate, lambda g, _: discarded.append(g))
-    assert calls == [] and again == meta and discarded == [9]
+    assert calls == [] and by_id(again) == out and discarded == [9]
     done = {7: [out["b"]], 8: [{**out["c"], "input_signature": "changed"}]}
     discarded.clear()
     redone, _ = readmit(rows, CFG, LATER, 7, 64, done, curate, lambda g, _: discarded.append(g))
     assert calls == [["c"]] and discarded == [8]
-    assert {r["id"]: r.get("shard") for r in redone} == {"a": None, "b": 7, "c": 9}  # past both earlier numbers
+    assert {i: r["shard"] for i, r in by_id(redone).items()} == {"a": None, "b": 7, "c": 9}  # past both earlier ones
     # groups are reused by their inputs, not their numbers: the job's own groups grew past 7 and 8 (inputs
     # added), so its first readmission group is 12; the finished 7 and 8 still serve
     calls.clear()
     again, _ = readmit(rows, CFG, LATER, 12, 64, {7: [out["b"]], 8: [out["c"]]}, curate, lambda g, _: 1 / 0)
-    assert calls == [] and again == meta
+    assert calls == [] and by_id(again) == out
     # one round only: c stays a duplicate, now of b
     calls.clear()
     meta, _ = readmit(rows, DedupConfig(readmit_rounds=1), LATER, 7, 64, {}, curate, lambda g, _: None)
-    assert calls == [["b"]] and {r["id"]: r["duplicate_of"] for r in meta} == {"a": "", "b": "", "c": "b"}
-    assert readmit(rows, DedupConfig(readmit_rounds=0), LATER, 7, 64, {}, curate, lambda g, _: None) == (rows, 0)
+    assert calls == [["b"]] and {i: r["duplicate_of"] for i, r in by_id(meta).items()} == {"a": "", "b": "", "c": "b"}
+    same, count = readmit(rows, DedupConfig(readmit_rounds=0), LATER, 7, 64, {}, curate, lambda g, _: None)
+    assert count == 0 and same.to_pylist() == rows
 
 
 def test_an_earlier_runs_readmission_groups_are_told_from_the_jobs_own() -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -143,9 +144,10 @@ class EncodeRepa(Stage):
             raise Reject(e.reason, f"repa: {e}") from e
 
 
-def repa_description(kept: list[dict]) -> dict | None:
-    """What the REPA stage said about its encoder (all actors must agree), or None when it did not run."""
-    found = {m.get("repa_encoder") for m in kept if m.get("repa_encoder")}
+def repa_description(described: Iterable[str | None]) -> dict | None:
+    """What the REPA stage said about its encoder (all actors must agree: `described`, the kept rows'
+    `repa_encoder` values, distinct or not), or None when it did not run."""
+    found = {v for v in described if v}
     if len(found) > 1:
         raise RuntimeError(f"repa encoder differs between actors: {sorted(found)}")
     return json.loads(found.pop()) if found else None
