@@ -143,11 +143,68 @@ class Stream:
         return batches(self.n)
 
 
-def child(n: int, out: Path, corpus: Path) -> dict:
+def child(n: int, out: Path, corpus: Path, resume: bool = False) -> dict:
     """One side's tail on `n` rows, in this process (the code on sys.path decides which side), after a warm-up
     run on a few rows, so modules and Arrow's kernels are loaded before the baseline RSS is taken."""
-    tail(256, out / "warm", corpus)
-    return tail(n, out / "run", corpus)
+    run = resume_tail if resume else tail
+    run(256, out / "warm", corpus)
+    return run(n, out / "run", corpus)
+
+
+def resume_tail(n: int, out: Path, corpus: Path) -> dict:
+    """A rerun that finds every shard group done: the markers read back (`done_groups`), the groups checked
+    against the inputs (`regroup`), then readmission and the dataset written from the finished rows alone."""
+    from latentforge.pipelines import curate
+    from latentforge.pipelines.config import CurationConfig
+    from latentforge.pipelines.readmit import earlier_groups, readmit
+    from latentforge.pipelines.resume import done_groups, regroup, write_marker
+
+    cfg = CurationConfig(input_dir=str(corpus), samples_per_shard=GROUP)
+    shard_dir = out / "shards"
+    shard_dir.mkdir(parents=True)
+    inputs, group_rows = [], []
+    for batch in batches(n):  # markers as the job writes them (outside the measurement)
+        batch.pop("group_written")
+        for i in range(len(batch["id"])):
+            row = {k: v[i] for k, v in batch.items()}
+            inputs.append({"id": str(row["id"]), "relpath": str(row["relpath"]), "shard": int(row["shard"]),
+                           "input_signature": str(row["input_signature"])})
+            group_rows.append(row)
+            if len(group_rows) == GROUP or len(inputs) == n:
+                for name in {str(r["shard_name"]) for r in group_rows if r["shard_name"]}:
+                    (shard_dir / name).touch()
+                write_marker(shard_dir, int(row["shard"]), group_rows, curate.config_hash(cfg))
+                group_rows = []
+    stats = _stats()
+
+    def again(todo: list[dict]) -> list[dict]:
+        return [{**r, "shard_name": f"shard-{int(r['shard']):06d}-00.tar", "shard_sha256": "0" * 64,
+                 "latent_shape": "[4, 48, 64]", "lat_stats": stats} for r in todo]
+
+    base = rss_mb()
+    (out / "ds").mkdir(parents=True)
+    t0 = time.perf_counter()
+    done = done_groups(shard_dir, curate.config_hash(cfg))
+    readmitted_done = earlier_groups(done)
+    kept, stale = regroup(inputs, done, set(readmitted_done), GROUP)
+    finished = done.rows() if hasattr(done, "rows") else [r for g, rows in sorted(done.items()) for r in rows]
+    t1 = time.perf_counter()
+    held = rss_mb() - base
+    meta, readmitted = readmit(finished, cfg.dedup, {s.name for s in curate.STAGES} | set(STAGES),
+                               1 + n // GROUP, GROUP, readmitted_done, again, lambda g, rows: None)
+    t2 = time.perf_counter()
+    result = curate.write_dataset(meta, inputs, cfg, out / "ds")
+    t3 = time.perf_counter()
+    return {"rows": n, "groups": len(done), "stale": len(stale), "read_s": round(t1 - t0, 2),
+            "readmit_s": round(t2 - t1, 2), "write_s": round(t3 - t2, 2), "total_s": round(t3 - t0, 2),
+            "held_mb": round(held), "peak_mb": round(peak_mb() - base), **_outputs(out / "ds", result, readmitted)}
+
+
+def _outputs(ds: Path, result, readmitted: int) -> dict:
+    card = json.loads((ds / "card.json").read_text())
+    return {"kept": result.kept, "readmitted": readmitted,
+            "card": hashlib.sha256(json.dumps(card, sort_keys=True).encode()).hexdigest()[:16],
+            "tables": {name: content_digest(ds / name) for name in ("manifest.parquet", "rejects.parquet")}}
 
 
 def tail(n: int, out: Path, corpus: Path) -> dict:
@@ -177,12 +234,9 @@ def tail(n: int, out: Path, corpus: Path) -> dict:
     t2 = time.perf_counter()
     result = curate.write_dataset(meta, inputs, cfg, out / "ds")
     t3 = time.perf_counter()
-    digests = {name: content_digest(out / "ds" / name) for name in ("manifest.parquet", "rejects.parquet")}
-    card = json.loads((out / "ds" / "card.json").read_text())
     return {"rows": n, "collect_s": round(t1 - t0, 2), "readmit_s": round(t2 - t1, 2), "write_s": round(t3 - t2, 2),
             "total_s": round(t3 - t0, 2), "held_mb": round(held), "peak_mb": round(peak_mb() - base),
-            "kept": result.kept, "readmitted": readmitted, "card": hashlib.sha256(json.dumps(
-                card, sort_keys=True).encode()).hexdigest()[:16], "tables": digests, "ok": int((status == 0).sum())}
+            "ok": int((status == 0).sum()), **_outputs(out / "ds", result, readmitted)}
 
 
 def content_digest(path: Path) -> str:
@@ -205,11 +259,11 @@ def _stats() -> bytes:
     return npy_bytes(np.full((3, 4), 1.0))
 
 
-def run_side(n: int, src: Path, corpus: Path) -> dict:
+def run_side(n: int, src: Path, corpus: Path, resume: bool = False) -> dict:
     env = {**os.environ, "PYTHONPATH": str(src)}
     with tempfile.TemporaryDirectory(prefix="lf-meta-") as tmp:
-        proc = subprocess.run([sys.executable, __file__, "--child", str(n), "--out", tmp, "--corpus", str(corpus)],
-                              env=env, cwd=src, capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, __file__, "--child", str(n), "--out", tmp, "--corpus", str(corpus)]
+                              + (["--resume"] if resume else []), env=env, cwd=src, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{src} at {n} rows failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.splitlines()[-1])
@@ -220,20 +274,22 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 300_000])
     parser.add_argument("--before", type=Path, help="a checkout of the code before (dicts); omitted: now only")
     parser.add_argument("--before-max", type=int, default=10**9, help="the largest size to run the code before on")
+    parser.add_argument("--resume", action="store_true",
+                        help="measure a rerun that finds every group done (markers read back) instead of a first run")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        print(json.dumps(child(args.child, args.out, args.corpus)))
+        print(json.dumps(child(args.child, args.out, args.corpus, args.resume)))
         return
     bad = False
     corpus = Path(tempfile.mkdtemp(prefix="lf-meta-corpus-"))  # empty: both sides' cards name the same input root
     for n in args.rows:
-        now = run_side(n, HERE, corpus)
+        now = run_side(n, HERE, corpus, args.resume)
         row = {"rows": n, "now": now}
         if args.before is not None and n <= args.before_max:
-            before = run_side(n, args.before.resolve(), corpus)
+            before = run_side(n, args.before.resolve(), corpus, args.resume)
             same = all(before[k] == now[k] for k in ("kept", "readmitted", "card", "tables"))
             row.update(before=before, same_output=same,
                        peak_ratio=round(before["peak_mb"] / max(1, now["peak_mb"]), 2),

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -200,7 +201,7 @@ def pool_cpus(cluster_cpus: float, local: bool) -> float:
     return min(cluster_cpus, os.cpu_count() or 1) if local else cluster_cpus
 
 
-def dedup(ds, cfg: CurationConfig, done: list[dict] = (), settled: bool = False) -> tuple[Callable, dict]:
+def dedup(ds, cfg: CurationConfig, done: pa.Table | list[dict] = (), settled: bool = False) -> tuple[Callable, dict]:
     """Exact and near duplicates across the whole corpus (needs every hash at once, so it runs here).
     Returns the marking as (function, keywords), for the first map after it to run on its batches.
 
@@ -213,10 +214,29 @@ def dedup(ds, cfg: CurationConfig, done: list[dict] = (), settled: bool = False)
 
     The hash columns come to the driver as Arrow tables (Ray Data's blocks), not as a dict per row.
     """
-    voters = [r for r in done if not (settled and r.get("duplicate_of"))]
-    table = pa.concat_tables([hash_columns(ds), hash_table([hashes_as_at_dedup(r, settled) for r in voters])],
-                             promote_options="permissive")
+    table = pa.concat_tables([hash_columns(ds), voters(mt.as_table(done), settled)], promote_options="permissive")
     return mark, {"marks": Marks.of(table, duplicates(table, cfg.dedup))}
+
+
+def voters(done: pa.Table, settled: bool = False) -> pa.Table:
+    """The hash columns of finished rows as dedup saw them: ok where a later stage filtered them, and with
+    `settled` (see dedup) marked SETTLED where they were representatives, their duplicates left out."""
+    if not done.num_rows:
+        return hash_table([]).select(HASH_COLUMNS + [SETTLED])
+    duplicate = pc.not_equal(mt.strings(done, "duplicate_of"), "")
+    if settled:  # a settled job's duplicates do not vote
+        done = done.filter(pc.invert(duplicate))
+        duplicate = pc.not_equal(mt.strings(done, "duplicate_of"), "")
+    later = pa.array(sorted({s.name for s in STAGES} | {"dedup"}), pa.string())
+    status = mt.strings(done, "status")
+    status = pc.if_else(pc.or_(pc.equal(status, "ok"), pc.is_in(mt.strings(done, "stage"), value_set=later)),
+                        "ok", status)
+    columns = {k: mt.strings(done, k) for k in HASH_COLUMNS if k != "score_resolution"}
+    score = (done["score_resolution"].cast(pa.float64()) if "score_resolution" in done.column_names
+             else pa.nulls(done.num_rows, pa.float64()))
+    marked = pc.and_(pc.equal(status, "ok"), pc.invert(duplicate)) if settled else pa.array(
+        np.zeros(done.num_rows, bool))
+    return pa.table({**columns, "status": status, "score_resolution": score, SETTLED: marked})
 
 
 def hash_columns(ds) -> pa.Table:
@@ -230,16 +250,7 @@ def hash_columns(ds) -> pa.Table:
     return pa.concat_tables(parts, promote_options="permissive")
 
 
-def hashes_as_at_dedup(row: dict, settled: bool = False) -> dict:
-    """A finished row's hash columns with the status it had when dedup ran (later stages may have filtered it);
-    with `settled`, marked SETTLED when it was a representative then (see dedup)."""
-    later = {s.name for s in STAGES} | {"dedup"}
-    status = "ok" if row["status"] == "ok" or row["stage"] in later else row["status"]
-    return {**{k: row.get(k) for k in HASH_COLUMNS}, "status": status,
-            SETTLED: settled and status == "ok" and not row.get("duplicate_of")}
-
-
-def build_pipeline(rows: list[dict], cfg: CurationConfig, shard_dir: Path | str, done: list[dict] = (),
+def build_pipeline(rows: list[dict], cfg: CurationConfig, shard_dir: Path | str, done: pa.Table | list[dict] = (),
                    seconds: dict[str, float] | None = None, writer_args: dict | None = None, settled: bool = False):
     """The dataset of finished rows, not yet executed: scan, dedup (`done`, `settled`: see dedup), then the
     stages. `seconds` gets the wall time of the scan and of the dedup pass. `writer_args` (write_shard_group's
@@ -283,7 +294,7 @@ def run_curation(cfg: CurationConfig, dataset_dir: Path | str, rows: list[dict] 
         log.warning("resuming: %d finished shard groups redone because their inputs changed since they were written "
                     "(an input removed, or a file or caption changed in place): %s", len(stale),
                     ", ".join(map(str, stale[:10])) + (" ..." if len(stale) > 10 else ""))
-    finished = [r for group, group_rows in sorted(done.items()) for r in group_rows]
+    finished = done.rows()
     pending = [r for r in rows if r["shard"] not in done]
     new = sorted({int(r["shard"]) for r in pending} - set(stale))
     if kept_groups and new:
@@ -312,7 +323,7 @@ def run_curation(cfg: CurationConfig, dataset_dir: Path | str, rows: list[dict] 
         return write_groups(ds, todo, shard_writer_args(cfg, shard_dir), stage_seconds=stage_seconds, by_rows=True)
 
     first_group = 1 + max(int(r["shard"]) for r in rows)  # readmission's groups come after the job's own
-    meta, readmitted = readmit(mt.concat([mt.from_rows(finished), meta], combine=False), cfg.dedup,
+    meta, readmitted = readmit(mt.concat([finished, meta], combine=False), cfg.dedup,
                                {s.name for s in STAGES}, first_group, cfg.samples_per_shard, readmitted_done,
                                curate_again, lambda g, group_rows: discard_group(shard_dir, g, group_rows))
     seconds["readmit"] = time.perf_counter() - start

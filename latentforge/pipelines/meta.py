@@ -18,8 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from latentforge.pipelines.stages.write_shards import HEAVY
-
+HEAVY = ("latent", "text_emb", "text_mask", "repa")  # in the tars only: never metadata
 # Few distinct values over a whole job: held as dictionaries.
 REPEATED = ("modality", "status", "stage", "reason", "decoder", "bucket", "caption_origin", "caption_error",
             "latent_encoder", "text_encoder", "repa_encoder", "latent_shape", "shard_name", "shard_sha256",

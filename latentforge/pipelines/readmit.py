@@ -26,6 +26,7 @@ from latentforge.datasets.columns import codes, first_of_each
 from latentforge.pipelines import meta as mt
 from latentforge.pipelines.duplicates import SETTLED, _exact_groups, _near_groups, preference_order
 from latentforge.pipelines.near_index import HashSet, agreeing_bands, width
+from latentforge.pipelines.resume import Done
 from latentforge.pipelines.stages.dedup import DedupConfig
 
 # What readmission_round reads of each row.
@@ -255,10 +256,16 @@ def readmit(meta: pa.Table | list[dict], cfg: DedupConfig, later_stages: set[str
     return (replace_rows(meta, mt.from_rows(changed.values())) if changed else meta), count
 
 
-def earlier_groups(done: dict[int, list[dict]]) -> dict[int, list[dict]]:
+def earlier_groups(done: Done | dict[int, list[dict]]) -> dict[int, list[dict]]:
     """Take an earlier run's readmission groups (their rows say READMITTED) out of `done` (done_groups), for
-    `readmit` to reuse or discard; what stays in `done` are the job's own groups."""
-    return {g: done.pop(g) for g in sorted(done) if any(r.get(READMITTED) for r in done[g])}
+    `readmit` to reuse or discard, as dicts (a few groups); what stays in `done` are the job's own groups."""
+    if not isinstance(done, Done):
+        return {g: done.pop(g) for g in sorted(done) if any(r.get(READMITTED) for r in done[g])}
+    if READMITTED not in done.table.column_names:
+        return {}
+    at, group = done.positions()
+    flag = pc.fill_null(done.table[READMITTED].cast(pa.bool_()).take(pa.array(at)), False)
+    return {g: done.pop(g).to_pylist() for g in sorted(set(group[_np(flag)].tolist()))}
 
 
 def _inputs(rows: list[dict]) -> list[tuple[str, str]]:

@@ -19,14 +19,20 @@ from __future__ import annotations
 import base64
 import json
 import re
+from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from latentforge.datasets import storage
 from latentforge.datasets.shards import partial_path
+from latentforge.pipelines import meta as mt
 
 DONE_DIR = "_done"
+MARKER = re.compile(r"group-\d+\.json")  # marker_name's names
 SHARD_TAR = re.compile(r"shard-\d{6,}-\d{2,}\.tar")  # write_shards.shard_name's names
 BYTES_TAG = "__b64__"
 
@@ -71,19 +77,80 @@ def write_marker(shard_dir: Path, group: int, rows: list[dict], config_hash: str
     tmp.replace(path)
 
 
-def done_groups(shard_dir: Path | str, config_hash: str, check: str = "size") -> dict[int, list[dict]]:
-    """Groups whose marker matches this config and whose tars are intact: group -> metadata rows.
+class Done(Mapping):
+    """Groups an earlier run finished (done_groups): group -> its metadata rows, each group a slice of one table
+    (meta.py). A rerun of a job of millions holds its finished rows as the job did, in columns, not as the
+    markers' dicts (~3.5 KB a row). Groups taken out (`pop`: stale ones, readmission's) leave `rows()`."""
+
+    def __init__(self, table: pa.Table | None = None, bounds: dict[int, tuple[int, int]] | None = None) -> None:
+        self.table = table if table is not None else pa.table({})
+        self.bounds = dict(sorted((bounds or {}).items()))  # group -> (first row, rows), by group number
+
+    @classmethod
+    def of(cls, groups: Mapping[int, pa.Table | list[dict]]) -> Done:
+        """From groups given as tables or dicts (markers read elsewhere, tests)."""
+        if isinstance(groups, Done):
+            return groups
+        collector, bounds, start = mt.Collector(), {}, 0
+        for g, rows in sorted(groups.items()):
+            table = mt.as_table(rows)
+            collector.add(table)
+            bounds[int(g)] = (start, table.num_rows)
+            start += table.num_rows
+        return cls(collector.table(), bounds)
+
+    def __getitem__(self, group: int) -> pa.Table:
+        start, n = self.bounds[group]
+        return self.table.slice(start, n)
+
+    def __iter__(self):
+        return iter(self.bounds)
+
+    def __len__(self) -> int:
+        return len(self.bounds)
+
+    def pop(self, group: int) -> pa.Table:
+        rows = self[group]
+        del self.bounds[group]
+        return rows
+
+    def positions(self) -> tuple[np.ndarray, np.ndarray]:
+        """The rows of the groups still here (positions in `table`, by group) and each one's group."""
+        if not self.bounds:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        starts, sizes = (np.array(v, np.int64) for v in zip(*self.bounds.values()))
+        groups = np.repeat(np.fromiter(self.bounds, np.int64, len(self.bounds)), sizes)
+        offsets = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        return np.repeat(starts, sizes) + offsets, groups
+
+    def rows(self) -> pa.Table:
+        """Every row of the groups still here, in group order: the table itself while no group was taken out,
+        else slices of it (no copy) while they are few (see meta.without), else a copy."""
+        at, _ = self.positions()
+        if not len(at):
+            return self.table.slice(0, 0)
+        breaks = np.flatnonzero(np.diff(at) != 1) + 1
+        starts, ends = np.append(0, breaks), np.append(breaks, len(at))
+        if len(starts) == 1 and len(at) == self.table.num_rows:
+            return self.table
+        if len(starts) > max(1, len(at) // mt.SLICE_ROWS):
+            return self.table.take(pa.array(at))
+        return pa.concat_tables([self.table.slice(int(at[a]), int(b - a)) for a, b in zip(starts, ends)])
+
+
+def done_groups(shard_dir: Path | str, config_hash: str, check: str = "size") -> Done:
+    """Groups whose marker matches this config and whose tars are intact: group -> metadata rows (`Done`).
 
     `check` (CurationConfig.resume_check): "size", each tar the size its marker recorded, from one listing of
     `shard_dir` (a tar cut short, or rewritten at another size, is not trusted; markers written before sizes
     were recorded are checked by sha256); "sha256", each tar read back and hashed, as it streams in when
-    `shard_dir` is a URI (s3://...): the whole dataset is read."""
-    out: dict[int, list[dict]] = {}
+    `shard_dir` is a URI (s3://...): the whole dataset is read. Each marker's rows go into columns as it is
+    read (meta.Collector), so the dicts of one marker at a time exist."""
+    collector, bounds, start = mt.Collector(), {}, 0
     infos = storage.file_infos(shard_dir)  # every file's size, in one listing
     for path in sorted(infos):
         name = path[len(DONE_DIR) + 1:]
-        if not (path.startswith(DONE_DIR + "/") and name.startswith("group-") and name.endswith(".json")
-                and "/" not in name):
+        if not (path.startswith(DONE_DIR + "/") and MARKER.fullmatch(name)):
             continue
         try:
             body = json.loads(storage.read_text(storage.join(shard_dir, path)))
@@ -99,36 +166,58 @@ def done_groups(shard_dir: Path | str, config_hash: str, check: str = "size") ->
             return storage.sha256(storage.join(shard_dir, tar)) == digest
 
         if body.get("config_hash") == config_hash and all(intact(s, h) for s, h in body["shards"].items()):
-            out[int(name[len("group-"):-len(".json")])] = [{k: _restore(v) for k, v in r.items()}
-                                                          for r in body["rows"]]
-    return out
+            table = mt.from_rows({k: _restore(v) for k, v in r.items()} for r in body["rows"])
+            collector.add(table)
+            bounds[int(name[len("group-"):-len(".json")])] = (start, table.num_rows)
+            start += table.num_rows
+    return Done(collector.table(), bounds)
 
 
-def input_ids(rows: list[dict]) -> set[str]:
+def input_ids(rows: pa.Table | list[dict]) -> set[str]:
     """The inputs `rows` came from: each row's `source_id` (a clip's input; the row's own id when unsplit).
     Kept, filtered and rejected rows alike: every input is accounted for by one of them."""
-    return {str(r.get("source_id") or r["id"]) for r in rows}
+    return set(_sources(mt.as_table(rows)).to_pylist())
 
 
-def stale_groups(done: dict[int, list[dict]], rows: list[dict]) -> list[int]:
+def _sources(table: pa.Table) -> pa.ChunkedArray:
+    """Each row's input: its source_id, or its id when it has none."""
+    source = mt.strings(table, "source_id")
+    return pc.if_else(pc.equal(source, ""), mt.strings(table, "id"), source)
+
+
+def stale_groups(done: Mapping[int, pa.Table | list[dict]], rows: list[dict]) -> list[int]:
     """The groups of `done` (done_groups) whose marker rows came from other inputs than the discovered `rows`
     now assign to the group (inputs added or removed since it was written), that no input is assigned to, or
     whose inputs or captions changed in place since (their `input_signature`, size and modification time,
-    differs; markers written before signatures were recorded are judged by their inputs' ids alone)."""
-    current: dict[int, set[str]] = {}
-    signatures = {str(r["id"]): r.get("input_signature") for r in rows}
-    for r in rows:
-        current.setdefault(int(r["shard"]), set()).add(str(r["id"]))
+    differs; markers written before signatures were recorded are judged by their inputs' ids alone).
+    In columns over all finished rows at once."""
+    done = Done.of(done)
+    at, group = done.positions()
+    if not len(at):
+        return []
+    table = done.table.take(pa.array(at)).select([c for c in ("id", "source_id", "input_signature")
+                                                  if c in done.table.column_names])
+    ids = pa.array([str(r["id"]) for r in rows], pa.string())
+    shard = np.array([int(r["shard"]) for r in rows], np.int64)
+    sources = _sources(table)
+    found = pc.index_in(sources, value_set=ids).fill_null(-1).to_numpy()
+    elsewhere = (found < 0) | (shard[np.maximum(found, 0)] != group)  # an input gone, or now another group's
+    if "input_signature" in table.column_names:
+        now = pa.array([r.get("input_signature") for r in rows], pa.string()).take(pa.array(np.maximum(found, 0)))
+        then = table["input_signature"].cast(pa.string())
+        changed = pc.and_(pc.is_valid(then), pc.invert(pc.fill_null(pc.equal(then, now), False)))
+        elsewhere |= changed.to_numpy(zero_copy_only=False)
+    stale = set(np.unique(group[elsewhere]).tolist())
+    # an input now assigned to a group whose marker does not hold it
+    held = pa.table({"group": group, "source": sources}).group_by("group").aggregate([("source", "count_distinct")])
+    holds = dict(zip(held["group"].to_pylist(), held["source_count_distinct"].to_pylist()))
+    assigned = Counter(shard.tolist())
+    stale |= {g for g in done if holds.get(g, 0) != assigned.get(g, 0)}
+    return sorted(stale)
 
-    def changed(group_rows: list[dict]) -> bool:
-        return any(r.get("input_signature") is not None
-                   and signatures.get(str(r.get("source_id") or r["id"])) != r["input_signature"] for r in group_rows)
 
-    return sorted(g for g, group_rows in done.items()
-                  if input_ids(group_rows) != current.get(int(g), set()) or changed(group_rows))
-
-
-def regroup(rows: list[dict], done: dict[int, list[dict]], taken: set[int], per_group: int) -> tuple[bool, list[int]]:
+def regroup(rows: list[dict], done: Mapping[int, pa.Table | list[dict]], taken: set[int],
+            per_group: int) -> tuple[bool, list[int]]:
     """Assign `rows` (discovered: sorted by path, groups by index) to shard groups given the finished groups
     `done` (the job's own, by done_groups) and `taken` (other group numbers an earlier run used: readmission's).
     Sorts `rows` by group, then path. Returns whether the finished groups kept their inputs, and the stale ones
@@ -140,13 +229,16 @@ def regroup(rows: list[dict], done: dict[int, list[dict]], taken: set[int], per_
     holds; the other inputs go, in path order, `per_group` at a time, to groups numbered from one past every
     number in `done` and `taken`.
     """
+    done = Done.of(done)
     kept = bool(stale_groups(done, rows)) or any(g <= int(rows[-1]["shard"]) for g in taken)
     if kept:
+        at, group = done.positions()  # by group: an input's first group is its first occurrence
+        sources = _sources(done.table.take(pa.array(at))).to_pylist() if len(at) else []
         present = {str(r["id"]) for r in rows}
         assigned: dict[str, int] = {}
-        for g in sorted(done):
-            for source in sorted(input_ids(done[g]) & present):
-                assigned.setdefault(source, int(g))
+        for source, g in zip(sources, group.tolist()):
+            if source in present:
+                assigned.setdefault(source, g)
         first = 1 + max([*map(int, done), *taken], default=-1)
         loose = [r for r in rows if str(r["id"]) not in assigned]
         for i, r in enumerate(loose):
@@ -157,12 +249,12 @@ def regroup(rows: list[dict], done: dict[int, list[dict]], taken: set[int], per_
     return kept, stale_groups(done, rows) if kept else []
 
 
-def discard_group(shard_dir: Path | str, group: int, rows: list[dict]) -> None:
+def discard_group(shard_dir: Path | str, group: int, rows: pa.Table | list[dict]) -> None:
     """Remove a stale group's done-marker, then the tars its marker `rows` name, so neither survives into the
     dataset when the group is redone (a redone group may write fewer parts, or none). The marker goes first:
     a crash in between leaves tars without a marker, which a rerun redoes anyway."""
     storage.remove(storage.join(shard_dir, DONE_DIR, marker_name(group)))
-    for name in sorted({str(r["shard_name"]) for r in rows if r.get("shard_name")}):
+    for name in sorted(set(mt.strings(mt.as_table(rows), "shard_name").to_pylist()) - {""}):
         storage.remove(storage.join(shard_dir, name))
 
 

@@ -139,3 +139,22 @@ def _fortran_npy(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.asfortranarray(array), allow_pickle=False)
     return buf.getvalue()
+
+
+def test_finished_rows_vote_in_dedup_as_they_stood_when_it_ran() -> None:
+    from latentforge.pipelines.curate import voters
+    from latentforge.pipelines.duplicates import SETTLED
+
+    rows = meta.from_rows([
+        {"id": "rep", "status": "ok", "stage": "", "duplicate_of": "", "score_resolution": 2.0},
+        {"id": "blurry", "status": "filtered", "stage": "filter_sharpness", "duplicate_of": "", "phash": "ab"},
+        {"id": "copy", "status": "filtered", "stage": "dedup", "duplicate_of": "rep"},
+        {"id": "broken", "status": "rejected", "stage": "probe", "duplicate_of": ""},
+    ])
+    plain = {r["id"]: (r["status"], r[SETTLED]) for r in voters(rows).to_pylist()}
+    assert plain == {"rep": ("ok", False), "blurry": ("ok", False), "copy": ("ok", False),
+                     "broken": ("rejected", False)}
+    settled = {r["id"]: (r["status"], r[SETTLED]) for r in voters(rows, settled=True).to_pylist()}
+    assert settled == {"rep": ("ok", True), "blurry": ("ok", True), "broken": ("rejected", False)}
+    assert voters(rows).to_pylist()[1]["phash"] == "ab" and voters(rows).to_pylist()[0]["score_resolution"] == 2.0
+    assert voters(meta.from_rows([])).num_rows == 0

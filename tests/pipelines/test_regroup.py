@@ -74,3 +74,21 @@ def test_sweep_removes_only_shard_tars_no_sample_names(tmp_path) -> None:
     assert sweep(tmp_path, {"shard-000000-00.tar"}) == ["shard-000001-00.tar", "shard-000001-01.tar"]
     left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
     assert left == ["_done/group-000001.json", "notes.tar", "shard-000000-00.tar", "shard-000002-00.tar.123-4.partial"]
+
+
+def test_finished_groups_are_slices_of_one_table_and_leave_it_when_taken_out(monkeypatch) -> None:
+    from latentforge.pipelines import meta
+    from latentforge.pipelines.resume import Done
+
+    done = Done.of({2: marker("c", shard=2), 0: marker("a", "b"), 5: marker("d", "e", shard=5)})
+    assert list(done) == [0, 2, 5] and len(done) == 3 and 2 in done and 1 not in done
+    assert done[5].column("id").to_pylist() == ["d", "e"] and done.rows() is done.table  # all there: no copy
+    taken = done.pop(2)
+    assert taken.column("id").to_pylist() == ["c"] and list(done) == [0, 5]
+    at, group = done.positions()
+    assert [done.table["id"][i].as_py() for i in at] == ["a", "b", "d", "e"] and group.tolist() == [0, 0, 5, 5]
+    assert done.rows().column("id").to_pylist() == ["a", "b", "d", "e"]  # a copy: 2 runs of 4 rows are too many
+    monkeypatch.setattr(meta, "SLICE_ROWS", 1)
+    assert done.rows().column("id").to_pylist() == ["a", "b", "d", "e"]  # slices [0, 2) and [3, 5) of the table
+    assert done.rows().column("id").num_chunks == 2
+    assert Done.of(done) is done and Done.of({}).rows().num_rows == 0 and Done().positions()[0].size == 0

@@ -15,10 +15,10 @@ import numpy as np
 
 from latentforge.datasets import storage
 from latentforge.datasets.shards import LatentShardWriter, load_npy, npy_bytes, sha256_file
+from latentforge.pipelines.meta import HEAVY
 from latentforge.pipelines.resume import marker_path, write_marker
 from latentforge.pipelines.stage import TIMING_COLUMN, num_rows, rows_of, with_timing
 
-HEAVY = ("latent", "text_emb", "text_mask", "repa")
 WRITTEN = "group_written"  # set by write_finished_groups: the row's group is in its tars, its heavy columns empty
 META_KEYS = ("id", "relpath", "modality", "width", "height", "num_frames", "fps", "duration_s", "sample_rate",
              "bucket")
