@@ -1,11 +1,12 @@
 """The job's metadata rows on the driver, as one Arrow table rather than one dict per row.
 
-Every sample's metadata (its source, probe, scores, captions, hashes, shard, status: ~45 columns, everything but
+Every sample's metadata (its source, probe, scores, captions, hashes, shard, status: ~49 columns, everything but
 the latents and embeddings that stay in the tars) streams to the driver, which checks that every input is
 accounted for, readmits duplicates of filtered representatives (readmit.py) and writes the manifest, the rejects
-table and the card. As a dict per row of numpy scalars that was ~1.8 KB a sample: 18 GB at ten million. Held
-here as Arrow columns, the columns that repeat (the encoders' descriptions, ~0.6 KB of JSON on every row;
-status, stage, bucket, shard) dictionary-encoded: bench/metadata.py measures both.
+table and the card; a rerun reads the finished groups' rows back from their markers (resume.Done). As one dict
+per row of numpy scalars that was ~3.5 KB a sample held (35 GB at ten million); as Arrow columns, with the
+columns that repeat (the encoders' descriptions, ~0.6 KB of JSON on every row; status, stage, bucket, shard)
+dictionary-encoded, ~1.15 KB (bench/metadata.py measures both).
 
 `Collector` gathers the rows as they come (Ray Data's numpy batches, or dicts) and compacts them every
 `COMPACT_ROWS` into one chunk, so per-piece overhead does not grow with the number of batches.

@@ -205,8 +205,8 @@ def readmit(meta: pa.Table | list[dict], cfg: DedupConfig, later_stages: set[str
     past every number in `done`, and the groups of `done` this job does not reuse are `discard`ed at the end.
 
     The rounds read a narrow view of `meta` (the columns readmission_round reads) and keep the rows they change
-    as dicts; the whole table is copied once, at the end, with those rows in place (a job's rows are millions,
-    the rows readmission changes a few).
+    as dicts, put in place at the end by slicing around the rows they replace (meta.without): a job's rows are
+    millions, the rows readmission changes a few, and the table is not copied for them.
     """
     by_inputs: dict[tuple, int] = {}
     for g, rows in sorted(done.items()):

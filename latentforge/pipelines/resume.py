@@ -13,6 +13,9 @@ number with the inputs it still has (`stale_groups`, `discard_group`), and input
 to new groups numbered after every earlier one. Adding files therefore writes new shards and leaves the
 finished ones byte for byte, so lineage that names them (training runs) still verifies. Groups whose rows say
 `readmitted` are readmission's (readmit.py), which judges them by their rows' inputs and signatures.
+
+A rerun reads every marker back: the finished rows go into one Arrow table as each marker is read (`Done`), and
+the checks above run over its columns, so a rerun of a job of millions holds them as the job did (meta.py).
 """
 from __future__ import annotations
 
@@ -145,8 +148,8 @@ def done_groups(shard_dir: Path | str, config_hash: str, check: str = "size") ->
     `shard_dir` (a tar cut short, or rewritten at another size, is not trusted; markers written before sizes
     were recorded are checked by sha256); "sha256", each tar read back and hashed, as it streams in when
     `shard_dir` is a URI (s3://...): the whole dataset is read. Each marker's rows go into columns as it is
-    read (meta.Collector), so the dicts of one marker at a time exist."""
-    collector, bounds, start = mt.Collector(), {}, 0
+    read (meta.Collector), a few thousand rows at a time, so the dicts of a few markers at a time exist."""
+    collector, bounds, start, loose = mt.Collector(), {}, 0, []
     infos = storage.file_infos(shard_dir)  # every file's size, in one listing
     for path in sorted(infos):
         name = path[len(DONE_DIR) + 1:]
@@ -166,11 +169,25 @@ def done_groups(shard_dir: Path | str, config_hash: str, check: str = "size") ->
             return storage.sha256(storage.join(shard_dir, tar)) == digest
 
         if body.get("config_hash") == config_hash and all(intact(s, h) for s, h in body["shards"].items()):
-            table = mt.from_rows({k: _restore(v) for k, v in r.items()} for r in body["rows"])
-            collector.add(table)
-            bounds[int(name[len("group-"):-len(".json")])] = (start, table.num_rows)
-            start += table.num_rows
+            loose += body["rows"]
+            bounds[int(name[len("group-"):-len(".json")])] = (start, len(body["rows"]))
+            start += len(body["rows"])
+            if len(loose) >= mt.COMPACT_ROWS:
+                collector.add(_marker_rows(loose))
+                loose = []
+    collector.add(_marker_rows(loose))
     return Done(collector.table(), bounds)
+
+
+def _marker_rows(rows: list[dict]) -> pa.Table:
+    """Markers' rows as read from their JSON, in columns: the columns whose values came tagged as bytes
+    (`_plain`) decoded, one column at a time (not every value of every row looked at)."""
+    columns = {k: [r.get(k) for r in rows] for k in dict.fromkeys(k for r in rows for k in r)}
+    for name, values in columns.items():
+        first = next((v for v in values if v is not None), None)
+        if isinstance(first, dict) and BYTES_TAG in first:
+            columns[name] = [_restore(v) for v in values]
+    return mt.from_columns(columns)
 
 
 def input_ids(rows: pa.Table | list[dict]) -> set[str]:
