@@ -109,6 +109,9 @@ class Done(Mapping):
     def __iter__(self):
         return iter(self.bounds)
 
+    def __contains__(self, group) -> bool:  # without slicing the table (Mapping's asks for the item)
+        return group in self.bounds
+
     def __len__(self) -> int:
         return len(self.bounds)
 
@@ -210,8 +213,10 @@ def stale_groups(done: Mapping[int, pa.Table | list[dict]], rows: list[dict]) ->
     In columns over all finished rows at once."""
     done = Done.of(done)
     at, group = done.positions()
-    if not len(at):
-        return []
+    if not rows:  # every group that holds an input is stale
+        return sorted(set(group.tolist()))
+    if not len(at):  # groups without rows: stale where an input is assigned to them
+        return sorted(g for g in done if g in {int(r["shard"]) for r in rows})
     table = done.table.take(pa.array(at)).select([c for c in ("id", "source_id", "input_signature")
                                                   if c in done.table.column_names])
     ids = pa.array([str(r["id"]) for r in rows], pa.string())

@@ -92,3 +92,13 @@ def test_finished_groups_are_slices_of_one_table_and_leave_it_when_taken_out(mon
     assert done.rows().column("id").to_pylist() == ["a", "b", "d", "e"]  # slices [0, 2) and [3, 5) of the table
     assert done.rows().column("id").num_chunks == 2
     assert Done.of(done) is done and Done.of({}).rows().num_rows == 0 and Done().positions()[0].size == 0
+
+
+def test_stale_groups_at_the_edges_agree_with_the_definition() -> None:
+    from latentforge.pipelines.resume import Done
+
+    done = {0: marker("a", "b"), 1: [], 2: marker("c", shard=2)}
+    assert stale_groups(done, []) == [0, 2]  # no inputs at all: every group that holds one
+    assert stale_groups({1: []}, discovered("a", "b", "c")) == [1]  # an empty group where inputs now go
+    assert stale_groups({7: []}, discovered("a")) == []
+    assert 0 in Done.of(done) and 3 not in Done.of(done)
