@@ -24,6 +24,9 @@ FORMAT_VERSION = 1
 #    pixels composited over white and 16-bit greys scaled (before: the stored colour, often black; clipped white);
 #    PyAV turns frames by the display rotation as decord does.
 OUTPUT_VERSION = 2
+# What build_card reads of the kept rows (the job hands it only these columns).
+COLUMNS = ("modality", "shard_name", "shard_sha256", "bucket", "latent_encoder", "text_encoder", "repa_encoder",
+           "lat_stats")
 
 
 def config_hash(cfg: CurationConfig) -> str:

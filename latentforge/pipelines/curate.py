@@ -12,17 +12,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from latentforge.datasets import manifest as mf
 from latentforge.datasets import storage
+from latentforge.pipelines.card import COLUMNS as CARD_COLUMNS
 from latentforge.pipelines.card import build_card, config_hash, dataset_id  # noqa: F401  (re-exported)
 from latentforge.pipelines import meta as mt
 from latentforge.pipelines.config import CurationConfig
 from latentforge.pipelines.discover import discover
-from latentforge.pipelines.duplicates import HASH_COLUMNS, SETTLED, Marks, duplicates, hash_table, mark
+from latentforge.pipelines.duplicates import HASH_COLUMNS, Marks, duplicates, hash_table, mark, voters
 from latentforge.pipelines.readmit import earlier_groups, readmit
 from latentforge.pipelines.resume import discard_group, done_groups, regroup, sweep
 from latentforge.pipelines.shard_writes import write_groups, writes_in_workers
@@ -214,29 +214,9 @@ def dedup(ds, cfg: CurationConfig, done: pa.Table | list[dict] = (), settled: bo
 
     The hash columns come to the driver as Arrow tables (Ray Data's blocks), not as a dict per row.
     """
-    table = pa.concat_tables([hash_columns(ds), voters(mt.as_table(done), settled)], promote_options="permissive")
+    table = pa.concat_tables([hash_columns(ds), voters(mt.as_table(done), {s.name for s in STAGES}, settled)],
+                             promote_options="permissive")
     return mark, {"marks": Marks.of(table, duplicates(table, cfg.dedup))}
-
-
-def voters(done: pa.Table, settled: bool = False) -> pa.Table:
-    """The hash columns of finished rows as dedup saw them: ok where a later stage filtered them, and with
-    `settled` (see dedup) marked SETTLED where they were representatives, their duplicates left out."""
-    if not done.num_rows:
-        return hash_table([]).select(HASH_COLUMNS + [SETTLED])
-    duplicate = pc.not_equal(mt.strings(done, "duplicate_of"), "")
-    if settled:  # a settled job's duplicates do not vote
-        done = done.filter(pc.invert(duplicate))
-        duplicate = pc.not_equal(mt.strings(done, "duplicate_of"), "")
-    later = pa.array(sorted({s.name for s in STAGES} | {"dedup"}), pa.string())
-    status = mt.strings(done, "status")
-    status = pc.if_else(pc.or_(pc.equal(status, "ok"), pc.is_in(mt.strings(done, "stage"), value_set=later)),
-                        "ok", status)
-    columns = {k: mt.strings(done, k) for k in HASH_COLUMNS if k != "score_resolution"}
-    score = (done["score_resolution"].cast(pa.float64()) if "score_resolution" in done.column_names
-             else pa.nulls(done.num_rows, pa.float64()))
-    marked = pc.and_(pc.equal(status, "ok"), pc.invert(duplicate)) if settled else pa.array(
-        np.zeros(done.num_rows, bool))
-    return pa.table({**columns, "status": status, "score_resolution": score, SETTLED: marked})
 
 
 def hash_columns(ds) -> pa.Table:
@@ -359,12 +339,13 @@ def write_dataset(meta: pa.Table | list[dict], rows: list[dict], cfg: CurationCo
     if len(strays):  # ... and nothing else: rows of inputs no longer under the root (a stale resume) are refused
         raise RuntimeError(f"curation holds rows of {len(strays)} inputs that are not inputs of this job, "
                            f"e.g. {sorted(strays.to_pylist())[:3]}")
-    if pc.count_distinct(mt.strings(meta, "id")).as_py() != meta.num_rows:
+    ids = mt.strings(meta, "id")
+    if pc.count_distinct(ids).as_py() != meta.num_rows:
         raise RuntimeError("curation produced duplicate sample ids")
     status = mt.strings(meta, "status")
     # In id order: float sums (latent statistics) then do not depend on the order Ray returned the rows in.
     # The tables are written a row group at a time and the card reads only its columns: no copy of every row.
-    order = pc.sort_indices(mt.strings(meta, "id"))
+    order = pc.sort_indices(ids)
     ok = pc.equal(status, "ok").take(order)
     kept_at, others_at = order.filter(ok).combine_chunks(), order.filter(pc.invert(ok)).combine_chunks()
     local = staging_dir(dataset_dir) if storage.is_remote(dataset_dir) else dataset_dir
@@ -385,22 +366,10 @@ def write_dataset(meta: pa.Table | list[dict], rows: list[dict], cfg: CurationCo
     )
 
 
-# What the card reads of the kept rows (card.build_card).
-CARD_COLUMNS = ("modality", "shard_name", "shard_sha256", "bucket", "latent_encoder", "text_encoder", "repa_encoder",
-                "lat_stats")
-
-
 def _as_kept(rows: pa.Table) -> pa.Table:
     """Kept rows as the manifest holds them: `shard` names the tar (the group number before), `latent_shape`
     a list of ints."""
-    return _set(_set(rows, "shard", mt.strings(rows, "shard_name")), "latent_shape", _shapes(rows))
-
-
-def _set(table: pa.Table, name: str, column) -> pa.Table:
-    """`table` with column `name` set to `column` (replaced, or appended)."""
-    if name in table.column_names:
-        return table.set_column(table.column_names.index(name), name, column)
-    return table.append_column(name, column)
+    return mt.with_column(mt.with_column(rows, "shard", mt.strings(rows, "shard_name")), "latent_shape", _shapes(rows))
 
 
 def _shapes(kept: pa.Table) -> pa.ChunkedArray:

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from latentforge.datasets.columns import codes, first_of_each, fixed_width, large_strings
+from latentforge.pipelines.meta import strings
 from latentforge.pipelines.near_index import HashSet
 from latentforge.pipelines.stages.dedup import DedupConfig
 
@@ -46,6 +47,28 @@ def hash_table(rows: list[dict]) -> pa.Table:
     out["score_resolution"] = pa.array([r.get("score_resolution") for r in rows], pa.float64())
     out[SETTLED] = pa.array([bool(r.get(SETTLED, False)) for r in rows], pa.bool_())
     return pa.table(out)
+
+
+def voters(done: pa.Table, later_stages: set[str], settled: bool = False) -> pa.Table:
+    """The hash columns of finished rows (metadata: pipelines/meta.py) as dedup saw them: ok where a stage in
+    `later_stages` (after dedup) or dedup filtered them, and with `settled` (curate.dedup) marked SETTLED where
+    they were representatives, their duplicates left out."""
+    if not done.num_rows:
+        return hash_table([]).select(HASH_COLUMNS + [SETTLED])
+    duplicate = pc.not_equal(strings(done, "duplicate_of"), "")
+    if settled:  # a settled job's duplicates do not vote
+        done = done.filter(pc.invert(duplicate))
+        duplicate = pc.not_equal(strings(done, "duplicate_of"), "")
+    later = pa.array(sorted(set(later_stages) | {"dedup"}), pa.string())
+    status = strings(done, "status")
+    status = pc.if_else(pc.or_(pc.equal(status, "ok"), pc.is_in(strings(done, "stage"), value_set=later)),
+                        "ok", status)
+    columns = {k: strings(done, k) for k in HASH_COLUMNS if k != "score_resolution"}
+    score = (done["score_resolution"].cast(pa.float64()) if "score_resolution" in done.column_names
+             else pa.nulls(done.num_rows, pa.float64()))
+    marked = pc.and_(pc.equal(status, "ok"), pc.invert(duplicate)) if settled else pa.array(
+        np.zeros(done.num_rows, bool))
+    return pa.table({**columns, "status": status, "score_resolution": score, SETTLED: marked})
 
 
 def preference_order(table: pa.Table) -> np.ndarray:

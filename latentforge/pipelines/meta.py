@@ -25,7 +25,7 @@ REPEATED = ("modality", "status", "stage", "reason", "decoder", "bucket", "capti
             "latent_encoder", "text_encoder", "repa_encoder", "latent_shape", "shard_name", "shard_sha256",
             "duplicate_of")
 COMPACT_ROWS = 1 << 13
-SLICE_ROWS = 256  # `without` slices around at most one row in this many, and copies the table beyond that
+SLICE_ROWS = 256  # `take` slices while its runs are at most one per this many rows, and copies beyond that
 
 
 def _array(values) -> pa.Array:
@@ -109,29 +109,42 @@ def strings(table: pa.Table, name: str) -> pa.ChunkedArray:
     return pc.fill_null(plain(column).cast(pa.string()), "")
 
 
+def with_column(table: pa.Table, name: str, column) -> pa.Table:
+    """`table` with column `name` set to `column` (replaced, or appended)."""
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, column)
+    return table.append_column(name, column)
+
+
 def counts(column: pa.ChunkedArray | pa.Array) -> dict:
     """How many times each value occurs, in order of first occurrence."""
     return {c["values"]: c["counts"] for c in pc.value_counts(column).to_pylist()}
 
 
 def without(table: pa.Table, ids: Iterable[str]) -> pa.Table:
-    """`table` less its rows whose id is in `ids`.
-
-    A few rows out of many (readmission's: a few thousand in millions) go by slicing around them, which shares
-    the table's buffers (a filter would copy every column: the driver's whole metadata once more); more than one
-    row in SLICE_ROWS, by a filter, so the slices' per-chunk overhead stays a fraction of a copy."""
+    """`table` less its rows whose id is in `ids` (by `take`: a few rows out of many, readmission's, leave
+    without a copy of the table)."""
     ids = pa.array(list(ids), pa.string())
     if not len(ids) or not table.num_rows:
         return table
-    mask = pc.is_in(strings(table, "id"), value_set=ids)
-    drop = np.flatnonzero(mask.to_numpy(zero_copy_only=False))
-    if not len(drop):
+    mask = pc.is_in(strings(table, "id"), value_set=ids).to_numpy(zero_copy_only=False)
+    return take(table, np.flatnonzero(~mask)) if mask.any() else table
+
+
+def take(table: pa.Table, at: np.ndarray) -> pa.Table:
+    """The rows of `table` at the ascending positions `at`: the table itself when they are all of it, else
+    slices of it (sharing its buffers: no copy of the driver's whole metadata) while the runs of consecutive
+    positions are at most one per SLICE_ROWS rows, else a copy (where the slices' per-chunk overhead would
+    approach one)."""
+    if not len(at):
+        return table.slice(0, 0)
+    breaks = np.flatnonzero(np.diff(at) != 1) + 1
+    starts, ends = np.append(0, breaks), np.append(breaks, len(at))
+    if len(starts) == 1 and len(at) == table.num_rows:
         return table
-    if len(drop) > table.num_rows // SLICE_ROWS:
-        return table.filter(pc.invert(mask))
-    starts, ends = np.append(0, drop + 1), np.append(drop, table.num_rows)
-    return pa.concat_tables([table.slice(a, b - a) for a, b in zip(starts.tolist(), ends.tolist()) if b > a]
-                            or [table.slice(0, 0)])
+    if len(starts) > max(1, len(at) // SLICE_ROWS):
+        return table.take(pa.array(at))
+    return pa.concat_tables([table.slice(int(at[a]), int(b - a)) for a, b in zip(starts.tolist(), ends.tolist())])
 
 
 class Collector:

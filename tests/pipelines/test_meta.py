@@ -113,7 +113,7 @@ def test_a_table_conforms_to_the_manifest_schema() -> None:
 
 
 def test_a_few_rows_leave_by_slices_that_share_the_buffers_and_many_by_a_filter(monkeypatch) -> None:
-    monkeypatch.setattr(meta, "SLICE_ROWS", 16)  # slices for up to 37 of 600 rows
+    monkeypatch.setattr(meta, "SLICE_ROWS", 16)  # slices while there are at most ~37 runs of rows left
     table = meta.from_rows([{"id": f"r{i:03d}", "stage": ("", "dedup")[i % 2], "n": i} for i in range(600)])
     few = meta.without(table, ["r000", "r007", "r008", "r599", "absent"])
     assert [r["n"] for r in few.to_pylist()] == [i for i in range(600) if i not in (0, 7, 8, 599)]
@@ -142,8 +142,7 @@ def _fortran_npy(array: np.ndarray) -> bytes:
 
 
 def test_finished_rows_vote_in_dedup_as_they_stood_when_it_ran() -> None:
-    from latentforge.pipelines.curate import voters
-    from latentforge.pipelines.duplicates import SETTLED
+    from latentforge.pipelines.duplicates import SETTLED, voters
 
     rows = meta.from_rows([
         {"id": "rep", "status": "ok", "stage": "", "duplicate_of": "", "score_resolution": 2.0},
@@ -151,10 +150,12 @@ def test_finished_rows_vote_in_dedup_as_they_stood_when_it_ran() -> None:
         {"id": "copy", "status": "filtered", "stage": "dedup", "duplicate_of": "rep"},
         {"id": "broken", "status": "rejected", "stage": "probe", "duplicate_of": ""},
     ])
-    plain = {r["id"]: (r["status"], r[SETTLED]) for r in voters(rows).to_pylist()}
+    later = {"filter_sharpness", "caption_select"}
+    plain = {r["id"]: (r["status"], r[SETTLED]) for r in voters(rows, later).to_pylist()}
     assert plain == {"rep": ("ok", False), "blurry": ("ok", False), "copy": ("ok", False),
                      "broken": ("rejected", False)}
-    settled = {r["id"]: (r["status"], r[SETTLED]) for r in voters(rows, settled=True).to_pylist()}
+    settled = {r["id"]: (r["status"], r[SETTLED]) for r in voters(rows, later, settled=True).to_pylist()}
     assert settled == {"rep": ("ok", True), "blurry": ("ok", True), "broken": ("rejected", False)}
-    assert voters(rows).to_pylist()[1]["phash"] == "ab" and voters(rows).to_pylist()[0]["score_resolution"] == 2.0
-    assert voters(meta.from_rows([])).num_rows == 0
+    assert voters(rows, later).to_pylist()[1]["phash"] == "ab"
+    assert voters(rows, later).to_pylist()[0]["score_resolution"] == 2.0
+    assert voters(meta.from_rows([]), later).num_rows == 0
