@@ -186,7 +186,8 @@ def resume_tail(n: int, out: Path, corpus: Path) -> dict:
     t0 = time.perf_counter()
     done = done_groups(shard_dir, curate.config_hash(cfg))
     readmitted_done = earlier_groups(done)
-    kept, stale = regroup(inputs, done, set(readmitted_done), GROUP)
+    assigned = regroup(inputs, done, set(readmitted_done), GROUP)
+    kept, stale = assigned[-2:]  # the rows come first since they are a table (before: sorted in place)
     finished = done.rows() if hasattr(done, "rows") else [r for g, rows in sorted(done.items()) for r in rows]
     t1 = time.perf_counter()
     held = rss_mb() - base

@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
@@ -15,6 +16,9 @@ from latentforge.orchestration.config import LatentforgeConfig
 from latentforge.orchestration.tracking import Tracker, artifact_root, resolve_tracking_uri
 from latentforge.pipelines.config import CurationConfig
 from latentforge.training.config import PlanConfig
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 console = Console(stderr=True)
 STATE_DIR = "state"  # completion markers of curation and stages: what a rerun may skip
@@ -85,18 +89,18 @@ def curation_done(cfg: LatentforgeConfig, digest: str | None = None) -> dict | N
     return marker
 
 
-def current_inputs(cur: CurationConfig) -> tuple[list[dict], str | None]:
-    """The inputs under `cur.input_dir` now (discover's rows) and their discover.inputs_digest; ([], None) when
-    there are none to list. The job is handed these rows: one listing serves both the digest and the job (a
+def current_inputs(cur: CurationConfig) -> tuple[pa.Table | None, str | None]:
+    """The inputs under `cur.input_dir` now (discover_table's rows) and their discover.inputs_digest; (None, None)
+    when there are none to list. The job is handed these rows: one listing serves both the digest and the job (a
     second one costs a minute or more at millions of objects on s3), and the digest recorded is of the inputs
     the job curated, even when files arrive meanwhile."""
-    from latentforge.pipelines.discover import discover, inputs_digest
+    from latentforge.pipelines.discover import discover_table, inputs_digest
 
     try:
-        rows = discover(cur.input_dir, cur.samples_per_shard)
+        rows = discover_table(cur.input_dir, cur.samples_per_shard)
     except FileNotFoundError:
-        return [], None
-    return rows, (inputs_digest(rows) if rows else None)
+        return None, None
+    return (rows, inputs_digest(rows)) if rows.num_rows else (None, None)
 
 
 def curation_match(cur: CurationConfig, digest: str | None) -> dict[str, str]:
@@ -138,7 +142,7 @@ def curate(cfg: LatentforgeConfig, tracker: Tracker, parent_id: str | None, summ
     summary.curation_run_id = run_id
     tracker.log_params(run_id, json.loads(cur.model_dump_json()))
     try:
-        result = run_curation(cur, cur.output_dir, rows=rows or None)
+        result = run_curation(cur, cur.output_dir, rows=rows)
     except BaseException:
         tracker.end_run(run_id, "FAILED")
         raise

@@ -7,11 +7,11 @@ import json
 import logging
 import os
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -21,7 +21,7 @@ from latentforge.pipelines.card import COLUMNS as CARD_COLUMNS
 from latentforge.pipelines.card import build_card, config_hash, dataset_id  # noqa: F401  (re-exported)
 from latentforge.pipelines import meta as mt
 from latentforge.pipelines.config import CurationConfig
-from latentforge.pipelines.discover import discover
+from latentforge.pipelines.discover import as_inputs, discover_table, group_sizes
 from latentforge.pipelines.duplicates import HASH_COLUMNS, Marks, duplicates, hash_table, mark, voters
 from latentforge.pipelines.readmit import earlier_groups, readmit
 from latentforge.pipelines.resume import discard_group, done_groups, regroup, sweep
@@ -120,15 +120,16 @@ def stage_graph(cfg: CurationConfig, cluster_cpus: float | None = None) -> list[
             + rows(segments(active_stages(STAGES, cfg), cfg, cluster_cpus)))
 
 
-def scan(rows: list[dict], cfg: CurationConfig, whole_groups: bool = False):
+def scan(rows: pa.Table | list[dict], cfg: CurationConfig, whole_groups: bool = False):
     """Probe, basic filters, clip splitting and content hashes, materialised for the global dedup pass
     (`whole_groups`: every block holds whole shard groups, see input_dataset)."""
     return map_stages(input_dataset(rows, cfg, whole_groups), SCAN_STAGES, cfg, storage.ray_remote_args(cfg.input_dir),
                       rows=len(rows)).materialize()
 
 
-def input_dataset(rows: list[dict], cfg: CurationConfig, whole_groups: bool = False):
-    """The discovered rows as a Ray Dataset of one block per task of the scan's first map.
+def input_dataset(rows: pa.Table | list[dict], cfg: CurationConfig, whole_groups: bool = False):
+    """The discovered rows (discover_table's) as a Ray Dataset of one block per task of the scan's first map,
+    each a slice of the table (from_items would make a dict of every row first).
 
     Ray Data bundles blocks into a task until they hold its batch, and every block is an object the driver puts
     and the executor and its stats actor track: blocks of 8 rows cost the driver 5.8 s for 23,056 inputs
@@ -140,17 +141,19 @@ def input_dataset(rows: list[dict], cfg: CurationConfig, whole_groups: bool = Fa
     too: what lets the last stage map write the shards itself (write_finished_groups)."""
     import ray.data
 
-    per_block = plan(SCAN_STAGES, cfg, len(rows))[0][0].resources.batch_size
+    table = as_inputs(rows)
+    n = table.num_rows
+    per_block = plan(SCAN_STAGES, cfg, n)[0][0].resources.batch_size
     if not whole_groups:
-        return ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // per_block))
-    import pyarrow as pa
-
-    table = pa.Table.from_pylist(rows)  # one schema for all blocks (from_items infers one per block)
-    starts = [0]
-    for i in range(1, len(rows)):
-        if rows[i]["shard"] != rows[i - 1]["shard"] and i - starts[-1] >= per_block:
-            starts.append(i)
-    return ray.data.from_arrow([table.slice(a, b - a) for a, b in zip(starts, starts[1:] + [len(rows)])])
+        blocks = max(1, n // per_block)
+        starts = [n * b // blocks for b in range(blocks)]  # as even as from_items(override_num_blocks) makes them
+    else:
+        starts = [0]
+        shard = table["shard"].to_numpy()
+        for i in (np.flatnonzero(shard[1:] != shard[:-1]) + 1).tolist():  # where a group begins
+            if i - starts[-1] >= per_block:
+                starts.append(i)
+    return ray.data.from_arrow([table.slice(a, b - a) for a, b in zip(starts, starts[1:] + [n])])
 
 
 def plan(stages: tuple[type[Stage], ...], cfg: CurationConfig, rows: int | None = None) -> tuple[list[Segment], float]:
@@ -230,8 +233,9 @@ def hash_columns(ds) -> pa.Table:
     return pa.concat_tables(parts, promote_options="permissive")
 
 
-def build_pipeline(rows: list[dict], cfg: CurationConfig, shard_dir: Path | str, done: pa.Table | list[dict] = (),
-                   seconds: dict[str, float] | None = None, writer_args: dict | None = None, settled: bool = False):
+def build_pipeline(rows: pa.Table | list[dict], cfg: CurationConfig, shard_dir: Path | str,
+                   done: pa.Table | list[dict] = (), seconds: dict[str, float] | None = None,
+                   writer_args: dict | None = None, settled: bool = False):
     """The dataset of finished rows, not yet executed: scan, dedup (`done`, `settled`: see dedup), then the
     stages. `seconds` gets the wall time of the scan and of the dedup pass. `writer_args` (write_shard_group's
     keywords): the last map writes the groups it holds whole (write_finished_groups), whose rows then come
@@ -242,7 +246,7 @@ def build_pipeline(rows: list[dict], cfg: CurationConfig, shard_dir: Path | str,
     seconds["scan"] = time.perf_counter() - start
     marking = dedup(ds, cfg, done, settled)
     seconds["dedup"] = time.perf_counter() - start - seconds["scan"]
-    writer = (write_finished_groups, {"group_inputs": dict(Counter(int(r["shard"]) for r in rows)),
+    writer = (write_finished_groups, {"group_inputs": dict(group_sizes(rows)),
                                       **writer_args}) if writer_args is not None else None
     return map_stages(ds, active_stages(STAGES, cfg), cfg, storage.ray_remote_args(cfg.input_dir, shard_dir), marking,
                       rows=ds.count(), postlude=writer)
@@ -252,21 +256,22 @@ def shard_writer_args(cfg: CurationConfig, shard_dir: Path | str) -> dict:
     return {"shard_dir": str(shard_dir), "max_bytes": int(cfg.max_shard_mb * 2**20), "config_hash": config_hash(cfg)}
 
 
-def run_curation(cfg: CurationConfig, dataset_dir: Path | str, rows: list[dict] | None = None) -> CurationResult:
+def run_curation(cfg: CurationConfig, dataset_dir: Path | str, rows: pa.Table | list[dict] | None = None
+                 ) -> CurationResult:
     """Run the job on the connected Ray cluster and write the dataset to `dataset_dir` (a directory or a URI;
-    `cfg.input_dir` may be a URI too). `rows`: the inputs as `discover` listed them for this config, when the
-    caller already has them (else they are listed here)."""
+    `cfg.input_dir` may be a URI too). `rows`: the inputs as `discover_table` listed them for this config, when
+    the caller already has them (else they are listed here)."""
     dataset_dir = storage.as_location(dataset_dir)
     shard_dir = storage.join(dataset_dir, mf.SHARDS)
     if not storage.is_remote(shard_dir):
         shard_dir.mkdir(parents=True, exist_ok=True)
-    rows = discover(cfg.input_dir, cfg.samples_per_shard) if rows is None else rows
-    if not rows:
+    rows = discover_table(cfg.input_dir, cfg.samples_per_shard) if rows is None else as_inputs(rows)
+    if not rows.num_rows:
         raise ValueError(f"no input files under {cfg.input_dir}")
     done = done_groups(shard_dir, config_hash(cfg), cfg.resume_check)  # resume: groups an earlier run finished
     readmitted_done = earlier_groups(done)  # readmission's groups (readmit.py)
     # ... unless their inputs changed since (removed, or changed in place): stale
-    kept_groups, stale = regroup(rows, done, set(readmitted_done), cfg.samples_per_shard)
+    rows, kept_groups, stale = regroup(rows, done, set(readmitted_done), cfg.samples_per_shard)
     for group in stale:
         discard_group(shard_dir, group, done.pop(group))
     log = logging.getLogger(__name__)
@@ -275,20 +280,20 @@ def run_curation(cfg: CurationConfig, dataset_dir: Path | str, rows: list[dict] 
                     "(an input removed, or a file or caption changed in place): %s", len(stale),
                     ", ".join(map(str, stale[:10])) + (" ..." if len(stale) > 10 else ""))
     finished = done.rows()
-    pending = [r for r in rows if r["shard"] not in done]
-    new = sorted({int(r["shard"]) for r in pending} - set(stale))
+    pending = rows.filter(pc.invert(pc.is_in(rows["shard"], value_set=pa.array(list(done), pa.int64()))))
+    new = sorted(set(pc.unique(pending["shard"]).to_pylist()) - set(stale))
     if kept_groups and new:
         log.warning("resuming: inputs were added or removed since the finished shard groups were written; those keep "
                     "their inputs, and %d inputs no finished group holds go to shard groups %d-%d",
-                    sum(r["shard"] in new for r in pending), new[0], new[-1])
+                    pc.sum(pc.is_in(pending["shard"], value_set=pa.array(new, pa.int64()))).as_py(), new[0], new[-1])
     if done:
         log.warning("resuming: %d of %d shard groups already done, %d inputs to go",
-                    len(done), len({r["shard"] for r in rows}), len(pending))
+                    len(done), pc.count_distinct(rows["shard"]).as_py(), pending.num_rows)
     seconds: dict[str, float] = {}
     stage_seconds: dict[str, list[float]] = {}
     written: dict[str, int] = {}
     meta = mt.from_rows([])
-    if pending:
+    if pending.num_rows:
         writer_args = shard_writer_args(cfg, shard_dir)
         ds = build_pipeline(pending, cfg, shard_dir, finished, seconds,
                             writer_args if writes_in_workers(cfg, shard_dir) else None, settled=kept_groups)
@@ -302,7 +307,7 @@ def run_curation(cfg: CurationConfig, dataset_dir: Path | str, rows: list[dict] 
                         storage.ray_remote_args(cfg.input_dir, shard_dir), rows=len(todo))
         return write_groups(ds, todo, shard_writer_args(cfg, shard_dir), stage_seconds=stage_seconds, by_rows=True)
 
-    first_group = 1 + max(int(r["shard"]) for r in rows)  # readmission's groups come after the job's own
+    first_group = 1 + pc.max(rows["shard"]).as_py()  # readmission's groups come after the job's own
     meta, readmitted = readmit(mt.concat([finished, meta], combine=False), cfg.dedup,
                                {s.name for s in STAGES}, first_group, cfg.samples_per_shard, readmitted_done,
                                curate_again, lambda g, group_rows: discard_group(shard_dir, g, group_rows))
@@ -325,12 +330,12 @@ def run_curation(cfg: CurationConfig, dataset_dir: Path | str, rows: list[dict] 
     return result
 
 
-def write_dataset(meta: pa.Table | list[dict], rows: list[dict], cfg: CurationConfig,
+def write_dataset(meta: pa.Table | list[dict], rows: pa.Table | list[dict], cfg: CurationConfig,
                   dataset_dir: Path | str) -> CurationResult:
     """The manifest (kept rows, by id), the rejects table and the card from the job's metadata rows (meta.py),
     once every input is accounted for."""
     meta = mt.as_table(meta)
-    inputs = pa.array([str(r["id"]) for r in rows], pa.string())
+    inputs = as_inputs(rows)["id"].cast(pa.string()).combine_chunks()
     sources = pc.unique(mt.strings(meta, "source_id"))
     lost = inputs.filter(pc.invert(pc.is_in(inputs, value_set=sources)))
     if len(lost):  # every input must come out as manifest or rejects rows (one per clip when split)

@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 from latentforge.datasets import storage
 from latentforge.datasets.shards import partial_path
 from latentforge.pipelines import meta as mt
+from latentforge.pipelines.discover import as_inputs
 
 DONE_DIR = "_done"
 MARKER = re.compile(r"group-\d+\.json")  # marker_name's names
@@ -196,27 +197,27 @@ def _sources(table: pa.Table) -> pa.ChunkedArray:
     return pc.if_else(pc.equal(source, ""), mt.strings(table, "id"), source)
 
 
-def stale_groups(done: Mapping[int, pa.Table | list[dict]], rows: list[dict]) -> list[int]:
+def stale_groups(done: Mapping[int, pa.Table | list[dict]], rows: pa.Table | list[dict]) -> list[int]:
     """The groups of `done` (done_groups) whose marker rows came from other inputs than the discovered `rows`
     now assign to the group (inputs added or removed since it was written), that no input is assigned to, or
     whose inputs or captions changed in place since (their `input_signature`, size and modification time,
     differs; markers written before signatures were recorded are judged by their inputs' ids alone).
-    In columns over all finished rows at once."""
-    done = Done.of(done)
+    In columns over all finished rows and all inputs at once."""
+    done, rows = Done.of(done), as_inputs(rows)
     at, group = done.positions()
-    if not rows:  # every group that holds an input is stale
+    if not rows.num_rows:  # every group that holds an input is stale
         return sorted(set(group.tolist()))
+    shard = rows["shard"].to_numpy()
     if not len(at):  # groups without rows: stale where an input is assigned to them
-        return sorted(g for g in done if g in {int(r["shard"]) for r in rows})
+        return sorted(set(done) & set(np.unique(shard).tolist()))
     table = done.table.take(pa.array(at)).select([c for c in ("id", "source_id", "input_signature")
                                                   if c in done.table.column_names])
-    ids = pa.array([str(r["id"]) for r in rows], pa.string())
-    shard = np.array([int(r["shard"]) for r in rows], np.int64)
     sources = _sources(table)
-    found = pc.index_in(sources, value_set=ids).fill_null(-1).to_numpy()
+    found = pc.index_in(sources, value_set=rows["id"].cast(pa.string())).fill_null(-1).to_numpy()
     elsewhere = (found < 0) | (shard[np.maximum(found, 0)] != group)  # an input gone, or now another group's
     if "input_signature" in table.column_names:
-        now = pa.array([r.get("input_signature") for r in rows], pa.string()).take(pa.array(np.maximum(found, 0)))
+        now = (rows["input_signature"].cast(pa.string()) if "input_signature" in rows.column_names
+               else pa.nulls(rows.num_rows, pa.string())).take(pa.array(np.maximum(found, 0)))
         then = table["input_signature"].cast(pa.string())
         changed = pc.and_(pc.is_valid(then), pc.invert(pc.fill_null(pc.equal(then, now), False)))
         elsewhere |= changed.to_numpy(zero_copy_only=False)
@@ -224,42 +225,40 @@ def stale_groups(done: Mapping[int, pa.Table | list[dict]], rows: list[dict]) ->
     # an input now assigned to a group whose marker does not hold it
     held = pa.table({"group": group, "source": sources}).group_by("group").aggregate([("source", "count_distinct")])
     holds = dict(zip(held["group"].to_pylist(), held["source_count_distinct"].to_pylist()))
-    assigned = Counter(shard.tolist())
+    assigned = Counter(dict(zip(*np.unique(shard, return_counts=True))))
     stale |= {g for g in done if holds.get(g, 0) != assigned.get(g, 0)}
     return sorted(stale)
 
 
-def regroup(rows: list[dict], done: Mapping[int, pa.Table | list[dict]], taken: set[int],
-            per_group: int) -> tuple[bool, list[int]]:
+def regroup(rows: pa.Table | list[dict], done: Mapping[int, pa.Table | list[dict]], taken: set[int],
+            per_group: int) -> tuple[pa.Table, bool, list[int]]:
     """Assign `rows` (discovered: sorted by path, groups by index) to shard groups given the finished groups
     `done` (the job's own, by done_groups) and `taken` (other group numbers an earlier run used: readmission's).
-    Sorts `rows` by group, then path. Returns whether the finished groups kept their inputs, and the stale ones
-    (stale_groups, on the assignment made): none when discovery's assignment stands (it agrees with every
-    finished group, and no number in `taken` is one of its groups).
+    Returns the rows with their groups (`shard`), sorted by group, then path; whether the finished groups kept
+    their inputs; and the stale ones (stale_groups, on the assignment made): none when discovery's assignment
+    stands (it agrees with every finished group, and no number in `taken` is one of its groups).
 
     Kept: an input a finished group holds stays in that group (the first such group, by number); a finished group
     that lost an input or holds a changed one is then stale and redone under its number with what it still
     holds; the other inputs go, in path order, `per_group` at a time, to groups numbered from one past every
     number in `done` and `taken`.
     """
-    done = Done.of(done)
-    kept = bool(stale_groups(done, rows)) or any(g <= int(rows[-1]["shard"]) for g in taken)
+    done, rows = Done.of(done), as_inputs(rows)
+    if not rows.num_rows:
+        return rows, False, []
+    shard = rows["shard"].to_numpy()
+    kept = bool(stale_groups(done, rows)) or any(g <= int(shard.max()) for g in taken)
     if kept:
         at, group = done.positions()  # by group: an input's first group is its first occurrence
-        sources = _sources(done.table.take(pa.array(at))).to_pylist() if len(at) else []
-        present = {str(r["id"]) for r in rows}
-        assigned: dict[str, int] = {}
-        for source, g in zip(sources, group.tolist()):
-            if source in present:
-                assigned.setdefault(source, g)
+        sources = _sources(done.table.take(pa.array(at))) if len(at) else pa.array([], pa.string())
+        found = pc.index_in(rows["id"].cast(pa.string()), value_set=sources).fill_null(-1).to_numpy()
+        held = found >= 0
         first = 1 + max([*map(int, done), *taken], default=-1)
-        loose = [r for r in rows if str(r["id"]) not in assigned]
-        for i, r in enumerate(loose):
-            r["shard"] = first + i // per_group
-        for r in rows:
-            r["shard"] = assigned.get(str(r["id"]), r["shard"])
-    rows.sort(key=lambda r: (int(r["shard"]), r["relpath"]))
-    return kept, stale_groups(done, rows) if kept else []
+        shard = np.where(held, group[np.maximum(found, 0)] if len(group) else 0, 0).astype(np.int64)
+        shard[~held] = first + np.arange(int((~held).sum())) // per_group  # in path order
+        rows = rows.set_column(rows.column_names.index("shard"), "shard", pa.array(shard))
+    rows = rows.take(pc.sort_indices(rows, [("shard", "ascending"), ("relpath", "ascending")]))
+    return rows, kept, stale_groups(done, rows) if kept else []
 
 
 def discard_group(shard_dir: Path | str, group: int, rows: pa.Table | list[dict]) -> None:

@@ -16,6 +16,7 @@ import pyarrow as pa
 from latentforge.datasets import storage
 from latentforge.pipelines import meta as mt
 from latentforge.pipelines.config import CurationConfig
+from latentforge.pipelines.discover import group_sizes
 from latentforge.pipelines.stage import TIMING_COLUMN, add_timing, batch_of, num_rows
 from latentforge.pipelines.stages.write_shards import WRITTEN, write_shard_group
 
@@ -30,7 +31,7 @@ def writes_in_workers(cfg: CurationConfig, shard_dir: Path | str) -> bool:
     return storage.is_remote(shard_dir)
 
 
-def write_groups(ds, rows: list[dict], writer_args: dict, in_flight: int = 2,
+def write_groups(ds, rows: pa.Table | list[dict], writer_args: dict, in_flight: int = 2,
                  seconds: dict[str, float] | None = None, stage_seconds: dict[str, list[float]] | None = None,
                  written: dict[str, int] | None = None, by_rows: bool = False) -> pa.Table:
     """Stream the pipeline's rows and write each shard group as soon as all its rows are in; returns the
@@ -54,7 +55,7 @@ def write_groups(ds, rows: list[dict], writer_args: dict, in_flight: int = 2,
     """
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-    inputs = Counter(int(r["shard"]) for r in rows)  # inputs per group
+    inputs = group_sizes(rows)  # inputs per group
     pending: dict[int, list[dict]] = {}
     rows_left: dict[int, dict[str, int]] = {}  # group -> source id -> rows still to come
     finished: Counter = Counter()  # group -> inputs whose rows are all in

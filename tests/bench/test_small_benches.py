@@ -1,6 +1,7 @@
 """Benches that run in seconds at a small size, each checking its sides agree: bench/dedup.py (the dedup pass in
 columns, one dict per row, and the first Python index), bench/plan_memory.py (a selection as columns vs
-objects) and bench/metadata.py (the job's metadata rows on the driver)."""
+objects), bench/metadata.py (the job's metadata rows on the driver) and bench/discover.py (the inputs listed on
+the driver)."""
 from __future__ import annotations
 
 import json
@@ -44,3 +45,17 @@ def test_a_small_metadata_tail_is_measured_and_both_sides_write_the_same_dataset
         r = row[side]
         assert r["kept"] > 1500 and r["readmitted"] > 0 and r["peak_mb"] >= r["held_mb"] >= 0
         assert r["collect_s"] >= 0 and r["write_s"] >= 0
+
+
+def test_a_small_listing_is_measured_and_both_sides_agree(tmp_path):
+    """bench/discover.py on a tree of 3,000 files, this checkout as its own 'before': each side in its own
+    process, their inputs, groups and digest compared."""
+    here = BENCHES.parent
+    out = subprocess.run([sys.executable, str(BENCHES / "discover.py"), "--inputs", "3000", "--per-dir", "500",
+                          "--tree", str(tmp_path), "--before", str(here)],
+                         capture_output=True, text=True, timeout=300, check=True).stdout  # exits 1 on disagreement
+    row = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+    assert row["now"]["inputs"] == row["before"]["inputs"] == 3000 and "same inputs, groups and digest: True" in out
+    assert row["now"]["digest"] == row["before"]["digest"] and len(row["now"]["digest"]) == 16
+    assert all(row["now"][k] >= 0 for k in ("list_s", "digest_s", "regroup_s", "table_s", "held_mb"))
+    assert len(list(tmp_path.rglob("*.txt"))) == 1500  # every other input has its caption

@@ -1,8 +1,11 @@
 """Inputs a real corpus holds beside the demo corpus's PNG / H.264 / WAV, through the Ray Data job: MP3, AAC in M4A,
 Opus (in Ogg and in a WebM holding only sound) and AIFF audio at 44.1 / 48 kHz, a PNG with transparency, a 16-bit
 grey PNG, and a phone's portrait video (landscape frames stored with a display rotation). Each is kept with the
-latents its decoders give outside the job, and an M4A cut short is rejected with its reason."""
+latents its decoders give outside the job; an M4A cut short, and a file whose name is not UTF-8 (Latin-1), are
+rejected with their reasons."""
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -56,17 +59,20 @@ def test_common_formats_are_curated_as_their_decoders_read_them(tmp_path, ray_lo
     Image.fromarray(rgba, "RGBA").save(corpus / "logo.png")
     Image.fromarray(np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)).save(corpus / "scan16.png")
     write_portrait_video(corpus / "phone.mp4")
+    Image.fromarray(rgba, "RGBA").save(corpus / os.fsdecode(b"caf\xe9.png"))  # a Latin-1 name: not UTF-8
     for path in list(corpus.iterdir()):
-        path.with_suffix(".txt").write_text(f"a recording named {path.stem}")
+        path.with_suffix(".txt").write_text(f"a recording named {path.stem}", errors="surrogateescape")
 
     result = run_curation(CurationConfig(input_dir=corpus, samples_per_shard=4), tmp_path / "ds")
 
     ds = mf.Dataset(tmp_path / "ds")
     rows = {r["relpath"]: r for r in ds.manifest().to_pylist()}
     rejects = {r["relpath"]: r for r in ds.rejects().to_pylist()}
-    assert result.inputs == 9 and set(rows) | set(rejects) == {p.name for p in corpus.iterdir()
-                                                               if p.suffix != ".txt"}
-    assert set(rejects) == {"cut.m4a"} and rejects["cut.m4a"]["reason"] == "decode_error", rejects
+    names = {os.fsencode(p.name).decode("utf-8", "backslashreplace") for p in corpus.iterdir() if p.suffix != ".txt"}
+    assert result.inputs == 10 and set(rows) | set(rejects) == names
+    assert set(rejects) == {"cut.m4a", "caf\\xe9.png"} and rejects["cut.m4a"]["reason"] == "decode_error", rejects
+    assert (rejects["caf\\xe9.png"]["reason"], rejects["caf\\xe9.png"]["stage"]) == ("undecodable_name", "discover")
+    assert "not valid UTF-8" in rejects["caf\\xe9.png"]["message"] and not ds.card["orphan_captions"]
     assert {r["modality"] for name, r in rows.items() if name.endswith(("mp3", "opus", "aiff", "m4a", "webm"))} == {
         "audio"} and "talk.webm" in rows
     assert (rows["phone.mp4"]["width"], rows["phone.mp4"]["height"]) == (32, 64)  # upright: portrait

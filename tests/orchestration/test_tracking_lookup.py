@@ -233,11 +233,11 @@ def test_the_inputs_are_listed_once_for_the_digest_and_the_job(tmp_path, fake_cu
     for name in ("a.png", "b.png"):
         (tmp_path / "corpus" / name).write_bytes(name.encode())
     listings = []
-    real = discover_mod.discover
-    monkeypatch.setattr(discover_mod, "discover", lambda *a, **k: listings.append(a) or real(*a, **k))
+    real = discover_mod.discover_table
+    monkeypatch.setattr(discover_mod, "discover_table", lambda *a, **k: listings.append(a) or real(*a, **k))
     run_all(cfg, do_train=False)
     assert len(listings) == 1 and fake_curation["calls"] == 1
-    assert [r["relpath"] for r in fake_curation["rows"]] == ["a.png", "b.png"]
+    assert fake_curation["rows"]["relpath"].to_pylist() == ["a.png", "b.png"]  # discover_table's table
     marker = json.loads((cfg.workdir / STATE_DIR / "curation-demo.json").read_text())
     assert marker["inputs_digest"] == discover_mod.inputs_digest(fake_curation["rows"])
 

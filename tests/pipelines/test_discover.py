@@ -64,3 +64,54 @@ def test_a_caption_is_paired_whatever_the_case_of_its_extension(tmp_path: Path) 
     assert rows["cat.png"]["caption_path"] == str(tmp_path.resolve() / "cat.TXT")
     assert rows["dog.png"]["caption_path"] == str(tmp_path.resolve() / "dog.txt")
     assert orphan_captions(tmp_path) == ["dog.TXT"]
+
+
+def test_a_name_that_is_not_utf8_is_rejected_and_named_readably(tmp_path: Path) -> None:
+    """os.walk hands such a name over with lone surrogates, which no Arrow column can hold: the input is rejected
+    at discovery (not a crash of the whole job when its row is first put in a table), named with \\xNN escapes."""
+    import os
+
+    import pyarrow as pa
+
+    from latentforge.pipelines.discover import SCHEMA, discover_table, inputs_digest
+
+    (tmp_path / os.fsdecode(b"d\xfcr")).mkdir()
+    for name in (b"caf\xe9.png", b"caf\xe9.txt", b"d\xfcr/x.png", b"lonely\xff.txt", b"ok.png"):
+        (tmp_path / os.fsdecode(name)).write_bytes(b"x")
+    table = discover_table(tmp_path, 2)
+    assert table.schema == SCHEMA and table["shard"].to_pylist() == [0, 0, 1]
+    rows = {r["relpath"]: r for r in table.to_pylist()}
+    assert list(rows) == ["caf\\xe9.png", "d\\xfcr/x.png", "ok.png"]  # sorted as the escaped names
+    for name in ("caf\\xe9.png", "d\\xfcr/x.png"):
+        assert (rows[name]["status"], rows[name]["reason"], rows[name]["stage"]) == (
+            "rejected", "undecodable_name", "discover")
+        assert f"file name '{name}' is not valid UTF-8" in rows[name]["message"]
+    assert (rows["ok.png"]["status"], rows["ok.png"]["uri"]) == ("ok", str(tmp_path.resolve() / "ok.png"))
+    assert orphan_captions(tmp_path) == ["lonely\\xff.txt"]
+    assert len(inputs_digest(table)) == 16 and pa.Table.from_pylist(discover(tmp_path, 2)).equals(table)
+
+
+def test_the_listing_is_gathered_in_chunks_and_sorted_by_path(tmp_path: Path, monkeypatch) -> None:
+    """Columns are made CHUNK rows at a time; the table is sorted by path as str sorts (code points) and the
+    inputs digest is the one a dict per row gave (sha256 of `relpath NUL signature LF` in path order)."""
+    import hashlib
+
+    from latentforge.pipelines import discover as discover_mod
+
+    monkeypatch.setattr(discover_mod, "CHUNK", 3)
+    names = ["b/z.png", "a.png", "é.png", "Z.png", "b/a b.png", "日本.jpg", "a/c.wav", "b.png"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(name.encode())
+    table = discover_mod.discover_table(tmp_path, 3)
+    assert table["relpath"].to_pylist() == sorted(names)
+    listing = discover_mod._Listing()
+    for i in range(7):
+        listing.add(f"{i}.png", f"/c/{i}.png", f"/c/{i}.txt", "1:2")
+    assert len(listing.batches) == 2 and listing.table()["relpath"].to_pylist() == [f"{i}.png" for i in range(7)]
+    assert table["id"].to_pylist() == [discover_mod.sample_id(n) for n in sorted(names)]
+    h = hashlib.sha256()
+    for row in table.to_pylist():
+        h.update(f"{row['relpath']}\0{row['input_signature']}\n".encode())
+    assert discover_mod.inputs_digest(table) == discover_mod.inputs_digest(table.to_pylist()) == h.hexdigest()[:16]
+    assert discover_mod.inputs_digest(table.slice(1)) != discover_mod.inputs_digest(table)

@@ -19,10 +19,17 @@ def groups(rows: list[dict]) -> dict[str, int]:
     return {r["id"]: r["shard"] for r in rows}
 
 
+def assign(rows: list[dict], done, taken: set[int]) -> tuple[list[dict], bool, list[int]]:
+    """regroup's rows (a table) as dicts, whether the groups were kept, the stale groups."""
+    table, kept, stale = regroup(rows, done, taken, 2)
+    return table.to_pylist(), kept, stale
+
+
 def test_a_stopped_job_keeps_discoverys_groups() -> None:
     rows = discovered("b", "c", "d", "e", "f")
     done = {0: marker("b", "c"), 2: marker("f")}  # group 1 was not finished
-    assert regroup(rows, done, set(), 2) == (False, [])
+    rows, kept, stale = assign(rows, done, set())
+    assert (kept, stale) == (False, [])
     assert groups(rows) == {"b": 0, "c": 0, "d": 1, "e": 1, "f": 2} and stale_groups(done, rows) == []
 
 
@@ -30,7 +37,8 @@ def test_a_file_that_sorts_first_goes_to_a_new_group_and_the_finished_ones_keep_
     rows = discovered("a", "b", "c", "d", "e", "f")  # a added: discovery would shift every group by one
     done = {0: marker("b", "c"), 1: marker("d", "e"), 2: marker("f")}
     assert stale_groups(done, rows) == [0, 1, 2]
-    assert regroup(rows, done, {3}, 2) == (True, [])  # 3: a readmission group of the earlier run; nothing redone
+    rows, kept, stale = assign(rows, done, {3})
+    assert (kept, stale) == (True, [])  # 3: a readmission group of the earlier run; nothing redone
     assert groups(rows) == {"b": 0, "c": 0, "d": 1, "e": 1, "f": 2, "a": 4}
     assert stale_groups(done, rows) == []  # nothing finished is redone
     assert [r["id"] for r in rows] == ["b", "c", "d", "e", "f", "a"]  # by group: each group's rows together
@@ -40,12 +48,14 @@ def test_a_removed_or_changed_input_redoes_only_its_group_under_its_number() -> 
     rows = discovered("c", "d", "e", "f", "g")  # b removed from group 0
     rows[2]["input_signature"] = "sig-e-rewritten"  # e changed in place (group 1)
     done = {0: marker("b", "c"), 1: marker("d", "e"), 2: marker("f", "g")}
-    assert regroup(rows, done, set(), 2) == (True, [0, 1])
+    rows, kept, stale = assign(rows, done, set())
+    assert (kept, stale) == (True, [0, 1])
     assert groups(rows) == {"c": 0, "d": 1, "e": 1, "f": 2, "g": 2}
     assert stale_groups(done, rows) == [0, 1]
     # every input of a group removed: no input is assigned to it, so it is discarded and not redone
     rows = discovered("d", "e")
-    assert regroup(rows, {0: marker("b", "c"), 1: marker("d", "e")}, set(), 2) == (True, [0])
+    rows, kept, stale = assign(rows, {0: marker("b", "c"), 1: marker("d", "e")}, set())
+    assert (kept, stale) == (True, [0])
     assert groups(rows) == {"d": 1, "e": 1} and stale_groups({0: marker("b", "c")}, rows) == [0]
 
 
@@ -55,14 +65,17 @@ def test_files_appended_where_a_readmission_group_stands_keep_the_groups_too() -
     rows = discovered("a", "b", "c", "d", "e")
     done = {0: marker("a", "b"), 1: marker("c", "d")}
     assert stale_groups(done, rows) == []
-    assert regroup(rows, done, {2}, 2) == (True, []) and groups(rows)["e"] == 3
-    assert regroup(discovered("a", "b", "c", "d", "e"), done, {3}, 2) == (False, [])  # no clash: as discovered
+    rows, kept, stale = assign(rows, done, {2})
+    assert (kept, stale) == (True, []) and groups(rows)["e"] == 3
+    rows, kept, stale = assign(discovered("a", "b", "c", "d", "e"), done, {3})
+    assert (kept, stale) == (False, []) and rows == discovered("a", "b", "c", "d", "e")  # no clash: as discovered
 
 
 def test_an_input_two_markers_claim_stays_with_the_first_and_the_other_group_is_redone() -> None:
     rows = discovered("a", "b", "c")
     done = {0: marker("a", "b"), 1: marker("b", "c")}
-    assert regroup(rows, done, set(), 2) == (True, [1])
+    rows, kept, stale = assign(rows, done, set())
+    assert (kept, stale) == (True, [1])
     assert groups(rows) == {"a": 0, "b": 0, "c": 1} and stale_groups(done, rows) == [1]
 
 

@@ -58,6 +58,7 @@ FILTERED = {"image": "resolution_below_min", "video": "too_few_frames", "audio":
 EXTRA = {
     "corpus.json": ("probe", "unsupported_extension"),
     "links/outside.png": ("discover", "outside_root"),
+    "links/caf\\xe9.png": ("discover", "undecodable_name"),  # a Latin-1 name: no table can hold it as it is
 }
 BUCKETS = {"image": "1x32x32", "video": "4x32x32", "audio": "8000samples@8000Hz"}  # pixel / sample buckets
 LATENT_SHAPES = {
@@ -85,6 +86,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     (root / "links").mkdir()
     (root / "links" / "outside.png").symlink_to(outside / "secret.png")
     (root / "links" / "outside_dir").symlink_to(outside, target_is_directory=True)
+    (root / "links" / os.fsdecode(b"caf\xe9.png")).write_bytes((outside / "secret.png").read_bytes())
     return root, index
 
 
