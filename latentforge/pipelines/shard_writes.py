@@ -69,7 +69,7 @@ def write_groups(ds, rows: pa.Table | list[dict], writer_args: dict, in_flight: 
         while len(futures) > keep:
             done, futures = wait(futures, return_when=FIRST_COMPLETED)
             for future in done:
-                meta.add(mt.from_batch(future.result()))
+                meta.add_batch(future.result())
 
     with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="lf-shard-writer") as pool:
         def write(group: int) -> None:
@@ -86,7 +86,7 @@ def write_groups(ds, rows: pa.Table | list[dict], writer_args: dict, in_flight: 
                 add_timing(timing, {TIMING_COLUMN: value})
             done_here = np.asarray(batch.pop(WRITTEN, np.zeros(n, bool)), dtype=bool)
             if done_here.any():  # their groups are in their tars already (write_finished_groups)
-                meta.add(mt.from_batch(batch, np.flatnonzero(done_here)))
+                meta.add_batch(batch, np.flatnonzero(done_here))
                 by_workers.update(int(g) for g in np.unique(batch["shard"][done_here]))
             for i in np.flatnonzero(~done_here).tolist():
                 row = {k: v[i] for k, v in batch.items()}

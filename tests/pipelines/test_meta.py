@@ -68,6 +68,32 @@ def test_collected_pieces_are_one_table_whatever_their_types_and_columns(monkeyp
     assert mixed.to_pylist()[-1]["stage"] == "dedup" and mixed.num_rows == 10
 
 
+def test_batches_wait_as_numpy_and_become_columns_once_per_run_of_alike_batches(monkeypatch) -> None:
+    """add_batch converts the batches that came together in one go (not one conversion per 32-row batch), starts
+    a new run where the columns change, and keeps the rows in the order they came, tables added between too."""
+    monkeypatch.setattr(meta, "COMPACT_ROWS", 8)
+    between = meta.from_rows([{"id": "t0", "status": "rejected"}])
+    conversions = []
+    real = meta.from_columns
+    monkeypatch.setattr(meta, "from_columns", lambda columns: conversions.append(len(columns["id"])) or real(columns))
+    collector = meta.Collector()
+    collector.add_batch(batch(["a0", "a1", "a2"]))
+    collector.add_batch(batch(["b0", "b1", "b2", "b3"]), np.array([1, 3]))  # rows at `take` only
+    collector.add_batch(batch(["c0", "c1"], width=np.array([1.5, 2.5])))  # float where int came: a new run
+    collector.add(between)  # a table between batches
+    for i in range(4):
+        collector.add_batch(batch([f"d{i}{j}" for j in range(3)]))
+    collector.add_batch(batch([]))
+    table = collector.table()
+    assert conversions == [5, 2, 9, 3]  # 3 + 2 alike; 2 (before the table); 9 rows reach COMPACT_ROWS; the last 3
+    assert table["id"].to_pylist() == ["a0", "a1", "a2", "b1", "b3", "c0", "c1", "t0"] + [
+        f"d{i}{j}" for i in range(4) for j in range(3)]
+    assert table["width"].type == pa.float64() and table["width"].to_pylist()[5:8] == [1.5, 2.5, None]
+    assert "latent" not in table.column_names and pa.types.is_dictionary(table["latent_encoder"].type)
+    assert table.to_pylist()[3] == meta.from_batch(batch(["b0", "b1"]), np.array([1])).to_pylist()[0] | {
+        "width": 64.0}
+
+
 def test_replacing_rows_by_id_keeps_the_others_and_ignores_strangers() -> None:
     table = meta.from_rows([{"id": i, "status": "filtered"} for i in "abc"])
     out = replace_rows(table, meta.from_rows([{"id": "b", "status": "ok", "shard": 7}, {"id": "z", "status": "ok"}]))
