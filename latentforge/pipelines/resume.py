@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 from latentforge.datasets import storage
 from latentforge.datasets.shards import partial_path
 from latentforge.pipelines import meta as mt
-from latentforge.pipelines.discover import as_inputs
+from latentforge.pipelines.discover import as_inputs, in_order
 
 DONE_DIR = "_done"
 MARKER = re.compile(r"group-\d+\.json")  # marker_name's names
@@ -257,7 +257,7 @@ def regroup(rows: pa.Table | list[dict], done: Mapping[int, pa.Table | list[dict
         shard = np.where(held, group[np.maximum(found, 0)] if len(group) else 0, 0).astype(np.int64)
         shard[~held] = first + np.arange(int((~held).sum())) // per_group  # in path order
         rows = rows.set_column(rows.column_names.index("shard"), "shard", pa.array(shard))
-    rows = rows.take(pc.sort_indices(rows, [("shard", "ascending"), ("relpath", "ascending")]))
+    rows = in_order(rows, [("shard", "ascending"), ("relpath", "ascending")])
     return rows, kept, stale_groups(done, rows) if kept else []
 
 

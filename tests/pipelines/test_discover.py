@@ -115,3 +115,10 @@ def test_the_listing_is_gathered_in_chunks_and_sorted_by_path(tmp_path: Path, mo
         h.update(f"{row['relpath']}\0{row['input_signature']}\n".encode())
     assert discover_mod.inputs_digest(table) == discover_mod.inputs_digest(table.to_pylist()) == h.hexdigest()[:16]
     assert discover_mod.inputs_digest(table.slice(1)) != discover_mod.inputs_digest(table)
+    # in path order already: a first run's regroup hands the table back as it is, not a sorted copy
+    from latentforge.pipelines.resume import regroup
+
+    assert discover_mod.in_order(table, [("relpath", "ascending")]) is table
+    assert regroup(table, {}, set(), 3)[0] is table
+    backwards = discover_mod.in_order(table, [("relpath", "descending")])
+    assert backwards["relpath"].to_pylist() == sorted(names, reverse=True)
