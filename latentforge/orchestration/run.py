@@ -5,6 +5,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -94,13 +95,23 @@ def current_inputs(cur: CurationConfig) -> tuple[pa.Table | None, str | None]:
     when there are none to list. The job is handed these rows: one listing serves both the digest and the job (a
     second one costs a minute or more at millions of objects on s3), and the digest recorded is of the inputs
     the job curated, even when files arrive meanwhile."""
+    from rich.progress import Progress, SpinnerColumn, TimeElapsedColumn
+
     from latentforge.pipelines.discover import discover_table, inputs_digest
 
-    try:
-        rows = discover_table(cur.input_dir, cur.samples_per_shard)
+    start = time.perf_counter()
+    try:  # a million files take a minute or more to list: a counter while they are (on a terminal)
+        with Progress(SpinnerColumn(), "[progress.description]{task.description}", "{task.completed:,} inputs",
+                      TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal) as bar:
+            task = bar.add_task(f"listing {cur.input_dir}", total=None)
+            rows = discover_table(cur.input_dir, cur.samples_per_shard,
+                                  progress=lambda n: bar.update(task, completed=n))
     except FileNotFoundError:
         return None, None
-    return (rows, inputs_digest(rows)) if rows.num_rows else (None, None)
+    if not rows.num_rows:
+        return None, None
+    console.print(f"listed {rows.num_rows:,} inputs under {cur.input_dir} in {time.perf_counter() - start:.1f} s")
+    return rows, inputs_digest(rows)
 
 
 def curation_match(cur: CurationConfig, digest: str | None) -> dict[str, str]:

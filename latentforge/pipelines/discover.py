@@ -9,6 +9,7 @@ import hashlib
 import os
 import posixpath
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +32,11 @@ def sample_id(relpath: str) -> str:
 class _Listing:
     """Discovered inputs gathered as columns, CHUNK rows at a time into Arrow record batches."""
 
-    def __init__(self) -> None:
+    def __init__(self, progress: Callable[[int], None] | None = None) -> None:
         self.columns: dict[str, list[str]] = {name: [] for name in COLUMNS}
         self.batches: list[pa.RecordBatch] = []
+        self.progress = progress
+        self.rows = 0
 
     def add(self, relpath: str, uri: str, caption_path: str, signature: str,
             reason: str = "", message: str = "") -> None:
@@ -51,7 +54,10 @@ class _Listing:
         if self.columns["id"]:
             self.batches.append(pa.RecordBatch.from_arrays([pa.array(self.columns[n], pa.string()) for n in COLUMNS],
                                                            names=list(COLUMNS)))
+            self.rows += len(self.columns["id"])
             self.columns = {name: [] for name in COLUMNS}
+        if self.progress is not None:
+            self.progress(self.rows)
 
     def table(self) -> pa.Table:
         self._flush()
@@ -148,15 +154,17 @@ def discover(root: str | Path, samples_per_shard: int) -> list[dict]:
     return discover_table(root, samples_per_shard).to_pylist()
 
 
-def discover_table(root: str | Path, samples_per_shard: int) -> pa.Table:
+def discover_table(root: str | Path, samples_per_shard: int,
+                   progress: Callable[[int], None] | None = None) -> pa.Table:
     """Rows for all non-caption files under `root` (a directory or a URI prefix such as s3://bucket/corpus),
     sorted by path, each assigned a shard index (`shard`), as one Arrow table (SCHEMA).
 
     Symlinks are not followed into directories, and a linked file that resolves outside the root is
     rejected here rather than read; so is a file whose name (or a directory's above it) is not valid UTF-8,
     since no table can name it: its row's paths write the bytes as \\xNN.
+    `progress` is called with the number of inputs listed so far, every CHUNK of them and at the end.
     """
-    listing = _Listing()
+    listing = _Listing(progress)
     if storage.is_remote(root):
         _remote_rows(str(storage.as_location(root)), listing)
     else:

@@ -103,8 +103,10 @@ def test_the_listing_is_gathered_in_chunks_and_sorted_by_path(tmp_path: Path, mo
     for name in names:
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(name.encode())
-    table = discover_mod.discover_table(tmp_path, 3)
+    counts = []
+    table = discover_mod.discover_table(tmp_path, 3, progress=counts.append)
     assert table["relpath"].to_pylist() == sorted(names)
+    assert counts == [3, 6, 8]  # every CHUNK inputs, then all of them
     listing = discover_mod._Listing()
     for i in range(7):
         listing.add(f"{i}.png", f"/c/{i}.png", f"/c/{i}.txt", "1:2")
