@@ -39,6 +39,7 @@ DONE_DIR = "_done"
 MARKER = re.compile(r"group-\d+\.json")  # marker_name's names
 SHARD_TAR = re.compile(r"shard-\d{6,}-\d{2,}\.tar")  # write_shards.shard_name's names
 BYTES_TAG = "__b64__"
+READERS = 16  # threads reading done-markers on an object store (done_groups)
 
 
 def marker_name(group: int) -> str:
@@ -136,24 +137,31 @@ class Done(Mapping):
         return mt.take(self.table, self.positions()[0])
 
 
-def done_groups(shard_dir: Path | str, config_hash: str, check: str = "size") -> Done:
+def done_groups(shard_dir: Path | str, config_hash: str, check: str = "size", readers: int | None = None) -> Done:
     """Groups whose marker matches this config and whose tars are intact: group -> metadata rows (`Done`).
 
     `check` (CurationConfig.resume_check): "size", each tar the size its marker recorded, from one listing of
     `shard_dir` (a tar cut short, or rewritten at another size, is not trusted; markers written before sizes
     were recorded are checked by sha256); "sha256", each tar read back and hashed, as it streams in when
     `shard_dir` is a URI (s3://...): the whole dataset is read. Each marker's rows go into columns as it is
-    read (meta.Collector), a few thousand rows at a time, so the dicts of a few markers at a time exist."""
+    read (meta.Collector), a few thousand rows at a time, so the dicts of a few markers at a time exist.
+
+    `readers` threads fetch and check the markers, a window of them at a time, taken in order (default: READERS
+    on an object store, where each marker is a request: 15,625 of them one after another are minutes of round
+    trips; one on a local disk, where a read is a page-cache copy)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     collector, bounds, start, loose = mt.Collector(), {}, 0, []
     infos = storage.file_infos(shard_dir)  # every file's size, in one listing
-    for path in sorted(infos):
-        name = path[len(DONE_DIR) + 1:]
-        if not (path.startswith(DONE_DIR + "/") and MARKER.fullmatch(name)):
-            continue
+    names = [p for p in sorted(infos) if p.startswith(DONE_DIR + "/") and MARKER.fullmatch(p[len(DONE_DIR) + 1:])]
+    readers = readers or (READERS if storage.is_remote(shard_dir) else 1)
+
+    def read(path: str) -> dict | None:
+        """The marker's body when it matches this config and its tars are intact, else None."""
         try:
             body = json.loads(storage.read_text(storage.join(shard_dir, path)))
         except ValueError:
-            continue
+            return None
         sizes = body.get("sizes") if check == "size" else None
 
         def intact(tar: str, digest: str) -> bool:
@@ -163,13 +171,21 @@ def done_groups(shard_dir: Path | str, config_hash: str, check: str = "size") ->
                 return infos[tar][0] == sizes.get(tar)
             return storage.sha256(storage.join(shard_dir, tar)) == digest
 
-        if body.get("config_hash") == config_hash and all(intact(s, h) for s, h in body["shards"].items()):
-            loose += body["rows"]
-            bounds[int(name[len("group-"):-len(".json")])] = (start, len(body["rows"]))
-            start += len(body["rows"])
-            if len(loose) >= mt.COMPACT_ROWS:
-                collector.add(_marker_rows(loose))
-                loose = []
+        ok = body.get("config_hash") == config_hash and all(intact(s, h) for s, h in body["shards"].items())
+        return body if ok else None
+
+    with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="lf-marker-reader") as pool:
+        for at in range(0, len(names), readers * 4):  # a window: the bodies in flight stay few
+            window = names[at:at + readers * 4]
+            for path, body in zip(window, pool.map(read, window) if readers > 1 else map(read, window)):
+                if body is None:
+                    continue
+                loose += body["rows"]
+                bounds[int(path[len(DONE_DIR) + len("/group-"):-len(".json")])] = (start, len(body["rows"]))
+                start += len(body["rows"])
+                if len(loose) >= mt.COMPACT_ROWS:
+                    collector.add(_marker_rows(loose))
+                    loose = []
     collector.add(_marker_rows(loose))
     return Done(collector.table(), bounds)
 

@@ -115,3 +115,33 @@ def test_stale_groups_at_the_edges_agree_with_the_definition() -> None:
     assert stale_groups({1: []}, discovered("a", "b", "c")) == [1]  # an empty group where inputs now go
     assert stale_groups({7: []}, discovered("a")) == []
     assert 0 in Done.of(done) and 3 not in Done.of(done)
+
+
+def test_markers_on_an_object_store_are_read_by_threads_in_order_and_checked_alike(s3_bucket, tmp_path) -> None:
+    """done_groups on s3:// (moto on loopback): the reader threads return what one reader does, in group order,
+    for markers of this config whose tars are intact; a marker of another config, one whose tar is gone and one
+    that is not JSON are left out, by size and by sha256 alike."""
+    import hashlib
+
+    from latentforge.datasets import storage
+    from latentforge.pipelines.resume import done_groups, write_marker
+
+    local = tmp_path / "shards"
+    local.mkdir()
+    for g in range(12):
+        tar = f"shard-{g:06d}-00.tar"
+        (local / tar).write_bytes(bytes([g]) * (100 + g))
+        sha = hashlib.sha256((local / tar).read_bytes()).hexdigest()
+        rows = [{"id": f"g{g}r{i}", "shard": g, "shard_name": tar, "shard_sha256": sha} for i in range(g % 3 + 1)]
+        write_marker(local, g, rows, "other" if g == 4 else "cfg")
+    (local / "shard-000007-00.tar").unlink()  # group 7's tar gone
+    (local / "_done" / "group-000009.json").write_text("{not json")
+    remote = f"s3://{s3_bucket}/ds/shards"
+    storage.upload(local, remote)
+    for check in ("size", "sha256"):
+        one = done_groups(remote, "cfg", check, readers=1)
+        threads = done_groups(remote, "cfg", check, readers=2)  # two windows: 8 markers, then 4
+        assert list(threads) == list(one) == [0, 1, 2, 3, 5, 6, 8, 10, 11]
+        assert threads.table.equals(one.table) and threads.bounds == one.bounds
+        assert threads[5]["id"].to_pylist() == ["g5r0", "g5r1", "g5r2"]
+    assert list(done_groups(remote, "cfg")) == list(one)  # the default on a URI: READERS threads
