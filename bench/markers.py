@@ -2,13 +2,16 @@
 marker after another (`readers=1`, what it did before), in the same run.
 
     .venv/bin/python bench/markers.py --groups 500 2000 --rounds 3
+    .venv/bin/python bench/markers.py --groups 500 2000 --rounds 3 --latency-ms 20
 
 The markers are written as a job writes them (`write_marker`, 64 manifest-shaped rows each, from
 bench/metadata.py's rows; one small tar per group) into a local shard directory and uploaded to a bucket on
 `moto_server`, started here on 127.0.0.1. Then, per round, `done_groups` reads them back both ways (alternating
 which goes first) and both must return the same groups and rows. moto is a Python test server on loopback, not
 S3: a request there costs what moto and the client spend on it, a few ms, where S3's round trip is ~10-30 ms,
-so the ratio here is what threads win against the cheapest requests there are.
+so the ratio here is what threads win against the cheapest requests there are. `--latency-ms` adds a modelled
+round trip to each marker read (a sleep: it holds no CPU), to show what they win where requests wait on the
+network.
 """
 from __future__ import annotations
 
@@ -49,6 +52,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--groups", type=int, nargs="+", default=[500])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--latency-ms", type=float, default=0.0,
+                        help="a wait added to each marker read (time.sleep, as a round trip to S3 would: no CPU, "
+                             "the GIL released); 0: moto's own cost only")
     args = parser.parse_args()
 
     import pyarrow.fs as pafs
@@ -56,6 +62,15 @@ def main() -> None:
 
     from latentforge.datasets import storage
     from latentforge.pipelines.resume import READERS, done_groups
+
+    if args.latency_ms:
+        read_text = storage.read_text
+
+        def far_read_text(location):
+            time.sleep(args.latency_ms / 1000)
+            return read_text(location)
+
+        storage.read_text = far_read_text
 
     tmp = Path(tempfile.mkdtemp(prefix="lf-bench-markers-"))
     proc, url = start_moto(tmp / "moto.log")
@@ -82,6 +97,7 @@ def main() -> None:
             same = one.bounds == threads.bounds and one.table.equals(threads.table) and len(one) == groups
             median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
             print(json.dumps({"groups": groups, "rows": one.table.num_rows, "readers": READERS,
+                              "latency_ms": args.latency_ms,
                               "one_s": [round(x, 2) for x in times["one"]],
                               "threads_s": [round(x, 2) for x in times["threads"]],
                               "speedup": round(median["one"] / median["threads"], 2), "same": same}), flush=True)

@@ -1,7 +1,7 @@
 """Benches that run in seconds at a small size, each checking its sides agree: bench/dedup.py (the dedup pass in
 columns, one dict per row, and the first Python index), bench/plan_memory.py (a selection as columns vs
-objects), bench/metadata.py (the job's metadata rows on the driver) and bench/discover.py (the inputs listed on
-the driver)."""
+objects), bench/metadata.py (the job's metadata rows on the driver), bench/discover.py (the inputs listed on
+the driver) and bench/markers.py (done-markers read by threads on moto)."""
 from __future__ import annotations
 
 import json
@@ -59,3 +59,12 @@ def test_a_small_listing_is_measured_and_both_sides_agree(tmp_path):
     assert row["now"]["digest"] == row["before"]["digest"] and len(row["now"]["digest"]) == 16
     assert all(row["now"][k] >= 0 for k in ("list_s", "digest_s", "regroup_s", "table_s", "held_mb"))
     assert len(list(tmp_path.rglob("*.txt"))) == 1500  # every other input has its caption
+
+
+def test_a_few_markers_on_moto_are_read_both_ways_alike():
+    """bench/markers.py at 20 groups, one round, a modelled 5 ms round trip: both ways return the same groups."""
+    out = subprocess.run([sys.executable, str(BENCHES / "markers.py"), "--groups", "20", "--rounds", "1",
+                          "--latency-ms", "5"], capture_output=True, text=True, timeout=300, check=True).stdout
+    row = json.loads(out.splitlines()[-1])
+    assert row["groups"] == 20 and row["rows"] == 20 * 64 and row["same"] is True
+    assert row["one_s"][0] > 20 * 0.005 and row["speedup"] > 0  # every read waited its 5 ms in the one-reader way
