@@ -20,7 +20,8 @@ from latentforge.datasets import storage
 
 CAPTION_EXT = ".txt"
 COLUMNS = ("id", "uri", "relpath", "caption_path", "status", "reason", "message", "stage", "input_signature")
-SCHEMA = pa.schema([(name, pa.string()) for name in COLUMNS] + [("shard", pa.int64())])
+LISTED = pa.schema([(name, pa.string()) for name in COLUMNS])  # as listed; then each input's group
+SCHEMA = LISTED.append(pa.field("shard", pa.int64()))
 CHUNK = 8_192  # rows listed before they become Arrow columns: bounds the Python strings held at once
 
 
@@ -61,7 +62,7 @@ class _Listing:
 
     def table(self) -> pa.Table:
         self._flush()
-        return pa.Table.from_batches(self.batches, pa.schema([(n, pa.string()) for n in COLUMNS]))
+        return pa.Table.from_batches(self.batches, LISTED)
 
 
 def _readable(name: str) -> str | None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import pyarrow.compute as pc
 from latentforge.datasets import storage
 from latentforge.datasets.shards import partial_path
 from latentforge.pipelines import meta as mt
-from latentforge.pipelines.discover import as_inputs, in_order
+from latentforge.pipelines.discover import as_inputs, group_sizes, in_order
 
 DONE_DIR = "_done"
 MARKER = re.compile(r"group-\d+\.json")  # marker_name's names
@@ -223,9 +222,9 @@ def stale_groups(done: Mapping[int, pa.Table | list[dict]], rows: pa.Table | lis
     at, group = done.positions()
     if not rows.num_rows:  # every group that holds an input is stale
         return sorted(set(group.tolist()))
-    shard = rows["shard"].to_numpy()
     if not len(at):  # groups without rows: stale where an input is assigned to them
-        return sorted(set(done) & set(np.unique(shard).tolist()))
+        return sorted(set(done) & set(group_sizes(rows)))
+    shard = rows["shard"].to_numpy()
     table = done.table.take(pa.array(at)).select([c for c in ("id", "source_id", "input_signature")
                                                   if c in done.table.column_names])
     sources = _sources(table)
@@ -241,7 +240,7 @@ def stale_groups(done: Mapping[int, pa.Table | list[dict]], rows: pa.Table | lis
     # an input now assigned to a group whose marker does not hold it
     held = pa.table({"group": group, "source": sources}).group_by("group").aggregate([("source", "count_distinct")])
     holds = dict(zip(held["group"].to_pylist(), held["source_count_distinct"].to_pylist()))
-    assigned = Counter(dict(zip(*np.unique(shard, return_counts=True))))
+    assigned = group_sizes(rows)
     stale |= {g for g in done if holds.get(g, 0) != assigned.get(g, 0)}
     return sorted(stale)
 
