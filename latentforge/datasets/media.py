@@ -216,6 +216,15 @@ def worker_threads() -> int | None:
     return int(value) if value.isdigit() and int(value) > 0 else None
 
 
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity (taskset, a container's cpuset, a batch scheduler's
+    allocation), not every core the machine has, which `os.cpu_count()` counts."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # no affinity on macOS / Windows
+        return os.cpu_count() or 1
+
+
 # ---------------------------------------------------------------- images
 
 

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import os
 
+from latentforge.datasets.media import usable_cores
 from latentforge.orchestration.config import RayConfig
 
 
 def local_cpus(cfg: RayConfig) -> int:
     # Logical CPUs above the core count let Ray Data's actor pools and the train workers share a small machine.
-    return cfg.num_cpus or max(4, 2 * (os.cpu_count() or 1))
+    return cfg.num_cpus or max(4, 2 * usable_cores())
 
 
 def connect_ray(cfg: RayConfig, *, log_to_driver: bool = True, address: str | None = None) -> dict:

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 
 from latentforge.datasets import manifest as mf
 from latentforge.datasets import storage
+from latentforge.datasets.media import usable_cores
 from latentforge.pipelines.card import COLUMNS as CARD_COLUMNS
 from latentforge.pipelines.card import build_card, config_hash, dataset_id  # noqa: F401  (re-exported)
 from latentforge.pipelines import meta as mt
@@ -201,7 +202,7 @@ def pool_cpus(cluster_cpus: float, local: bool) -> float:
     """The CPUs that CPU actor pools are sized to. A local Ray is given more logical CPUs than cores (so Ray
     Data and Ray Train share a small machine); there pools are sized to the cores, since actors beyond them
     only take turns on the same cores."""
-    return min(cluster_cpus, os.cpu_count() or 1) if local else cluster_cpus
+    return min(cluster_cpus, usable_cores()) if local else cluster_cpus
 
 
 def dedup(ds, cfg: CurationConfig, done: pa.Table | list[dict] = (), settled: bool = False) -> tuple[Callable, dict]:
