@@ -8,8 +8,8 @@
 #
 # The machine is bare (its own python3 with torch, pyarrow, OpenCV, onnxruntime; no Ray, no decoders, no
 # network). What the bench needs beyond that travels as wheels, about 255 MB, over the 64 MiB a call carries, so
-# they come in five calls, one folder each (.wa ... .we, ignored by git), the machine kept warm between them (the
-# folders a call does not name stay there). Ray's and the packaged MiniLM's wheels are over 40 MB and travel in
+# they come in five calls, one folder each (.wa ... .we, ignored by git), the machine kept warm between them: each
+# call runs this script (`check` until the last), which copies its folder to /tmp, where the pieces gather. Ray's and the packaged MiniLM's wheels are over 40 MB and travel in
 # two pieces (`split`), checked against .wa/SHA256SUMS when put back together. Preparing them here, for the
 # image's Python 3.12 (the NSFW extra is left out: 22 MB more; the bench turns its stage off without it):
 #
@@ -38,20 +38,20 @@ start=$SECONDS
 deadline=${LF_DEADLINE_S:-420}
 
 install_wheels() {
-  local wheels=/tmp/lf-wheels first name parts
-  mkdir -p "$wheels"
-  for d in .w?; do [[ -d $d ]] && cp -n "$d"/*.whl "$wheels"/ 2>/dev/null; done
-  for first in .w?/*.whl.part-aa; do
+  # The carried folders do not outlast their call there (each call's tree replaces the last), but /tmp does while
+  # the machine stays warm: every call first copies what it brought into /tmp/lf-parts.
+  local parts=/tmp/lf-parts wheels=/tmp/lf-wheels first name
+  mkdir -p "$parts" "$wheels"
+  for d in .w?; do [[ -d $d ]] && cp "$d"/* "$parts"/; done
+  cp -n "$parts"/*.whl "$wheels"/ 2>/dev/null
+  for first in "$parts"/*.whl.part-aa; do
     [[ -e $first ]] || continue
     name=$(basename "${first%.part-aa}")
-    # the pieces in suffix order, whichever folder each came in
-    parts=$(for p in .w?/"$name".part-*; do echo "$(basename "$p") $p"; done | sort | cut -d' ' -f2)
-    # shellcheck disable=SC2086
-    cat $parts > "/tmp/$name"
-    if (cd /tmp && grep " $name\$" "$OLDPWD/.wa/SHA256SUMS" | sha256sum -c --quiet - 2>/dev/null); then
+    cat "$parts/$name".part-* > "/tmp/$name"  # the glob sorts the pieces: part-aa, part-ab, ...
+    if (cd /tmp && grep " $name\$" "$parts/SHA256SUMS" | sha256sum -c --quiet - 2>/dev/null); then
       mv "/tmp/$name" "$wheels/$name"
     else
-      echo "device_curation: $name not complete yet ($(echo "$parts" | wc -l) pieces here)"
+      echo "device_curation: $name not complete yet ($(ls "$parts/$name".part-* | wc -l) pieces here)"
     fi
   done
   ls "$wheels" | sed 's/^/  wheel: /'
