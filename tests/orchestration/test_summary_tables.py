@@ -6,7 +6,7 @@ import os
 from rich.console import Console
 
 from latentforge.datasets import manifest as mf
-from latentforge.orchestration.run import reasons_table, stage_time_table
+from latentforge.orchestration.tables import reasons_table, stage_time_table
 
 
 def render(table) -> str:
@@ -65,7 +65,7 @@ def test_the_run_summary_keeps_every_path_whole_on_an_80_column_terminal(tmp_pat
 def test_the_manifest_summary_counts_samples_per_modality_and_bucket():
     import pyarrow as pa
 
-    from latentforge.orchestration.run import manifest_summary
+    from latentforge.orchestration.tables import manifest_summary
 
     manifest = pa.table({"id": list("abcdefg"),
                          "modality": ["video", "image", "image", "audio", "image", None, "video"],
