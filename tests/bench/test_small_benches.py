@@ -1,7 +1,8 @@
 """Benches that run in seconds at a small size, each checking its sides agree: bench/dedup.py (the dedup pass in
 columns, one dict per row, and the first Python index), bench/plan_memory.py (a selection as columns vs
 objects), bench/metadata.py (the job's metadata rows on the driver), bench/discover.py (the inputs listed on
-the driver) and bench/markers.py (done-markers read by threads on moto)."""
+the driver), bench/markers.py (done-markers read by threads on moto) and bench/fit_overhead.py (a stage's fixed
+cost on Ray Train, Ray's controller poll vs ours)."""
 from __future__ import annotations
 
 import json
@@ -68,3 +69,11 @@ def test_a_few_markers_on_moto_are_read_both_ways_alike():
     row = json.loads(out.splitlines()[-1])
     assert row["groups"] == 20 and row["rows"] == 20 * 64 and row["same"] is True
     assert row["one_s"][0] > 20 * 0.005 and row["speedup"] > 0  # every read waited its 5 ms in the one-reader way
+
+
+def test_one_round_of_the_fit_overhead_bench_trains_both_sides():
+    out = subprocess.run([sys.executable, str(BENCHES / "fit_overhead.py"), "--rounds", "1"],
+                         capture_output=True, text=True, timeout=600, check=True).stdout
+    result = json.loads(out.splitlines()[-1])
+    assert [len(t) for t in result["each_round"].values()] == [1, 1]
+    assert result["ray_default_s"] > 0 and result["ours_s"] > 0 and result["ratio_default_over_ours"] > 0
