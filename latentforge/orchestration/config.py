@@ -23,7 +23,8 @@ class RayConfig(Strict):
     """How to reach Ray: an existing cluster (`address` or RAY_ADDRESS), else a local one sized here."""
 
     address: str | None = Field(None, description="cluster address; default: RAY_ADDRESS, else start locally")
-    num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray; default 2x the cores, >= 4")
+    num_cpus: int | None = Field(None, ge=1, description=(
+        "logical CPUs of a local Ray; default 2x the cores this process may use (its CPU affinity), >= 4"))
     object_store_mb: int = Field(1024, ge=64, description="object store of a local Ray (MiB)")
 
 
