@@ -50,7 +50,9 @@ def controller_env(nodes: int) -> dict[str, str]:
 
 @contextlib.contextmanager
 def driver_env(values: dict[str, str]) -> Iterator[None]:
-    """`values` in this process's environment for the block, then as they were."""
+    """`values` in this process's environment for the block, then as they were. Only these keys are put back:
+    unittest.mock.patch.dict would restore the whole environment, undoing what ray.init sets in it when fit()
+    starts a local Ray."""
     before = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
