@@ -40,6 +40,7 @@ from latentforge.training.batch import Decoded, MemberFormat, check_alike
 from latentforge.training.config import MODALITY_IDS, TrainStageConfig
 from latentforge.training.entries import Entries, Entry  # noqa: F401  (Entry re-exported for tests)
 from latentforge.training.entries import select_entries as entries_of
+from latentforge.training.prefetch import Prefetcher
 from latentforge.training.shard_reader import NpyDecoder, iter_raw_samples
 
 
@@ -354,38 +355,6 @@ def load_batches(datasets: Dataset | list[Dataset], stage: TrainStageConfig, nor
         return []
     member_format = MemberFormat.of([d.card for d in datasets])
     return list(StreamPlan(entries, stage, normalizer, seed, 1, patch, repa, member_format).read_epoch(0, 0))
-
-
-class Prefetcher:
-    """Collates the next batches in a background thread while the current step runs.
-
-    numpy stacking and torch.from_numpy release the GIL for the copies that matter, so on a worker with a
-    spare core the loader's cost leaves the step's critical path. Order is preserved.
-    """
-
-    def __init__(self, iterator: Iterator[Batch], depth: int = 2):
-        import queue
-        import threading
-
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._thread = threading.Thread(target=self._fill, args=(iterator,), daemon=True)
-        self._thread.start()
-
-    def _fill(self, iterator: Iterator[Batch]) -> None:
-        try:
-            for item in iterator:
-                self._queue.put(item)
-        except BaseException as e:  # surfaced in the consumer, not lost in the thread
-            self._queue.put(e)
-
-    def __iter__(self) -> Prefetcher:
-        return self
-
-    def __next__(self) -> Batch:
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
 
 
 def repa_feature_dim(datasets: Dataset | list[Dataset], stage: TrainStageConfig) -> int:

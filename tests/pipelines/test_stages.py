@@ -280,20 +280,6 @@ def test_text_embeddings_and_masks(final: dict[str, dict], text_stage: EncodeTex
             assert row["text_emb"] == b"" and row["text_mask"] == b""
 
 
-def test_long_caption_is_truncated_to_max_len(text_stage: EncodeText) -> None:
-    caption = " ".join(["word"] * 100)
-    batch = to_batch([
-        {"id": "s1", "status": "ok", "caption": caption},
-        {"id": "s2", "status": "rejected", "caption": ""},
-        {"id": "s3", "status": "ok", "caption": "a red circle"},
-    ])
-    out = text_stage(batch)
-    masks = [load_npy(m) if m != b"" else None for m in out["text_mask"]]
-    assert masks[0].all() and masks[0].shape == (32,)
-    assert masks[1] is None and out["text_emb"][1] == b""
-    assert masks[2].sum() == 5  # [CLS] a red circle [SEP]
-
-
 def test_a_worker_granted_one_thread_rejects_the_broken_files_for_the_same_reasons(
         corpus: tuple[Path, dict], cfg: CurationConfig, monkeypatch: pytest.MonkeyPatch) -> None:
     """In a Ray worker (OMP_NUM_THREADS set) the decoders are held to its threads (video.open_decord); an
