@@ -64,6 +64,10 @@ def open_decord(path: str | Path, **kwargs: Any) -> Any:
 
     # The bridge is process-global; another library may have switched it to torch.
     decord.bridge.set_bridge("native")
+    # FFmpeg inside decord writes each broken file's complaint ("moov atom not found") to stderr, which Ray
+    # forwards from every worker to the driver's console. The sample's recorded message carries decord's and
+    # PyAV's errors for that file already.
+    decord.logging.set_level(decord.logging.QUIET)
     return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=worker_threads() or 0, **kwargs)
 
 

@@ -18,7 +18,7 @@ from latentforge.datasets import manifest as mf
 from latentforge.datasets import storage
 from latentforge.datasets.media import usable_cores
 from latentforge.pipelines.card import COLUMNS as CARD_COLUMNS
-from latentforge.pipelines.card import build_card, config_hash, dataset_id  # noqa: F401  (re-exported)
+from latentforge.pipelines.card import build_card, config_hash
 from latentforge.pipelines import meta as mt
 from latentforge.pipelines.config import CurationConfig
 from latentforge.pipelines.discover import as_inputs, discover_table, group_sizes

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -134,6 +135,20 @@ def limit_threads() -> None:
         sys.modules["cv2"].setNumThreads(threads)
 
 
+def quiet_model_loads() -> None:
+    """In a Ray worker, no progress bars from Hugging Face libraries: transformers draws one for every model it
+    loads, even in well under a second, and Ray forwards each actor's bar to the driver's console as garbled
+    lines. Ray Data's own progress already shows an actor still starting. `HF_HUB_DISABLE_PROGRESS_BARS=0` in
+    the worker's environment keeps them."""
+    if worker_threads() is None or os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "0":
+        return
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when huggingface_hub is first imported
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
 class StageChain:
     """Several stages run one after another in one process, batch by batch.
 
@@ -148,6 +163,7 @@ class StageChain:
     name: ClassVar[str] = ""
 
     def __init__(self, cfg: CurationConfig, then: tuple[Callable, dict] | None = None):
+        quiet_model_loads()
         self.parts = [stage_cls(cfg) for stage_cls in self.stages]
         self.sizes = [stage_resources(stage_cls, cfg).batch_size for stage_cls in self.stages]
         self.keep_bytes = cfg.fusion.keep_inputs_mb << 20
