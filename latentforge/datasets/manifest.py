@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
@@ -210,17 +211,32 @@ def parse_where(where: str, schema: pa.Schema) -> pc.Expression:
         text = _span(where, clause)
         if len(clause) < 2 or clause[0][0] != "word" or not _COLUMN.match(clause[0][1]) or clause[1][0] != "op":
             raise ValueError(f"cannot parse selection clause {text!r}: expected 'column OP value'")
-        column, op = clause[0][1], clause[1][1]
-        if column not in schema.names:
-            raise ValueError(f"selection names unknown column {column!r}; columns: {', '.join(schema.names)}")
+        column, op = where_column(clause[0][1], schema.names), clause[1][1]
         value = _literal(where, clause[2:], text)
         term = _comparison(column, schema.field(column).type, op, value, _span(where, clause[2:]))
         expr = term if expr is None else (expr & term)
     return expr
 
 
+def where_column(name: str, names: list[str]) -> str:
+    """The manifest column a selection names: the column itself, or a score by its short name (`aesthetic` for
+    `score_aesthetic`, as a selection is usually written). Refused with the closest names otherwise."""
+    if name in names:
+        return name
+    if f"score_{name}" in names:
+        return f"score_{name}"
+    short = {n.removeprefix("score_"): n for n in names}
+    close = {}  # full column -> the name it was matched by (a score once, by its short name first)
+    for match in difflib.get_close_matches(name, list(short) + list(names), n=4, cutoff=0.6):
+        close.setdefault(short.get(match, match), match)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close.values())}?" if close else ""
+    scores = ", ".join(n for n in names if n.startswith("score_"))
+    raise ValueError(f"selection names unknown column {name!r}{hint} (scores: {scores}; the other columns: "
+                     f"{', '.join(n for n in names if not n.startswith('score_'))})")
+
+
 def _warn_unscored(candidates: pa.Table, where: str, root) -> None:
-    for column in dict.fromkeys(c[0][1] for c in _clauses(where) if c):
+    for column in dict.fromkeys(where_column(c[0][1], candidates.schema.names) for c in _clauses(where) if c):
         values = candidates[column]
         missing = pc.is_null(values, nan_is_null=True) if pa.types.is_floating(values.type) else pc.is_null(values)
         unscored = candidates.filter(missing)

@@ -160,7 +160,7 @@ def select(dataset: Annotated[str, typer.Argument(help="a curated dataset direct
             card = select_dataset(dataset, out, where, modality, repack=repack, shard_mb=shard_mb,
                                   progress=lambda done, total: bar.update(task, completed=done, total=total))
     except (ValueError, FileExistsError) as e:
-        console.print(f"[red]cannot select[/] {escape(str(e))}")
+        console.print(f"[red]cannot select:[/] {escape(str(e))}")
         raise typer.Exit(2)
     packed = f", repacked into {len(card['shards'])} shard{'s' * (len(card['shards']) != 1)}" if repack else ""
     console.print(f"[green]selected[/] {card['num_samples']} samples {card['modalities']} -> {out} "

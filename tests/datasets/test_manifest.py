@@ -100,8 +100,20 @@ def test_parse_where_on_a_real_table(table: pa.Table, where: str, expected: list
 
 
 def test_parse_where_names_an_unknown_column(table: pa.Table) -> None:
-    with pytest.raises(ValueError, match="unknown column 'score_resolutoin'"):
+    with pytest.raises(ValueError, match="unknown column 'score_resolutoin'; did you mean 'score_resolution'"):
         parse_where("modality == 'image' and score_resolutoin >= 32", table.schema)
+    with pytest.raises(ValueError, match="unknown column 'resolutoin'; did you mean 'resolution'[?] [(]scores: "):
+        parse_where("resolutoin >= 32", table.schema)
+    with pytest.raises(ValueError, match="unknown column 'zzz' [(]scores: score_resolution, "):
+        parse_where("zzz >= 32", table.schema)
+
+
+def test_a_score_by_its_short_name_selects_as_by_its_column(table: pa.Table) -> None:
+    """`aesthetic > 5` as selections are usually written, for the manifest's `score_aesthetic`."""
+    for short, full in [("resolution >= 32 and modality == 'image'", "score_resolution >= 32 and modality == 'image'"),
+                        ("caption_words >= 6", "score_caption_words >= 6")]:
+        assert ids(table.filter(parse_where(short, table.schema))) == ids(
+            table.filter(parse_where(full, table.schema))) != []
 
 
 @pytest.mark.parametrize(

@@ -89,6 +89,8 @@ def test_cli_select(parent, tmp_path):
     assert "selected 2 samples" in result.output
     bad = CliRunner().invoke(app, ["select", str(parent), "--out", str(tmp_path / "d"), "--where", "nope > 1"])
     assert bad.exit_code == 2 and "unknown column" in bad.output
+    short = CliRunner().invoke(app, ["select", str(parent), "--out", str(tmp_path / "e"), "--where", "motion > 9"])
+    assert short.exit_code == 0 and "selected 2 samples" in short.output, short.output
 
 
 # --- repack: the selected samples in shards of their own ---------------------------------------------------
