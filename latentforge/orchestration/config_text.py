@@ -2,6 +2,7 @@
 errors at the dotted path the user writes (pydantic's own paths name union members, which are not keys)."""
 from __future__ import annotations
 
+import difflib
 import types
 from typing import Annotated, Any, Union, get_args, get_origin
 
@@ -121,6 +122,15 @@ def _message(e: dict, tp: Any, disc: str | None) -> tuple[str, str]:
     return "", e["msg"]
 
 
+def _closest_key(loc: tuple, model: type[BaseModel]) -> str:
+    """"; did you mean 'x'?" for an unknown key close to a key of its section, else ""."""
+    parent = _user_loc(loc[:-1], model)[2]
+    if not _is_model(parent) or not isinstance(loc[-1], str):
+        return ""
+    close = difflib.get_close_matches(loc[-1], list(parent.model_fields), n=2, cutoff=0.6)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
 def format_errors(error: ValidationError, source: str, model: type[BaseModel]) -> str:
     """One line per problem, at the dotted path a user writes; the alternatives of a plain union (a number or
     'auto') are one problem. `model`: the validated class, whose field types tell which loc segments name a
@@ -130,6 +140,8 @@ def format_errors(error: ValidationError, source: str, model: type[BaseModel]) -
     for e in error.errors():
         loc, alternative, tp, disc = _user_loc(tuple(e["loc"]), model)
         extra, msg = _message(e, tp, disc)
+        if e["type"] == "extra_forbidden":
+            msg += _closest_key(tuple(e["loc"]), model)
         path = _path(loc + ([extra] if extra else []))
         if not alternative:
             lines.append((path, [msg]))

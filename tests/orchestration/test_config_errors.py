@@ -96,6 +96,7 @@ def test_an_invalid_kind_is_reported_at_its_key_with_the_kinds() -> None:
 def test_a_union_tag_is_not_part_of_the_reported_path() -> None:
     text = error_of(QUICKSTART, "curation.encoders.visual={kind: autoencoder_kl, model: some/vae, tilling: true}")
     assert "  curation.encoders.visual.tilling: unknown key" in text
+    assert "did you mean 'tiling'?" in text  # a key of the union member the section is
     assert "autoencoder_kl.tilling" not in text
     text = error_of(QUICKSTART, "curation.encoders.audio={kind: log_mel, n_ffft: 256}")
     assert "  curation.encoders.audio.n_ffft: unknown key" in text and "log_mel." not in text
@@ -156,3 +157,13 @@ def test_the_ui_url_brackets_an_ipv6_host(tmp_path: Path, host: str, url: str) -
     assert server.url == url
     assert urllib.parse.urlsplit(server.url).port == 5000
     assert server.argv[server.argv.index("--host") + 1] == host  # mlflow itself takes the bare address
+
+
+def test_an_unknown_key_close_to_a_known_one_is_named_with_it() -> None:
+    text = error_of(QUICKSTART, "curation.sampels_per_shard=16", "training.stages.0.optim.warmup_step=3",
+                    "training.stages.1.zzz=1")
+    assert "curation.sampels_per_shard: unknown key (not a field of this section); did you mean " \
+           "'samples_per_shard'?" in text
+    assert "training.stages[0].optim.warmup_step: unknown key (not a field of this section); did you mean " \
+           "'warmup_steps'?" in text
+    assert "training.stages[1].zzz: unknown key (not a field of this section)\n" in text + "\n"
