@@ -104,7 +104,7 @@ def verify(dataset: Annotated[str, typer.Argument(
         try:
             target = export_source(dataset, tracking_uri, Path(tmp))
         except ValueError as e:
-            console.print(f"[red]cannot verify[/] {escape(str(e))}")
+            console.print(f"[red]cannot verify:[/] {escape(str(e))}")
             raise typer.Exit(2)
         lineage = target / "lineage.json" if target.is_dir() else target
         label = dataset
@@ -205,7 +205,7 @@ def generate(model: Annotated[str, typer.Argument(
         lines = prompts_file.read_text(encoding="utf-8").splitlines()
         prompts += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
-        console.print("[red]cannot generate[/] no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE")
+        console.print("[red]cannot generate:[/] no prompt; give --prompt TEXT (repeatable) or --prompts-file FILE")
         raise typer.Exit(2)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -214,7 +214,7 @@ def generate(model: Annotated[str, typer.Argument(
             export = load_export(export_source(model, tracking_uri, Path(tmp)), device, dataset)
             files = generate_from_prompts(export, prompts, out, modality, bucket, steps, cfg_scale, sampler, seed)
         except (ValueError, FileNotFoundError) as e:
-            console.print(f"[red]cannot generate[/] {escape(str(e))}")
+            console.print(f"[red]cannot generate:[/] {escape(str(e))}")
             raise typer.Exit(2)
     console.print(f"[green]wrote[/] {len(files)} files to {out}: " + ", ".join(f.name for f in files[:6])
                   + (" ..." if len(files) > 6 else ""))
@@ -256,7 +256,7 @@ def ui(workdir: Annotated[Path, typer.Option(help="workdir whose MLflow store to
     try:
         server = server_command(workdir, port, host, backend_store_uri, artifacts_destination, auth)
     except UiError as e:
-        console.print(f"[red]cannot start the UI[/] {escape(str(e))}")
+        console.print(f"[red]cannot start the UI:[/] {escape(str(e))}")
         raise typer.Exit(2)
     console.print(f"MLflow UI at [bold]{server.url}[/]  (Ctrl-C to stop)")
     sys.stdout.flush()
@@ -294,7 +294,7 @@ def submit(
                        working_dir=wd.resolve() if wd else None, pip=tuple(pip or ()), env=forwarded_env(env))
         spec.entrypoint()
     except ValueError as e:
-        console.print(f"[red]cannot submit[/] {escape(str(e))}")
+        console.print(f"[red]cannot submit:[/] {escape(str(e))}")
         raise typer.Exit(2)
     client = job_client(address)
     job_id = submit_job(client, spec)
