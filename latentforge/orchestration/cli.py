@@ -247,7 +247,7 @@ def ui(workdir: Annotated[Path, typer.Option(help="workdir whose MLflow store to
                 "MLFLOW_AUTH_ADMIN_PASSWORD; clients set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")] = False,
        ) -> None:
     """Start a real `mlflow server` on the workdir's store (or --backend-store-uri) and print its URL."""
-    from latentforge.orchestration.ui import UiError, is_loopback, server_command
+    from latentforge.orchestration.ui import UiError, check_port, is_loopback, server_command
 
     if not is_loopback(host):
         console.print(f"[bold red]WARNING[/] binding to {escape(host)}: the MLflow server is reachable from the "
@@ -255,6 +255,7 @@ def ui(workdir: Annotated[Path, typer.Option(help="workdir whose MLflow store to
                                                    "delete runs and models; add --auth)"), style="red")
     try:
         server = server_command(workdir, port, host, backend_store_uri, artifacts_destination, auth)
+        check_port(host, port)
     except UiError as e:
         console.print(f"[red]cannot start the UI:[/] {escape(str(e))}")
         raise typer.Exit(2)

@@ -2,6 +2,7 @@
 loopback unless asked otherwise, optionally behind MLflow's basic-auth app."""
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import secrets
@@ -118,6 +119,24 @@ def server_command(workdir: Path, port: int, host: str = "127.0.0.1", backend_st
         if not env.get("MLFLOW_FLASK_SERVER_SECRET_KEY"):
             env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = csrf_secret(workdir)
     return ServerCommand(argv, env, server_url(host, port))
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse a port something already listens on, naming a free one: MLflow would print its URL, start its
+    workers and only then fail to bind. Bound as the server binds (SO_REUSEADDR), so a port in TIME_WAIT passes;
+    any other error is left for the server to report."""
+    def taken(candidate: int) -> bool:
+        try:
+            socket.create_server((host, candidate)).close()
+        except OSError as e:
+            return e.errno == errno.EADDRINUSE
+        return False
+
+    if not taken(port):
+        return
+    free = next((p for p in range(port + 1, min(port + 50, 65536)) if not taken(p)), None)
+    hint = f"; --port {free} is free" if free is not None else ""
+    raise UiError(f"port {port} on {host} is in use (another MLflow UI?){hint}")
 
 
 def server_url(host: str, port: int) -> str:

@@ -151,3 +151,22 @@ def test_ui_serves_a_postgresql_store_and_refuses_unknown_schemes(tmp_path):
         server_command(tmp_path, 5001, backend_store_uri="./mlruns", environ={})
     with pytest.raises(UiError, match="no MLflow store"):
         server_command(tmp_path / "empty", 5001, environ={})
+
+
+def test_ui_refuses_a_port_in_use_before_starting_and_names_a_free_one(tmp_path):
+    import socket
+
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        done = subprocess.run([str(EXE), "ui", "--workdir", str(tmp_path), "--port", str(port)],
+                              env={**os.environ, "COLUMNS": "300"}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"cannot start the UI: port {port} on 127.0.0.1 is in use" in done.stdout
+    assert "MLflow UI at" not in done.stdout
+    free = int(done.stdout.split("--port ")[1].split()[0])
+    assert free > port
+    with socket.create_server(("127.0.0.1", free)):  # the port it names is free indeed
+        pass
