@@ -56,6 +56,7 @@ def fake_curation(monkeypatch):
     import latentforge.orchestration.run as run_mod
     import latentforge.pipelines.curate as curate_mod
     import latentforge.pipelines.report as report_mod
+    from latentforge.pipelines.card import dataset_id
 
     state = {"fail": False, "calls": 0}
 
@@ -65,7 +66,7 @@ def fake_curation(monkeypatch):
         if state["fail"]:
             state["fail"] = False
             raise RuntimeError("interrupted")
-        card = json.loads((write_dataset(Path(out), cur.name, curate_mod.dataset_id(cur, [])) / mf.CARD).read_text())
+        card = json.loads((write_dataset(Path(out), cur.name, dataset_id(cur, [])) / mf.CARD).read_text())
         return curate_mod.CurationResult(dataset_dir=Path(out), inputs=2, kept=2, rejected=0, filtered=0, reasons={},
                                          by_modality={"image": 1, "video": 1}, card=card, samples=2)
 
