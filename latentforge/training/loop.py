@@ -32,7 +32,7 @@ from latentforge.training.loader import (
     repa_feature_dim,
     token_count,
 )
-from latentforge.training.metrics import MODALITY_LOSSES, Meter, batch_modality, sum_over_ranks
+from latentforge.training.metrics import MODALITY_LOSSES, Meter, TimeLeft, batch_modality, sum_over_ranks
 from latentforge.training.sampling import pick_prompts, write_samples
 from latentforge.training.sink import MetricSink, NullSink
 
@@ -179,6 +179,7 @@ def train_stage(config: dict) -> None:
     stream = build_stream(batches, rank, position)  # what an uninterrupted run would see next
     meter = Meter(MODALITY_LOSSES + (("train/repa_loss",) if stage.repa is not None else ()))
     warmup = ema_warmup(job)
+    left = TimeLeft(stage.steps, start)
     for step in range(start, stage.steps):
         maybe_fail(job, step + 1, acc.is_main_process)
         loss, seen, extra = train_step(acc, model, stream, stage, step_generator(job.seed, rank, step, stage.name),
@@ -192,7 +193,8 @@ def train_stage(config: dict) -> None:
         meter.update(loss, seen, extra)
         done = step + 1
         if done % stage.log_every == 0 or done == stage.steps:
-            log_progress(sink, meter.flush(acc.device), scheduler, grad_norm, stage, done, acc.is_main_process)
+            log_progress(sink, meter.flush(acc.device), scheduler, grad_norm, stage, done, acc.is_main_process,
+                         left(done))
         if validation and (done == stage.steps or (stage.val_every and done % stage.val_every == 0)):
             sink.log_metrics(validate(raw, validation, stage, model_cfg.visual_patch, acc.device), done)
         if done % stage.checkpoint_every == 0 or done == stage.steps:
@@ -238,12 +240,13 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-def log_progress(sink, metrics: dict, scheduler, grad_norm, stage: TrainStageConfig, step: int, main: bool) -> None:
+def log_progress(sink, metrics: dict, scheduler, grad_norm, stage: TrainStageConfig, step: int, main: bool,
+                 left: str = "") -> None:
     metrics.update(lr=scheduler.get_last_lr()[0], grad_norm=fsdp.as_float(grad_norm))
     sink.log_metrics(metrics, step)
     if main:
         say(f"[{stage.name}] step {step}/{stage.steps} loss {metrics['loss']:.4f} "
-            f"({metrics['samples_per_s']:.0f} samples/s)")
+            f"({metrics['samples_per_s']:.0f} samples/s{', ' + left if left else ''})")
 
 
 def maybe_fail(job: StageJob, step: int, main: bool) -> None:

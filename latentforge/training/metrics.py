@@ -65,3 +65,29 @@ class Meter:
                **{name: total / count for name, total, count in zip(names, sums, counts) if count}}
         self.__init__(names)
         return out
+
+
+class TimeLeft:
+    """A stage's time left, from the pace of its steps since the previous report (validation, checkpoints and
+    samples in between included, as they will be again): "4m05s left" on the step lines of a long stage."""
+
+    def __init__(self, total_steps: int, start_step: int, clock=time.perf_counter):
+        self.total, self.clock = total_steps, clock
+        self.last = (clock(), start_step)
+
+    def __call__(self, step: int) -> str:
+        now, (then, before) = self.clock(), self.last
+        self.last = (now, step)
+        if step <= before or step >= self.total:
+            return ""
+        return f"{duration((now - then) / (step - before) * (self.total - step))} left"
+
+
+def duration(seconds: float) -> str:
+    """42s, 3m05s, 2h07m."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"

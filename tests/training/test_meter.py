@@ -8,7 +8,7 @@ import multiprocessing
 import pytest
 import torch
 
-from latentforge.training.metrics import MODALITY_LOSSES, Meter, sum_over_ranks
+from latentforge.training.metrics import MODALITY_LOSSES, Meter, TimeLeft, duration, sum_over_ranks
 
 # Per rank: the losses of its steps in one logging window, its samples per step, its REPA losses, and the
 # modality of each step's batch (no rank reads a video: that metric is left out, not logged as 0).
@@ -96,3 +96,20 @@ def test_a_step_reports_each_micro_batch_loss_under_its_modality():
     meter = Meter(MODALITY_LOSSES)
     meter.update(loss, seen, extra)
     assert set(meter.flush()) == {"loss", "samples_per_s", "loss/image", "loss/audio"}
+
+
+def test_time_left_follows_the_pace_since_the_previous_report() -> None:
+    now = [100.0]
+    left = TimeLeft(total_steps=500, start_step=200, clock=lambda: now[0])  # a resumed stage: from step 200
+    now[0] = 110.0
+    assert left(210) == "4m50s left"  # 1 s a step, 290 to go
+    now[0] = 115.0
+    assert left(260) == "24s left"  # 0.1 s a step since the last report, 240 to go
+    now[0] = 400.0
+    assert left(500) == ""  # done
+
+
+@pytest.mark.parametrize("seconds, text", [(0.4, "0s"), (42, "42s"), (59.6, "1m00s"), (185, "3m05s"),
+                                           (7620, "2h07m")])
+def test_duration(seconds: float, text: str) -> None:
+    assert duration(seconds) == text
