@@ -13,6 +13,7 @@ from rich.console import Console
 
 from latentforge.datasets import storage
 from latentforge.orchestration.config import LatentforgeConfig
+from latentforge.orchestration.notes import NOTE_TAG, curation_note, plan_note, stage_note
 from latentforge.orchestration.tables import log_tables, reasons_table, stage_time_table
 from latentforge.orchestration.tracking import Tracker, artifact_root, resolve_tracking_uri
 from latentforge.pipelines.config import CurationConfig
@@ -166,6 +167,7 @@ def curate(cfg: LatentforgeConfig, tracker: Tracker, parent_id: str | None, summ
         tracker.log_artifact(run_id, local / name, "dataset")
     log_tables(tracker, run_id, local)
     tracker.log_dataset(run_id, result.dataset_dir, "curation_output")
+    tracker.set_tags(run_id, {NOTE_TAG: curation_note(result)})
     tracker.end_run(run_id)
     write_marker(cfg.workdir / STATE_DIR / f"curation-{cur.name}.json",
                  {"config_hash": config_hash(cur), "dataset_id": result.card["id"], "run_id": run_id,
@@ -275,6 +277,7 @@ def train_stage_run(cfg: LatentforgeConfig, stage, key: str, tracker: Tracker, p
                             sampling_record(stage, cards))
     for f in sorted(export.iterdir()):
         tracker.log_artifact(run_id, f, "model")
+    tracker.set_tags(run_id, {NOTE_TAG: stage_note(stage, lineage, result.metrics, previous)})
     tracker.end_run(run_id)
     return run_id, result.checkpoint_dir, export
 
@@ -355,6 +358,10 @@ def run_all(cfg: LatentforgeConfig, *, do_curate: bool = True, do_train: bool = 
         tracker.end_run(parent, "FAILED")
         tracker.close(timeout_s=10)
         raise
+    curated = summary.curation_run_id or read_marker(cfg.workdir / STATE_DIR / f"curation-{cfg.curation.name}.json")
+    cur_run = f"curate-{cfg.curation.name}" if curated else None
+    tracker.set_tags(parent, {NOTE_TAG: plan_note(cfg.name, cur_run, [f"train-{s}" for s in summary.stage_runs],
+                                                  summary.registered)})
     tracker.end_run(parent)
     tracker.close()
     return summary

@@ -249,3 +249,27 @@ def test_dataset_lineage_as_run_inputs(quickstart, mlflow_server):
         got = dataset_inputs(client, run_id)
         assert "training" in got and set(got) <= {"training", "validation"}, (name, set(got))
         assert all(d.digest == card["id"] and json.loads(d.source)["uri"] == manifest for d in got.values()), name
+
+
+def test_every_run_has_a_description_saying_what_it_did(quickstart, mlflow_server):
+    """The run page's description (mlflow.note.content): counts, stages and where to look, for the MLflow reader."""
+    from mlflow.tracking import MlflowClient
+
+    cfg, summary, _, _, _ = quickstart
+    client = MlflowClient(mlflow_server)
+    note = {run_id: client.get_run(run_id).data.tags.get("mlflow.note.content", "")
+            for run_id in [summary.parent_run_id, summary.curation_run_id, *summary.stage_runs.values()]}
+    card = Dataset(summary.dataset_dirs[0]).card
+    assert f"**Curated {card['num_samples']} of " in note[summary.curation_run_id]
+    curation = note[summary.curation_run_id]
+    assert f"dataset id `{card['id']}`" in curation and "report.html" in curation
+    for name, run_id in summary.stage_runs.items():
+        stage = next(s for s in cfg.training.stages if s.name == name)
+        assert note[run_id].startswith(f"**Stage `{name}`**: {stage.steps} steps"), note[run_id]
+        assert "final loss " in note[run_id] and f"`{card['id']}`" in note[run_id]
+    assert "starting from scratch" in note[summary.stage_runs["image_pretrain"]]
+    assert "previous stage's final checkpoint" in note[summary.stage_runs["finetune"]]
+    assert note[summary.parent_run_id].startswith(
+        f"**Plan `{cfg.name}`**: curation `curate-demo` -> `train-image_pretrain` -> `train-video_pretrain` -> "
+        "`train-finetune`"), note[summary.parent_run_id]
+    assert f"registered model `{summary.registered[0]}` version {summary.registered[1]}" in note[summary.parent_run_id]
