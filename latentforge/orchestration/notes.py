@@ -35,9 +35,9 @@ def stage_note(stage, lineage: Mapping, metrics: Mapping, previous) -> str:
     datasets = ", ".join(f"`{d.get('id', '?')}`" for d in lineage.get("datasets", [])) or "?"
     start = f"the previous stage's final checkpoint (`{previous}`)" if previous else "scratch"
     lines = [f"**Stage `{stage.name}`**: {stage.steps} steps of batch {stage.batch_size} on "
-             f"{', '.join(stage.modalities)} from {datasets}, starting from {start}."]
+             f"{', '.join(stage.modalities)} from {datasets}, starting from {start}.", ""]
     if stage.where:
-        lines.append(f"\n- samples chosen by `{stage.where}`")
+        lines.append(f"- samples chosen by `{stage.where}`")
     if "loss" in metrics:
         held_out = "; held-out samples: `val_loss`" if stage.val_fraction > 0 else ""
         lines.append(f"- final loss {float(metrics['loss']):.4f} (per modality: `loss/<modality>`{held_out})")
@@ -51,5 +51,5 @@ def plan_note(name: str, curation_run: str | None, stages: list[str], registered
     parts = ([f"curation `{curation_run}`"] if curation_run else []) + [f"`{s}`" for s in stages]
     lines = [f"**Plan `{name}`**: {' -> '.join(parts) or 'nothing yet'}, one nested run each."]
     if registered:
-        lines.append(f"\n- registered model `{registered[0]}` version {registered[1]}")
+        lines += ["", f"- registered model `{registered[0]}` version {registered[1]}"]
     return "\n".join(lines)
