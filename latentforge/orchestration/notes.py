@@ -14,8 +14,10 @@ def _counts(counts: Mapping[str, int]) -> str:
 def curation_note(result) -> str:
     """`result`: a CurationResult."""
     left_out = result.rejected + result.filtered
-    lines = [f"**Curated {result.kept} of {result.samples or result.inputs} samples** "
-             f"({result.inputs} inputs) into `{result.dataset_dir}`, dataset id `{result.card.get('id', '?')}`.",
+    samples = result.samples or result.inputs
+    clips = f" (clips of {result.inputs} inputs)" if samples != result.inputs else ""
+    lines = [f"**Curated {result.kept} of {samples} samples**{clips} into `{result.dataset_dir}`, dataset id "
+             f"`{result.card.get('id', '?')}`.",
              "",
              f"- kept: {_counts(result.by_modality) or 'none'}; {len(result.card.get('shards', []))} shards"]
     if left_out:

@@ -19,8 +19,8 @@ def result(**kw) -> CurationResult:
 
 def test_a_curation_note_gives_the_counts_the_top_reasons_and_where_to_look() -> None:
     note = curation_note(result())
-    assert note.splitlines()[0] == ("**Curated 94 of 112 samples** (112 inputs) into `/w/datasets/demo`, "
-                                    "dataset id `demo-1234`.")
+    assert note.splitlines()[0] == "**Curated 94 of 112 samples** into `/w/datasets/demo`, dataset id `demo-1234`."
+    assert curation_note(result(samples=130)).startswith("**Curated 94 of 130 samples** (clips of 112 inputs) into")
     assert "- kept: image 50, video 29, audio 15; 3 shards" in note
     assert "- left out: 12 rejected, 6 filtered; most often decode_error 4, duplicate_exact 2" in note
     assert "(and 2 more reasons)" in note and "report.html" in note and "rejects.parquet" in note
