@@ -7,8 +7,9 @@ from collections.abc import Mapping
 NOTE_TAG = "mlflow.note.content"
 
 
-def _counts(counts: Mapping[str, int]) -> str:
-    return ", ".join(f"{name} {n}" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+def _counts(counts: Mapping[str, int], most: int | None = None) -> str:
+    """"a 5, b 2, c 2": the `most` largest counts (all when None), ties by name."""
+    return ", ".join(f"{name} {n}" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:most])
 
 
 def curation_note(result) -> str:
@@ -21,9 +22,9 @@ def curation_note(result) -> str:
              "",
              f"- kept: {_counts(result.by_modality) or 'none'}; {len(result.card.get('shards', []))} shards"]
     if left_out:
-        top = _counts(dict(sorted(result.reasons.items(), key=lambda kv: -kv[1])[:5]))
         more = len(result.reasons) - 5
-        lines.append(f"- left out: {result.rejected} rejected, {result.filtered} filtered; most often {top}"
+        lines.append(f"- left out: {result.rejected} rejected, {result.filtered} filtered; most often "
+                     f"{_counts(result.reasons, 5)}"
                      + (f" (and {more} more reasons)" if more > 0 else ""))
     if result.readmitted:
         lines.append(f"- readmitted: {result.readmitted} near duplicates curated in place of a filtered copy")
